@@ -1,0 +1,27 @@
+"""tvm-compress graph passes (installed as ``tvm_compress.passes``).
+
+Every pass is a plain ``tvm.transform.module_pass`` over a Relax IRModule and composes in a
+``tvm.transform.Sequential``; ``registry`` maps preset names (the CLI's ``--passes``) to them.
+"""
+
+from .registry import (
+    InputSpec,
+    PassEnv,
+    PassPreset,
+    get_pass,
+    make_config,
+    parse_pass_list,
+    pass_names,
+    register_pass,
+)
+
+__all__ = [
+    "InputSpec",
+    "PassEnv",
+    "PassPreset",
+    "get_pass",
+    "make_config",
+    "parse_pass_list",
+    "pass_names",
+    "register_pass",
+]

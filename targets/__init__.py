@@ -1,0 +1,93 @@
+"""Target registry (installed as ``tvm_compress.targets``).
+
+A target is data: a preset table from ``presets/*.toml`` (or a user's TOML file) naming a family
+(``x86``, ``aarch64``, ``armv7``, ``cuda``) and a TVM target in JSON form. The family knows how to
+export, schedule without tuning, and run what was built.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional
+
+from tvm_compress.errors import TargetError
+
+from . import arm, cuda, x86  # noqa: F401  (register the families)
+from .base import RunResult, TargetFamily, TargetProfile, family_names, get_family
+
+_PRESET_DIR = Path(__file__).with_name("presets")
+_REGISTRY: Dict[str, TargetProfile] = {}
+_LOADED_FILES: List[str] = []
+
+
+def _load_file(path: Path) -> None:
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as err:
+        raise TargetError(f"cannot read target file {path}: {err.strerror}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise TargetError(f"target file {path}: {err}") from None
+    for name, table in data.items():
+        if not isinstance(table, dict) or "family" not in table or "target" not in table:
+            raise TargetError(f"target file {path}: table [{name}] needs 'family' and 'target'")
+        get_family(table["family"])  # unknown family -> one-line TargetError
+        _REGISTRY[name] = TargetProfile(
+            name=name,
+            family=table["family"],
+            description=table.get("description", ""),
+            target=dict(table["target"]),
+            features=dict(table.get("features", {})),
+            source=str(path),
+        )
+
+
+def load_target_files(paths: Iterable[str | os.PathLike]) -> None:
+    """Add (or override) presets from user TOML files."""
+    for p in paths:
+        if str(p) not in _LOADED_FILES:
+            _load_file(Path(p))
+            _LOADED_FILES.append(str(p))
+
+
+def _ensure_loaded() -> None:
+    if _REGISTRY:
+        return
+    for path in sorted(_PRESET_DIR.glob("*.toml")):
+        _load_file(path)
+    extra = os.environ.get("TVM_COMPRESS_TARGETS", "")
+    load_target_files(p for p in extra.split(os.pathsep) if p)
+
+
+def target_names() -> List[str]:
+    _ensure_loaded()
+    return sorted(_REGISTRY)
+
+
+def list_targets() -> List[TargetProfile]:
+    _ensure_loaded()
+    return [_REGISTRY[n] for n in sorted(_REGISTRY)]
+
+
+def get_target(name: str) -> TargetProfile:
+    _ensure_loaded()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise TargetError(
+            f"unknown target {name!r}; known targets: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+__all__ = [
+    "RunResult",
+    "TargetFamily",
+    "TargetProfile",
+    "family_names",
+    "get_family",
+    "get_target",
+    "list_targets",
+    "load_target_files",
+    "target_names",
+]

@@ -1,0 +1,49 @@
+"""ARM families: aarch64 and armv7 (hard-float), cross-compiled, run here under qemu-user.
+
+Libraries are exported with the Debian cross compilers and executed by the deploy runner
+(``scripts/runner``) under qemu: that proves the artifact runs on the architecture, but qemu
+timings say nothing about a board's speed, so latency is only reported from real boards (RPC).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .base import RunResult, TargetFamily, TargetProfile, register_family
+
+
+class _ArmFamily(TargetFamily):
+    arch = ""
+
+    def can_run(self, profile: TargetProfile):
+        from . import qemu
+
+        return qemu.can_run(self.arch)
+
+    def run(self, profile, lib_path: Path, inputs: Sequence[np.ndarray], repeat=0, warmup=0):
+        from . import qemu
+
+        res = qemu.run_library(lib_path, self.arch, list(inputs), repeat=max(repeat, 1), warmup=warmup)
+        return RunResult(list(res.outputs), list(res.times_ms), f"qemu-{self.arch} (emulated)")
+
+    def latency_is_meaningful(self, profile: TargetProfile) -> bool:
+        return False
+
+
+@register_family
+class Aarch64Family(_ArmFamily):
+    name = "aarch64"
+    arch = "aarch64"
+    cross_cc = "aarch64-linux-gnu-g++"
+    cross_package = "g++-aarch64-linux-gnu"
+
+
+@register_family
+class Armv7Family(_ArmFamily):
+    name = "armv7"
+    arch = "armv7"
+    cross_cc = "arm-linux-gnueabihf-g++"
+    cross_package = "g++-arm-linux-gnueabihf"

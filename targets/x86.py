@@ -1,0 +1,60 @@
+"""x86-64 host family: LLVM with the CPU named explicitly (``mcpu = "auto"`` detects it)."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import tvm
+from tvm.s_tir import meta_schedule as ms
+
+from tvm_compress import _fast_inspect
+from tvm_compress.errors import TargetError
+
+from .base import RunResult, TargetFamily, TargetProfile, register_family
+from .local import run_in_process
+
+
+def host_cpu() -> str:
+    """LLVM's name for this CPU ("native" is ignored by TVM's LLVM, so name it)."""
+    return tvm.target.codegen.llvm_get_system_cpu()
+
+
+@register_family
+class X86Family(TargetFamily):
+    name = "x86"
+
+    def tvm_target(self, profile: TargetProfile) -> tvm.target.Target:
+        spec = dict(profile.target)
+        if spec.get("mcpu") in (None, "auto", "native"):
+            spec["mcpu"] = host_cpu()
+        spec.setdefault("num-cores", _physical_cores())
+        return super().tvm_target(TargetProfile(**{**profile.__dict__, "target": spec}))
+
+    def can_run(self, profile: TargetProfile):
+        if platform.machine() not in ("x86_64", "AMD64"):
+            return False, f"not run: this machine is {platform.machine()}, not x86-64"
+        return True, ""
+
+    def run(self, profile, lib_path: Path, inputs: Sequence[np.ndarray], repeat=0, warmup=0):
+        ok, why = self.can_run(profile)
+        if not ok:
+            raise TargetError(why)
+        outputs, times = run_in_process(lib_path, tvm.cpu(), inputs, repeat, warmup)
+        return RunResult(outputs, times, "native")
+
+    def tuning_runner(self, profile: TargetProfile):
+        return ms.runner.LocalRunner(initializer=_fast_inspect.install)
+
+
+def _physical_cores() -> int:
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or 1
+    except ImportError:  # psutil is a dependency; keep the target usable without it
+        import os
+
+        return os.cpu_count() or 1

@@ -1,0 +1,156 @@
+"""MetaSchedule tuning with a persistent, resumable per-(model, target) database.
+
+Two local fixes over a plain ``tune_relax`` call:
+- worker processes start with ``_fast_inspect.install`` as initializer (a minute per worker
+  otherwise, paid again for every builder batch);
+- the trial budget is spread over all tasks: MetaSchedule hands out trials in rounds of
+  ``num_trials_per_iter`` per task, so a budget below ``tasks x 64`` would otherwise leave most
+  tasks on naive loops, which then dominate latency.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import tvm
+from tvm.s_tir import meta_schedule as ms
+from tvm.s_tir.meta_schedule.utils import derived_object
+
+from . import _fast_inspect
+
+LogFn = Callable[[str], None]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TVM_COMPRESS_CACHE", Path.home() / ".cache" / "tvm-compress"))
+
+
+def database_dir(mod: tvm.IRModule, target: tvm.target.Target, root: Optional[Path] = None) -> Path:
+    """One work dir per (model after passes, target): records are only valid for both."""
+    key = hashlib.sha256()
+    key.update(tvm.ir.save_json(mod).encode())
+    key.update(str(target).encode())
+    return Path(root or cache_root()) / "tuning" / key.hexdigest()[:24]
+
+
+@dataclass
+class TuningSummary:
+    requested_trials: int
+    new_trials: int
+    cached_trials: int
+    tasks: int
+    seconds: float
+    work_dir: str
+
+    def as_dict(self) -> dict:
+        return {
+            "trials": self.requested_trials,
+            "new_trials": self.new_trials,
+            "cached_trials": self.cached_trials,
+            "tasks": self.tasks,
+            "seconds": round(self.seconds, 2),
+            "work_dir": self.work_dir,
+        }
+
+
+@derived_object
+class _Progress(ms.measure_callback.PyMeasureCallback):
+    """Prints trials done / budget and an ETA after each measured batch."""
+
+    def __init__(self, total: int, log: LogFn):
+        super().__init__()
+        self.total = total
+        self.done = 0
+        self.log = log
+        self.start = time.monotonic()
+
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+        self.done += len(measure_candidates)
+        elapsed = time.monotonic() - self.start
+        left = max(self.total - self.done, 0)
+        eta = elapsed / self.done * left if self.done else 0.0
+        self.log(
+            f"tuning: {min(self.done, self.total)}/{self.total} trials "
+            f"(task {task_id}), {elapsed:.0f}s elapsed, ETA {eta:.0f}s"
+        )
+
+
+def _meta_path(work_dir: Path) -> Path:
+    return work_dir / "tvm_compress_tuning.json"
+
+
+def cached_trials(work_dir: Path) -> int:
+    try:
+        return int(json.loads(_meta_path(work_dir).read_text())["trials"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def tune(
+    mod: tvm.IRModule,
+    target: tvm.target.Target,
+    trials: int,
+    work_dir: Path,
+    log: LogFn = lambda m: None,
+    runner: ms.runner.Runner | None = None,
+) -> TuningSummary:
+    """Tune ``mod`` (legalized and fused Relax) until ``work_dir`` holds ``trials`` trials.
+
+    Records already in ``work_dir`` count: asking again for the same budget runs nothing.
+    """
+    start = time.monotonic()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    done = cached_trials(work_dir)
+    tasks = ms.relax_integration.extract_tasks(mod, target)
+    todo = trials - done
+    if todo <= 0 or not tasks:
+        log(f"tuning: reusing {done} cached trials from {work_dir}")
+        return TuningSummary(trials, 0, done, len(tasks), time.monotonic() - start, str(work_dir))
+
+    per_task = max(1, math.ceil(todo / len(tasks)))
+    # Rounds no larger than a task's share, so the scheduler reaches every task.
+    per_iter = min(64, per_task)
+    log(
+        f"tuning: {todo} trials over {len(tasks)} tasks "
+        f"(<= {per_task} per task, {per_iter} per round), work dir {work_dir}"
+    )
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+        tasks, str(work_dir), seed=0
+    )
+    nproc = os.cpu_count() or 1
+    builder = ms.builder.LocalBuilder(max_workers=nproc, initializer=_fast_inspect.install)
+    if runner is None:
+        runner = ms.runner.LocalRunner(initializer=_fast_inspect.install)
+    _fast_inspect.install()
+    try:
+        ms.tune.tune_tasks(
+            tasks=contexts,
+            task_weights=weights,
+            work_dir=str(work_dir),
+            max_trials_global=todo,
+            max_trials_per_task=per_task,
+            num_trials_per_iter=per_iter,
+            builder=builder,
+            runner=runner,
+            measure_callbacks=[
+                *ms.measure_callback.MeasureCallback.create("default"),
+                _Progress(todo, log),
+            ],
+            task_scheduler="round-robin",
+        )
+    finally:
+        _fast_inspect.uninstall()
+    _meta_path(work_dir).write_text(json.dumps({"trials": trials, "tasks": len(tasks)}))
+    return TuningSummary(trials, todo, done, len(tasks), time.monotonic() - start, str(work_dir))
+
+
+def apply_database(mod: tvm.IRModule, target: tvm.target.Target, work_dir: Path) -> tvm.IRModule:
+    with target:
+        return tvm.relax.transform.MetaScheduleApplyDatabase(str(work_dir))(mod)
