@@ -11,7 +11,8 @@
 // written to DIR/out_<i>.bin, and one JSON line is printed on stdout:
 //   {"outputs":[{"dtype":"float32","shape":[1,10],"file":"out_0.bin"}],"times_ms":[...]}
 // times_ms has one entry per timed call of `main` (after the warmup calls).
-// Errors: one message on stderr, exit code 1 (usage errors: 2).
+// Errors: one message on stderr and a non-zero exit code: 2 for usage errors, 3 when the
+// inputs do not fit `main` (count, dtype, shape, file size), 1 for anything else.
 //
 // The library needs the TVM runtime (libtvm_runtime.so, which registers the Relax VM
 // executable loader) besides libtvm_ffi.so; build_runner links both (rpath $ORIGIN).
@@ -56,6 +57,14 @@ struct RunnerError : std::runtime_error {
 struct UsageError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
+// The inputs do not fit the model's `main` (count, dtype or shape).
+struct InputMismatch : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+constexpr int kExitError = 1;
+constexpr int kExitUsage = 2;
+constexpr int kExitInputMismatch = 3;
 
 struct AlignedCPUAlloc {
   void AllocData(DLTensor* tensor) {
@@ -218,7 +227,7 @@ ffi::Tensor LoadInput(const InputSpec& in) {
   if (size != static_cast<std::streamoff>(nbytes)) {
     std::string shape;
     for (size_t i = 0; i < in.shape.size(); ++i) shape += (i ? "x" : "") + std::to_string(in.shape[i]);
-    throw RunnerError("input file " + in.path + " has " + std::to_string(size) + " bytes, " +
+    throw InputMismatch("input file " + in.path + " has " + std::to_string(size) + " bytes, " +
                       in.dtype_str + "[" + shape + "] needs " + std::to_string(nbytes));
   }
   f.seekg(0);
@@ -315,15 +324,27 @@ int Run(const Options& opt) {
   for (const ffi::Tensor& t : inputs) args.emplace_back(t);
 
   ffi::Any result;
-  for (int i = 0; i < opt.warmup; ++i) {
-    main_fn.CallPacked(args.data(), static_cast<int32_t>(args.size()), &result);
-  }
+  auto call_main = [&]() {
+    try {
+      main_fn.CallPacked(args.data(), static_cast<int32_t>(args.size()), &result);
+    } catch (const ffi::Error& e) {
+      // The VM checks the arguments against main's signature before running anything;
+      // those errors name the parameter ("loc=param[i]") or the argument count.
+      std::string msg = e.message();
+      if (msg.find("loc=param[") != std::string::npos ||
+          msg.find("arguments were provided") != std::string::npos) {
+        throw InputMismatch("inputs do not fit main: " + OneLine(msg));
+      }
+      throw;
+    }
+  };
+  for (int i = 0; i < opt.warmup; ++i) call_main();
   std::vector<double> times_ms;
   times_ms.reserve(opt.repeat);
   for (int i = 0; i < opt.repeat; ++i) {
     result = ffi::Any();
     auto t0 = std::chrono::steady_clock::now();
-    main_fn.CallPacked(args.data(), static_cast<int32_t>(args.size()), &result);
+    call_main();
     auto t1 = std::chrono::steady_clock::now();
     times_ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
   }
@@ -363,19 +384,22 @@ int main(int argc, char** argv) {
     opt = ParseArgs(argc, argv);
   } catch (const UsageError& e) {
     std::cerr << "tvm_runner: " << e.what() << "\n" << kUsage << std::endl;
-    return 2;
+    return kExitUsage;
   }
   try {
     return Run(opt);
+  } catch (const InputMismatch& e) {
+    std::cerr << "tvm_runner: " << e.what() << std::endl;
+    return kExitInputMismatch;
   } catch (const ffi::Error& e) {
     std::cerr << "tvm_runner: " << e.kind() << ": " << OneLine(e.message()) << std::endl;
     if (std::getenv("TVM_RUNNER_BACKTRACE")) std::cerr << e.FullMessage() << std::endl;
-    return 1;
+    return kExitError;
   } catch (const UsageError& e) {
     std::cerr << "tvm_runner: " << e.what() << std::endl;
-    return 2;
+    return kExitUsage;
   } catch (const std::exception& e) {
     std::cerr << "tvm_runner: " << OneLine(e.what()) << std::endl;
-    return 1;
+    return kExitError;
   }
 }

@@ -1,0 +1,569 @@
+"""Run compiled TVM libraries for ARM here, under qemu-user, with a small C++ deploy runner.
+
+The runner (``scripts/runner/tvm_runner.cc``) loads a library exported by
+``tvm.compile(mod, target).export_library(path, fcompile=...)`` through the tvm-ffi C++ API, runs
+the Relax VM function ``main`` on the CPU and writes the outputs as raw files (see
+docs/deploy-runner.md). This module builds that runner for an architecture (downloading the TVM
+runtime libraries of that architecture from PyPI) and runs libraries with it:
+
+    ensure_runner("aarch64")                      -> Path of the runner binary
+    run_library("model.so", "aarch64", [x])       -> RunResult(outputs, times_ms)
+
+Everything that is built or downloaded lies in the cache directory (``$TVM_COMPRESS_CACHE``, or
+``~/.cache/tvm-compress``): ``wheels/<arch>/`` (downloaded wheels), ``sdk/<arch>/`` (headers and
+runtime libraries taken from them) and ``runners/<arch>/`` (the runner with the .so files it
+needs; that directory is what one copies to a board).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from tvm_compress.errors import DataError, TargetError
+
+__all__ = [
+    "QEMU_ARCHES",
+    "RunResult",
+    "default_cache_dir",
+    "ensure_runner",
+    "build_runner",
+    "run_library",
+    "runner_blocker",
+]
+
+RUNNER_NAME = "tvm_runner"
+RUNTIME_LIBS = ("libtvm_runtime.so", "libtvm_ffi.so")
+
+# Facts per architecture. "target" is the TVM target (JSON dict) we compile test models for;
+# "elf_machine" is the e_machine field of the ELF header of a library for that architecture.
+QEMU_ARCHES: dict[str, dict] = {
+    "aarch64": {
+        "qemu": "qemu-aarch64",
+        "qemu_package": "qemu-user",
+        "sysroot": "/usr/aarch64-linux-gnu",
+        "loader": "lib/ld-linux-aarch64.so.1",
+        "sysroot_package": "libc6-arm64-cross",
+        "cxx": "aarch64-linux-gnu-g++",
+        "cxx_package": "g++-aarch64-linux-gnu",
+        "mtriple": "aarch64-linux-gnu",
+        "target": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
+        "wheel_platform": "manylinux_2_28_aarch64",
+        "elf_machine": 183,  # EM_AARCH64
+        "elf_class": 2,  # 64-bit
+    },
+    "armv7": {
+        "qemu": "qemu-arm",
+        "qemu_package": "qemu-user",
+        "sysroot": "/usr/arm-linux-gnueabihf",
+        "loader": "lib/ld-linux-armhf.so.3",
+        "sysroot_package": "libc6-armhf-cross",
+        "cxx": "arm-linux-gnueabihf-g++",
+        "cxx_package": "g++-arm-linux-gnueabihf",
+        "mtriple": "armv7a-linux-gnueabihf",
+        "target": {
+            "kind": "llvm",
+            "mtriple": "armv7a-linux-gnueabihf",
+            "mattr": ["+neon"],
+            "mfloat-abi": "hard",
+        },
+        # No armv7 wheel of apache-tvm / apache-tvm-ffi exists: the runtime is built from source.
+        "wheel_platform": None,
+        "elf_machine": 40,  # EM_ARM
+        "elf_class": 1,  # 32-bit
+    },
+    "x86_64": {
+        "qemu": None,  # runs natively
+        "qemu_package": None,
+        "sysroot": None,
+        "loader": None,
+        "sysroot_package": None,
+        "cxx": "g++",
+        "cxx_package": "g++",
+        "mtriple": "x86_64-linux-gnu",
+        "target": {"kind": "llvm", "mtriple": "x86_64-linux-gnu"},
+        "wheel_platform": None,  # uses the installed (host) wheels
+        "elf_machine": 62,  # EM_X86_64
+        "elf_class": 2,
+    },
+}
+
+# numpy dtype name -> the dtype string the runner (tvm-ffi) understands; they coincide.
+_DTYPES = {
+    "float16", "float32", "float64",
+    "int8", "int16", "int32", "int64",
+    "uint8", "uint16", "uint32", "uint64",
+    "bool",
+}
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class RunResult:
+    """Outputs of one runner invocation (leaves of a tuple result, depth first) and the wall time
+    of each timed call of ``main`` in milliseconds."""
+
+    outputs: list[np.ndarray]
+    times_ms: list[float] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# locations and small helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("TVM_COMPRESS_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "tvm-compress"
+
+
+def _cache(cache_dir) -> Path:
+    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+
+
+def _arch_facts(arch: str) -> dict:
+    try:
+        return QEMU_ARCHES[arch]
+    except KeyError:
+        raise TargetError(
+            f"unknown architecture {arch!r}: expected one of {', '.join(QEMU_ARCHES)}"
+        ) from None
+
+
+def runner_source_dir() -> Path | None:
+    """Directory holding tvm_runner.cc: $TVM_COMPRESS_RUNNER_SRC, else scripts/runner of the
+    source checkout this module lies in (scripts/ is not part of the installed package)."""
+    env = os.environ.get("TVM_COMPRESS_RUNNER_SRC")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parent.parent / "scripts" / "runner")
+    for cand in candidates:
+        if (cand / f"{RUNNER_NAME}.cc").is_file():
+            return cand
+    return None
+
+
+def _source_files(src_dir: Path) -> list[Path]:
+    return sorted(p for p in src_dir.rglob("*") if p.suffix in (".cc", ".h") and p.is_file())
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for dist in ("apache-tvm", "apache-tvm-ffi"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            raise TargetError(f"{dist} is not installed in this Python environment") from None
+    return out
+
+
+def _find_tool(name: str, package: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise TargetError(f"{name} not found: install the Debian package {package}")
+    return path
+
+
+def _host_package_dir(module: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise TargetError(f"Python package {module} not found")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _run(cmd: Sequence[str], what: str, timeout: float | None = None, cwd=None) -> str:
+    try:
+        proc = subprocess.run(
+            list(cmd), capture_output=True, text=True, timeout=timeout, cwd=cwd
+        )
+    except FileNotFoundError:
+        raise TargetError(f"{what} failed: {cmd[0]} not found") from None
+    except subprocess.TimeoutExpired:
+        raise TargetError(f"{what} timed out after {timeout:.0f} s") from None
+    if proc.returncode != 0:
+        lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
+        errs = [ln for ln in lines if "error" in ln.lower()]
+        detail = (errs or lines or ["no output"])[0 if errs else -1]
+        raise TargetError(f"{what} failed (exit {proc.returncode}): {detail}")
+    return proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# the runtime "sdk" of an architecture: tvm-ffi headers + libtvm_ffi.so + libtvm_runtime.so
+# ---------------------------------------------------------------------------------------------
+
+
+def _wheel_sdk(arch: str, cache: Path, versions: dict[str, str], log: Log) -> tuple[Path, Path]:
+    """Headers and runtime libraries of ``arch`` taken from the PyPI wheels of that platform.
+    Returns (include_dirs_root, lib_dir)."""
+    facts = QEMU_ARCHES[arch]
+    sdk = cache / "sdk" / arch
+    stamp = sdk / "sdk.json"
+    want = {"arch": arch, **versions}
+    if stamp.is_file():
+        try:
+            if json.loads(stamp.read_text()) == want:
+                return sdk, sdk / "lib"
+        except ValueError:
+            pass
+
+    wheel_dir = cache / "wheels" / arch
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    wheels = {}
+    for dist, version in versions.items():
+        stem = dist.replace("-", "_")
+        found = sorted(wheel_dir.glob(f"{stem}-{version}-*.whl"))
+        if not found:
+            log(f"downloading {dist}=={version} for {facts['wheel_platform']}")
+            _run(
+                [
+                    sys.executable, "-m", "pip", "download", "--no-deps",
+                    "--only-binary=:all:", "--platform", facts["wheel_platform"],
+                    "--python-version", pyver, "--disable-pip-version-check",
+                    "-d", str(wheel_dir), f"{dist}=={version}",
+                ],
+                f"download of {dist}=={version} ({facts['wheel_platform']})",
+                timeout=1800,
+            )
+            found = sorted(wheel_dir.glob(f"{stem}-{version}-*.whl"))
+            if not found:
+                raise TargetError(
+                    f"download of {dist}=={version} ({facts['wheel_platform']}) gave no wheel"
+                )
+        wheels[dist] = found[-1]
+
+    log(f"extracting runtime libraries and headers into {sdk}")
+    sdk.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{arch}-", dir=sdk.parent))
+    try:
+        (tmp / "lib").mkdir()
+        members = {
+            wheels["apache-tvm"]: {"tvm/lib/libtvm_runtime.so": "lib/libtvm_runtime.so"},
+            wheels["apache-tvm-ffi"]: {"tvm_ffi/lib/libtvm_ffi.so": "lib/libtvm_ffi.so"},
+        }
+        prefixes = {
+            "tvm_ffi/include/": "include/",
+            "tvm_ffi/3rdparty/dlpack/include/": "include/",
+        }
+        for whl, files in members.items():
+            try:
+                with zipfile.ZipFile(whl) as zf:
+                    names = set(zf.namelist())
+                    for src, dst in files.items():
+                        if src not in names:
+                            raise TargetError(f"{whl.name} has no {src}")
+                        (tmp / dst).write_bytes(zf.read(src))
+                    if whl is wheels["apache-tvm-ffi"]:
+                        for name in names:
+                            for pre, dst_pre in prefixes.items():
+                                if name.startswith(pre) and not name.endswith("/"):
+                                    out = tmp / dst_pre / name[len(pre):]
+                                    out.parent.mkdir(parents=True, exist_ok=True)
+                                    out.write_bytes(zf.read(name))
+            except zipfile.BadZipFile:
+                raise TargetError(f"{whl} is not a valid wheel (delete it and retry)") from None
+        if not (tmp / "include" / "tvm" / "ffi" / "tvm_ffi.h").is_file():
+            raise TargetError(f"{wheels['apache-tvm-ffi'].name} has no tvm_ffi/include headers")
+        (tmp / "sdk.json").write_text(json.dumps(want) + "\n")
+        tmp.chmod(0o755)
+        if sdk.exists():
+            shutil.rmtree(sdk)
+        os.replace(tmp, sdk)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return sdk, sdk / "lib"
+
+
+def _host_sdk() -> tuple[Path, Path, list[Path]]:
+    """(include root, dlpack include, libs) of the installed x86_64 wheels."""
+    ffi_dir = _host_package_dir("tvm_ffi")
+    tvm_dir = _host_package_dir("tvm")
+    libs = [tvm_dir / "lib" / "libtvm_runtime.so", ffi_dir / "lib" / "libtvm_ffi.so"]
+    for lib in libs:
+        if not lib.is_file():
+            raise TargetError(f"{lib} not found in the installed wheel")
+    return ffi_dir / "include", ffi_dir / "3rdparty" / "dlpack" / "include", libs
+
+
+# ---------------------------------------------------------------------------------------------
+# armv7: there is no wheel; the runtime would have to be built from source
+# ---------------------------------------------------------------------------------------------
+
+
+def runner_blocker(arch: str) -> str | None:
+    """Why a runner for ``arch`` cannot be built here (None when nothing known blocks it)."""
+    _arch_facts(arch)
+    if arch == "armv7":
+        try:
+            from tvm_compress.targets import _armv7_runtime  # noqa: F401
+        except ImportError:
+            pass
+        return _ARMV7_BLOCKER
+    return None
+
+
+_ARMV7_BLOCKER = (
+    "no armv7 TVM runtime: PyPI has no armv7 wheel of apache-tvm/apache-tvm-ffi and no apache-tvm "
+    "source distribution, and the runtime sources in the x86 wheel (tvm/src/runtime) cannot be "
+    "compiled on their own (they include tvm/support/io.h, tvm/support/serializer.h, "
+    "src/support/{bytes_io,utils,base64}.h and tvm/support/cuda/nvtx.h, which the wheel does not ship)"
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# building the runner
+# ---------------------------------------------------------------------------------------------
+
+
+def _up_to_date(out_dir: Path, info: dict, sources: list[Path]) -> bool:
+    runner = out_dir / RUNNER_NAME
+    stamp = out_dir / "build-info.json"
+    if not runner.is_file() or not stamp.is_file():
+        return False
+    if not all((out_dir / lib).is_file() for lib in RUNTIME_LIBS):
+        return False
+    try:
+        if json.loads(stamp.read_text()) != info:
+            return False
+    except ValueError:
+        return False
+    built = runner.stat().st_mtime
+    return all(src.stat().st_mtime <= built for src in sources)
+
+
+def build_runner(arch: str, cache_dir=None, *, force: bool = False, log: Log | None = None) -> Path:
+    """Build (if needed) the runner for ``arch`` into ``<cache>/runners/<arch>/`` and return the
+    path of the runner binary. Skips all work when the runner and its libraries exist, were built
+    for the installed TVM versions and are newer than the runner sources."""
+    facts = _arch_facts(arch)
+    log = log or (lambda msg: None)
+    cache = _cache(cache_dir)
+    out_dir = cache / "runners" / arch
+    runner = out_dir / RUNNER_NAME
+
+    blocker = runner_blocker(arch)
+    if blocker is not None:
+        raise TargetError(f"cannot build the {arch} runner: {blocker}")
+
+    src_dir = runner_source_dir()
+    if src_dir is None:
+        if runner.is_file() and all((out_dir / lib).is_file() for lib in RUNTIME_LIBS):
+            return runner  # installed package without scripts/: use what was built before
+        raise TargetError(
+            f"runner source {RUNNER_NAME}.cc not found (scripts/runner is not installed with the "
+            "package): set TVM_COMPRESS_RUNNER_SRC to the scripts/runner directory of a checkout"
+        )
+    sources = _source_files(src_dir)
+    versions = _versions()
+    cxx = _find_tool(facts["cxx"], facts["cxx_package"])
+    info = {"arch": arch, **versions, "cxx": facts["cxx"]}
+
+    with _locked(cache / "runners" / f".{arch}.lock"):
+        if not force and _up_to_date(out_dir, info, sources):
+            log(f"{arch} runner up to date: {runner}")
+            return runner
+        t0 = time.monotonic()
+        if arch == "x86_64":
+            inc, dlpack_inc, libs = _host_sdk()
+            includes = [inc, dlpack_inc]
+        else:
+            sdk, lib_dir = _wheel_sdk(arch, cache, versions, log)
+            includes = [sdk / "include"]
+            libs = [lib_dir / lib for lib in RUNTIME_LIBS]
+
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{arch}-", dir=out_dir.parent))
+        try:
+            for lib in libs:
+                shutil.copy2(lib, tmp / lib.name)
+            log(f"compiling {RUNNER_NAME} with {facts['cxx']}")
+            cmd = [cxx, "-std=c++17", "-O2", "-Wall"]
+            cmd += [f"-I{d}" for d in includes]
+            cmd += [
+                str(src_dir / f"{RUNNER_NAME}.cc"),
+                "-o", str(tmp / RUNNER_NAME),
+                f"-L{tmp}",
+                # the runner calls nothing in libtvm_runtime directly, but the runtime must be
+                # loaded: it registers the Relax VM executable loader the library needs
+                "-Wl,--no-as-needed", "-ltvm_ffi", "-ltvm_runtime", "-Wl,--as-needed",
+                "-Wl,-rpath,$ORIGIN",
+            ]
+            _run(cmd, f"compiling the {arch} runner", timeout=900)
+            (tmp / "build-info.json").write_text(json.dumps(info) + "\n")
+            tmp.chmod(0o755)
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            os.replace(tmp, out_dir)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        log(f"built {runner} in {time.monotonic() - t0:.1f} s")
+    return runner
+
+
+def ensure_runner(arch: str, cache_dir=None, *, log: Log | None = None) -> Path:
+    """Return the path of the runner binary for ``arch``, building it first if needed."""
+    return build_runner(arch, cache_dir, log=log)
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_elf(lib: Path, arch: str) -> None:
+    facts = QEMU_ARCHES[arch]
+    try:
+        with open(lib, "rb") as fh:
+            head = fh.read(20)
+    except OSError as err:
+        raise DataError(f"cannot read library {lib}: {err.strerror}") from None
+    if len(head) < 20 or head[:4] != b"\x7fELF":
+        raise DataError(f"{lib} is not a shared library (no ELF header)")
+    elf_class = head[4]
+    machine = int.from_bytes(head[18:20], "little" if head[5] == 1 else "big")
+    if machine != facts["elf_machine"] or elf_class != facts["elf_class"]:
+        names = {v["elf_machine"]: k for k, v in QEMU_ARCHES.items() if v["elf_class"] == elf_class}
+        found = names.get(machine, f"machine {machine}")
+        raise DataError(
+            f"{lib} is built for {found}, not {arch} "
+            f"(export it with tvm.support.cc.cross_compiler({facts['cxx']!r}))"
+        )
+
+
+def _runner_command(arch: str, runner: Path) -> list[str]:
+    facts = QEMU_ARCHES[arch]
+    if facts["qemu"] is None:
+        return [str(runner)]
+    qemu = _find_tool(facts["qemu"], facts["qemu_package"])
+    sysroot = Path(facts["sysroot"])
+    if not (sysroot / facts["loader"]).exists():
+        raise TargetError(
+            f"{sysroot / facts['loader']} not found: install the Debian package "
+            f"{facts['sysroot_package']} (comes with {facts['cxx_package']})"
+        )
+    return [qemu, "-L", str(sysroot), str(runner)]
+
+
+def _to_array(i: int, value) -> np.ndarray:
+    if not isinstance(value, np.ndarray):
+        raise DataError(f"input {i} is a {type(value).__name__}, not a numpy.ndarray")
+    if value.dtype.name not in _DTYPES:
+        raise DataError(
+            f"input {i} has dtype {value.dtype}, the runner takes {', '.join(sorted(_DTYPES))}"
+        )
+    return np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<"))
+
+
+def run_library(
+    lib_path,
+    arch: str,
+    inputs: list[np.ndarray],
+    repeat: int = 1,
+    warmup: int = 0,
+    cache_dir=None,
+    timeout: float = 600,
+) -> RunResult:
+    """Run the Relax VM function ``main`` of an exported library for ``arch`` with the C++ runner
+    (under qemu-user for ARM, natively for x86_64).
+
+    ``inputs`` are the arguments of ``main`` in order. Raises DataError for a missing or wrong
+    library file or inputs that do not fit the model, TargetError for toolchain, qemu or runtime
+    failures.
+    """
+    facts = _arch_facts(arch)
+    lib = Path(lib_path)
+    if not lib.is_file():
+        raise DataError(f"library file {lib} not found")
+    _check_elf(lib, arch)
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+        raise DataError(f"repeat must be an integer >= 1, got {repeat!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise DataError(f"warmup must be an integer >= 0, got {warmup!r}")
+    if isinstance(inputs, np.ndarray):
+        inputs = [inputs]
+    arrays = [_to_array(i, x) for i, x in enumerate(inputs)]
+
+    runner = ensure_runner(arch, cache_dir)
+    cmd = _runner_command(arch, runner)
+
+    with tempfile.TemporaryDirectory(prefix="tvm-runner-") as tmpdir:
+        tmp = Path(tmpdir)
+        out_dir = tmp / "out"
+        out_dir.mkdir()
+        args = [str(lib.resolve())]
+        for i, arr in enumerate(arrays):
+            path = tmp / f"in_{i}.bin"
+            arr.tofile(path)
+            shape = "x".join(str(d) for d in arr.shape)
+            args += ["--input", f"{arr.dtype.name}:{shape}:{path}"]
+        args += ["--out-dir", str(out_dir), "--repeat", str(repeat), "--warmup", str(warmup)]
+
+        env = dict(os.environ)
+        # the runner has rpath $ORIGIN; LD_LIBRARY_PATH is a second way to its libraries
+        # (qemu-user hands the environment to the guest's dynamic loader)
+        old = env.get("LD_LIBRARY_PATH")
+        env["LD_LIBRARY_PATH"] = str(runner.parent) + (f":{old}" if old else "")
+        try:
+            proc = subprocess.run(
+                cmd + args, capture_output=True, text=True, timeout=timeout, env=env
+            )
+        except subprocess.TimeoutExpired:
+            raise TargetError(
+                f"{arch} runner timed out after {timeout:g} s on {lib.name}"
+            ) from None
+        except OSError as err:
+            raise TargetError(f"cannot start the {arch} runner: {err.strerror}") from None
+        if proc.returncode != 0:
+            lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
+            msg = next((ln for ln in lines if ln.startswith("tvm_runner:")), None)
+            msg = msg[len("tvm_runner:"):].strip() if msg else (lines[-1] if lines else "")
+            detail = f"{lib.name} on {arch}: {msg or f'exit code {proc.returncode}'}"
+            if proc.returncode == 3:
+                raise DataError(detail)
+            if proc.returncode < 0:
+                detail += f" (killed by signal {-proc.returncode})"
+            raise TargetError(f"runner failed: {detail}")
+        try:
+            report = json.loads(proc.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise TargetError(f"runner printed no JSON result for {lib.name}") from None
+
+        outputs = []
+        for spec in report["outputs"]:
+            dtype = spec["dtype"]
+            if dtype not in _DTYPES:
+                raise TargetError(f"output dtype {dtype} of {lib.name} has no numpy equivalent")
+            data = np.fromfile(out_dir / spec["file"], dtype=np.dtype(dtype).newbyteorder("<"))
+            outputs.append(data.astype(np.dtype(dtype), copy=False).reshape(spec["shape"]))
+        return RunResult(outputs=outputs, times_ms=[float(t) for t in report["times_ms"]])
