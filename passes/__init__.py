@@ -14,8 +14,19 @@ from .registry import (
     pass_names,
     register_pass,
 )
+from .quantize_annotate import QuantizeAnnotate, QuantizeAnnotateConfig
+from .calibrate import Calibrate, CalibrateConfig
+from .quantize_realize import QuantizeRealize, QuantizeRealizeConfig
+from ._quant_preset import QuantizeConfig  # registers the "quantize" preset
 
 __all__ = [
+    "Calibrate",
+    "CalibrateConfig",
+    "QuantizeAnnotate",
+    "QuantizeAnnotateConfig",
+    "QuantizeConfig",
+    "QuantizeRealize",
+    "QuantizeRealizeConfig",
     "InputSpec",
     "PassEnv",
     "PassPreset",

@@ -1,0 +1,334 @@
+"""Calibration data for the int8 flow: .npy/.npz arrays, a folder of images, or random.
+
+Every source ends as ``CalibData``: one float array per model input, shaped (N, *input_shape[1:]),
+plus optional labels. uint8 arrays and images get the stated preprocessing (x / 255, then
+(x - mean) / std per channel, resize for images, NCHW or NHWC to match the model input).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from tvm_compress.errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm", ".pnm")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How uint8 arrays and image files become model inputs."""
+
+    size: Optional[Tuple[int, int]] = None  # (height, width); default: the model input's
+    mean: Tuple[float, ...] = (0.0,)
+    std: Tuple[float, ...] = (1.0,)
+    layout: str = "NCHW"  # of the model input
+    bgr: bool = False  # channel order of 3-channel inputs
+
+
+@dataclass
+class CalibData:
+    inputs: Dict[str, np.ndarray]  # name -> (N, *shape[1:]) in the model's dtype
+    labels: Optional[np.ndarray] = None
+    source: str = ""
+    random: bool = False
+
+    @property
+    def count(self) -> int:
+        return next(iter(self.inputs.values())).shape[0] if self.inputs else 0
+
+    def batches(self, batch: int, limit: Optional[int] = None):
+        """Dicts of (batch, ...) arrays; a short tail is filled up with the first samples."""
+        n = self.count if limit is None else min(self.count, limit)
+        for start in range(0, n, batch):
+            idx = np.arange(start, start + batch) % n
+            yield {name: arr[idx] for name, arr in self.inputs.items()}, idx[: min(batch, n - start)]
+
+
+def _channels(shape: Sequence[int], layout: str) -> int:
+    return int(shape[1] if layout == "NCHW" else shape[-1])
+
+
+def _normalize(x: np.ndarray, prep: Preprocess, channels: int, layout: str) -> np.ndarray:
+    """uint8 samples (N, H, W, C) or (N, C, H, W) in the model layout -> float32 normalized."""
+    x = x.astype("float32") / 255.0
+    mean = np.asarray(prep.mean, "float32")
+    std = np.asarray(prep.std, "float32")
+    if mean.size not in (1, channels) or std.size not in (1, channels):
+        raise DataError(
+            f"calibration preprocessing: mean/std need 1 or {channels} values, got {mean.size}/{std.size}"
+        )
+    if np.any(std == 0):
+        raise DataError("calibration preprocessing: std must not be 0")
+    bshape = (1, -1, 1, 1) if layout == "NCHW" else (1, 1, 1, -1)
+    if x.ndim == 4:
+        x = (x - mean.reshape(bshape)) / std.reshape(bshape)
+    else:
+        x = (x - mean.reshape(-1)[0]) / std.reshape(-1)[0]
+    return x.astype("float32")
+
+
+def _fit_array(arr: np.ndarray, name: str, shape: Sequence[int], dtype: str, prep: Preprocess, what: str):
+    """(N, ...) array -> (N, *shape[1:]) of ``dtype``; one-line DataError when it does not fit."""
+    want = tuple(int(d) for d in shape[1:])
+    if arr.ndim == 0 or arr.shape[0] == 0:
+        raise DataError(f"calibration data {what} for input {name!r} is empty")
+    got = tuple(arr.shape[1:])
+    if got != want:
+        if len(want) == 3 and got == want[1:] and want[0] == 1 and prep.layout == "NCHW":
+            arr = arr[:, None]
+        elif len(want) == 3 and got == want[:2] and want[2] == 1 and prep.layout == "NHWC":
+            arr = arr[..., None]
+        elif len(want) == 3 and len(got) == 3 and prep.layout == "NCHW" and got == (want[1], want[2], want[0]):
+            arr = np.transpose(arr, (0, 3, 1, 2))  # HWC images for a CHW model
+        else:
+            raise DataError(
+                f"calibration data {what} for input {name!r} has sample shape {got}, "
+                f"the model expects {want}"
+            )
+    if arr.dtype == np.uint8 and dtype.startswith("float"):
+        arr = _normalize(arr, prep, _channels(shape, prep.layout), prep.layout)
+    if not np.issubdtype(arr.dtype, np.number):
+        raise DataError(f"calibration data {what} for input {name!r} is not numeric ({arr.dtype})")
+    return np.ascontiguousarray(arr.astype(dtype))
+
+
+def _pick_npz_key(keys: List[str], input_name: str, requested: Optional[str], path: str) -> str:
+    if requested is not None:
+        if requested not in keys:
+            raise DataError(f"calibration file {path} has no array {requested!r} (has {', '.join(keys)})")
+        return requested
+    for key in (input_name, "calib", "images", "x", "data", "inputs"):
+        if key in keys:
+            return key
+    if len(keys) == 1:
+        return keys[0]
+    raise DataError(
+        f"calibration file {path}: cannot tell which array feeds input {input_name!r}; "
+        f"name one as {path}:KEY (has {', '.join(keys)})"
+    )
+
+
+def _labels_for(npz, key: str) -> Optional[np.ndarray]:
+    for cand in (f"{key}_labels", "calib_labels" if key == "calib" else "labels", "labels", "y"):
+        if cand in npz.files:
+            return np.asarray(npz[cand]).reshape(-1)
+    return None
+
+
+# ---- images without third-party decoders --------------------------------------------------------
+
+def _read_pnm(path: Path) -> np.ndarray:
+    data = path.read_bytes()
+    tokens = []
+    pos = 0
+    while len(tokens) < 4:
+        while data[pos : pos + 1].isspace():
+            pos += 1
+        if data[pos : pos + 1] == b"#":
+            pos = data.index(b"\n", pos) + 1
+            continue
+        end = pos
+        while not data[end : end + 1].isspace():
+            end += 1
+        tokens.append(data[pos:end])
+        pos = end
+    magic, w, h, maxval = tokens[0], int(tokens[1]), int(tokens[2]), int(tokens[3])
+    pos += 1
+    ch = {b"P5": 1, b"P6": 3}.get(magic)
+    if ch is None or maxval > 255:
+        raise DataError(f"{path}: only binary 8-bit PGM/PPM images are supported")
+    return np.frombuffer(data, np.uint8, w * h * ch, pos).reshape(h, w, ch)
+
+
+def _read_png(path: Path) -> np.ndarray:
+    data = path.read_bytes()
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        raise DataError(f"{path}: not a PNG file")
+    pos, idat, header = 8, b"", None
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind = data[pos + 4 : pos + 8]
+        body = data[pos + 8 : pos + 8 + length]
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + length
+    w, h, depth, color, _, _, interlace = header
+    ch = {0: 1, 2: 3, 4: 2, 6: 4}.get(color)
+    if depth != 8 or ch is None or interlace:
+        raise DataError(f"{path}: only 8-bit non-interlaced gray/RGB(A) PNG is supported without Pillow")
+    raw = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(h, 1 + w * ch)
+    out = np.zeros((h, w * ch), np.int32)
+    prev = np.zeros(w * ch, np.int32)
+    for y in range(h):
+        f, line = raw[y, 0], raw[y, 1:].astype(np.int32)
+        cur = np.zeros(w * ch, np.int32)
+        for x in range(w * ch):
+            a = cur[x - ch] if x >= ch else 0
+            b = prev[x]
+            c = prev[x - ch] if x >= ch else 0
+            if f == 0:
+                pred = 0
+            elif f == 1:
+                pred = a
+            elif f == 2:
+                pred = b
+            elif f == 3:
+                pred = (a + b) // 2
+            else:
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                pred = a if pa <= pb and pa <= pc else (b if pb <= pc else c)
+            cur[x] = (line[x] + pred) & 0xFF
+        out[y] = cur
+        prev = cur
+    img = out.astype(np.uint8).reshape(h, w, ch)
+    return img[..., :3] if ch == 4 else (img[..., :1] if ch == 2 else img)
+
+
+def _read_image(path: Path) -> np.ndarray:
+    try:
+        from PIL import Image  # optional
+
+        with Image.open(path) as im:
+            im = im.convert("L" if im.mode in ("L", "I;16", "1") else "RGB")
+            arr = np.asarray(im)
+            return arr[..., None] if arr.ndim == 2 else arr
+    except ImportError:
+        pass
+    suffix = path.suffix.lower()
+    if suffix in (".pgm", ".ppm", ".pnm"):
+        return _read_pnm(path)
+    if suffix == ".png":
+        return _read_png(path)
+    raise DataError(f"{path}: reading {suffix} images needs Pillow (pip install pillow)")
+
+
+def _resize(img: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Bilinear resize of an (H, W, C) uint8 image (align_corners=False, like cv2/PIL)."""
+    ih, iw = img.shape[:2]
+    if (ih, iw) == (h, w):
+        return img
+    ys = np.clip((np.arange(h) + 0.5) * ih / h - 0.5, 0, ih - 1)
+    xs = np.clip((np.arange(w) + 0.5) * iw / w - 0.5, 0, iw - 1)
+    y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
+    y1, x1 = np.minimum(y0 + 1, ih - 1), np.minimum(x0 + 1, iw - 1)
+    wy, wx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
+    f = img.astype("float32")
+    top = f[y0][:, x0] * (1 - wx) + f[y0][:, x1] * wx
+    bot = f[y1][:, x0] * (1 - wx) + f[y1][:, x1] * wx
+    return np.clip(np.rint(top * (1 - wy) + bot * wy), 0, 255).astype(np.uint8)
+
+
+def _load_image_folder(folder: Path, shape: Sequence[int], prep: Preprocess, limit: int) -> np.ndarray:
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"calibration folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
+    files = files[:limit]
+    if len(shape) != 4:
+        raise DataError(f"calibration images need a 4-d model input, the model input is {tuple(shape)}")
+    if prep.layout == "NCHW":
+        c, h, w = shape[1], shape[2], shape[3]
+    else:
+        h, w, c = shape[1], shape[2], shape[3]
+    if prep.size is not None:
+        h, w = prep.size
+    out = []
+    for path in files:
+        img = _resize(_read_image(path), int(h), int(w))
+        if c == 1 and img.shape[2] == 3:
+            img = np.rint(img.astype("float32") @ np.array([0.299, 0.587, 0.114], "float32"))
+            img = img.astype(np.uint8)[..., None]
+        elif c == 3 and img.shape[2] == 1:
+            img = np.repeat(img, 3, axis=2)
+        if c == 3 and prep.bgr:
+            img = img[..., ::-1]
+        out.append(img if prep.layout == "NHWC" else np.transpose(img, (2, 0, 1)))
+    return np.stack(out)
+
+
+def load_calibration(
+    spec, inputs: Sequence[Tuple[str, Sequence[int], str]], prep: Preprocess, limit: int, log=print
+) -> CalibData:
+    """``spec``: a path (``file.npz[:key]``, ``file.npy``, image folder), ``"random"``, or arrays.
+
+    ``inputs``: (name, shape, dtype) of the model inputs, batch first.
+    """
+    names = [n for n, _, _ in inputs]
+    if spec is None:
+        raise DataError(
+            "quantize needs calibration data: --calib FILE.npz|FILE.npy|IMAGE_DIR "
+            "(or --calib random, accuracy unknown)"
+        )
+    if isinstance(spec, Mapping) or isinstance(spec, np.ndarray):
+        arrays = dict(spec) if isinstance(spec, Mapping) else {names[0]: spec}
+        labels = arrays.pop("labels", None)
+        out = {}
+        for name, shape, dtype in inputs:
+            if name not in arrays:
+                raise DataError(f"calibration data has no array for input {name!r}")
+            out[name] = _fit_array(np.asarray(arrays[name])[:limit], name, shape, dtype, prep, "(in memory)")
+        return CalibData(out, None if labels is None else np.asarray(labels)[:limit], "in-memory arrays")
+    spec = str(spec)
+    if spec == "random":
+        msg = "calibrating on random data: the int8 model's accuracy is unknown"
+        warnings.warn(msg, stacklevel=3)
+        log("quantize: warning: " + msg)
+        rng = np.random.default_rng(0)
+        n = min(limit, 32)
+        out = {}
+        for name, shape, dtype in inputs:
+            arr = rng.random((n, *shape[1:]), dtype="float32") if dtype.startswith("float") else \
+                rng.integers(0, 10, (n, *shape[1:])).astype(dtype)
+            out[name] = arr.astype(dtype)
+        return CalibData(out, None, "random", random=True)
+
+    key = None
+    path = Path(spec)
+    if not path.exists() and ":" in spec:
+        head, key = spec.rsplit(":", 1)
+        path = Path(head)
+    if not path.exists():
+        raise DataError(f"calibration data {spec} does not exist")
+    if path.is_dir():
+        if len(inputs) != 1:
+            raise DataError("an image folder can only calibrate a model with one input")
+        name, shape, dtype = inputs[0]
+        arr = _load_image_folder(path, shape, prep, limit)
+        fitted = _fit_array(arr, name, shape, dtype, prep, str(path))
+        return CalibData({name: fitted}, None, str(path))
+    suffix = path.suffix.lower()
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except Exception as err:
+        raise DataError(f"calibration data {path} is not a .npy/.npz file ({type(err).__name__})") from None
+    out, labels = {}, None
+    if isinstance(loaded, np.ndarray):
+        if len(inputs) != 1:
+            raise DataError(f"{path} holds one array but the model has {len(inputs)} inputs; use .npz")
+        name, shape, dtype = inputs[0]
+        out[name] = _fit_array(loaded[:limit], name, shape, dtype, prep, str(path))
+    else:
+        with loaded as npz:
+            if not npz.files:
+                raise DataError(f"calibration file {path} is empty")
+            for name, shape, dtype in inputs:
+                k = _pick_npz_key(list(npz.files), name, key if len(inputs) == 1 else None, str(path))
+                out[name] = _fit_array(np.asarray(npz[k])[:limit], name, shape, dtype, prep, f"{path}:{k}")
+                if labels is None and len(inputs) == 1:
+                    labels = _labels_for(npz, k)
+    del suffix
+    if labels is not None:
+        labels = labels[:limit]
+        if labels.shape[0] != next(iter(out.values())).shape[0]:
+            labels = None
+    return CalibData(out, labels, str(path))

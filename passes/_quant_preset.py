@@ -1,0 +1,209 @@
+"""The ``quantize`` preset: QuantizeAnnotate -> Calibrate -> QuantizeRealize, with CLI flags.
+
+A model that already holds QuantizeLinear/DequantizeLinear pairs (ONNX QDQ from another tool)
+skips annotation and calibration and goes straight to QuantizeRealize.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import tvm
+from tvm import relax
+
+from tvm_compress.errors import PassOptionError
+
+from . import _quant_common as qc
+from ._quant_stats import ACT_DTYPES, METHODS
+from .calibrate import Calibrate, CalibrateConfig
+from .quantize_annotate import LAYER_KINDS, QuantizeAnnotate, QuantizeAnnotateConfig
+from .quantize_realize import QuantizeRealize, QuantizeRealizeConfig
+from .registry import PassEnv, PassPreset, register_pass
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """All options of the int8 flow (see QuantizeAnnotateConfig and CalibrateConfig)."""
+
+    calib: Optional[str] = None
+    calib_method: str = "percentile"
+    calib_percentile: float = 99.99
+    calib_samples: int = 256
+    calib_size: Optional[Tuple[int, int]] = None
+    calib_mean: Tuple[float, ...] = (0.0,)
+    calib_std: Tuple[float, ...] = (1.0,)
+    calib_layout: str = "NCHW"
+    calib_bgr: bool = False
+    activation_dtype: str = "auto"
+    quant_ops: Tuple[str, ...] = LAYER_KINDS
+    quant_skip: Tuple[str, ...] = ()
+    quant_skip_first: bool = False
+    quant_skip_last: bool = False
+    max_error: Optional[float] = None
+    max_accuracy_drop: Optional[float] = None
+    eval_samples: int = 256
+
+    def __post_init__(self):
+        # Build the sub-configs once so that bad options fail before any work.
+        self.annotate_config()
+        self.calibrate_config()
+
+    def annotate_config(self, layer_names: Tuple[str, ...] = ()) -> QuantizeAnnotateConfig:
+        return QuantizeAnnotateConfig(
+            ops=tuple(self.quant_ops), skip=tuple(self.quant_skip), skip_first=bool(self.quant_skip_first),
+            skip_last=bool(self.quant_skip_last), layer_names=tuple(layer_names),
+        )
+
+    def calibrate_config(self) -> CalibrateConfig:
+        return CalibrateConfig(
+            calib=self.calib, method=self.calib_method, percentile=float(self.calib_percentile),
+            max_samples=int(self.calib_samples), activation_dtype=self.activation_dtype,
+            image_size=self.calib_size, mean=tuple(self.calib_mean), std=tuple(self.calib_std),
+            layout=self.calib_layout, bgr=bool(self.calib_bgr), max_error=self.max_error,
+            max_accuracy_drop=self.max_accuracy_drop, eval_samples=int(self.eval_samples),
+        )
+
+
+def onnx_layer_names(model_path) -> Tuple[str, ...]:
+    """Names of the Conv/Gemm/MatMul nodes with an initializer weight, in graph order."""
+    if model_path is None:
+        return ()
+    try:
+        import onnx
+
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception:
+        return ()
+    inits = {i.name for i in model.graph.initializer}
+    names = []
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1 and node.input[1] in inits:
+            names.append(node.name or f"{node.op_type}_{len(names)}")
+    return tuple(names)
+
+
+def _has_qdq(func: relax.Function) -> bool:
+    found = []
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and (expr.op.same_as(qc.OP_DEQUANTIZE) or expr.op.same_as(qc.OP_QUANTIZE)):
+            found.append(expr)
+
+    relax.analysis.post_order_visit(func, visit)
+    return bool(found)
+
+
+@tvm.transform.module_pass(opt_level=0, name="QuantizeFlow")
+class _QuantizeFlow:
+    """Annotate -> Calibrate -> Realize, or Realize alone for a model that is already QDQ."""
+
+    def __init__(self, config: QuantizeConfig, env: PassEnv):
+        self.config = config
+        self.env = env
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        env = self.env
+        if _has_qdq(mod["main"]):
+            env.log("quantize: the model already has QuantizeLinear/DequantizeLinear: realizing its "
+                    "own quantization (no calibration)")
+            mod = QuantizeRealize(QuantizeRealizeConfig())(mod)
+        else:
+            names = onnx_layer_names(env.model_path)
+            annotated = QuantizeAnnotate(self.config.annotate_config())(mod)
+            n = len(qc.read_report(annotated).get("layers", []))
+            if names and len(names) == n:
+                annotated = QuantizeAnnotate(self.config.annotate_config(names))(mod)
+            mod = Calibrate(self.config.calibrate_config(), log=env.log)(annotated)
+            mod = QuantizeRealize(QuantizeRealizeConfig())(mod)
+        report = qc.read_report(mod)
+        env.report["quantize"] = report
+        _log_summary(report, env.log)
+        return qc.strip_report(mod)
+
+
+def _log_summary(report: dict, log) -> None:
+    layers = report.get("layers", [])
+    n8 = sum(1 for l in layers if l.get("status") == "int8")
+    log(f"quantize: {n8} of {len(layers)} layers in int8")
+    for l in layers:
+        if l.get("status") != "int8":
+            log(f"quantize: {l.get('name')} stays {l.get('status')}: {l.get('reason')}")
+    wb = report.get("weight_bytes", {})
+    if "ratio" in wb:
+        log(f"quantize: weight bytes {wb['total']} ({wb['ratio']:.3f}x of float {wb['float_total']})")
+
+
+def _tuple_of(kind):
+    def parse(text: str):
+        try:
+            return tuple(kind(v) for v in str(text).replace("x", ",").split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}")
+
+    return parse
+
+
+def _names(text: str):
+    return tuple(v.strip() for v in str(text).split(",") if v.strip())
+
+
+def add_arguments(group) -> None:
+    group.add_argument("--calib", dest="calib", metavar="DATA",
+                       help="calibration data: FILE.npz[:KEY], FILE.npy, an image folder, or 'random' "
+                            "(accuracy unknown)")
+    group.add_argument("--calib-method", dest="calib_method", choices=METHODS,
+                       help="activation range method (default percentile)")
+    group.add_argument("--calib-percentile", dest="calib_percentile", type=float, metavar="P",
+                       help="percentile of |x| kept by --calib-method percentile (default 99.99)")
+    group.add_argument("--calib-samples", dest="calib_samples", type=int, metavar="N",
+                       help="calibration samples used at most (default 256)")
+    group.add_argument("--calib-size", dest="calib_size", type=_tuple_of(int), metavar="HxW",
+                       help="resize calibration images to HxW (default: the model input's)")
+    group.add_argument("--calib-mean", dest="calib_mean", type=_tuple_of(float), metavar="M[,M,M]",
+                       help="per-channel mean subtracted after x/255 (uint8 data and images)")
+    group.add_argument("--calib-std", dest="calib_std", type=_tuple_of(float), metavar="S[,S,S]",
+                       help="per-channel std divided after the mean")
+    group.add_argument("--calib-layout", dest="calib_layout", choices=("NCHW", "NHWC"),
+                       help="layout of the model input (default NCHW)")
+    group.add_argument("--calib-bgr", dest="calib_bgr", action="store_true", default=None,
+                       help="feed 3-channel images as BGR")
+    group.add_argument("--quant-act-dtype", dest="activation_dtype", choices=ACT_DTYPES,
+                       help="activations: auto (uint8 zero point 0 when non-negative, else int8), "
+                            "int8 (symmetric), uint8 (asymmetric)")
+    group.add_argument("--quant-ops", dest="quant_ops", type=_names, metavar="KINDS",
+                       help=f"layer kinds to quantize (default all: {','.join(LAYER_KINDS)})")
+    group.add_argument("--quant-skip", dest="quant_skip", type=_names, metavar="LAYERS",
+                       help="layers kept in float, by name or index, comma-separated")
+    group.add_argument("--quant-skip-first", dest="quant_skip_first", action="store_true", default=None,
+                       help="keep the first quantizable layer in float")
+    group.add_argument("--quant-skip-last", dest="quant_skip_last", action="store_true", default=None,
+                       help="keep the last quantizable layer in float")
+    group.add_argument("--max-error", dest="max_error", type=float, metavar="E",
+                       help="keep the most sensitive layers in float until the outputs' relative L2 error "
+                            "against float is <= E")
+    group.add_argument("--max-accuracy-drop", dest="max_accuracy_drop", type=float, metavar="P",
+                       help="keep the most sensitive layers in float until top-1 drops <= P points "
+                            "(labelled --calib data)")
+    group.add_argument("--eval-samples", dest="eval_samples", type=int, metavar="N",
+                       help="samples used to measure error/accuracy for the fallback (default 256)")
+
+
+def make(config: QuantizeConfig, env: PassEnv) -> tvm.transform.Pass:
+    if not isinstance(config, QuantizeConfig):
+        raise PassOptionError("quantize preset needs a QuantizeConfig")
+    return _QuantizeFlow(config, env)
+
+
+PRESET = register_pass(
+    PassPreset(
+        name="quantize",
+        help="int8: annotate conv/matmul, calibrate activation ranges, realize int8 x int8 -> int32 "
+             "compute (or realize an imported QDQ model)",
+        config_cls=QuantizeConfig,
+        make=make,
+        add_arguments=add_arguments,
+        lossy=True,
+    )
+)

@@ -1,0 +1,331 @@
+"""QuantizeRealize: rewrite QDQ (fake-quantized) conv2d/matmul into integer compute.
+
+Needs: a module with ``R.quantize``/``R.dequantize`` around conv2d/matmul, from ``Calibrate`` or
+from an imported ONNX QDQ model (QuantizeLinear/DequantizeLinear). Runs last in the int8 flow,
+before ``LegalizeOps``/``FuseOps`` (the driver's lowering), which must follow for the fusion below.
+
+For ``conv2d(dequantize(xq, sx, zx), dequantize(wq, sw, 0))`` (and the same for matmul) with
+int8/uint8 ``xq``, per-tensor ``sx``/``zx``, int8 constant ``wq`` and per-channel or per-tensor
+``sw``, the pass emits
+
+    acc = conv2d(xq, wq, out_dtype="int32")          # int8 x int8 -> int32 accumulation
+    y   = astype(acc, "float32") * (sx * sw) [+ zero-point correction]
+
+and leaves the layer's followers (bias add, relu/clip, residual add) and the next
+``R.quantize`` as they are: they are element-wise, so FuseOps puts them all into the conv's kernel
+(the requantize is fused into the producing kernel; the int32 accumulator never reaches memory).
+``dequantize`` is moved past max-pool/reshape/flatten/transpose so those run on int8, and a
+``quantize(dequantize(x))`` with the same parameters is dropped, so consecutive quantized layers
+hand int8 tensors to each other with no dequantize/quantize pair between them.
+
+Zero points: a non-zero activation zero point becomes an explicit pad with that value (so zero
+padding stays exact) and a per-channel correction ``-zx * sum(wq)``; weights must have zero
+points of 0 (symmetric), otherwise the layer stays fake-quantized and the report says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.dpl import is_const, is_op, wildcard
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from tvm_compress.errors import PassOptionError
+
+from . import _quant_common as qc
+from .quantize_annotate import is_passthrough
+
+
+@dataclass(frozen=True)
+class QuantizeRealizeConfig:
+    """ops: layer kinds to realize (``conv2d``, ``matmul``); others stay as they came.
+
+    keep_float: layer names/indices (in realize order) whose QDQ is folded back to float
+    instead (e.g. shapes for which int8 measured slower on the target).
+    """
+
+    ops: tuple = ("conv2d", "matmul")
+    keep_float: tuple = ()
+
+    def __post_init__(self):
+        for kind in self.ops:
+            if kind not in ("conv2d", "matmul"):
+                raise PassOptionError(f"unknown realize op {kind!r}; choose from conv2d, matmul")
+
+
+def _dq_pattern(data=None):
+    return is_op("relax.dequantize")(data or wildcard(), is_const(), is_const())
+
+
+def _patterns():
+    x = _dq_pattern()
+    w = _dq_pattern(is_const())
+    conv = is_op("relax.nn.conv2d")(x, w)
+    matmul = is_op("relax.matmul")(x, w)
+    return conv, matmul
+
+
+def _scalar(expr) -> Optional[float]:
+    v = qc.const_value(expr)
+    if v.size != 1:
+        return None
+    return v.reshape(()).item()
+
+
+@mutator
+class _Realizer(PyExprMutator):
+    def __init__(self, mod, config: QuantizeRealizeConfig):
+        super().__init__(mod)
+        self.config = config
+        self.conv_pat, self.mm_pat = _patterns()
+        self.dq_pat = _dq_pattern()
+        self.q_pat = is_op("relax.quantize")(wildcard(), is_const(), is_const())
+        self.perm_pat = is_op("relax.permute_dims")(_dq_pattern(is_const()))
+        self.layers: List[dict] = []
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _bound(self, expr):
+        """The value bound to ``expr`` in the function being built (or ``expr`` itself)."""
+        if isinstance(expr, relax.Var):
+            value = self.lookup_binding(expr)
+            if value is not None:
+                return value
+        return expr
+
+    def _var2val(self, call) -> Dict:
+        out = {}
+        for arg in call.args:
+            if isinstance(arg, relax.Var):
+                value = self.lookup_binding(arg)
+                if value is not None:
+                    out[arg] = value
+        return out
+
+    def _per_tensor_dq(self, expr):
+        dq = self._bound(expr)
+        if not (isinstance(dq, relax.Call) and self.dq_pat.match(dq)):
+            return None
+        if _scalar(dq.args[1]) is None or _scalar(dq.args[2]) is None:
+            return None
+        return dq
+
+    # -- rewrites ------------------------------------------------------------------------------
+    def visit_var_binding_(self, binding):
+        value = binding.value
+        if isinstance(value, relax.Call):
+            new_call = self.visit_expr(value)
+            new = None
+            if isinstance(new_call, relax.Call):
+                if is_passthrough(new_call):
+                    new = self._push_dequantize(new_call)
+                elif self.perm_pat.match(new_call, self._var2val(new_call)):
+                    new = self._fold_weight_transpose(new_call)
+                elif self.q_pat.match(new_call):
+                    new = self._cancel_pair(new_call)
+                elif self.conv_pat.match(new_call, self._var2val(new_call)):
+                    new = self._conv(new_call)
+                elif self.mm_pat.match(new_call, self._var2val(new_call)):
+                    new = self._matmul(new_call)
+                else:
+                    self._note_unrealized(new_call)
+            if new is not None:
+                self.set_var_remap(binding.var, qc.emit_like(self.builder_, binding.var, new))
+                return
+        super().visit_var_binding_(binding)
+
+    def _push_dequantize(self, call):
+        dq = self._per_tensor_dq(call.args[0])
+        if dq is None:
+            return None
+        inner = relax.Call(call.op, [dq.args[0]] + list(call.args[1:]), call.attrs, call.ty_args)
+        inner = self.builder_.emit(inner)
+        return relax.op.dequantize(inner, dq.args[1], dq.args[2], axis=-1, out_dtype=str(call.ty.dtype))
+
+    def _fold_weight_transpose(self, call):
+        dq = self._bound(call.args[0])
+        w = qc.const_value(dq.args[0])
+        axes = call.attrs.axes
+        axes = list(range(w.ndim))[::-1] if axes is None else [int(a) for a in axes]
+        axis = int(dq.attrs.axis) % w.ndim
+        scale, zp = qc.const_value(dq.args[1]), qc.const_value(dq.args[2])
+        return relax.op.dequantize(
+            qc.const(np.ascontiguousarray(np.transpose(w, axes))), qc.const(scale), qc.const(zp),
+            axis=axes.index(axis), out_dtype=str(dq.attrs.out_dtype),
+        )
+
+    def _cancel_pair(self, call):
+        dq = self._per_tensor_dq(call.args[0])
+        if dq is None or _scalar(call.args[1]) is None or _scalar(call.args[2]) is None:
+            return None
+        same = (
+            np.float32(_scalar(dq.args[1])) == np.float32(_scalar(call.args[1]))
+            and int(_scalar(dq.args[2])) == int(_scalar(call.args[2]))
+            and qc.tensor_dtype(dq.args[0]) == str(call.attrs.out_dtype)
+        )
+        if not same:
+            return None
+        return dq.args[0]
+
+    def _weight_ok(self, wdq, out_axis: int, kind: str):
+        """(int8 weights, per-out-channel scale vector) or a reason string."""
+        wq = qc.const_value(wdq.args[0])
+        if str(wq.dtype) != "int8":
+            return f"weight dtype {wq.dtype} is not int8"
+        zp = qc.const_value(wdq.args[2])
+        if np.any(zp != 0):
+            return "weight zero point is not 0 (asymmetric weights)"
+        scale = qc.const_value(wdq.args[1]).astype("float32")
+        n_out = wq.shape[out_axis]
+        if scale.size == 1:
+            scale = np.full(n_out, scale.reshape(()).item(), "float32")
+        elif int(wdq.attrs.axis) % wq.ndim != out_axis or scale.size != n_out:
+            return "weight scales are not per output channel"
+        return wq, scale.reshape(-1)
+
+    def _act_ok(self, xdq):
+        xq = xdq.args[0]
+        dtype = qc.tensor_dtype(xq)
+        if dtype not in ("int8", "uint8"):
+            return f"activation dtype {dtype} is not int8/uint8"
+        if _scalar(xdq.args[1]) is None or _scalar(xdq.args[2]) is None:
+            return "activation is not quantized per tensor"
+        return xq, float(_scalar(xdq.args[1])), int(_scalar(xdq.args[2])), dtype
+
+    def _skip(self, kind: str) -> Optional[str]:
+        if kind not in self.config.ops:
+            return f"{kind} not in realize ops"
+        index = len(self.layers)
+        if index in self.config.keep_float or str(index) in self.config.keep_float:
+            return "kept float by keep_float"
+        return None
+
+    def _record(self, kind, call, xinfo, scale, status, reason=""):
+        entry = {"index": len(self.layers), "op": kind, "status": status, "reason": reason,
+                 "weight_shape": qc.tensor_shape(self._bound(call.args[1]).args[0])}
+        if xinfo is not None and not isinstance(xinfo, str):
+            entry.update(input_dtype=xinfo[3], input_scale=xinfo[1], input_zero_point=xinfo[2])
+        if scale is not None and not isinstance(scale, str):
+            entry.update(weight_scale_min=float(scale.min()), weight_scale_max=float(scale.max()))
+        self.layers.append(entry)
+
+    def _conv(self, call):
+        xdq, wdq = self._bound(call.args[0]), self._bound(call.args[1])
+        attrs = call.attrs
+        reason = self._skip("conv2d")
+        if str(attrs.data_layout) != "NCHW" or str(attrs.kernel_layout) != "OIHW":
+            reason = reason or "conv2d layout is not NCHW/OIHW"
+        xinfo = self._act_ok(xdq)
+        winfo = self._weight_ok(wdq, 0, "conv2d")
+        reason = reason or (xinfo if isinstance(xinfo, str) else None) or (
+            winfo if isinstance(winfo, str) else None)
+        if reason:
+            self._record("conv2d", call, xinfo, None if isinstance(winfo, str) else winfo[1], "float", reason)
+            return None
+        xq, sx, zx, _ = xinfo
+        wq, sw = winfo
+        padding = [int(p) for p in attrs.padding]
+        data = xq
+        if zx != 0 and any(padding):
+            # Zero padding in real values is zx in the quantized domain.
+            top, left, bottom, right = padding
+            data = self.builder_.emit(relax.op.nn.pad(xq, [0, 0, 0, 0, top, bottom, left, right],
+                                                      pad_value=float(zx)))
+            padding = [0, 0, 0, 0]
+        acc = self.builder_.emit(relax.op.nn.conv2d(
+            data, qc.const(wq), strides=attrs.strides, padding=padding, dilation=attrs.dilation,
+            groups=int(attrs.groups), data_layout="NCHW", kernel_layout="OIHW", out_dtype="int32",
+        ), "acc")
+        mult = (sx * sw).astype("float32")
+        y = relax.op.multiply(relax.op.astype(acc, "float32"), qc.const(mult.reshape(1, -1, 1, 1)))
+        if zx != 0:
+            corr = (-float(zx) * mult * wq.astype("int64").sum(axis=(1, 2, 3))).astype("float32")
+            y = relax.op.add(self.builder_.emit(y), qc.const(corr.reshape(1, -1, 1, 1)))
+        self._record("conv2d", call, xinfo, sw, "int8")
+        return y
+
+    def _matmul(self, call):
+        xdq, wdq = self._bound(call.args[0]), self._bound(call.args[1])
+        reason = self._skip("matmul")
+        xinfo = self._act_ok(xdq)
+        wq_shape = qc.tensor_shape(wdq.args[0])
+        winfo = self._weight_ok(wdq, len(wq_shape) - 1, "matmul") if len(wq_shape) == 2 else \
+            "matmul weight is not 2-d"
+        reason = reason or (xinfo if isinstance(xinfo, str) else None) or (
+            winfo if isinstance(winfo, str) else None)
+        if reason:
+            self._record("matmul", call, xinfo, None if isinstance(winfo, str) else winfo[1], "float", reason)
+            return None
+        xq, sx, zx, _ = xinfo
+        wq, sw = winfo
+        acc = self.builder_.emit(relax.op.matmul(xq, qc.const(wq), out_dtype="int32"), "acc")
+        mult = (sx * sw).astype("float32")
+        y = relax.op.multiply(relax.op.astype(acc, "float32"), qc.const(mult))
+        if zx != 0:
+            corr = (-float(zx) * mult * wq.astype("int64").sum(axis=0)).astype("float32")
+            y = relax.op.add(self.builder_.emit(y), qc.const(corr))
+        self._record("matmul", call, xinfo, sw, "int8")
+        return y
+
+    def _note_unrealized(self, call):
+        """A conv2d/matmul fed by dequantize that no rule took: it computes in float."""
+        if not (call.op.same_as(qc.OP_CONV2D) or call.op.same_as(qc.OP_MATMUL)):
+            return
+        fed = [self._bound(a) for a in call.args]
+        if any(isinstance(a, relax.Call) and self.dq_pat.match(a) for a in fed):
+            kind = "conv2d" if call.op.same_as(qc.OP_CONV2D) else "matmul"
+            w = fed[1]
+            shape = qc.tensor_shape(w.args[0] if isinstance(w, relax.Call) and self.dq_pat.match(w) else w)
+            self.layers.append({"index": len(self.layers), "op": kind, "status": "float",
+                                "weight_shape": shape,
+                                "reason": "dequantized input but no constant int8 weight / scale: "
+                                          "stays fake-quantized (float compute)"})
+
+
+def _merge_report(report: dict, realized: List[dict], weight_bytes: Dict[str, int]) -> dict:
+    layers = report.get("layers")
+    if layers:
+        # Realize sees the int8 layers of the annotated list in the same graph order.
+        int8 = [l for l in layers if l["status"] == "int8"]
+        if len(int8) == len(realized) and all(
+            list(a["weight_shape"]) == list(b["weight_shape"]) or
+            sorted(a["weight_shape"]) == sorted(b["weight_shape"]) for a, b in zip(int8, realized)
+        ):
+            for l, r in zip(int8, realized):
+                l["realized"] = r["status"] == "int8"
+                if r["status"] != "int8":
+                    l["status"], l["reason"] = "fake-quant", r["reason"]
+        else:
+            report["realize_layers"] = realized
+    else:
+        report["layers"] = [dict(r, name=f"{r['op']}_{r['index']}") for r in realized]
+        report["source"] = "imported QDQ model"
+    total = int(sum(weight_bytes.values()))
+    report["weight_bytes"] = {"by_dtype": weight_bytes, "total": total}
+    if report.get("float_weight_bytes"):
+        report["weight_bytes"]["float_total"] = int(report["float_weight_bytes"])
+        report["weight_bytes"]["ratio"] = total / float(report["float_weight_bytes"])
+    report["realized_layers"] = sum(1 for r in realized if r["status"] == "int8")
+    return report
+
+
+@tvm.transform.module_pass(opt_level=0, name="QuantizeRealize")
+class QuantizeRealize:
+    """Turn QDQ conv2d/matmul into int8 x int8 -> int32 compute with a fused requantize."""
+
+    def __init__(self, config: Optional[QuantizeRealizeConfig] = None):
+        self.config = config or QuantizeRealizeConfig()
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        realizer = _Realizer(mod, self.config)
+        gv = mod.get_global_var("main")
+        func = realizer.visit_expr(mod["main"])
+        realizer.builder_.update_func(gv, func)
+        new_mod = realizer.builder_.get()
+        new_mod = relax.transform.DeadCodeElimination(["main"])(new_mod)
+        report = _merge_report(qc.read_report(mod), realizer.layers,
+                               qc.constant_bytes(new_mod["main"]))
+        return qc.write_report(new_mod, report)
