@@ -52,6 +52,9 @@ class PassPreset:
     add_arguments: Optional[Callable[[argparse._ArgumentGroup], None]] = None
     # Builds the config from parsed CLI args (default: fields of the same name).
     config_from_args: Optional[Callable[[argparse.Namespace], Any]] = None
+    # Lossy presets change the numbers on purpose: verification reports their error instead of
+    # failing at float tolerance.
+    lossy: bool = False
 
 
 _PRESETS: Dict[str, PassPreset] = {}

@@ -10,6 +10,7 @@ Two local fixes over a plain ``tune_relax`` call:
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -19,9 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import logging
+
 import tvm
+from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
-from tvm.s_tir.meta_schedule.utils import derived_object
+from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+from tvm.s_tir.meta_schedule.builder import local_builder as _lb
+from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
 
 from . import _fast_inspect
 
@@ -61,6 +67,56 @@ class TuningSummary:
 
 
 @derived_object
+class _PersistentBuilder(PyBuilder):
+    """LocalBuilder's work in a worker pool that lives across batches.
+
+    LocalBuilder restarts its pool for every batch (to dodge a slow leak in long runs); here each
+    restart costs seconds of worker start-up, so with small rounds spread over many tasks the
+    restarts would dominate. The pool is recycled every ``recycle`` batches instead.
+    """
+
+    def __init__(self, max_workers: int, timeout_sec: float = 60.0, recycle: int = 16):
+        super().__init__()
+        self.max_workers = max_workers
+        self.timeout_sec = timeout_sec
+        self.recycle = recycle
+        self._pool = None
+        self._batches = 0
+
+    def _get_pool(self) -> PopenPoolExecutor:
+        if self._pool is None or self._batches >= self.recycle:
+            self.shutdown()
+            self._pool = PopenPoolExecutor(
+                max_workers=self.max_workers,
+                timeout=self.timeout_sec,
+                initializer=_fast_inspect.install,
+            )
+            self._batches = 0
+        self._batches += 1
+        return self._pool
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def build(self, build_inputs):
+        pool = self._get_pool()
+        args = [
+            (None, None, b.mod, b.target, _lb._serialize_params(b.params)) for b in build_inputs
+        ]
+        results = []
+        for res in pool.map_with_error_catching(lambda a: _lb._worker_func(*a), args):
+            if res.status == StatusKind.COMPLETE:
+                results.append(BuilderResult(res.value, None))
+            elif res.status == StatusKind.TIMEOUT:
+                results.append(BuilderResult(None, f"build timed out after {self.timeout_sec} s"))
+            else:
+                results.append(BuilderResult(None, f"build failed: {res.value}"))
+        return results
+
+
+@derived_object
 class _Progress(ms.measure_callback.PyMeasureCallback):
     """Prints trials done / budget and an ETA after each measured batch."""
 
@@ -80,6 +136,15 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
             f"tuning: {min(self.done, self.total)}/{self.total} trials "
             f"(task {task_id}), {elapsed:.0f}s elapsed, ETA {eta:.0f}s"
         )
+
+
+def _quiet_console_logs() -> None:
+    """MetaSchedule prints every round to stdout; keep that in its log files only."""
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if name.startswith("tvm.s_tir.meta_schedule") and isinstance(logger, logging.Logger):
+            for handler in logger.handlers:
+                if type(handler) is logging.StreamHandler:
+                    handler.setLevel(logging.WARNING)
 
 
 def _meta_path(work_dir: Path) -> Path:
@@ -105,8 +170,15 @@ def tune(
 
     Records already in ``work_dir`` count: asking again for the same budget runs nothing.
     """
-    start = time.monotonic()
     work_dir.mkdir(parents=True, exist_ok=True)
+    # Two compiles of the same (model, target) must not append to one database at once.
+    with open(work_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _tune_locked(mod, target, trials, work_dir, log, runner)
+
+
+def _tune_locked(mod, target, trials, work_dir, log, runner) -> TuningSummary:
+    start = time.monotonic()
     done = cached_trials(work_dir)
     tasks = ms.relax_integration.extract_tasks(mod, target)
     todo = trials - done
@@ -124,8 +196,8 @@ def tune(
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
         tasks, str(work_dir), seed=0
     )
-    nproc = os.cpu_count() or 1
-    builder = ms.builder.LocalBuilder(max_workers=nproc, initializer=_fast_inspect.install)
+    _quiet_console_logs()
+    builder = _PersistentBuilder(max_workers=os.cpu_count() or 1)
     if runner is None:
         runner = ms.runner.LocalRunner(initializer=_fast_inspect.install)
     _fast_inspect.install()
@@ -146,6 +218,7 @@ def tune(
             task_scheduler="round-robin",
         )
     finally:
+        builder.shutdown()
         _fast_inspect.uninstall()
     _meta_path(work_dir).write_text(json.dumps({"trials": trials, "tasks": len(tasks)}))
     return TuningSummary(trials, todo, done, len(tasks), time.monotonic() - start, str(work_dir))

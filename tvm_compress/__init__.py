@@ -1,0 +1,26 @@
+"""tvm-compress: compress ONNX models with TVM Relax passes, compile verified libraries.
+
+Python API (the CLI wraps exactly these)::
+
+    mod = tvm_compress.load_onnx("model.onnx", {"input": (1, 3, 224, 224)})
+    report = tvm_compress.compile("model.onnx", "model.so", target="x86", tune_trials=256)
+    result = tvm_compress.run("model.so", {"input": x})
+"""
+
+from . import errors
+from .artifact import load_manifest, run
+from .build import compile, weight_stats
+from .loader import PreparedModel, load_onnx, prepare_onnx
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PreparedModel",
+    "compile",
+    "errors",
+    "load_manifest",
+    "load_onnx",
+    "prepare_onnx",
+    "run",
+    "weight_stats",
+]

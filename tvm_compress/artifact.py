@@ -1,0 +1,59 @@
+"""Run a compiled artifact (``model.so`` + ``model.json`` manifest) on this machine."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from tvm_compress.passes import InputSpec
+from tvm_compress.targets import RunResult, get_family, get_target
+
+from . import verify
+from .errors import DataError, ModelError
+from .build import manifest_path
+
+
+def load_manifest(lib_path: str | os.PathLike) -> dict:
+    lib_path = Path(lib_path)
+    if not lib_path.exists():
+        raise ModelError(f"library not found: {lib_path}")
+    mpath = manifest_path(lib_path)
+    try:
+        return json.loads(mpath.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"{lib_path}: manifest {mpath} not found (was it built by tvm-compress?)") from None
+    except ValueError:
+        raise ModelError(f"{lib_path}: manifest {mpath} is not valid JSON") from None
+
+
+def input_specs(manifest: dict) -> List[InputSpec]:
+    return [InputSpec(i["name"], tuple(i["shape"]), i["dtype"]) for i in manifest["inputs"]]
+
+
+def run(
+    lib_path: str | os.PathLike,
+    inputs: Union[str, os.PathLike, Mapping[str, np.ndarray], Sequence[np.ndarray]],
+    repeat: int = 0,
+) -> RunResult:
+    """Run the artifact with the family runner of its target (natively, under qemu, on a GPU)."""
+    manifest = load_manifest(lib_path)
+    specs = input_specs(manifest)
+    if isinstance(inputs, (str, os.PathLike)):
+        arrays = verify.inputs_from_file(inputs, specs)
+    elif isinstance(inputs, Mapping):
+        missing = [s.name for s in specs if s.name not in inputs]
+        if missing:
+            raise DataError(f"no array for input {missing[0]!r}")
+        arrays = [np.ascontiguousarray(inputs[s.name], dtype=s.dtype) for s in specs]
+    else:
+        arrays = [np.ascontiguousarray(x) for x in inputs]
+    profile = get_target(manifest["target"])
+    family = get_family(profile.family)
+    ok, why = family.can_run(profile)
+    if not ok:
+        raise DataError(f"{lib_path}: cannot run a {profile.name} library here ({why})")
+    return family.run(profile, Path(lib_path), arrays, repeat=repeat, warmup=1 if repeat else 0)

@@ -1,0 +1,289 @@
+"""ONNX -> Relax import that survives real exported models.
+
+Steps: read and check the file; fix every input's shape (from the model, or ``input_shapes``);
+fold shape-computing subgraphs (Shape -> Gather -> Concat -> Reshape, dynamic Pad ...) with
+onnxruntime's basic graph optimizations; list unsupported ops all at once; then
+``tvm.relax.frontend.onnx.from_onnx`` with weights embedded as constants.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .errors import ModelError, ShapeError, UnsupportedOpError
+from tvm_compress.passes import InputSpec
+
+ShapeMap = Mapping[str, Sequence[int]]
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    name: str
+    shape: Optional[tuple]
+    dtype: str
+
+
+@dataclass
+class PreparedModel:
+    """An ONNX model with fixed input shapes and folded shape subgraphs, ready for import."""
+
+    path: Path
+    sha256: str
+    model: onnx.ModelProto  # prepared (shapes fixed, folded)
+    original: onnx.ModelProto
+    inputs: List[InputSpec]
+    outputs: List[OutputSpec]
+    folded: bool = True
+    notes: List[str] = field(default_factory=list)
+
+    def shape_dict(self) -> Dict[str, tuple]:
+        return {i.name: i.shape for i in self.inputs}
+
+    def to_relax(self):
+        """The Relax IRModule, weights bound as constants."""
+        from tvm.relax.frontend.onnx import from_onnx
+
+        try:
+            return from_onnx(
+                self.model,
+                shape_dict={k: list(v) for k, v in self.shape_dict().items()},
+                dtype_dict={i.name: i.dtype for i in self.inputs},
+                keep_params_in_input=False,
+            )
+        except Exception as err:  # the importer raises many kinds; keep one line
+            msg = str(err).strip().splitlines()
+            raise ModelError(
+                f"{self.path}: Relax ONNX import failed: {msg[-1] if msg else type(err).__name__}"
+            ) from None
+
+
+def parse_shape_arg(text: str) -> Tuple[str, tuple]:
+    """``"x=1,3,224,224"`` -> ``("x", (1, 3, 224, 224))``."""
+    name, sep, dims = text.partition("=")
+    if not sep or not name.strip():
+        raise ShapeError(f"bad --input-shape {text!r}: expected NAME=D0,D1,... e.g. input=1,3,224,224")
+    try:
+        shape = tuple(int(d) for d in dims.replace("x", ",").split(",") if d.strip())
+    except ValueError:
+        raise ShapeError(f"bad --input-shape {text!r}: dimensions must be integers") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise ShapeError(f"bad --input-shape {text!r}: dimensions must be positive integers")
+    return name.strip(), shape
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_onnx(path: str | os.PathLike) -> onnx.ModelProto:
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"model file not found: {path}")
+    if path.is_dir():
+        raise ModelError(f"model path is a directory, not an ONNX file: {path}")
+    try:
+        model = onnx.load(str(path))
+    except Exception as err:  # DecodeError, RuntimeError, ...
+        raise ModelError(f"{path} is not a valid ONNX model ({type(err).__name__})") from None
+    if not model.graph.node:
+        raise ModelError(f"{path} is not a valid ONNX model (no graph nodes; truncated or not ONNX?)")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"{path} fails the ONNX checker (truncated?): {first}") from None
+    return model
+
+
+def _dtype_name(elem_type: int) -> str:
+    return str(np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)))
+
+
+def _graph_inputs(model: onnx.ModelProto):
+    inits = {i.name for i in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def _fix_input_shapes(model: onnx.ModelProto, given: Dict[str, tuple], path: Path) -> List[InputSpec]:
+    inputs = _graph_inputs(model)
+    names = [i.name for i in inputs]
+    for name in given:
+        if name not in names:
+            raise ShapeError(f"--input-shape names {name!r}, but the model's inputs are: {', '.join(names)}")
+    specs = []
+    for inp in inputs:
+        ttype = inp.type.tensor_type
+        dims = list(ttype.shape.dim)
+        shown = [d.dim_param or (str(d.dim_value) if d.dim_value else "?") for d in dims]
+        if inp.name in given:
+            shape = given[inp.name]
+            if ttype.HasField("shape") and len(shape) != len(dims):
+                raise ShapeError(
+                    f"--input-shape {inp.name}: rank {len(shape)} does not match the model's "
+                    f"[{','.join(shown)}] (rank {len(dims)})"
+                )
+            for k, (d, v) in enumerate(zip(dims, shape)):
+                if d.dim_value and d.dim_value != v:
+                    raise ShapeError(
+                        f"--input-shape {inp.name}: dim {k} is {v}, but the model fixes it to "
+                        f"{d.dim_value} (model shape [{','.join(shown)}])"
+                    )
+        else:
+            if not ttype.HasField("shape") or any(not d.dim_value for d in dims):
+                example = ",".join(s if s.isdigit() else "1" for s in shown) or "1,3,224,224"
+                raise ShapeError(
+                    f"input {inp.name!r} has a dynamic shape [{','.join(shown)}]; "
+                    f"pass --input-shape {inp.name}={example}"
+                )
+            shape = tuple(d.dim_value for d in dims)
+        # Write the fixed shape into the model so folding and import see static shapes.
+        ttype.ClearField("shape")
+        for v in shape:
+            ttype.shape.dim.add().dim_value = int(v)
+        specs.append(InputSpec(inp.name, tuple(int(v) for v in shape), _dtype_name(ttype.elem_type)))
+    return specs
+
+
+def _fold_with_ort(model: onnx.ModelProto) -> Optional[onnx.ModelProto]:
+    """Constant-fold shape subgraphs via onnxruntime's basic optimizations (ONNX ops only)."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="tvmc-fold-") as tmp:
+        src, dst = Path(tmp, "in.onnx"), Path(tmp, "folded.onnx")
+        onnx.save(model, str(src))
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        opts.optimized_model_filepath = str(dst)
+        opts.log_severity_level = 3
+        try:
+            ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
+        except Exception:
+            return None
+        return onnx.load(str(dst))
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attr.g)
+            for g in attr.graphs:
+                yield from _all_nodes(g)
+
+
+def check_supported(model: onnx.ModelProto, path: Path) -> None:
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    supported = _get_convert_map()
+    missing: Dict[str, str] = {}
+    for node in _all_nodes(model.graph):
+        if node.op_type not in supported and node.op_type not in missing:
+            missing[node.op_type] = node.name or "(unnamed)"
+    if missing:
+        listed = "; ".join(f"{op} (e.g. node {name!r})" for op, name in sorted(missing.items()))
+        raise UnsupportedOpError(f"{path}: unsupported ONNX ops: {listed}")
+
+
+def prepare_onnx(
+    path: str | os.PathLike, input_shapes: Optional[ShapeMap] = None, fold: bool = True
+) -> PreparedModel:
+    path = Path(path)
+    original = read_onnx(path)
+    model = onnx.ModelProto()
+    model.CopyFrom(original)
+    given = {k: tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}
+    inputs = _fix_input_shapes(model, given, path)
+    # Output / intermediate shapes may still name the old symbolic dims: let inference redo them.
+    del model.graph.value_info[:]
+    for out in model.graph.output:
+        out.type.tensor_type.ClearField("shape")
+    notes = []
+    folded = False
+    if fold:
+        result = _fold_with_ort(model)
+        if result is None:
+            notes.append("onnxruntime could not load the model; shape subgraphs were not folded")
+        else:
+            model, folded = result, True
+    try:
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        notes.append("ONNX shape inference failed on the prepared model")
+    check_supported(model, path)
+    outputs = []
+    for out in model.graph.output:
+        tt = out.type.tensor_type
+        shape = tuple(d.dim_value for d in tt.shape.dim) if tt.HasField("shape") else None
+        outputs.append(OutputSpec(out.name, shape, _dtype_name(tt.elem_type) if tt.elem_type else "float32"))
+    return PreparedModel(
+        path=path,
+        sha256=file_sha256(path),
+        model=model,
+        original=original,
+        inputs=inputs,
+        outputs=outputs,
+        folded=folded,
+        notes=notes,
+    )
+
+
+def load_onnx(path: str | os.PathLike, input_shapes: Optional[ShapeMap] = None):
+    """ONNX file -> Relax IRModule with its weights embedded as constants."""
+    return prepare_onnx(path, input_shapes).to_relax()
+
+
+# ---- inspection ---------------------------------------------------------------------------------
+
+def _shape_of(name: str, shapes: Dict[str, tuple]) -> Optional[tuple]:
+    return shapes.get(name)
+
+
+def layer_table(prepared: PreparedModel) -> List[dict]:
+    """Per conv/dense layer: op, name, params, MACs (from shapes after inference)."""
+    model = prepared.model
+    inits = {i.name: numpy_helper.to_array(i).shape for i in model.graph.initializer}
+    shapes: Dict[str, tuple] = dict(inits)
+    for vi in list(model.graph.value_info) + list(model.graph.output) + list(model.graph.input):
+        tt = vi.type.tensor_type
+        if tt.HasField("shape"):
+            shapes[vi.name] = tuple(d.dim_value for d in tt.shape.dim)
+    rows = []
+    for node in model.graph.node:
+        params = int(sum(np.prod(inits[i]) for i in node.input if i in inits))
+        macs = 0
+        if node.op_type in ("Conv", "ConvTranspose") and len(node.input) > 1:
+            w = shapes.get(node.input[1])
+            out = shapes.get(node.output[0])
+            if w and out:
+                if node.op_type == "Conv":
+                    macs = int(np.prod(out)) * int(np.prod(w[1:]))
+                else:
+                    macs = int(np.prod(shapes.get(node.input[0], (0,)))) * int(np.prod(w[1:]))
+        elif node.op_type in ("Gemm", "MatMul"):
+            a, out = shapes.get(node.input[0]), shapes.get(node.output[0])
+            if a and out:
+                macs = int(np.prod(out)) * int(a[-1])
+        if params or macs:
+            rows.append(
+                {"name": node.name or node.output[0], "op": node.op_type, "params": params, "macs": macs}
+            )
+    return rows
+
+
+def op_histogram(model: onnx.ModelProto) -> Dict[str, int]:
+    return dict(Counter(n.op_type for n in _all_nodes(model.graph)).most_common())

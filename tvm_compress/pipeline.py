@@ -1,0 +1,96 @@
+"""The one pipeline factory: compression passes, then lowering and scheduling per target.
+
+``get_pipeline("tvm_compress", ...)`` (registered with Relax's pipeline registry) returns a
+single module pass; ``tvm_compress.build`` runs the same pieces one by one so it can measure the
+weights between compression and lowering and report tuning progress.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+import tvm
+from tvm import relax
+
+from tvm_compress.passes import PassEnv, get_pass, make_config
+from tvm_compress.targets import TargetProfile, get_family
+
+from . import tuning
+
+
+def compression_passes(
+    names: Sequence[str], configs: Optional[Mapping[str, Any]], env: PassEnv
+) -> List[tvm.transform.Pass]:
+    """Configured passes for the preset names, in order (``configs``: name -> config/mapping)."""
+    configs = dict(configs or {})
+    out = []
+    for name in names:
+        preset = get_pass(name)
+        out.append(preset.make(make_config(preset, configs.get(name)), env))
+    return out
+
+
+def lowering_passes() -> List[tvm.transform.Pass]:
+    """High-level Relax -> fused TIR kernels (the part tuning tasks are extracted from)."""
+    return [
+        relax.transform.DecomposeOpsForInference(),
+        relax.transform.CanonicalizeBindings(),
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
+
+
+def schedule(
+    mod: tvm.IRModule,
+    profile: TargetProfile,
+    trials: int,
+    work_dir: Optional[Path] = None,
+    log: Callable[[str], None] = lambda m: None,
+):
+    """Tune (when ``trials`` > 0) and apply records, else the family's default schedules.
+
+    Returns (scheduled module, TuningSummary or None).
+    """
+    family = get_family(profile.family)
+    target = profile.tvm_target()
+    summary = None
+    if trials > 0:
+        work_dir = work_dir or tuning.database_dir(mod, target)
+        runner = family.tuning_runner(profile)
+        if runner is None:
+            # Records from an earlier run (or another machine) still apply; no new trials.
+            log(f"tuning: no way to measure {profile.name} here; using cached records only")
+            trials = min(trials, tuning.cached_trials(work_dir))
+        if trials > 0:
+            summary = tuning.tune(mod, target, trials, work_dir, log=log, runner=runner)
+            mod = tuning.apply_database(mod, target, work_dir)
+    with target:
+        mod = tvm.transform.Sequential(family.default_schedule(profile))(mod)
+    return mod, summary
+
+
+@relax.pipeline.register_pipeline("tvm_compress")
+def tvm_compress_pipeline(
+    *,
+    target: TargetProfile,
+    passes: Sequence[str] = (),
+    configs: Optional[Mapping[str, Any]] = None,
+    env: Optional[PassEnv] = None,
+    trials: int = 0,
+    work_dir: Optional[str] = None,
+):
+    """Compression + lowering + scheduling for ``target``; feed the result to ``tvm.compile``."""
+    env = env or PassEnv(model_path=None, inputs=[], target=target)
+
+    @tvm.transform.module_pass(opt_level=0, name="TvmCompressPipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        mod = tvm.transform.Sequential(compression_passes(passes, configs, env))(mod)
+        mod = tvm.transform.Sequential(lowering_passes())(mod)
+        mod, _ = schedule(mod, target, trials, Path(work_dir) if work_dir else None)
+        return mod
+
+    return _pipeline
