@@ -16,7 +16,7 @@ ACT_DTYPES = ("auto", "int8", "uint8")
 
 
 class Observer:
-    def __init__(self, num_bins: int = 2048):
+    def __init__(self, num_bins: int = 16384):
         self.num_bins = num_bins
         self.min = np.inf
         self.max = -np.inf
@@ -73,42 +73,49 @@ def _percentile_edge(hist: np.ndarray, percentile: float, bin_w: float) -> float
     return (idx + 1) * bin_w
 
 
-def kl_threshold(hist: np.ndarray, levels: int, step: int = 0) -> float:
+def kl_threshold(hist: np.ndarray, levels: int) -> float:
     """Number of |x| histogram bins to keep that minimizes KL(P || Q) (TensorRT's calibration).
 
     P is the histogram clipped at i bins (outliers added to the last bin), Q the same bins
-    quantized into ``levels`` levels and expanded back over the non-empty bins.
+    quantized into ``levels`` levels and expanded back over the non-empty bins. Candidates are
+    searched coarse to fine, so fine histograms (many bins) stay cheap.
     """
     hist = hist.astype(np.float64)
     n = len(hist)
     if n <= levels:
         return float(n)
-    step = step or max(1, (n - levels) // 256)
-    best_i, best_kl = n, np.inf
-    nz_all = hist > 0
-    total = hist.sum()
-    for i in range(levels, n + 1, step):
+    cache = {}
+
+    def kl_at(i: int) -> float:
+        if i in cache:
+            return cache[i]
         p = hist[:i].copy()
         p[-1] += hist[i:].sum()
         src = hist[:i]
-        nz = nz_all[:i]
+        nz = src > 0
         idx = (np.arange(i) * levels) // i
         sums = np.bincount(idx, weights=src, minlength=levels)
         counts = np.bincount(idx, weights=nz.astype(np.float64), minlength=levels)
         q = np.where(nz, sums[idx] / np.maximum(counts[idx], 1.0), 0.0)
         p_sum, q_sum = p.sum(), q.sum()
         if q_sum == 0 or p_sum == 0:
-            continue
-        p = p / p_sum
-        q = q / q_sum
+            cache[i] = np.inf
+            return np.inf
+        p, q = p / p_sum, q / q_sum
         mask = p > 0
         # Q is 0 where only outliers landed (the last bin): smooth instead of infinite KL.
-        qm = np.maximum(q[mask], 1e-12)
-        kl = float(np.sum(p[mask] * np.log(p[mask] / qm)))
-        if kl < best_kl:
-            best_kl, best_i = kl, i
-    del total
-    return float(best_i)
+        cache[i] = float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))))
+        return cache[i]
+
+    lo, hi = levels, n
+    step = max(1, (hi - lo) // 128)
+    while True:
+        cands = list(range(lo, hi + 1, step)) + [hi]
+        best = min(cands, key=kl_at)
+        if step == 1:
+            return float(best)
+        lo, hi = max(levels, best - step), min(n, best + step)
+        step = max(1, step // 8)
 
 
 def qparams(lo: float, hi: float, mode: str) -> Tuple[float, int, str]:

@@ -56,7 +56,7 @@ class CalibrateConfig:
     calib: Optional[str] = None
     method: str = "percentile"
     percentile: float = 99.99
-    num_bins: int = 2048
+    num_bins: int = 16384
     max_samples: int = 256
     activation_dtype: str = "auto"
     image_size: Optional[Tuple[int, int]] = None

@@ -120,10 +120,10 @@ class _Realizer(PyExprMutator):
             new_call = self.visit_expr(value)
             new = None
             if isinstance(new_call, relax.Call):
-                if is_passthrough(new_call):
-                    new = self._push_dequantize(new_call)
-                elif self.perm_pat.match(new_call, self._var2val(new_call)):
+                if self.perm_pat.match(new_call, self._var2val(new_call)):
                     new = self._fold_weight_transpose(new_call)
+                elif is_passthrough(new_call):
+                    new = self._push_dequantize(new_call)
                 elif self.q_pat.match(new_call):
                     new = self._cancel_pair(new_call)
                 elif self.conv_pat.match(new_call, self._var2val(new_call)):

@@ -1,0 +1,171 @@
+"""Calibrate: range methods on known distributions, data loading, fallback, one-line errors."""
+
+import warnings
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+from tvm.script import ir as I
+from tvm.script import relax as R
+
+from tvm_compress.errors import DataError, PassOptionError
+from tvm_compress.passes import (Calibrate, CalibrateConfig, QuantizeAnnotate, QuantizeAnnotateConfig,
+                                 QuantizeRealize)
+from tvm_compress.passes import _quant_common as qc
+from tvm_compress.passes._quant_stats import Observer, kl_threshold, qparams
+
+RNG = np.random.default_rng(2)
+
+
+def _observer(x, bins=16384):
+    obs = Observer(bins)
+    obs.update_range(x)
+    obs.update_hist(x)
+    return obs
+
+
+def test_percentile_clips_an_outlier_minmax_does_not():
+    x = np.abs(RNG.standard_normal(200_000)).astype("float32")
+    x[123] = 1000.0
+    obs = _observer(x)
+    assert obs.clip_range("minmax", 99.99, 256) == (0.0, 1000.0)
+    lo, hi = obs.clip_range("percentile", 99.99, 256)
+    assert lo == 0.0 and 3.0 < hi < 6.0  # the 99.99th percentile of |N(0,1)| is about 3.9
+    _, ent = obs.clip_range("entropy", 99.99, 256)
+    assert ent < 50.0  # KL also ignores a single outlier
+
+
+def test_signed_percentile_and_qparams():
+    x = RNG.standard_normal(100_000).astype("float32")
+    x[0], x[1] = -500.0, 400.0
+    lo, hi = _observer(x).clip_range("percentile", 99.9, 128)
+    assert -4.5 < lo < -2.5 and 2.5 < hi < 4.5
+    assert qparams(-1.0, 2.0, "int8") == (pytest.approx(2.0 / 127), 0, "int8")
+    assert qparams(0.0, 2.55, "auto") == (pytest.approx(0.01), 0, "uint8")
+    s, z, d = qparams(-1.0, 1.55, "uint8")
+    assert d == "uint8" and s == pytest.approx(0.01) and z == 100
+
+
+def test_entropy_threshold_on_uniform_keeps_the_range():
+    hist = np.full(2048, 100.0)
+    assert kl_threshold(hist, 128) >= 2000  # nothing to clip in a uniform distribution
+
+
+@I.ir_module
+class TwoConv:
+    @R.function
+    def main(x: R.Tensor((2, 3, 8, 8), "float32"), w1: R.Tensor((8, 3, 3, 3), "float32"),
+             w2: R.Tensor((4, 8, 3, 3), "float32")) -> R.Tensor((2, 4, 8, 8), "float32"):
+        with R.dataflow():
+            lv = R.nn.conv2d(x, w1, padding=[1, 1, 1, 1])
+            lv1 = R.nn.relu(lv)
+            gv = R.nn.conv2d(lv1, w2, padding=[1, 1, 1, 1])
+            R.output(gv)
+        return gv
+
+
+def two_conv(sensitive=False):
+    w1 = RNG.standard_normal((8, 3, 3, 3)).astype("float32") * 0.3
+    w2 = RNG.standard_normal((4, 8, 3, 3)).astype("float32") * 0.3
+    if sensitive:
+        # channel 0 of the hidden activation is 1000x larger and scaled back by conv2: one
+        # per-tensor scale for that activation wipes out the other 7 channels.
+        w1[0] *= 1000.0
+        w2[:, 0] /= 1000.0
+    return relax.transform.BindParams("main", {"w1": w1, "w2": w2})(TwoConv)
+
+
+def _calibrate(mod, data, **cfg):
+    annotated = QuantizeAnnotate(QuantizeAnnotateConfig())(mod)
+    return Calibrate(CalibrateConfig(**cfg), dataset=data)(annotated)
+
+
+def test_pass_minmax_vs_percentile_scale():
+    data = RNG.uniform(0, 1, (16, 3, 8, 8)).astype("float32")
+    data[3, 1, 2, 2] = 500.0
+    mm = qc.read_report(_calibrate(two_conv(), data, method="minmax"))
+    pc = qc.read_report(_calibrate(two_conv(), data, method="percentile", percentile=99.9))
+    s_mm = mm["layers"][0]["input_quant"]["scale"]
+    s_pc = pc["layers"][0]["input_quant"]["scale"]
+    assert s_mm == pytest.approx(500.0 / 255)  # non-negative input: uint8 with zero point 0
+    assert s_pc < 1.1 / 255
+    text = _calibrate(two_conv(), data, method="entropy")["main"].script(show_meta=False)
+    assert text.count("R.quantize(") == 2 and text.count("R.dequantize(") == 4
+
+
+def test_fallback_keeps_the_sensitive_layer_in_float():
+    mod = two_conv(sensitive=True)
+    data = RNG.uniform(0, 1, (32, 3, 8, 8)).astype("float32")
+    out = _calibrate(mod, data, method="minmax", max_error=0.05, eval_samples=16)
+    report = qc.read_report(out)
+    status = {l["name"]: l["status"] for l in report["layers"]}
+    assert status == {"conv2d_0": "int8", "conv2d_1": "float"}
+    assert report["fallback"]["float_layer_names"] == ["conv2d_1"]
+    assert report["fallback"]["met"] and report["fallback"]["error_final"] <= 0.05
+    reason = report["layers"][1]["reason"]
+    assert "--max-error 0.05" in reason and "sensitive" in reason
+    sens = {l["name"]: l["sensitivity"] for l in report["layers"]}
+    assert sens["conv2d_1"] > 10 * sens["conv2d_0"]
+    realized = qc.read_report(QuantizeRealize()(out))
+    assert [l["status"] for l in realized["layers"]] == ["int8", "float"]
+
+
+def test_random_calibration_warns():
+    annotated = QuantizeAnnotate(QuantizeAnnotateConfig())(two_conv())
+    logs = []
+    with pytest.warns(UserWarning, match="accuracy is unknown"):
+        Calibrate(CalibrateConfig(calib="random"), log=logs.append)(annotated)
+    assert any("random" in m for m in logs)
+
+
+def test_npz_file_with_uint8_images(tmp_path):
+    path = tmp_path / "c.npz"
+    np.savez(path, calib=RNG.integers(0, 256, (6, 8, 8, 3)).astype("uint8"), calib_labels=np.arange(6))
+    out = _calibrate(two_conv(), None, calib=str(path), mean=(0.5,), std=(0.25,))
+    rep = qc.read_report(out)
+    assert rep["calibration"]["samples"] == 6
+    stats = rep["points"][0]["stats"]
+    assert -2.01 <= stats["min"] < -1.5 and 1.5 < stats["max"] <= 2.01  # (x/255 - 0.5) / 0.25
+
+
+@pytest.mark.parametrize(
+    "cfg, words",
+    [
+        (dict(method="mse"), "unknown calibration method 'mse'"),
+        (dict(percentile=20), "percentile must be in (50, 100]"),
+        (dict(activation_dtype="int4"), "unknown activation dtype 'int4'"),
+        (dict(max_error=0.1, max_accuracy_drop=1.0), "either max_error or max_accuracy_drop"),
+    ],
+)
+def test_bad_options_one_line(cfg, words):
+    with pytest.raises(PassOptionError) as err:
+        CalibrateConfig(**cfg)
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "data, calib, words",
+    [
+        (np.zeros((0, 3, 8, 8), "float32"), None, "is empty"),
+        (np.zeros((4, 3, 9, 9), "float32"), None, "has sample shape (3, 9, 9), the model expects (3, 8, 8)"),
+        (None, None, "quantize needs calibration data"),
+        (None, "/nonexistent/calib.npz", "does not exist"),
+    ],
+)
+def test_bad_data_one_line(tmp_path, data, calib, words):
+    annotated = QuantizeAnnotate(QuantizeAnnotateConfig())(two_conv())
+    with pytest.raises(DataError) as err:
+        Calibrate(CalibrateConfig(calib=calib), dataset=data)(annotated)
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_empty_npz_and_accuracy_budget_without_labels(tmp_path):
+    annotated = QuantizeAnnotate(QuantizeAnnotateConfig())(two_conv())
+    path = tmp_path / "empty.npz"
+    np.savez(path, calib=np.zeros((0, 3, 8, 8), "float32"))
+    with pytest.raises(DataError, match="is empty"):
+        Calibrate(CalibrateConfig(calib=str(path)))(annotated)
+    with pytest.raises(DataError, match="needs labelled calibration data"):
+        Calibrate(CalibrateConfig(max_accuracy_drop=1.0),
+                  dataset=np.ones((4, 3, 8, 8), "float32"))(annotated)
