@@ -1,0 +1,107 @@
+"""The quantize preset end to end on the bundled demo model, and its CLI flags."""
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from tvm_compress.errors import PassOptionError
+from tvm_compress.passes import InputSpec, PassEnv, get_pass, make_config
+from tvm_compress.passes import _quant_common as qc
+from tvm_compress.passes.registry import config_from_args
+
+DATA = Path(__file__).resolve().parents[1] / "tvm_compress" / "data"
+MODEL = DATA / "fashion_cnn.onnx"
+NPZ = DATA / "fashion_test.npz"
+BATCH = 50
+
+# Stated tolerance: int8 top-1 on the 500 bundled test images within 1 point of float.
+MAX_TOP1_DROP = 1.0
+
+needs_demo = pytest.mark.skipif(not MODEL.exists(), reason="demo model not built")
+
+
+def _load(batch=BATCH):
+    from tvm_compress.loader import load_onnx
+
+    return load_onnx(MODEL, {"input": (batch, 1, 28, 28)})
+
+
+def _run_all(mod, images):
+    ex = tvm.compile(mod, tvm.target.Target({"kind": "llvm"}))
+    fn = relax.VirtualMachine(ex, tvm.cpu())["main"]
+    outs = [fn(tvm.runtime.tensor(images[i:i + BATCH])).numpy() for i in range(0, len(images), BATCH)]
+    return np.concatenate(outs)
+
+
+def _env():
+    logs = []
+    env = PassEnv(model_path=MODEL, inputs=[InputSpec("input", (BATCH, 1, 28, 28), "float32")],
+                  log=logs.append)
+    return env, logs
+
+
+@needs_demo
+def test_demo_int8_accuracy_and_weight_bytes():
+    preset = get_pass("quantize")
+    env, logs = _env()
+    config = make_config(preset, {"calib": str(NPZ), "calib_method": "percentile"})
+    mod = _load()
+    qmod = preset.make(config, env)(mod)
+    report = env.report["quantize"]
+    assert qc.REPORT_ATTR not in (qmod.attrs or {})
+    assert all(l["status"] == "int8" and l["realized"] for l in report["layers"])
+    # ONNX node names reach the report
+    assert not report["layers"][0]["name"].startswith("conv2d_")
+    assert report["weight_bytes"]["ratio"] <= 0.30
+    text = qmod["main"].script(show_meta=False)
+    assert text.count('out_dtype="int32"') == len(report["layers"])
+    assert "R.dequantize" not in text  # integers from the first conv to the last matmul
+
+    data = np.load(NPZ)
+    images = (data["images"].astype("float32") / 255.0)[:, None]
+    labels = data["labels"]
+    f_top1 = 100 * np.mean(_run_all(mod, images).argmax(1) == labels)
+    q_top1 = 100 * np.mean(_run_all(qmod, images).argmax(1) == labels)
+    assert f_top1 - q_top1 <= MAX_TOP1_DROP, (f_top1, q_top1)
+    assert any("weight bytes" in m for m in logs)
+
+
+@needs_demo
+def test_demo_accuracy_budget_runs_fallback():
+    preset = get_pass("quantize")
+    env, logs = _env()
+    config = make_config(preset, {"calib": f"{NPZ}:calib", "max_accuracy_drop": 0.5, "eval_samples": 100})
+    preset.make(config, env)(_load())
+    fb = env.report["quantize"]["fallback"]
+    assert fb["met"] and fb["float_accuracy"] - fb["accuracy_final"] <= 0.5
+    assert all("sensitivity" in l for l in env.report["quantize"]["layers"])
+
+
+def test_cli_flags_map_to_config():
+    preset = get_pass("quantize")
+    parser = argparse.ArgumentParser()
+    preset.add_arguments(parser.add_argument_group("quantize"))
+    args = parser.parse_args([
+        "--calib", "x.npz", "--calib-method", "entropy", "--quant-skip", "conv1,3",
+        "--quant-skip-first", "--max-error", "0.02", "--calib-mean", "0.5,0.4,0.3", "--calib-size", "32x48",
+    ])
+    cfg = config_from_args(preset, args)
+    assert cfg.calib == "x.npz" and cfg.calib_method == "entropy"
+    assert cfg.quant_skip == ("conv1", "3") and cfg.quant_skip_first is True
+    assert cfg.max_error == 0.02 and cfg.calib_mean == (0.5, 0.4, 0.3) and cfg.calib_size == (32, 48)
+    assert cfg.quant_skip_last is False  # absent flags keep the defaults
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--calib-method", "mse"])
+
+
+def test_preset_bad_option_one_line():
+    preset = get_pass("quantize")
+    with pytest.raises(PassOptionError) as err:
+        make_config(preset, {"calib_method": "mse"})
+    assert "unknown calibration method 'mse'" in str(err.value)
+    with pytest.raises(PassOptionError, match="has no option 'bits'"):
+        make_config(preset, {"bits": 4})
