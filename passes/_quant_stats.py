@@ -13,6 +13,7 @@ import numpy as np
 
 METHODS = ("minmax", "percentile", "entropy")
 ACT_DTYPES = ("auto", "int8", "uint8")
+ENTROPY_BINS = 2048
 
 
 class Observer:
@@ -62,7 +63,15 @@ class Observer:
             hi_p = -self.amax + sbin * float(np.searchsorted(cdf, 1.0 - tail / 100.0) + 1)
             return max(lo, min(lo_p, 0.0)), min(hi, max(hi_p, 0.0))
         if method == "entropy":
-            t = kl_threshold(self.hist, levels) * bin_w
+            # KL over a 2048-bin histogram (as TensorRT): finer bins leave the few calibration
+            # samples too sparse and the search then clips too much.
+            group = max(1, self.num_bins // ENTROPY_BINS)
+            fine = self.hist.copy()
+            # The exact zeros of a ReLU output are a spike that quantizes exactly; left in, it
+            # dominates P and the search clips far too much of the tail.
+            fine[0] = 0
+            coarse = fine[: (self.num_bins // group) * group].reshape(-1, group).sum(axis=1)
+            t = kl_threshold(coarse, levels) * bin_w * group
             return max(lo, -t), min(hi, t)
         raise ValueError(method)
 

@@ -33,7 +33,7 @@ def test_percentile_clips_an_outlier_minmax_does_not():
     lo, hi = obs.clip_range("percentile", 99.99, 256)
     assert lo == 0.0 and 3.0 < hi < 6.0  # the 99.99th percentile of |N(0,1)| is about 3.9
     _, ent = obs.clip_range("entropy", 99.99, 256)
-    assert ent < 50.0  # KL also ignores a single outlier
+    assert ent < 200.0  # KL also ignores a single outlier (at most 128 of 2048 bins)
 
 
 def test_signed_percentile_and_qparams():
