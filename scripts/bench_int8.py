@@ -1,0 +1,388 @@
+#!/usr/bin/env python3
+"""int8 vs float vs onnxruntime static int8: weight bytes, accuracy, latency.
+
+    python scripts/bench_int8.py [--models demo,cls,det] [--trials 512] [--target x86-avx2]
+
+For each model: a float TVM build and an int8 TVM build (``--passes quantize``), both tuned with
+the same MetaSchedule trial budget through ``tvm_compress.build.compile``; onnxruntime float and
+onnxruntime's own static int8 (QDQ, per-channel int8 weights, calibrated on the same data).
+Latency: median of ``--runs`` runs, batch 1, 2 threads for onnxruntime, this machine.
+
+Models and data:
+- demo: the bundled Fashion-MNIST CNN; top-1 on the 500 bundled test images; calibration on the
+  200 bundled training images.
+- cls / det: PP-OCR angle classifier and PP-OCRv4 text detector shipped by
+  ``rapidocr-onnxruntime==1.4.4`` (``pip install --no-deps rapidocr-onnxruntime==1.4.4``).
+  No photos ship with the packages here, so their inputs are text lines / pages rendered with
+  the DejaVu fonts (Debian ``fonts-dejavu-core``) by Pillow, half of the lines turned by 180
+  degrees; calibration and evaluation sets are disjoint.
+
+Writes ``OUT/bench_int8.json`` and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
+CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 .,:-/%()"
+
+
+def _rapidocr_models() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("rapidocr_onnxruntime")
+    if spec is None:
+        sys.exit("install the PP-OCR models: pip install --no-deps rapidocr-onnxruntime==1.4.4")
+    return Path(spec.origin).parent / "models"
+
+
+# ---- rendered text data ---------------------------------------------------------------------
+
+def _fonts():
+    from PIL import ImageFont  # noqa: F401
+
+    fonts = sorted(FONT_DIR.glob("DejaVu*.ttf"))
+    if not fonts:
+        sys.exit(f"no DejaVu fonts under {FONT_DIR} (apt-get install fonts-dejavu-core)")
+    return fonts
+
+
+def render_line(rng, fonts):
+    """A cropped text line (H, W, 3) uint8 on a noisy light/dark background."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    text = "".join(rng.choice(list(CHARS), rng.integers(4, 24))).strip() or "TEXT"
+    font = ImageFont.truetype(str(fonts[rng.integers(len(fonts))]), int(rng.integers(18, 40)))
+    dark_on_light = rng.random() < 0.8
+    bg = tuple(int(v) for v in (rng.integers(170, 256, 3) if dark_on_light else rng.integers(0, 90, 3)))
+    fg = tuple(int(v) for v in (rng.integers(0, 80, 3) if dark_on_light else rng.integers(180, 256, 3)))
+    left, top, right, bottom = font.getbbox(text)
+    pad = int(rng.integers(2, 8))
+    img = Image.new("RGB", (right - left + 2 * pad, bottom - top + 2 * pad), bg)
+    ImageDraw.Draw(img).text((pad - left, pad - top), text, font=font, fill=fg)
+    arr = np.asarray(img).astype("float32")
+    arr += rng.normal(0, rng.uniform(0, 12), arr.shape)
+    return np.clip(arr, 0, 255).astype(np.uint8)
+
+
+def cls_input(img: np.ndarray) -> np.ndarray:
+    """PP-OCR angle classifier preprocessing: height 48, width <= 192, (x/255 - 0.5) / 0.5."""
+    from PIL import Image
+
+    h, w = img.shape[:2]
+    new_w = min(192, int(math.ceil(48 * w / h)))
+    resized = np.asarray(Image.fromarray(img).resize((new_w, 48), Image.BILINEAR)).astype("float32")
+    x = (resized / 255.0 - 0.5) / 0.5
+    out = np.zeros((3, 48, 192), "float32")
+    out[:, :, :new_w] = x.transpose(2, 0, 1)
+    return out
+
+
+def cls_data(n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    fonts = _fonts()
+    xs, ys = [], []
+    for i in range(n):
+        img = render_line(rng, fonts)
+        flip = i % 2 == 1
+        if flip:
+            img = img[::-1, ::-1]
+        xs.append(cls_input(np.ascontiguousarray(img)))
+        ys.append(int(flip))
+    return np.stack(xs), np.array(ys)
+
+
+def det_data(n: int, seed: int, size: int = 320):
+    """Pages of rendered text lines, PP-OCR det preprocessing (ImageNet mean/std on x/255)."""
+    rng = np.random.default_rng(seed)
+    fonts = _fonts()
+    mean = np.array([0.485, 0.456, 0.406], "float32").reshape(3, 1, 1)
+    std = np.array([0.229, 0.224, 0.225], "float32").reshape(3, 1, 1)
+    out = []
+    for _ in range(n):
+        base = rng.integers(120, 256, 3).astype("float32")
+        grad = np.linspace(0, rng.uniform(-60, 60), size, dtype="float32")[:, None, None]
+        page = np.clip(base[None, None, :] + grad + rng.normal(0, 6, (size, size, 3)), 0, 255)
+        for _ in range(int(rng.integers(3, 9))):
+            line = render_line(rng, fonts).astype("float32")
+            lh, lw = line.shape[:2]
+            if lw > size or lh > size:
+                line = line[: min(lh, size), : min(lw, size)]
+                lh, lw = line.shape[:2]
+            y, x = int(rng.integers(0, size - lh + 1)), int(rng.integers(0, size - lw + 1))
+            page[y : y + lh, x : x + lw] = line
+        x = (page.transpose(2, 0, 1) / 255.0 - mean) / std
+        out.append(x.astype("float32"))
+    return np.stack(out)
+
+
+def demo_data():
+    data = np.load(REPO / "tvm_compress" / "data" / "fashion_test.npz")
+    calib = (data["calib"].astype("float32") / 255.0)[:, None]
+    test = (data["images"].astype("float32") / 255.0)[:, None]
+    return calib, data["calib_labels"], test, data["labels"]
+
+
+# ---- onnxruntime static int8 ----------------------------------------------------------------
+
+def ort_int8(prepared_path: Path, out_path: Path, input_name: str, calib: np.ndarray) -> Path:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(calib)
+
+        def get_next(self):
+            x = next(self.it, None)
+            return None if x is None else {input_name: x[None]}
+
+    quantize_static(str(prepared_path), str(out_path), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    return out_path
+
+
+def ort_session(path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def ort_outputs(path, name, xs):
+    sess = ort_session(path)
+    return np.concatenate([sess.run(None, {name: x[None]})[0] for x in xs])
+
+
+def ort_latency(path, name, x, runs):
+    sess = ort_session(path)
+    feed = {name: x[None]}
+    for _ in range(5):
+        sess.run(None, feed)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
+
+
+def tvm_outputs(lib: Path, xs):
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib)), tvm.cpu())
+    fn = vm["main"]
+    outs = []
+    for x in xs:
+        res = fn(tvm.runtime.tensor(np.ascontiguousarray(x[None])))
+        res = res if hasattr(res, "numpy") else res[0]
+        outs.append(res.numpy())
+    return np.concatenate(outs)
+
+
+def _symbolic_dims(model: Path, out: Path) -> Path:
+    """Paddle exports write -1 for dynamic dims; make them symbolic so shapes can be fixed."""
+    import onnx
+
+    m = onnx.load(str(model))
+    changed = False
+    for inp in m.graph.input:
+        for i, d in enumerate(inp.type.tensor_type.shape.dim):
+            if d.HasField("dim_value") and d.dim_value <= 0:
+                d.ClearField("dim_value")
+                d.dim_param = f"{inp.name}_d{i}"
+                changed = True
+    if not changed:
+        return model
+    path = out / model.name
+    onnx.save(m, str(path))
+    return path
+
+
+# ---- one model ------------------------------------------------------------------------------
+
+def bench_model(key, model, input_name, shape, calib, evalset, labels, args, profile, log):
+    from tvm_compress.build import compile as tc_compile
+    from tvm_compress.loader import prepare_onnx
+    import onnx
+
+    out = Path(args.out) / key
+    out.mkdir(parents=True, exist_ok=True)
+    model = _symbolic_dims(Path(model), out)
+    calib_file = out / "calib.npz"
+    extra = {"calib_labels": labels[1]} if labels is not None and labels[1] is not None else {}
+    np.savez(calib_file, calib=calib, **extra)
+    shapes = {input_name: shape}
+    res = {"model": str(model), "input_shape": list(shape), "trials": args.trials, "target": profile.name}
+
+    prepared = prepare_onnx(model, shapes)
+    prepared_path = out / "float_prepared.onnx"
+    fixed = prepared.model
+    opset = max((o.version for o in fixed.opset_import if o.domain in ("", "ai.onnx")), default=13)
+    if opset < 13:
+        # per-channel QDQ (DequantizeLinear axis) needs opset 13
+        from onnx import version_converter
+
+        fixed = version_converter.convert_version(fixed, 13)
+    onnx.save(fixed, str(prepared_path))
+    x0 = evalset[:1][0]
+    np.save(out / "verify.npy", x0[None])
+
+    builds = {}
+    for variant, passes, cfg in (
+        ("float", None, None),
+        ("int8", "quantize", {"quantize": {"calib": str(calib_file), **args.quant_options}}),
+    ):
+        t0 = time.monotonic()
+        rep = tc_compile(model, out / f"{variant}.so", target=profile, passes=passes, pass_configs=cfg,
+                         input_shapes=shapes, verify_input=str(out / "verify.npy"),
+                         tune_trials=args.trials, bench_runs=args.runs, log=log)
+        builds[variant] = rep
+        res[variant] = {
+            "latency_ms": rep["latency_ms"]["median"] if rep.get("latency_ms") else None,
+            "weight_bytes": rep["weight_bytes_after"],
+            "artifact_bytes": rep["artifact_bytes"],
+            "tuning": rep["tuning"],
+            "build_seconds": round(time.monotonic() - t0, 1),
+        }
+        if variant == "float":
+            res["onnxruntime_float_latency_ms"] = rep["onnxruntime_latency_ms"]["median"]
+        else:
+            q = rep["pass_reports"].get("quantize", {})
+            res["int8"]["layers"] = [
+                {k: l.get(k) for k in ("name", "op", "status", "reason", "weight_shape")}
+                for l in q.get("layers", [])
+            ]
+            res["int8"]["weight_bytes_ratio"] = rep["weight_bytes_after"] / rep["weight_bytes_before"]
+            (out / "quantize_report.json").write_text(json.dumps(q, indent=1))
+
+    ort_q = ort_int8(prepared_path, out / "ort_int8.onnx", input_name, calib)
+    res["onnxruntime_int8_latency_ms"] = ort_latency(ort_q, input_name, x0, args.runs)
+    res["onnxruntime_float_latency_ms_here"] = ort_latency(prepared_path, input_name, x0, args.runs)
+
+    # accuracy / agreement
+    f_out = tvm_outputs(out / "float.so", evalset)
+    q_out = tvm_outputs(out / "int8.so", evalset)
+    o_out = ort_outputs(ort_q, input_name, evalset)
+    acc = {"samples": int(len(evalset))}
+    if key == "det":
+        def iou(a, b):
+            a, b = a > 0.3, b > 0.3
+            return float((a & b).sum() / max((a | b).sum(), 1))
+
+        acc["int8_rel_l2_vs_float"] = float(np.linalg.norm(q_out - f_out) / np.linalg.norm(f_out))
+        acc["int8_text_mask_iou_vs_float"] = iou(q_out, f_out)
+        acc["ort_int8_rel_l2_vs_float"] = float(np.linalg.norm(o_out - f_out) / np.linalg.norm(f_out))
+        acc["ort_int8_text_mask_iou_vs_float"] = iou(o_out, f_out)
+    else:
+        fa, qa, oa = (o.reshape(len(evalset), -1).argmax(1) for o in (f_out, q_out, o_out))
+        acc["int8_same_class_as_float_pct"] = 100 * float(np.mean(fa == qa))
+        acc["ort_int8_same_class_as_float_pct"] = 100 * float(np.mean(fa == oa))
+        if labels is not None:
+            y = labels[0]
+            acc["float_top1_pct"] = 100 * float(np.mean(fa == y))
+            acc["int8_top1_pct"] = 100 * float(np.mean(qa == y))
+            acc["ort_int8_top1_pct"] = 100 * float(np.mean(oa == y))
+    res["accuracy"] = acc
+    f_lat, q_lat = res["float"]["latency_ms"], res["int8"]["latency_ms"]
+    if f_lat and q_lat:
+        res["int8_speedup_vs_tvm_float"] = f_lat / q_lat
+        res["int8_speedup_vs_ort_int8"] = res["onnxruntime_int8_latency_ms"] / q_lat
+    (out / "result.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="demo,cls,det")
+    ap.add_argument("--trials", type=int, default=512, help="MetaSchedule trials per build (same for both)")
+    ap.add_argument("--target", default="x86-avx2", help="target preset (default: AVX2+FMA, no VNNI)")
+    ap.add_argument("--runs", type=int, default=100)
+    ap.add_argument("--out", default=str(REPO / "out" / "bench_int8"))
+    ap.add_argument("--calib-method", default="percentile")
+    ap.add_argument("--act-dtype", default="auto")
+    ap.add_argument("--eval", type=int, default=400, help="evaluation samples for cls/det")
+    args = ap.parse_args(argv)
+    args.quant_options = {"calib_method": args.calib_method, "activation_dtype": args.act_dtype}
+
+    from tvm_compress.targets import get_target
+
+    profile = get_target(args.target)
+
+    def log(msg):
+        print(msg, flush=True)
+
+    results = {}
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    for key in models:
+        t0 = time.monotonic()
+        if key == "demo":
+            calib, calib_y, test, test_y = demo_data()
+            r = bench_model("demo", REPO / "tvm_compress" / "data" / "fashion_cnn.onnx", "input",
+                            (1, 1, 28, 28), calib, test, (test_y, calib_y), args, profile, log)
+        elif key == "cls":
+            calib, _ = cls_data(128, seed=1)
+            test, test_y = cls_data(args.eval, seed=2)
+            r = bench_model("cls", _rapidocr_models() / "ch_ppocr_mobile_v2.0_cls_infer.onnx", "x",
+                            (1, 3, 48, 192), calib, test, (test_y, None), args, profile, log)
+        elif key == "det":
+            calib = det_data(32, seed=3)
+            test = det_data(min(args.eval, 32), seed=4)
+            r = bench_model("det", _rapidocr_models() / "ch_PP-OCRv4_det_infer.onnx", "x",
+                            (1, 3, 320, 320), calib, test, None, args, profile, log)
+        else:
+            sys.exit(f"unknown model {key!r}: demo, cls, det")
+        r["seconds"] = round(time.monotonic() - t0, 1)
+        results[key] = r
+        log(json.dumps({k: v for k, v in r.items() if k not in ("int8",)}, indent=1))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "bench_int8.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    old.update(results)
+    path.write_text(json.dumps(old, indent=1))
+    print(table(old))
+
+
+def table(results) -> str:
+    rows = ["| model | weight bytes int8/float | accuracy | TVM float ms | TVM int8 ms | ORT float ms | "
+            "ORT int8 ms | int8 vs TVM float | int8 vs ORT int8 | trials each |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for key, r in results.items():
+        acc = r["accuracy"]
+        if key == "cls":
+            a = (f"same class as float {acc['int8_same_class_as_float_pct']:.2f}% "
+                 f"(ORT int8 {acc['ort_int8_same_class_as_float_pct']:.2f}%); rotation top-1 "
+                 f"{acc['float_top1_pct']:.1f} -> {acc['int8_top1_pct']:.1f}")
+        elif "int8_top1_pct" in acc:
+            a = f"top-1 {acc['float_top1_pct']:.1f} -> {acc['int8_top1_pct']:.1f} (ORT int8 {acc['ort_int8_top1_pct']:.1f})"
+        elif "int8_same_class_as_float_pct" in acc:
+            a = (f"same class as float {acc['int8_same_class_as_float_pct']:.2f}% "
+                 f"(ORT int8 {acc['ort_int8_same_class_as_float_pct']:.2f}%)")
+        else:
+            a = (f"mask IoU vs float {acc['int8_text_mask_iou_vs_float']:.3f} "
+                 f"(ORT int8 {acc['ort_int8_text_mask_iou_vs_float']:.3f})")
+        f, q = r["float"]["latency_ms"], r["int8"]["latency_ms"]
+        rows.append(
+            f"| {key} | {r['int8']['weight_bytes_ratio']:.3f} | {a} | {f:.3f} | {q:.3f} | "
+            f"{r['onnxruntime_float_latency_ms']:.3f} | {r['onnxruntime_int8_latency_ms']:.3f} | "
+            f"{f / q:.2f}x | {r['onnxruntime_int8_latency_ms'] / q:.2f}x | {r['trials']} |"
+        )
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()
