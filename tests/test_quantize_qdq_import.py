@@ -1,0 +1,85 @@
+"""ONNX QDQ models from onnxruntime's quantizer compile to the same integer path."""
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from tvm_compress.passes import InputSpec, PassEnv, get_pass, make_config
+
+torch = pytest.importorskip("torch")
+
+
+class Net(torch.nn.Module):
+    """conv+BN+relu, depthwise, residual add, max-pool, linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.dw = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.c2 = torch.nn.Conv2d(8, 8, 1)
+        self.fc = torch.nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.c1(x)))
+        x = torch.nn.functional.max_pool2d(x, 2)
+        y = torch.relu(self.dw(x))
+        x = torch.relu(x + self.c2(y))
+        x = torch.nn.functional.max_pool2d(x, 2)
+        return self.fc(x.flatten(1))
+
+
+@pytest.fixture(scope="module")
+def qdq_model(tmp_path_factory):
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    tmp = tmp_path_factory.mktemp("qdq")
+    torch.manual_seed(0)
+    float_path, qdq_path = tmp / "small.onnx", tmp / "small_qdq.onnx"
+    torch.onnx.export(Net().eval(), torch.randn(1, 3, 16, 16), str(float_path), input_names=["x"],
+                      output_names=["y"], dynamo=False, opset_version=17)
+    calib = np.random.default_rng(0).uniform(0, 1, (32, 3, 16, 16)).astype("float32")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(calib)
+
+        def get_next(self):
+            x = next(self.it, None)
+            return None if x is None else {"x": x[None]}
+
+    quantize_static(str(float_path), str(qdq_path), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    return float_path, qdq_path
+
+
+def test_qdq_model_realizes_to_integer_compute(qdq_model):
+    import onnxruntime as ort
+    from tvm_compress.loader import load_onnx
+
+    _, qdq_path = qdq_model
+    mod = load_onnx(qdq_path, {"x": (1, 3, 16, 16)})
+    preset = get_pass("quantize")
+    logs = []
+    env = PassEnv(model_path=qdq_path, inputs=[InputSpec("x", (1, 3, 16, 16), "float32")], log=logs.append)
+    qmod = preset.make(make_config(preset, {}), env)(mod)  # no --calib needed: scales come with the model
+    report = env.report["quantize"]
+    assert report["source"] == "imported QDQ model"
+    assert [l["status"] for l in report["layers"]] == ["int8"] * 4
+    assert [l["op"] for l in report["layers"]] == ["conv2d", "conv2d", "conv2d", "matmul"]
+    text = qmod["main"].script(show_meta=False)
+    assert text.count('out_dtype="int32"') == 4
+    assert any("already has QuantizeLinear" in m for m in logs)
+
+    ex = tvm.compile(qmod, tvm.target.Target({"kind": "llvm"}))
+    fn = relax.VirtualMachine(ex, tvm.cpu())["main"]
+    sess = ort.InferenceSession(str(qdq_path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(1)
+    for _ in range(4):
+        x = rng.uniform(0, 1, (1, 3, 16, 16)).astype("float32")
+        ours = fn(tvm.runtime.tensor(x)).numpy()
+        ref = sess.run(None, {"x": x})[0]
+        # both compute the same quantized model; one output step of rounding apart at most
+        step = 0.002
+        assert np.abs(ours - ref).max() <= 3 * step + 0.02 * np.abs(ref).max(), np.abs(ours - ref).max()
