@@ -44,11 +44,17 @@ class QuantizeConfig:
     max_error: Optional[float] = None
     max_accuracy_drop: Optional[float] = None
     eval_samples: int = 256
+    speed_table: Optional[str] = None
+    slow_layers: str = "report"
 
     def __post_init__(self):
         # Build the sub-configs once so that bad options fail before any work.
         self.annotate_config()
         self.calibrate_config()
+        self.realize_config()
+
+    def realize_config(self) -> QuantizeRealizeConfig:
+        return QuantizeRealizeConfig(speed_table=self.speed_table, slow_layers=self.slow_layers)
 
     def annotate_config(self, layer_names: Tuple[str, ...] = ()) -> QuantizeAnnotateConfig:
         return QuantizeAnnotateConfig(
@@ -108,7 +114,7 @@ class _QuantizeFlow:
         if _has_qdq(mod["main"]):
             env.log("quantize: the model already has QuantizeLinear/DequantizeLinear: realizing its "
                     "own quantization (no calibration)")
-            mod = QuantizeRealize(QuantizeRealizeConfig())(mod)
+            mod = QuantizeRealize(self.config.realize_config(), log=env.log)(mod)
         else:
             names = onnx_layer_names(env.model_path)
             annotated = QuantizeAnnotate(self.config.annotate_config())(mod)
@@ -116,7 +122,7 @@ class _QuantizeFlow:
             if names and len(names) == n:
                 annotated = QuantizeAnnotate(self.config.annotate_config(names))(mod)
             mod = Calibrate(self.config.calibrate_config(), log=env.log)(annotated)
-            mod = QuantizeRealize(QuantizeRealizeConfig())(mod)
+            mod = QuantizeRealize(self.config.realize_config(), log=env.log)(mod)
         report = qc.read_report(mod)
         env.report["quantize"] = report
         _log_summary(report, env.log)
@@ -130,6 +136,8 @@ def _log_summary(report: dict, log) -> None:
     for l in layers:
         if l.get("status") != "int8":
             log(f"quantize: {l.get('name')} stays {l.get('status')}: {l.get('reason')}")
+    if "speed_table" not in report:
+        log("quantize: per-layer int8 speed not checked (no --quant-speed-table for this target)")
     wb = report.get("weight_bytes", {})
     if "ratio" in wb:
         log(f"quantize: weight bytes {wb['total']} ({wb['ratio']:.3f}x of float {wb['float_total']})")
@@ -186,6 +194,12 @@ def add_arguments(group) -> None:
     group.add_argument("--max-accuracy-drop", dest="max_accuracy_drop", type=float, metavar="P",
                        help="keep the most sensitive layers in float until top-1 drops <= P points "
                             "(labelled --calib data)")
+    group.add_argument("--quant-speed-table", dest="speed_table", metavar="JSON",
+                       help="measured per-shape float/int8 kernel times on the target "
+                            "(scripts/bench_int8.py writes one): layers slower in int8 are reported")
+    group.add_argument("--quant-slow-layers", dest="slow_layers", choices=("report", "float"),
+                       help="layers measured slower in int8: realize and report them (default), "
+                            "or keep them float")
     group.add_argument("--eval-samples", dest="eval_samples", type=int, metavar="N",
                        help="samples used to measure error/accuracy for the fallback (default 256)")
 

@@ -44,17 +44,46 @@ from .quantize_annotate import is_passthrough
 class QuantizeRealizeConfig:
     """ops: layer kinds to realize (``conv2d``, ``matmul``); others stay as they came.
 
-    keep_float: layer names/indices (in realize order) whose QDQ is folded back to float
-    instead (e.g. shapes for which int8 measured slower on the target).
+    keep_float: layer indices (in graph order of the quantized layers) left fake-quantized.
+    speed_table: JSON of measured per-shape kernel times on the target (``scripts/bench_int8.py``
+        writes one: ``{"target": ..., "layers": {key: {"float_ms": f, "int8_ms": q}}}``, keys from
+        ``layer_key``). Layers whose shape ran slower in int8 are reported (and logged).
+    slow_layers: ``report`` (default: realize them anyway, say so) or ``float`` (keep them float).
     """
 
     ops: tuple = ("conv2d", "matmul")
     keep_float: tuple = ()
+    speed_table: Optional[str] = None
+    slow_layers: str = "report"
 
     def __post_init__(self):
         for kind in self.ops:
             if kind not in ("conv2d", "matmul"):
                 raise PassOptionError(f"unknown realize op {kind!r}; choose from conv2d, matmul")
+        if self.slow_layers not in ("report", "float"):
+            raise PassOptionError(f"slow_layers must be 'report' or 'float', got {self.slow_layers!r}")
+
+    def load_speed_table(self) -> dict:
+        if not self.speed_table:
+            return {}
+        import json
+        from pathlib import Path
+
+        from tvm_compress.errors import DataError
+
+        path = Path(self.speed_table)
+        try:
+            table = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise DataError(f"int8 speed table {path} cannot be read ({type(err).__name__})") from None
+        if not isinstance(table, dict) or not isinstance(table.get("layers"), dict):
+            raise DataError(f"int8 speed table {path} has no 'layers' mapping")
+        return table
+
+
+def layer_key(kind: str, weight_shape, out_shape) -> str:
+    """Shape key of a layer in a speed table: op, weight shape (OIHW or [K, N]), output shape."""
+    return f"{kind}:w{'x'.join(str(int(d)) for d in weight_shape)}:o{'x'.join(str(int(d)) for d in out_shape)}"
 
 
 def _dq_pattern(data=None):
@@ -86,6 +115,9 @@ class _Realizer(PyExprMutator):
         self.q_pat = is_op("relax.quantize")(wildcard(), is_const(), is_const())
         self.perm_pat = is_op("relax.permute_dims")(_dq_pattern(is_const()))
         self.layers: List[dict] = []
+        self.speed_table = config.load_speed_table()
+        self.slow: List[str] = []
+        self._speed = None
 
     # -- helpers -------------------------------------------------------------------------------
     def _bound(self, expr):
@@ -195,13 +227,35 @@ class _Realizer(PyExprMutator):
             return "activation is not quantized per tensor"
         return xq, float(_scalar(xdq.args[1])), int(_scalar(xdq.args[2])), dtype
 
-    def _skip(self, kind: str) -> Optional[str]:
+    def _skip(self, kind: str, call=None) -> Optional[str]:
         if kind not in self.config.ops:
             return f"{kind} not in realize ops"
         index = len(self.layers)
         if index in self.config.keep_float or str(index) in self.config.keep_float:
             return "kept float by keep_float"
+        self._speed = None
+        if call is not None and self.speed_table:
+            key = layer_key(kind, self._weight_shape(call), qc.tensor_shape(call))
+            entry = self.speed_table["layers"].get(key)
+            if entry and entry.get("int8_ms") and entry.get("float_ms"):
+                f_ms, q_ms = float(entry["float_ms"]), float(entry["int8_ms"])
+                self._speed = {"float_ms": f_ms, "int8_ms": q_ms, "speedup": f_ms / q_ms}
+                if q_ms > f_ms:
+                    msg = (f"int8 measured slower than float for this shape on "
+                           f"{self.speed_table.get('target', 'the target')}: {q_ms:.4g} ms vs {f_ms:.4g} ms")
+                    self.slow.append(msg)
+                    self._speed["note"] = msg
+                    if self.config.slow_layers == "float":
+                        return msg + " (kept float)"
         return None
+
+    def _weight_shape(self, call):
+        wdq = self._bound(call.args[1])
+        shape = qc.tensor_shape(wdq.args[0])
+        axis = int(wdq.attrs.axis) % len(shape)
+        if call.op.same_as(qc.OP_MATMUL) and len(shape) == 2 and axis == 0:
+            shape = shape[::-1]  # imported Gemm weight [N, K] before its transpose is folded
+        return shape
 
     def _record(self, kind, call, xinfo, scale, status, reason=""):
         entry = {"index": len(self.layers), "op": kind, "status": status, "reason": reason,
@@ -210,12 +264,14 @@ class _Realizer(PyExprMutator):
             entry.update(input_dtype=xinfo[3], input_scale=xinfo[1], input_zero_point=xinfo[2])
         if scale is not None and not isinstance(scale, str):
             entry.update(weight_scale_min=float(scale.min()), weight_scale_max=float(scale.max()))
+        if self._speed is not None:
+            entry["speed"] = dict(self._speed)
         self.layers.append(entry)
 
     def _conv(self, call):
         xdq, wdq = self._bound(call.args[0]), self._bound(call.args[1])
         attrs = call.attrs
-        reason = self._skip("conv2d")
+        reason = self._skip("conv2d", call)
         if str(attrs.data_layout) != "NCHW" or str(attrs.kernel_layout) != "OIHW":
             reason = reason or "conv2d layout is not NCHW/OIHW"
         xinfo = self._act_ok(xdq)
@@ -249,7 +305,7 @@ class _Realizer(PyExprMutator):
 
     def _matmul(self, call):
         xdq, wdq = self._bound(call.args[0]), self._bound(call.args[1])
-        reason = self._skip("matmul")
+        reason = self._skip("matmul", call)
         xinfo = self._act_ok(xdq)
         wq_shape = qc.tensor_shape(wdq.args[0])
         winfo = self._weight_ok(wdq, len(wq_shape) - 1, "matmul") if len(wq_shape) == 2 else \
@@ -296,6 +352,8 @@ def _merge_report(report: dict, realized: List[dict], weight_bytes: Dict[str, in
         ):
             for l, r in zip(int8, realized):
                 l["realized"] = r["status"] == "int8"
+                if "speed" in r:
+                    l["speed"] = r["speed"]
                 if r["status"] != "int8":
                     l["status"], l["reason"] = "fake-quant", r["reason"]
         else:
@@ -316,8 +374,9 @@ def _merge_report(report: dict, realized: List[dict], weight_bytes: Dict[str, in
 class QuantizeRealize:
     """Turn QDQ conv2d/matmul into int8 x int8 -> int32 compute with a fused requantize."""
 
-    def __init__(self, config: Optional[QuantizeRealizeConfig] = None):
+    def __init__(self, config: Optional[QuantizeRealizeConfig] = None, log=None):
         self.config = config or QuantizeRealizeConfig()
+        self.log = log or (lambda msg: None)
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         realizer = _Realizer(mod, self.config)
@@ -328,4 +387,10 @@ class QuantizeRealize:
         new_mod = relax.transform.DeadCodeElimination(["main"])(new_mod)
         report = _merge_report(qc.read_report(mod), realizer.layers,
                                qc.constant_bytes(new_mod["main"]))
+        for msg in realizer.slow:
+            self.log(f"quantize: warning: {msg}")
+        if realizer.speed_table:
+            report["speed_table"] = {"path": str(self.config.speed_table),
+                                     "target": realizer.speed_table.get("target"),
+                                     "slower_in_int8": len(realizer.slow)}
         return qc.write_report(new_mod, report)

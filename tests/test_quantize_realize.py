@@ -190,3 +190,25 @@ def test_bad_option():
 
     with pytest.raises(PassOptionError, match="unknown realize op 'conv3d'"):
         QuantizeRealizeConfig(ops=("conv3d",))
+
+
+def test_speed_table_reports_slower_layers(tmp_path):
+    import json
+
+    from tvm_compress.passes.quantize_realize import layer_key
+
+    table = {"target": "x86-avx2", "layers": {
+        layer_key("conv2d", WQ1.shape, (1, 8, 8, 8)): {"float_ms": 0.2, "int8_ms": 0.1},
+        layer_key("conv2d", WQ2.shape, (1, 8, 4, 4)): {"float_ms": 0.01, "int8_ms": 0.02},
+    }}
+    path = tmp_path / "speed.json"
+    path.write_text(json.dumps(table))
+    logs = []
+    report = qc.read_report(QuantizeRealize(QuantizeRealizeConfig(speed_table=str(path)), log=logs.append)(_before()))
+    assert [l["status"] for l in report["layers"]] == ["int8", "int8"]
+    assert report["layers"][0]["speed"]["speedup"] == pytest.approx(2.0)
+    assert "slower than float" in report["layers"][1]["speed"]["note"]
+    assert any("slower than float" in m for m in logs)
+    report = qc.read_report(QuantizeRealize(QuantizeRealizeConfig(speed_table=str(path), slow_layers="float"))(_before()))
+    assert [l["status"] for l in report["layers"]] == ["int8", "float"]
+    assert "kept float" in report["layers"][1]["reason"]
