@@ -212,6 +212,51 @@ def _symbolic_dims(model: Path, out: Path) -> Path:
     return path
 
 
+# ---- per-layer speed from the tuning databases ---------------------------------------------
+
+def _task_times(work_dir):
+    """{(kind, weight shape, out shape): best ms} for the conv/matmul tasks tuned in work_dir."""
+    from tvm.s_tir import meta_schedule as ms
+
+    work_dir = Path(work_dir)
+    db = ms.database.JSONDatabase(path_workload=str(work_dir / "database_workload.json"),
+                                  path_tuning_record=str(work_dir / "database_tuning_record.json"))
+    best = {}
+    for rec in db.get_all_tuning_records():
+        if not rec.run_secs:
+            continue
+        secs = [float(s) for s in rec.run_secs]
+        if not secs or min(secs) >= 1e9:  # failed runs are recorded as 1e10
+            continue
+        func = rec.workload.mod["main"]
+        bufs = [p for p in func.params if getattr(p, "shape", None) is not None]
+        if len(bufs) < 3:
+            continue
+        w, out = bufs[1], bufs[-1]
+        kind = {4: "conv2d", 2: "matmul"}.get(len(w.shape))
+        if kind is None or str(w.dtype) not in ("float32", "int8"):
+            continue
+        key = (kind, tuple(int(d) for d in w.shape), tuple(int(d) for d in out.shape), str(w.dtype))
+        ms_ = 1e3 * float(np.mean(secs))
+        best[key] = min(best.get(key, ms_), ms_)
+    return best
+
+
+def speed_table(float_dir, int8_dir, target_name):
+    from tvm_compress.passes.quantize_realize import layer_key
+
+    f_times, q_times = _task_times(float_dir), _task_times(int8_dir)
+    layers = {}
+    for (kind, w, o, dt), f_ms in f_times.items():
+        if dt != "float32":
+            continue
+        q_ms = q_times.get((kind, w, o, "int8"))
+        if q_ms is not None:
+            layers[layer_key(kind, w, o)] = {"float_ms": f_ms, "int8_ms": q_ms, "speedup": f_ms / q_ms}
+    return {"target": target_name, "source": "MetaSchedule best run time per task (conv/matmul + epilogue)",
+            "layers": layers}
+
+
 # ---- one model ------------------------------------------------------------------------------
 
 def bench_model(key, model, input_name, shape, calib, evalset, labels, args, profile, log):
@@ -268,6 +313,23 @@ def bench_model(key, model, input_name, shape, calib, evalset, labels, args, pro
             ]
             res["int8"]["weight_bytes_ratio"] = rep["weight_bytes_after"] / rep["weight_bytes_before"]
             (out / "quantize_report.json").write_text(json.dumps(q, indent=1))
+
+    if args.trials > 0:
+        table = speed_table(builds["float"]["tuning"]["work_dir"], builds["int8"]["tuning"]["work_dir"],
+                            profile.name)
+        (out / "speed_table.json").write_text(json.dumps(table, indent=1))
+        layers = table["layers"]
+        res["per_shape_speed"] = layers
+        res["shapes_slower_in_int8"] = [k for k, v in layers.items() if v["int8_ms"] > v["float_ms"]]
+        # the pass reads the table and says which layers are slower in int8
+        from tvm_compress.passes import InputSpec, PassEnv, get_pass, make_config
+
+        preset = get_pass("quantize")
+        env = PassEnv(model_path=model, inputs=[InputSpec(input_name, tuple(shape), "float32")], log=log)
+        cfg = make_config(preset, {"calib": str(calib_file), **args.quant_options,
+                                   "speed_table": str(out / "speed_table.json")})
+        preset.make(cfg, env)(prepared.to_relax())
+        (out / "quantize_report.json").write_text(json.dumps(env.report["quantize"], indent=1))
 
     ort_q = ort_int8(prepared_path, out / "ort_int8.onnx", input_name, calib)
     res["onnxruntime_int8_latency_ms"] = ort_latency(ort_q, input_name, x0, args.runs)
