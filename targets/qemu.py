@@ -11,8 +11,9 @@ runtime libraries of that architecture from PyPI) and runs libraries with it:
 
 Everything that is built or downloaded lies in the cache directory (``$TVM_COMPRESS_CACHE``, or
 ``~/.cache/tvm-compress``): ``wheels/<arch>/`` (downloaded wheels), ``sdk/<arch>/`` (headers and
-runtime libraries taken from them) and ``runners/<arch>/`` (the runner with the .so files it
-needs; that directory is what one copies to a board).
+runtime libraries taken from them, or built from source for armv7), ``build/armv7/`` (armv7
+objects) and ``runners/<arch>/`` (the runner with the .so files it needs; that directory is what
+one copies to a board).
 """
 
 from __future__ import annotations
@@ -43,12 +44,14 @@ __all__ = [
     "default_cache_dir",
     "ensure_runner",
     "build_runner",
+    "can_run",
     "run_library",
     "runner_blocker",
 ]
 
 RUNNER_NAME = "tvm_runner"
-RUNTIME_LIBS = ("libtvm_runtime.so", "libtvm_ffi.so")
+RUNTIME_LIBS = ("libtvm_runtime.so", "libtvm_ffi.so")  # required beside the runner
+EXTRA_LIB = "libtvm_runtime_extra.so"  # optional: tvm.contrib.sort & co (topk/argsort/NMS)
 
 # Facts per architecture. "target" is the TVM target (JSON dict) we compile test models for;
 # "elf_machine" is the e_machine field of the ELF header of a library for that architecture.
@@ -218,22 +221,36 @@ def _run(cmd: Sequence[str], what: str, timeout: float | None = None, cwd=None) 
 
 # ---------------------------------------------------------------------------------------------
 # the runtime "sdk" of an architecture: tvm-ffi headers + libtvm_ffi.so + libtvm_runtime.so
+# (+ libtvm_runtime_extra.so where the wheel has it)
 # ---------------------------------------------------------------------------------------------
 
 
-def _wheel_sdk(arch: str, cache: Path, versions: dict[str, str], log: Log) -> tuple[Path, Path]:
-    """Headers and runtime libraries of ``arch`` taken from the PyPI wheels of that platform.
-    Returns (include_dirs_root, lib_dir)."""
+# Bumped when what an sdk directory holds changes, so that older ones are rebuilt.
+_SDK_FORMAT = 2
+
+
+def _stamp_matches(stamp: Path, want: dict) -> bool:
+    try:
+        return json.loads(stamp.read_text()) == want
+    except (OSError, ValueError):
+        return False
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    tmp.chmod(0o755)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def _wheel_sdk(arch: str, cache: Path, versions: dict[str, str], log: Log) -> Path:
+    """Headers and runtime libraries of ``arch`` taken from the PyPI wheels of that platform,
+    in ``<cache>/sdk/<arch>/{include,lib}``."""
     facts = QEMU_ARCHES[arch]
     sdk = cache / "sdk" / arch
-    stamp = sdk / "sdk.json"
-    want = {"arch": arch, **versions}
-    if stamp.is_file():
-        try:
-            if json.loads(stamp.read_text()) == want:
-                return sdk, sdk / "lib"
-        except ValueError:
-            pass
+    want = {"arch": arch, **versions, "format": _SDK_FORMAT}
+    if _stamp_matches(sdk / "sdk.json", want):
+        return sdk
 
     wheel_dir = cache / "wheels" / arch
     wheel_dir.mkdir(parents=True, exist_ok=True)
@@ -266,23 +283,28 @@ def _wheel_sdk(arch: str, cache: Path, versions: dict[str, str], log: Log) -> tu
     tmp = Path(tempfile.mkdtemp(prefix=f".{arch}-", dir=sdk.parent))
     try:
         (tmp / "lib").mkdir()
-        members = {
-            wheels["apache-tvm"]: {"tvm/lib/libtvm_runtime.so": "lib/libtvm_runtime.so"},
-            wheels["apache-tvm-ffi"]: {"tvm_ffi/lib/libtvm_ffi.so": "lib/libtvm_ffi.so"},
+        files = {
+            "apache-tvm": {
+                "tvm/lib/libtvm_runtime.so": ("lib/libtvm_runtime.so", True),
+                "tvm/lib/libtvm_runtime_extra.so": ("lib/libtvm_runtime_extra.so", False),
+            },
+            "apache-tvm-ffi": {"tvm_ffi/lib/libtvm_ffi.so": ("lib/libtvm_ffi.so", True)},
         }
         prefixes = {
             "tvm_ffi/include/": "include/",
             "tvm_ffi/3rdparty/dlpack/include/": "include/",
         }
-        for whl, files in members.items():
+        for dist, members in files.items():
+            whl = wheels[dist]
             try:
                 with zipfile.ZipFile(whl) as zf:
                     names = set(zf.namelist())
-                    for src, dst in files.items():
-                        if src not in names:
+                    for src, (dst, required) in members.items():
+                        if src in names:
+                            (tmp / dst).write_bytes(zf.read(src))
+                        elif required:
                             raise TargetError(f"{whl.name} has no {src}")
-                        (tmp / dst).write_bytes(zf.read(src))
-                    if whl is wheels["apache-tvm-ffi"]:
+                    if dist == "apache-tvm-ffi":
                         for name in names:
                             for pre, dst_pre in prefixes.items():
                                 if name.startswith(pre) and not name.endswith("/"):
@@ -293,51 +315,255 @@ def _wheel_sdk(arch: str, cache: Path, versions: dict[str, str], log: Log) -> tu
                 raise TargetError(f"{whl} is not a valid wheel (delete it and retry)") from None
         if not (tmp / "include" / "tvm" / "ffi" / "tvm_ffi.h").is_file():
             raise TargetError(f"{wheels['apache-tvm-ffi'].name} has no tvm_ffi/include headers")
+        for lib in (tmp / "lib").iterdir():
+            lib.chmod(0o755)
         (tmp / "sdk.json").write_text(json.dumps(want) + "\n")
-        tmp.chmod(0o755)
-        if sdk.exists():
-            shutil.rmtree(sdk)
-        os.replace(tmp, sdk)
+        _replace_dir(tmp, sdk)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return sdk, sdk / "lib"
+    return sdk
 
 
-def _host_sdk() -> tuple[Path, Path, list[Path]]:
-    """(include root, dlpack include, libs) of the installed x86_64 wheels."""
+def _host_sdk() -> tuple[list[Path], list[Path]]:
+    """(include dirs, runtime libraries) of the installed (x86_64) wheels."""
     ffi_dir = _host_package_dir("tvm_ffi")
     tvm_dir = _host_package_dir("tvm")
     libs = [tvm_dir / "lib" / "libtvm_runtime.so", ffi_dir / "lib" / "libtvm_ffi.so"]
     for lib in libs:
         if not lib.is_file():
             raise TargetError(f"{lib} not found in the installed wheel")
-    return ffi_dir / "include", ffi_dir / "3rdparty" / "dlpack" / "include", libs
+    extra = tvm_dir / "lib" / "libtvm_runtime_extra.so"
+    if extra.is_file():
+        libs.append(extra)
+    return [ffi_dir / "include", ffi_dir / "3rdparty" / "dlpack" / "include"], libs
 
 
 # ---------------------------------------------------------------------------------------------
-# armv7: there is no wheel; the runtime would have to be built from source
+# armv7: there is no wheel; tvm-ffi and the CPU part of the TVM runtime are built from source
 # ---------------------------------------------------------------------------------------------
+
+# TVM runtime sources (under tvm/src/runtime of the installed wheel) that make up a CPU-only
+# runtime able to load and run Relax VM libraries: device API + CPU device, tensors, module
+# loading, workspace/threading, memory manager, the VM, and contrib sort (topk/argsort/NMS).
+ARMV7_RUNTIME_SOURCES = (
+    "builtin_fp16.cc",
+    "const_loader_module.cc",
+    "cpu_device_api.cc",
+    "device_api.cc",
+    "file_utils.cc",
+    "logging.cc",
+    "memory/memory_manager.cc",
+    "module.cc",
+    "static_library.cc",
+    "tensor.cc",
+    "thread_pool.cc",
+    "threading_backend.cc",
+    "timer.cc",
+    "workspace_pool.cc",
+    "vm/builtin.cc",
+    "vm/bytecode.cc",
+    "vm/executable.cc",
+    "vm/vm.cc",
+    "extra/contrib/sort/sort.cc",
+)
+# Headers the runtime sources include but the wheel does not ship; tvm-compress writes its own
+# (scripts/runner/runtime_shims/).
+_SHIM_FILES = (
+    "tvm/support/io.h",
+    "tvm/support/serializer.h",
+    "tvm/support/cuda/nvtx.h",
+    "support/bytes_io.h",
+    "support/base64.h",
+    "support/utils.h",
+    "compiler-rt/builtin_fp16.h",
+)
+
+
+def _build_jobs() -> int:
+    env = os.environ.get("TVM_COMPRESS_BUILD_JOBS")
+    if env and env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, os.cpu_count() or 1)
+
+
+def _ffi_source_root(cache: Path, versions: dict[str, str], log: Log) -> Path:
+    """A directory with tvm-ffi's src/ffi, include and 3rdparty/dlpack: the installed wheel
+    (which ships them), else the PyPI source distribution."""
+    host = _host_package_dir("tvm_ffi")
+    if (host / "src" / "ffi" / "object.cc").is_file() and (host / "include").is_dir():
+        return host
+    version = versions["apache-tvm-ffi"]
+    root = cache / "build" / "armv7" / f"apache_tvm_ffi-{version}"
+    if (root / "src" / "ffi" / "object.cc").is_file():
+        return root
+    dl = cache / "wheels" / "sdist"
+    dl.mkdir(parents=True, exist_ok=True)
+    found = sorted(dl.glob(f"apache_tvm_ffi-{version}.tar.gz"))
+    if not found:
+        log(f"downloading the apache-tvm-ffi=={version} source distribution (slow)")
+        _run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+             "--disable-pip-version-check", "-d", str(dl), f"apache-tvm-ffi=={version}"],
+            f"download of the apache-tvm-ffi=={version} source distribution",
+            timeout=1800,
+        )
+        found = sorted(dl.glob(f"apache_tvm_ffi-{version}.tar.gz"))
+        if not found:
+            raise TargetError(f"download of apache-tvm-ffi=={version} sources gave no .tar.gz")
+    import tarfile
+
+    with tarfile.open(found[-1]) as tf:
+        tmp = Path(tempfile.mkdtemp(prefix=".ffi-src-", dir=root.parent))
+        tf.extractall(tmp, filter="data")
+        inner = next(tmp.iterdir())
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(inner, root)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def _compile_objects(
+    cxx: str, flags: list[str], jobs_list: list[tuple[Path, Path]], what: str, log: Log
+) -> None:
+    """Compile (source, object) pairs in parallel; objects newer than their source are kept."""
+    todo = [
+        (src, obj) for src, obj in jobs_list
+        if not (obj.is_file() and obj.stat().st_mtime >= src.stat().st_mtime)
+    ]
+    if not todo:
+        return
+    jobs = _build_jobs()
+    log(f"compiling {len(todo)} {what} sources with {Path(cxx).name} ({jobs} jobs, minutes)")
+
+    def one(pair: tuple[Path, Path]) -> None:
+        src, obj = pair
+        obj.parent.mkdir(parents=True, exist_ok=True)
+        tmp = obj.with_suffix(".o.tmp")
+        _run([cxx, *flags, "-c", str(src), "-o", str(tmp)], f"compiling {src.name} for armv7",
+             timeout=1800)
+        os.replace(tmp, obj)
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    done = 0
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for _ in pool.map(one, todo):
+            done += 1
+            if done % 5 == 0 or done == len(todo):
+                log(f"  {what}: {done}/{len(todo)}")
+
+
+def _armv7_sdk(cache: Path, versions: dict[str, str], shim_dir: Path, cxx: str, log: Log) -> Path:
+    """Build libtvm_ffi.so and a CPU-only libtvm_runtime.so for armv7 (hard-float) from the
+    sources in the installed wheels, into ``<cache>/sdk/armv7/{include,lib}``."""
+    sdk = cache / "sdk" / "armv7"
+    shims = [shim_dir / f for f in _SHIM_FILES]
+    want = {"arch": "armv7", **versions, "cxx": Path(cxx).name, "format": _SDK_FORMAT}
+    if _stamp_matches(sdk / "sdk.json", want) and all(
+        (sdk / "lib" / lib).is_file() for lib in RUNTIME_LIBS
+    ):
+        built = min((sdk / "lib" / lib).stat().st_mtime for lib in RUNTIME_LIBS)
+        if all(s.stat().st_mtime <= built for s in shims):
+            return sdk
+
+    tvm_src = _host_package_dir("tvm") / "src" / "runtime"
+    tvm_inc = _host_package_dir("tvm") / "include"
+    ffi_root = _ffi_source_root(cache, versions, log)
+    build = cache / "build" / "armv7"
+    # Fresh object directories when the versions or the compiler changed.
+    flags_stamp = build / "build.json"
+    obj_key = {k: v for k, v in want.items() if k != "format"}
+    if not _stamp_matches(flags_stamp, obj_key):
+        for sub in ("obj", "src", "3rdparty"):
+            shutil.rmtree(build / sub, ignore_errors=True)
+        build.mkdir(parents=True, exist_ok=True)
+        flags_stamp.write_text(json.dumps(obj_key) + "\n")
+
+    # tvm-ffi
+    ffi_inc = [f"-I{ffi_root / 'include'}", f"-I{ffi_root / '3rdparty' / 'dlpack' / 'include'}"]
+    ffi_sources = sorted((ffi_root / "src" / "ffi").glob("*.cc")) + sorted(
+        (ffi_root / "src" / "ffi" / "extra").glob("*.cc")
+    )
+    ffi_sources = [s for s in ffi_sources if s.name != "backtrace_win.cc"]
+    common = ["-std=c++17", "-O2", "-fPIC", "-DNDEBUG", "-DTVM_FFI_USE_LIBBACKTRACE=0",
+              "-DTVM_FFI_BACKTRACE_ON_SEGFAULT=0"]
+    ffi_objs = [(s, build / "obj" / "ffi" / f"{s.parent.name}_{s.stem}.o") for s in ffi_sources]
+    _compile_objects(cxx, common + ["-fvisibility=hidden"] + ffi_inc, ffi_objs, "tvm-ffi", log)
+
+    # TVM runtime: the sources are copied beside the shim headers so that their relative
+    # includes ("../support/bytes_io.h", "../../../../../3rdparty/compiler-rt/builtin_fp16.h")
+    # resolve. copy2 keeps modification times, so unchanged objects stay valid.
+    src_root = build / "src"
+    missing = [rel for rel in ARMV7_RUNTIME_SOURCES if not (tvm_src / rel).is_file()]
+    if missing:
+        raise TargetError(
+            f"cannot build the armv7 runtime: {tvm_src} lacks {', '.join(missing)}"
+        )
+    shutil.copytree(tvm_src, src_root / "runtime", dirs_exist_ok=True)
+    shutil.copytree(shim_dir / "support", src_root / "support", dirs_exist_ok=True)
+    (build / "3rdparty" / "compiler-rt").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(shim_dir / "compiler-rt" / "builtin_fp16.h",
+                 build / "3rdparty" / "compiler-rt" / "builtin_fp16.h")
+    rt_flags = common + [
+        f"-I{tvm_inc}", f"-I{shim_dir}", f"-I{shim_dir / 'compiler-rt'}", *ffi_inc,
+    ]
+    rt_objs = [
+        (src_root / "runtime" / rel, build / "obj" / "runtime" / (rel.replace("/", "_")[:-3] + ".o"))
+        for rel in ARMV7_RUNTIME_SOURCES
+    ]
+    # objects depend on the shim headers too
+    newest_shim = max(s.stat().st_mtime for s in shims)
+    for _, obj in rt_objs:
+        if obj.is_file() and obj.stat().st_mtime < newest_shim:
+            obj.unlink()
+    _compile_objects(cxx, rt_flags, rt_objs, "TVM runtime", log)
+
+    log("linking libtvm_ffi.so and libtvm_runtime.so for armv7")
+    sdk.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".armv7-", dir=sdk.parent))
+    try:
+        lib = tmp / "lib"
+        lib.mkdir()
+        _run([cxx, "-shared", "-o", str(lib / "libtvm_ffi.so"), *[str(o) for _, o in ffi_objs],
+              "-Wl,-soname,libtvm_ffi.so", "-ldl", "-lpthread"],
+             "linking libtvm_ffi.so for armv7")
+        _run([cxx, "-shared", "-o", str(lib / "libtvm_runtime.so"),
+              *[str(o) for _, o in rt_objs], "-Wl,-soname,libtvm_runtime.so", f"-L{lib}",
+              "-ltvm_ffi", "-ldl", "-lpthread", "-Wl,-rpath,$ORIGIN", "-Wl,--no-undefined"],
+             "linking libtvm_runtime.so for armv7")
+        shutil.copytree(ffi_root / "include" / "tvm", tmp / "include" / "tvm")
+        shutil.copytree(ffi_root / "3rdparty" / "dlpack" / "include" / "dlpack",
+                        tmp / "include" / "dlpack")
+        (tmp / "sdk.json").write_text(json.dumps(want) + "\n")
+        _replace_dir(tmp, sdk)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return sdk
 
 
 def runner_blocker(arch: str) -> str | None:
-    """Why a runner for ``arch`` cannot be built here (None when nothing known blocks it)."""
-    _arch_facts(arch)
+    """Why a runner for ``arch`` cannot be built here (None when nothing known blocks it).
+    Cheap: looks at files only, builds nothing."""
+    facts = _arch_facts(arch)
+    if shutil.which(facts["cxx"]) is None:
+        return f"{facts['cxx']} not found: install the Debian package {facts['cxx_package']}"
+    src = runner_source_dir()
+    if src is None:
+        return (f"runner source {RUNNER_NAME}.cc not found: set TVM_COMPRESS_RUNNER_SRC to the "
+                "scripts/runner directory of a tvm-compress checkout")
     if arch == "armv7":
-        try:
-            from tvm_compress.targets import _armv7_runtime  # noqa: F401
-        except ImportError:
-            pass
-        return _ARMV7_BLOCKER
+        tvm_src = _host_package_dir("tvm") / "src" / "runtime"
+        missing = [rel for rel in ARMV7_RUNTIME_SOURCES if not (tvm_src / rel).is_file()]
+        if missing:
+            return (f"no armv7 wheel exists and the installed apache-tvm lacks the runtime sources "
+                    f"{', '.join(missing)} under {tvm_src}")
+        missing = [f for f in _SHIM_FILES if not (src / "runtime_shims" / f).is_file()]
+        if missing:
+            return f"runtime shim headers missing under {src / 'runtime_shims'}: {', '.join(missing)}"
     return None
-
-
-_ARMV7_BLOCKER = (
-    "no armv7 TVM runtime: PyPI has no armv7 wheel of apache-tvm/apache-tvm-ffi and no apache-tvm "
-    "source distribution, and the runtime sources in the x86 wheel (tvm/src/runtime) cannot be "
-    "compiled on their own (they include tvm/support/io.h, tvm/support/serializer.h, "
-    "src/support/{bytes_io,utils,base64}.h and tvm/support/cuda/nvtx.h, which the wheel does not ship)"
-)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,61 +571,64 @@ _ARMV7_BLOCKER = (
 # ---------------------------------------------------------------------------------------------
 
 
-def _up_to_date(out_dir: Path, info: dict, sources: list[Path]) -> bool:
-    runner = out_dir / RUNNER_NAME
-    stamp = out_dir / "build-info.json"
-    if not runner.is_file() or not stamp.is_file():
+def _runner_complete(out_dir: Path) -> bool:
+    return (out_dir / RUNNER_NAME).is_file() and all(
+        (out_dir / lib).is_file() for lib in RUNTIME_LIBS
+    )
+
+
+def _up_to_date(out_dir: Path, info: dict, inputs: list[Path]) -> bool:
+    if not _runner_complete(out_dir) or not _stamp_matches(out_dir / "build-info.json", info):
         return False
-    if not all((out_dir / lib).is_file() for lib in RUNTIME_LIBS):
-        return False
-    try:
-        if json.loads(stamp.read_text()) != info:
-            return False
-    except ValueError:
-        return False
-    built = runner.stat().st_mtime
-    return all(src.stat().st_mtime <= built for src in sources)
+    built = (out_dir / RUNNER_NAME).stat().st_mtime
+    return all(p.stat().st_mtime <= built for p in inputs)
 
 
 def build_runner(arch: str, cache_dir=None, *, force: bool = False, log: Log | None = None) -> Path:
     """Build (if needed) the runner for ``arch`` into ``<cache>/runners/<arch>/`` and return the
-    path of the runner binary. Skips all work when the runner and its libraries exist, were built
-    for the installed TVM versions and are newer than the runner sources."""
+    path of the runner binary.
+
+    Skips all work when the runner and its libraries exist, were built for the installed TVM
+    versions and are newer than the runner sources. aarch64 takes the TVM runtime from the
+    aarch64 wheels on PyPI; x86_64 from the installed wheels; armv7 builds tvm-ffi and a CPU-only
+    TVM runtime from the sources in the installed wheels (several minutes the first time).
+    """
     facts = _arch_facts(arch)
     log = log or (lambda msg: None)
     cache = _cache(cache_dir)
     out_dir = cache / "runners" / arch
     runner = out_dir / RUNNER_NAME
 
-    blocker = runner_blocker(arch)
-    if blocker is not None:
-        raise TargetError(f"cannot build the {arch} runner: {blocker}")
-
     src_dir = runner_source_dir()
     if src_dir is None:
-        if runner.is_file() and all((out_dir / lib).is_file() for lib in RUNTIME_LIBS):
+        if _runner_complete(out_dir):
             return runner  # installed package without scripts/: use what was built before
         raise TargetError(
             f"runner source {RUNNER_NAME}.cc not found (scripts/runner is not installed with the "
             "package): set TVM_COMPRESS_RUNNER_SRC to the scripts/runner directory of a checkout"
         )
-    sources = _source_files(src_dir)
-    versions = _versions()
+    blocker = runner_blocker(arch)
+    if blocker is not None:
+        raise TargetError(f"cannot build the {arch} runner: {blocker}")
     cxx = _find_tool(facts["cxx"], facts["cxx_package"])
+    versions = _versions()
     info = {"arch": arch, **versions, "cxx": facts["cxx"]}
+    sources = [src_dir / f"{RUNNER_NAME}.cc"]
 
     with _locked(cache / "runners" / f".{arch}.lock"):
-        if not force and _up_to_date(out_dir, info, sources):
-            log(f"{arch} runner up to date: {runner}")
-            return runner
         t0 = time.monotonic()
         if arch == "x86_64":
-            inc, dlpack_inc, libs = _host_sdk()
-            includes = [inc, dlpack_inc]
+            includes, libs = _host_sdk()
         else:
-            sdk, lib_dir = _wheel_sdk(arch, cache, versions, log)
+            if arch == "armv7":
+                sdk = _armv7_sdk(cache, versions, src_dir / "runtime_shims", cxx, log)
+            else:
+                sdk = _wheel_sdk(arch, cache, versions, log)
             includes = [sdk / "include"]
-            libs = [lib_dir / lib for lib in RUNTIME_LIBS]
+            libs = sorted((sdk / "lib").glob("*.so"))
+        if not force and _up_to_date(out_dir, info, sources + libs):
+            log(f"{arch} runner up to date: {runner}")
+            return runner
 
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{arch}-", dir=out_dir.parent))
@@ -416,14 +645,11 @@ def build_runner(arch: str, cache_dir=None, *, force: bool = False, log: Log | N
                 # the runner calls nothing in libtvm_runtime directly, but the runtime must be
                 # loaded: it registers the Relax VM executable loader the library needs
                 "-Wl,--no-as-needed", "-ltvm_ffi", "-ltvm_runtime", "-Wl,--as-needed",
-                "-Wl,-rpath,$ORIGIN",
+                "-ldl", "-Wl,-rpath,$ORIGIN",
             ]
             _run(cmd, f"compiling the {arch} runner", timeout=900)
             (tmp / "build-info.json").write_text(json.dumps(info) + "\n")
-            tmp.chmod(0o755)
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            os.replace(tmp, out_dir)
+            _replace_dir(tmp, out_dir)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -434,6 +660,25 @@ def build_runner(arch: str, cache_dir=None, *, force: bool = False, log: Log | N
 def ensure_runner(arch: str, cache_dir=None, *, log: Log | None = None) -> Path:
     """Return the path of the runner binary for ``arch``, building it first if needed."""
     return build_runner(arch, cache_dir, log=log)
+
+
+def can_run(arch: str, cache_dir=None) -> tuple[bool, str]:
+    """(True, "") when libraries for ``arch`` can be run here (the runner is built, or can be
+    built, and qemu-user with the target's sysroot is present); else (False, why). Builds
+    nothing."""
+    try:
+        facts = _arch_facts(arch)
+        if facts["qemu"] is not None:
+            _runner_command(arch, Path(RUNNER_NAME))
+    except TargetError as err:
+        return False, str(err)
+    out_dir = _cache(cache_dir) / "runners" / arch
+    if _runner_complete(out_dir):
+        return True, ""
+    blocker = runner_blocker(arch)
+    if blocker is not None:
+        return False, f"cannot build the {arch} runner: {blocker}"
+    return True, ""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,10 @@
 //
 // The library needs the TVM runtime (libtvm_runtime.so, which registers the Relax VM
 // executable loader) besides libtvm_ffi.so; build_runner links both (rpath $ORIGIN).
-// Environment: TVM_RUNNER_ALLOCATOR=naive|pooled (default pooled).
+// libtvm_runtime_extra.so (tvm.contrib.sort & co, needed by topk/argsort) is loaded when it
+// lies beside the runner.
+// Environment: TVM_RUNNER_ALLOCATOR=naive|pooled (default pooled); TVM_RUNNER_NO_EXTRA=1 skips
+// libtvm_runtime_extra.so; TVM_RUNNER_BACKTRACE=1 prints TVM's backtrace on errors.
 
 #include <dlpack/dlpack.h>
 #include <tvm/ffi/any.h>
@@ -30,6 +33,7 @@
 #include <tvm/ffi/string.h>
 
 #include <cerrno>
+#include <dlfcn.h>
 #include <sys/stat.h>
 
 #include <chrono>
@@ -293,6 +297,11 @@ int Run(const Options& opt) {
   inputs.reserve(opt.inputs.size());
   for (const InputSpec& in : opt.inputs) inputs.push_back(LoadInput(in));
 
+  // Optional: libtvm_runtime_extra.so (tvm.contrib.sort for topk/argsort/NMS, random, ...), found
+  // through the runner's rpath ($ORIGIN) or LD_LIBRARY_PATH when shipped beside the runner.
+  if (const char* no_extra = std::getenv("TVM_RUNNER_NO_EXTRA"); no_extra == nullptr || !*no_extra) {
+    ::dlopen("libtvm_runtime_extra.so", RTLD_NOW | RTLD_GLOBAL);
+  }
   ffi::Module lib = ffi::Module::LoadFromFile(lib_path);
   ffi::Optional<ffi::Function> load_exec = lib->GetFunction("vm_load_executable");
   if (!load_exec.has_value()) {
