@@ -99,6 +99,8 @@ class CalibrateConfig:
 
 
 HOST = {"kind": "llvm"}
+# Samples on which the per-layer errors of the final int8 choice are measured.
+ERROR_SAMPLES = 8
 
 
 def host_run(mod: tvm.IRModule):
@@ -194,8 +196,10 @@ class _QDQEmitter(PyExprMutator):
     """
 
     def __init__(self, mod, point_params: Dict[int, Tuple[float, int, str]], point_layer: Dict[int, int],
-                 layer_kind: Dict[int, str], int8_layers, mask=None):
+                 layer_kind: Dict[int, str], int8_layers, mask=None, expose_points=False):
         super().__init__(mod)
+        self.expose_points = expose_points
+        self.exposed: List[Tuple[int, relax.Var]] = []
         self.observe = qc.observe_pattern()
         self.weight = qc.weight_pattern()
         self.point_params = point_params
@@ -228,7 +232,11 @@ class _QDQEmitter(PyExprMutator):
             dq = relax.op.dequantize(q, s, z, axis=-1, out_dtype="float32")
             if self.mask is not None:
                 dq = self._blend(x, self.builder_.emit(dq), self.point_layer[pid])
-            self.set_var_remap(binding.var, qc.emit_like(self.builder_, binding.var, dq, "dq"))
+            new = qc.emit_like(self.builder_, binding.var, dq, "dq")
+            if self.expose_points:
+                new = self.builder_.emit_output(new) if isinstance(new, relax.DataflowVar) else new
+                self.exposed.append((pid, new))
+            self.set_var_remap(binding.var, new)
         elif self.weight.match(value):
             layer = qc.marker_id(value)
             w_expr = qc.marker_arg(value)
@@ -249,17 +257,29 @@ class _QDQEmitter(PyExprMutator):
             super().visit_var_binding_(binding)
 
 
-def emit_qdq(mod, point_params, point_layer, layer_kind, int8_layers, with_mask=False):
+def emit_qdq(mod, point_params, point_layer, layer_kind, int8_layers, with_mask=False,
+             expose_points=False):
+    """The QDQ module; ``with_mask``: an extra ``qmask`` input blends each layer in or out;
+    ``expose_points``: main also returns the dequantized activations (for measuring errors)."""
     mask = None
     if with_mask:
         n = max(layer_kind) + 1 if layer_kind else 1
         mask = relax.Var("qmask", relax.TensorType((n,), "float32"))
-    emitter = _QDQEmitter(mod, point_params, point_layer, layer_kind, int8_layers, mask)
+    emitter = _QDQEmitter(mod, point_params, point_layer, layer_kind, int8_layers, mask, expose_points)
     func = emitter.visit_expr(mod["main"])
     if mask is not None:
         func = _rebuild(func, func.body, list(func.params) + [mask])
+    if expose_points:
+        func = _with_outputs(func, [v for _, v in emitter.exposed])
     emitter.builder_.update_func(mod.get_global_var("main"), func)
-    return emitter.builder_.get(), emitter.weight_info
+    new_mod = emitter.builder_.get()
+    if expose_points:
+        return new_mod, [pid for pid, _ in emitter.exposed]
+    return new_mod, emitter.weight_info
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm((a - b).astype("float64")) / max(np.linalg.norm(b.astype("float64")), 1e-12))
 
 
 # ---- the pass -----------------------------------------------------------------------------------
@@ -300,6 +320,8 @@ class Calibrate:
         names = [n for n, _, _ in inputs]
         float_outputs: List[List[np.ndarray]] = []
         n_eval = min(data.count, int(cfg.eval_samples))
+        n_err = min(data.count, ERROR_SAMPLES)
+        float_points: Dict[int, List[np.ndarray]] = {pid: [] for pid in ids}
 
         def sweep(hist: bool):
             seen = 0
@@ -310,7 +332,9 @@ class Calibrate:
                     # a short tail batch repeats samples: use only the real ones
                     arr = arr[: len(idx)] if arr.ndim and arr.shape[0] == batch else arr
                     (observers[pid].update_hist if hist else observers[pid].update_range)(arr)
-                if not hist and seen < n_eval:
+                    if not hist and seen < n_err:
+                        float_points[pid].append(arr)
+                if not hist and seen < max(n_eval, n_err):
                     float_outputs.append([o[: len(idx)] for o in _flatten(model_out)])
                 seen += len(idx)
             return seen
@@ -349,8 +373,12 @@ class Calibrate:
         final_params = {pid: p for pid, p in point_params.items() if pid in used_points}
         new_mod, weight_info = emit_qdq(mod, final_params, point_layer, layer_kind, int8)
 
+        errors = self._measure_errors(mod, final_params, point_layer, layer_kind, int8, data, batch,
+                                      names, float_points, float_outputs, n_err)
         for l in layers:
             l.pop("sensitivity", None)
+            if l.get("input_point") in errors["points"] and l["status"] == "int8":
+                l["input_error"] = errors["points"][l["input_point"]]
             if fallback_info is not None:
                 l["sensitivity"] = fallback_info["sensitivity"].get(l["index"])
             if l["status"] != "int8":
@@ -375,6 +403,37 @@ class Calibrate:
             "random": data.random,
             "activation_dtype": cfg.activation_dtype,
         }
+        report["output_error"] = errors["output"]
+        report["error_samples"] = n_err
+        self.log(f"quantize: simulated int8 output error {errors['output']:.4g} (relative L2, {n_err} samples)")
         if fallback_info is not None:
             report["fallback"] = {k: v for k, v in fallback_info.items() if k not in ("reasons", "sensitivity")}
         return qc.write_report(new_mod, report)
+
+    def _measure_errors(self, mod, params, point_layer, layer_kind, int8, data, batch, names,
+                        float_points, float_outputs, n_err) -> dict:
+        """Relative L2 error of each quantized layer's input and of the outputs (all chosen
+        layers int8, simulated) against the float model."""
+        exposed, pids = emit_qdq(mod, params, point_layer, layer_kind, int8, expose_points=True)
+        run = host_run(qc.strip_report(exposed))
+        got_points: Dict[int, List[np.ndarray]] = {pid: [] for pid in pids}
+        got_out: List[List[np.ndarray]] = []
+        seen = 0
+        for feed, idx in data.batches(batch, limit=n_err):
+            res = run(*[feed[n] for n in names])
+            got_out.append([o[: len(idx)] for o in _flatten(res[0])])
+            for pid, arr in zip(pids, res[1]):
+                got_points[pid].append(arr[: len(idx)] if arr.ndim and arr.shape[0] == batch else arr)
+            seen += len(idx)
+        points = {}
+        for pid in pids:
+            if float_points.get(pid):
+                a = np.concatenate([x.reshape(-1) for x in got_points[pid]])
+                b = np.concatenate([x.reshape(-1) for x in float_points[pid]])
+                points[pid] = _rel(a, b[: a.size])
+        out_err = 0.0
+        for k in range(len(got_out[0]) if got_out else 0):
+            a = np.concatenate([o[k].reshape(-1) for o in got_out])
+            b = np.concatenate([o[k].reshape(-1) for o in float_outputs])[: a.size]
+            out_err = max(out_err, _rel(a, b))
+        return {"points": points, "output": out_err}

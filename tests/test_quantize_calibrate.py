@@ -169,3 +169,11 @@ def test_empty_npz_and_accuracy_budget_without_labels(tmp_path):
     with pytest.raises(DataError, match="needs labelled calibration data"):
         Calibrate(CalibrateConfig(max_accuracy_drop=1.0),
                   dataset=np.ones((4, 3, 8, 8), "float32"))(annotated)
+
+
+def test_report_has_per_layer_errors():
+    data = RNG.uniform(0, 1, (8, 3, 8, 8)).astype("float32")
+    report = qc.read_report(_calibrate(two_conv(), data, method="minmax", eval_samples=2))
+    errs = [l["input_error"] for l in report["layers"]]
+    assert all(0 <= e < 0.05 for e in errs), errs
+    assert 0 < report["output_error"] < 0.1
