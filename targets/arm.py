@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from .base import RunResult, TargetFamily, TargetProfile, register_family
+from .cpu_schedule import cpu_default_schedule
 
 
 class _ArmFamily(TargetFamily):
@@ -31,6 +32,9 @@ class _ArmFamily(TargetFamily):
 
     def latency_is_meaningful(self, profile: TargetProfile) -> bool:
         return False
+
+    def default_schedule(self, profile: TargetProfile):
+        return cpu_default_schedule()
 
 
 @register_family

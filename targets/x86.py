@@ -14,6 +14,7 @@ from tvm_compress import _fast_inspect
 from tvm_compress.errors import TargetError
 
 from .base import RunResult, TargetFamily, TargetProfile, register_family
+from .cpu_schedule import cpu_default_schedule
 from .local import run_in_process
 
 
@@ -44,6 +45,9 @@ class X86Family(TargetFamily):
             raise TargetError(why)
         outputs, times = run_in_process(lib_path, tvm.cpu(), inputs, repeat, warmup)
         return RunResult(outputs, times, "native")
+
+    def default_schedule(self, profile: TargetProfile):
+        return cpu_default_schedule()
 
     def tuning_runner(self, profile: TargetProfile):
         return ms.runner.LocalRunner(initializer=_fast_inspect.install)

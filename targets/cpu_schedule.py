@@ -1,0 +1,159 @@
+"""Default CPU schedules for kernels without tuning records (``--tune-trials 0``).
+
+TVM 0.27 offers two things for untuned CPU code: LegalizeOps' naive loop nests (one thread, no
+vectors) and dlight's CPU rules, which only cover GEMV and row reductions (and were slower than
+naive on the demo model). This dlight rule does what any hand schedule starts with, per block:
+inline pads and elementwise ops, put spatial loops outside reductions, accumulate the innermost
+output row in a small local tile that LLVM keeps in vector registers, vectorize it, and run the
+outer spatial loops in parallel. Numbers: docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+from tvm.target import Target
+
+# Widest output-row tile (16 floats = one AVX-512 / two AVX2 registers); narrower divisors of
+# the row length are taken when 16 does not divide it (e.g. 14 -> 7).
+_MAX_WIDTH, _MIN_WIDTH = 16, 4
+
+
+def _extent(sch: s_tir.Schedule, loop) -> Optional[int]:
+    ext = sch.get(loop).extent
+    return int(ext) if isinstance(ext, tirx.IntImm) else None
+
+
+def _vector_width(extent: Optional[int]) -> Optional[int]:
+    if extent is None:
+        return None
+    for w in range(min(_MAX_WIDTH, extent), _MIN_WIDTH - 1, -1):
+        if extent % w == 0:
+            return w
+    return None
+
+
+def _inline(sch: s_tir.Schedule, infos):
+    """Inline elementwise producers and consumers, but keep padding as its own loop nest: a
+    pad inlined into a convolution puts a bounds check in the innermost reduction loop."""
+    changed = True
+    while changed:
+        changed = False
+        for info in list(infos):
+            if info.is_reduction() or info.is_data_pad(sch):
+                continue
+            for primitive in (sch.compute_inline, sch.reverse_compute_inline):
+                try:
+                    primitive(info.block_rv)
+                except Exception:  # noqa: BLE001  (not inlinable here: keep the block)
+                    continue
+                infos.remove(info)
+                changed = True
+                break
+    return infos
+
+
+def _parallelize(sch: s_tir.Schedule, loops: list, min_chunks: int) -> None:
+    """Fuse leading loops until there are ``min_chunks`` iterations, then mark them parallel."""
+    if not loops:
+        return
+    take, total = [], 1
+    for loop in loops:
+        ext = _extent(sch, loop)
+        if ext is None:
+            break
+        take.append(loop)
+        total *= ext
+        if total >= min_chunks:
+            break
+    if not take or total < 2:
+        return
+    sch.parallel(sch.fuse(*take) if len(take) > 1 else take[0])
+
+
+class CPUFallback(CPUScheduleRule):
+    """Parallel outer spatial loops, vectorized register tile on the innermost spatial loop."""
+
+    def __init__(self, num_cores: int = 2):
+        self.num_cores = num_cores
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        if func.attrs is not None and func.attrs.get("tirx.is_scheduled", False):
+            return None
+        try:
+            return self._schedule(func, target)
+        except Exception:  # noqa: BLE001  (a block this rule does not understand stays naive)
+            return None
+
+    def _schedule(self, func, target):
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        infos = _inline(sch, infos)
+        tiles = {}
+        cores = int(target.attrs.get("num-cores", self.num_cores) or self.num_cores)
+        reductions: List[tuple] = []
+        for info in infos:
+            block = info.block_rv
+            kinds = info.dom_kind()
+            loops = sch.get_loops(block)
+            if len(loops) != len(kinds) or "O" in kinds:
+                continue
+            s_loops = [l for l, k in zip(loops, kinds) if k == "S"]
+            r_loops = [l for l, k in zip(loops, kinds) if k == "R"]
+            if not s_loops:
+                continue
+            width = _vector_width(_extent(sch, s_loops[-1]))
+            if r_loops:
+                if width is None:
+                    sch.reorder(*s_loops, *r_loops)
+                    _parallelize(sch, s_loops, 4 * cores)
+                    reductions.append((block, r_loops[0], None))
+                    continue
+                outer, inner = sch.split(s_loops[-1], factors=[None, width])
+                sch.reorder(*s_loops[:-1], outer, *r_loops, inner)
+                _parallelize(sch, [*s_loops[:-1], outer], 4 * cores)
+                reductions.append((block, r_loops[0], outer))
+                tiles[info.name] = outer
+            else:
+                fused = sch.fuse(*s_loops) if len(s_loops) > 1 else s_loops[0]
+                ext = _extent(sch, fused)
+                w = _vector_width(ext)
+                if w is not None and ext > w:
+                    outer, inner = sch.split(fused, factors=[None, w])
+                    sch.parallel(outer)
+                    sch.vectorize(inner)
+                elif ext is not None and ext > 1:
+                    sch.parallel(fused)
+        for block, r_loop, tile_loop in reductions:
+            if tile_loop is None:
+                sch.decompose_reduction(block, r_loop)
+                continue
+            # Accumulate one output tile in a local buffer (registers), write it back once.
+            local = sch.cache_write(block, 0, "local")
+            sch.reverse_compute_at(local, tile_loop, preserve_unit_loops=True)
+            # Bias / activation epilogues run on the tile while it is hot.
+            for consumer in sch.get_consumers(local):
+                try:
+                    sch.reverse_compute_at(consumer, tile_loop, preserve_unit_loops=True)
+                    sch.vectorize(sch.get_loops(consumer)[-1])
+                except Exception:  # noqa: BLE001  (epilogue stays a separate loop nest)
+                    pass
+            sch.vectorize(sch.get_loops(local)[-1])
+            # Vectorize while the block still has its init (a "reduction block" for the checks).
+            sch.vectorize(sch.get_loops(block)[-1])
+            sch.decompose_reduction(block, r_loop)
+        return sch
+
+
+def cpu_default_schedule():
+    """The passes CPU families run on kernels that have no tuning records."""
+    from tvm.s_tir import dlight as dl
+
+    return [dl.ApplyDefaultSchedule(CPUFallback())]

@@ -1,0 +1,60 @@
+"""The default CPU schedule: parallel + vectorized kernels that still compute the model."""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.s_tir import dlight as dl
+
+import tvm_compress
+from tvm_compress.pipeline import lowering_passes
+from tvm_compress.targets import get_target
+from tvm_compress.targets.cpu_schedule import CPUFallback
+from tvm_compress.verify import ort_run
+
+
+def _loop_kinds(func) -> set:
+    import tvm_ffi
+
+    kinds = set()
+    tvm_ffi.structural_walk(func.body, [(tvm.tirx.For, lambda n: kinds.add(n.kind))], order="post")
+    return kinds
+
+
+def test_conv_kernels_get_parallel_and_vector_loops(demo_model):
+    prepared = tvm_compress.prepare_onnx(demo_model, {"input": (1, 1, 28, 28)})
+    target = get_target("x86").tvm_target()
+    with target:
+        low = tvm.transform.Sequential(lowering_passes())(prepared.to_relax())
+        sched = dl.ApplyDefaultSchedule(CPUFallback())(low)
+    convs = [gv.name_hint for gv, f in sched.functions.items()
+             if isinstance(f, tvm.tirx.PrimFunc) and "conv2d" in gv.name_hint]
+    assert len(convs) == 3
+    for name in convs:
+        kinds = _loop_kinds(sched[name])
+        assert tvm.tirx.ForKind.PARALLEL in kinds, (name, kinds)
+        assert tvm.tirx.ForKind.VECTORIZED in kinds, (name, kinds)
+        assert sched[name].attrs["tirx.is_scheduled"]
+
+    ex = tvm.compile(sched, target)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    x = np.random.default_rng(5).random((1, 1, 28, 28), dtype=np.float32)
+    out = vm["main"](tvm.runtime.tensor(x)).numpy()
+    ref = ort_run(demo_model, prepared.inputs, [x])[0]
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_odd_length_elementwise_is_parallel_not_vectorized():
+    from tvm import te
+
+    a = te.placeholder((7,), "float32", name="a")
+    b = te.compute((7,), lambda i: a[i] * 2.0, name="b")
+    func = te.create_prim_func([a, b])
+    target = get_target("x86").tvm_target()
+    # 7 has no vector width >= 4 dividing it: parallel only, still scheduled.
+    sch = CPUFallback().apply(func, target, False)
+    assert sch is not None
+    kinds = _loop_kinds(sch.mod["main"])
+    assert tvm.tirx.ForKind.PARALLEL in kinds
+    assert not tvm.tirx.ForKind.VECTORIZED in kinds
