@@ -65,10 +65,12 @@ class TargetFamily:
 
     def export(self, executable, path: Path, profile: TargetProfile) -> None:
         fcompile = self.fcompile(profile)
+        # "-s": no symbol table or debug info in the deployed library (the runtime needs only
+        # the dynamic symbols); about 10-25% smaller artifacts.
         if fcompile is None:
-            executable.export_library(str(path))
+            executable.export_library(str(path), options=["-s"])
         else:
-            executable.export_library(str(path), fcompile=fcompile)
+            executable.export_library(str(path), fcompile=fcompile, options=["-s"])
 
     def default_schedule(self, profile: TargetProfile) -> List[tvm.transform.Pass]:
         """Passes that schedule legalized, fused TIR when no tuning records exist."""
