@@ -667,9 +667,8 @@ def can_run(arch: str, cache_dir=None) -> tuple[bool, str]:
     built, and qemu-user with the target's sysroot is present); else (False, why). Builds
     nothing."""
     try:
-        facts = _arch_facts(arch)
-        if facts["qemu"] is not None:
-            _runner_command(arch, Path(RUNNER_NAME))
+        _arch_facts(arch)
+        _emulator_prefix(arch)
     except TargetError as err:
         return False, str(err)
     out_dir = _cache(cache_dir) / "runners" / arch
@@ -706,10 +705,12 @@ def _check_elf(lib: Path, arch: str) -> None:
         )
 
 
-def _runner_command(arch: str, runner: Path) -> list[str]:
+def _emulator_prefix(arch: str) -> list[str]:
+    """``[qemu-<arch>, -L, <sysroot>]`` for ARM, ``[]`` for x86_64; TargetError when qemu-user or
+    the target's sysroot is missing."""
     facts = QEMU_ARCHES[arch]
     if facts["qemu"] is None:
-        return [str(runner)]
+        return []
     qemu = _find_tool(facts["qemu"], facts["qemu_package"])
     sysroot = Path(facts["sysroot"])
     if not (sysroot / facts["loader"]).exists():
@@ -717,7 +718,7 @@ def _runner_command(arch: str, runner: Path) -> list[str]:
             f"{sysroot / facts['loader']} not found: install the Debian package "
             f"{facts['sysroot_package']} (comes with {facts['cxx_package']})"
         )
-    return [qemu, "-L", str(sysroot), str(runner)]
+    return [qemu, "-L", str(sysroot)]
 
 
 def _to_array(i: int, value) -> np.ndarray:
@@ -746,7 +747,7 @@ def run_library(
     library file or inputs that do not fit the model, TargetError for toolchain, qemu or runtime
     failures.
     """
-    facts = _arch_facts(arch)
+    _arch_facts(arch)
     lib = Path(lib_path)
     if not lib.is_file():
         raise DataError(f"library file {lib} not found")
@@ -759,8 +760,9 @@ def run_library(
         inputs = [inputs]
     arrays = [_to_array(i, x) for i, x in enumerate(inputs)]
 
+    prefix = _emulator_prefix(arch)  # before building: fail fast without qemu
     runner = ensure_runner(arch, cache_dir)
-    cmd = _runner_command(arch, runner)
+    cmd = prefix + [str(runner)]
 
     with tempfile.TemporaryDirectory(prefix="tvm-runner-") as tmpdir:
         tmp = Path(tmpdir)
