@@ -367,6 +367,54 @@ def bench_model(key, model, input_name, shape, calib, evalset, labels, args, pro
     return res
 
 
+def dtype_check(args, profile, log):
+    """uint8 x int8 against int8 x int8 (and float) for one conv layer with its epilogue, each
+    tuned with the same trials: the measurement behind the activation dtype default."""
+    import tvm
+    from tvm import relax
+
+    from tvm_compress import tuning
+    from tvm_compress.pipeline import lowering_passes
+
+    target = profile.tvm_target()
+    rng = np.random.default_rng(0)
+    c, hw = 64, 40
+    w = rng.integers(-127, 128, (c, c, 3, 3)).astype("int8")
+    results = {}
+    for dt in ("float32", "int8", "uint8"):
+        bb = relax.BlockBuilder()
+        x = relax.Var("x", relax.TensorType((1, c, hw, hw), dt))
+        with bb.function("main", [x]):
+            with bb.dataflow():
+                if dt == "float32":
+                    y = bb.emit(relax.op.nn.conv2d(x, relax.const(w.astype("float32")), padding=1))
+                    y = bb.emit(relax.op.add(y, relax.const(np.ones((1, c, 1, 1), "float32"))))
+                    out = bb.emit_output(relax.op.nn.relu(y))
+                else:
+                    acc = bb.emit(relax.op.nn.conv2d(x, relax.const(w), padding=1, out_dtype="int32"))
+                    y = bb.emit(relax.op.multiply(relax.op.astype(acc, "float32"),
+                                                  relax.const(np.full((1, c, 1, 1), 1e-3, "float32"))))
+                    y = bb.emit(relax.op.nn.relu(relax.op.add(y, relax.const(np.ones((1, c, 1, 1), "float32")))))
+                    out = bb.emit_output(relax.op.quantize(y, relax.const(0.05, "float32"),
+                                                           relax.const(0, "uint8"), out_dtype="uint8"))
+            bb.emit_func_output(out)
+        mod = bb.get()
+        with target:
+            mod = tvm.transform.Sequential(lowering_passes())(mod)
+        work = Path(args.out) / "dtype_check" / dt
+        tuning.tune(mod, target, args.trials, work, log=log)
+        mod = tuning.apply_database(mod, target, work)
+        ex = tvm.compile(mod, target)
+        vm = relax.VirtualMachine(ex, tvm.cpu())
+        xin = tvm.runtime.tensor(rng.integers(0, 100, (1, c, hw, hw)).astype(dt))
+        t = vm.time_evaluator("main", tvm.cpu(), number=20, repeat=5)(xin)
+        results[dt] = 1e3 * float(np.median(t.results))
+        log(f"dtype check: {dt} conv3x3 {c}->{c} {hw}x{hw}: {results[dt]:.3f} ms")
+    results["shape"] = f"conv3x3 {c}->{c}, {hw}x{hw}, batch 1, fused epilogue"
+    results["trials"] = args.trials
+    return results
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="demo,cls,det")
@@ -377,6 +425,8 @@ def main(argv=None):
     ap.add_argument("--calib-method", default="percentile")
     ap.add_argument("--act-dtype", default="auto")
     ap.add_argument("--eval", type=int, default=400, help="evaluation samples for cls/det")
+    ap.add_argument("--dtype-check", action="store_true",
+                    help="only time one conv as float, int8 x int8 and uint8 x int8")
     args = ap.parse_args(argv)
     args.quant_options = {"calib_method": args.calib_method, "activation_dtype": args.act_dtype}
 
@@ -388,6 +438,13 @@ def main(argv=None):
         print(msg, flush=True)
 
     results = {}
+    if args.dtype_check:
+        res = dtype_check(args, profile, log)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "dtype_check.json").write_text(json.dumps(res, indent=1))
+        print(json.dumps(res, indent=1))
+        return
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     for key in models:
         t0 = time.monotonic()
