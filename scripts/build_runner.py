@@ -4,7 +4,7 @@
     python scripts/build_runner.py aarch64|armv7|x86_64 [--cache-dir DIR] [--force]
 
 The runner and the TVM runtime libraries it needs land in <cache>/runners/<arch>/ (cache:
-$TVM_COMPRESS_CACHE or ~/.cache/tvm-compress). The build logic lives in tvm_compress.targets.qemu
+$TVM_COMPRESS_RUNNER_CACHE, $TVM_COMPRESS_CACHE or ~/.cache/tvm-compress). The build logic lives in tvm_compress.targets.qemu
 (targets/qemu.py); this is a thin command line over it. See docs/deploy-runner.md.
 """
 
@@ -42,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     qemu = _load_qemu()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("arch", choices=sorted(qemu.QEMU_ARCHES))
-    parser.add_argument("--cache-dir", default=None, help="default: $TVM_COMPRESS_CACHE or ~/.cache/tvm-compress")
+    parser.add_argument(
+        "--cache-dir", default=None,
+        help="default: $TVM_COMPRESS_RUNNER_CACHE, $TVM_COMPRESS_CACHE or ~/.cache/tvm-compress",
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
     args = parser.parse_args(argv)
 

@@ -42,6 +42,7 @@ __all__ = [
     "QEMU_ARCHES",
     "RunResult",
     "default_cache_dir",
+    "runner_cache_dir",
     "ensure_runner",
     "build_runner",
     "can_run",
@@ -138,8 +139,15 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "tvm-compress"
 
 
-def _cache(cache_dir) -> Path:
-    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+def runner_cache_dir(cache_dir=None) -> Path:
+    """Where runners are built: ``cache_dir``, else ``$TVM_COMPRESS_RUNNER_CACHE`` (lets test
+    sessions with a throw-away ``$TVM_COMPRESS_CACHE`` keep the runners), else the cache."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("TVM_COMPRESS_RUNNER_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return default_cache_dir()
 
 
 def _arch_facts(arch: str) -> dict:
@@ -595,7 +603,7 @@ def build_runner(arch: str, cache_dir=None, *, force: bool = False, log: Log | N
     """
     facts = _arch_facts(arch)
     log = log or (lambda msg: None)
-    cache = _cache(cache_dir)
+    cache = runner_cache_dir(cache_dir)
     out_dir = cache / "runners" / arch
     runner = out_dir / RUNNER_NAME
 
@@ -671,7 +679,7 @@ def can_run(arch: str, cache_dir=None) -> tuple[bool, str]:
         _emulator_prefix(arch)
     except TargetError as err:
         return False, str(err)
-    out_dir = _cache(cache_dir) / "runners" / arch
+    out_dir = runner_cache_dir(cache_dir) / "runners" / arch
     if _runner_complete(out_dir):
         return True, ""
     blocker = runner_blocker(arch)

@@ -3,8 +3,8 @@
 Libraries are compiled here for x86_64 (run natively), aarch64 and armv7 (run under qemu-user)
 and compared with onnxruntime. Also: what the ARM code generator emits (NEON fmla, sdot).
 
-Runners are built into the user's cache ($TVM_COMPRESS_CACHE or ~/.cache/tvm-compress, read when
-this module is imported, i.e. before conftest points TVM_COMPRESS_CACHE at a per-session directory)
+Runners are built into the user's cache ($TVM_COMPRESS_RUNNER_CACHE, $TVM_COMPRESS_CACHE or
+~/.cache/tvm-compress, read when this module is imported, i.e. before conftest points TVM_COMPRESS_CACHE at a per-session directory)
 so that later sessions reuse them: the first aarch64 run downloads the aarch64 wheels (~100 MB),
 the first armv7 run compiles tvm-ffi and the TVM runtime (several minutes on 2 cores). Runners are
 build tools, not test data: sharing them changes no result.
@@ -28,7 +28,7 @@ from tvm_compress.errors import DataError, TargetError  # noqa: E402
 from tvm_compress.targets import qemu  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-RUNNER_CACHE = qemu.default_cache_dir()  # evaluated at collection, before conftest's override
+RUNNER_CACHE = qemu.runner_cache_dir()  # evaluated at collection, before conftest's override
 RTOL = 1e-5
 ATOL = 1e-5
 
