@@ -1,0 +1,86 @@
+"""Every target family compiles the demo model; ARM runs under qemu, CUDA builds without a GPU."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+import tvm_compress
+from tvm_compress import errors
+from tvm_compress.cli import main
+from tvm_compress.targets import get_family, get_target
+
+SHAPE = {"input": (1, 1, 28, 28)}
+quiet = lambda m: None  # noqa: E731
+
+
+def _needs(tool: str):
+    if shutil.which(tool) is None:
+        pytest.skip(f"{tool} not installed")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["aarch64", "rpi5", "armv7"])
+def test_arm_library_runs_under_qemu_and_matches(demo_model, tmp_path, target):
+    profile = get_target(target)
+    _needs(get_family(profile.family).cross_cc)
+    ok, why = get_family(profile.family).can_run(profile)
+    if not ok:
+        pytest.skip(why)
+    out = tmp_path / f"{target}.so"
+    rep = tvm_compress.compile(demo_model, out, target=target, input_shapes=SHAPE, log=quiet)
+    assert rep["verified"] and rep["max_rel_err"] < 1e-4
+    assert rep["latency_ms"] is None and "emulated" in rep["latency_note"]
+    magic = out.read_bytes()[:20]
+    assert magic[:4] == b"\x7fELF"
+    machine = int.from_bytes(magic[18:20], "little")
+    assert machine == (183 if profile.family == "aarch64" else 40)  # EM_AARCH64 / EM_ARM
+
+
+def test_cuda_builds_without_gpu(demo_model, tmp_path):
+    _needs("nvcc")
+    out = tmp_path / "cuda.so"
+    rep = tvm_compress.compile(demo_model, out, target="cuda-sm80", input_shapes=SHAPE, log=quiet)
+    assert out.exists() and rep["artifact_bytes"] > 0
+    man = json.loads(out.with_suffix(".json").read_text())
+    assert man["tvm_target"]["kind"] == "cuda" and man["tvm_target"]["arch"] == "sm_80"
+    ok, why = get_family("cuda").can_run(get_target("cuda-sm80"))
+    if ok:
+        assert rep["verified"] and rep["max_rel_err"] < 1e-3
+        assert rep["latency_ms"]["median"] > 0
+    else:
+        assert rep["verify_status"] == "not run: no GPU" and rep["max_rel_err"] is None
+
+
+def test_jetson_preset_cross_compiles_the_host_side(demo_model, tmp_path):
+    _needs("nvcc")
+    _needs("aarch64-linux-gnu-g++")
+    out = tmp_path / "orin.so"
+    rep = tvm_compress.compile(demo_model, out, target="jetson-orin", input_shapes=SHAPE, log=quiet)
+    assert int.from_bytes(out.read_bytes()[18:20], "little") == 183
+    assert "needs the board" in rep["verify_status"]
+
+
+def test_missing_cross_compiler_names_the_debian_package(demo_model, tmp_path, monkeypatch, capsys):
+    real_which = shutil.which
+    monkeypatch.setattr(
+        "tvm_compress.targets.base.shutil.which",
+        lambda name: None if name == "arm-linux-gnueabihf-g++" else real_which(name),
+    )
+    code = main(["compile", str(demo_model), "-o", str(tmp_path / "a.so"), "--target", "armv7",
+                 "--input-shape", "input=1,1,28,28"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and err.count("\n") == 0
+    assert "arm-linux-gnueabihf-g++" in err and "apt-get install g++-arm-linux-gnueabihf" in err
+    assert not (tmp_path / "a.so").exists()
+
+
+def test_bad_target_file_family(tmp_path):
+    from tvm_compress.targets import load_target_files
+
+    f = tmp_path / "t.toml"
+    f.write_text('[b]\nfamily = "mips"\ntarget = { kind = "llvm" }\n')
+    with pytest.raises(errors.TargetError, match="unknown target family 'mips'"):
+        load_target_files([f])
