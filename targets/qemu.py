@@ -171,10 +171,6 @@ def runner_source_dir() -> Path | None:
     return None
 
 
-def _source_files(src_dir: Path) -> list[Path]:
-    return sorted(p for p in src_dir.rglob("*") if p.suffix in (".cc", ".h") and p.is_file())
-
-
 def _versions() -> dict[str, str]:
     out = {}
     for dist in ("apache-tvm", "apache-tvm-ffi"):

@@ -375,6 +375,17 @@ def test_missing_qemu_names_debian_package(monkeypatch, tmp_path, net):
     assert not ok and "qemu-user" in why
 
 
+def test_failed_download_is_one_line_target_error(monkeypatch, tmp_path):
+    _need("aarch64")
+    monkeypatch.setattr(
+        qemu, "_versions", lambda: {"apache-tvm": "0.0.0.dev0", "apache-tvm-ffi": "0.0.0.dev0"}
+    )
+    with pytest.raises(TargetError) as exc:
+        qemu.ensure_runner("aarch64", cache_dir=tmp_path)
+    msg = _one_line(exc.value)
+    assert "download of apache-tvm==0.0.0.dev0" in msg and "manylinux_2_28_aarch64" in msg
+
+
 def test_build_runner_cli_one_line_error_without_cross_compiler(tmp_path):
     empty = tmp_path / "bin"
     empty.mkdir()

@@ -280,7 +280,7 @@ void WriteOutput(const ffi::Tensor& t, const std::string& path) {
 }
 
 std::string OneLine(std::string s) {
-  // Drop trailing newlines and keep the first line plus nothing else: callers show one line.
+  // Callers show errors on one line: drop trailing newlines, join the others with spaces.
   while (!s.empty() && (s.back() == '\n' || s.back() == '\r')) s.pop_back();
   for (char& c : s) {
     if (c == '\n' || c == '\r') c = ' ';

@@ -24,7 +24,6 @@ struct HasSaveLoad<T, std::void_t<decltype(std::declval<const T&>().Save(std::de
                                   decltype(std::declval<T&>().Load(std::declval<Stream*>()))>>
     : std::true_type {};
 
-template <typename T>
 inline bool ReadCount(Stream* strm, uint64_t* n) {
   return strm->Read(n, sizeof(uint64_t)) == sizeof(uint64_t);
 }
@@ -57,7 +56,7 @@ struct Serializer<std::string> {
   }
   static bool Read(Stream* strm, std::string* out) {
     uint64_t n;
-    if (!shim_detail::ReadCount<void>(strm, &n)) return false;
+    if (!shim_detail::ReadCount(strm, &n)) return false;
     out->resize(static_cast<size_t>(n));
     return n == 0 || strm->Read(&(*out)[0], static_cast<size_t>(n)) == n;
   }
@@ -91,7 +90,7 @@ struct Serializer<std::vector<T, A>> {
   }
   static bool Read(Stream* strm, std::vector<T, A>* out) {
     uint64_t n;
-    if (!shim_detail::ReadCount<void>(strm, &n)) return false;
+    if (!shim_detail::ReadCount(strm, &n)) return false;
     out->resize(static_cast<size_t>(n));
     if constexpr (std::is_trivially_copyable_v<T> && !shim_detail::HasSaveLoad<T>::value) {
       size_t bytes = sizeof(T) * static_cast<size_t>(n);
@@ -115,7 +114,7 @@ struct Serializer<ffi::Array<T>> {
   }
   static bool Read(Stream* strm, ffi::Array<T>* out) {
     uint64_t n;
-    if (!shim_detail::ReadCount<void>(strm, &n)) return false;
+    if (!shim_detail::ReadCount(strm, &n)) return false;
     ffi::Array<T> arr;
     for (uint64_t i = 0; i < n; ++i) {
       T v;
@@ -153,7 +152,7 @@ struct MapSerializer {
   }
   static bool Read(Stream* strm, M* out) {
     uint64_t n;
-    if (!shim_detail::ReadCount<void>(strm, &n)) return false;
+    if (!shim_detail::ReadCount(strm, &n)) return false;
     out->clear();
     for (uint64_t i = 0; i < n; ++i) {
       K k;
