@@ -324,8 +324,11 @@ class Calibrate:
         float_points: Dict[int, List[np.ndarray]] = {pid: [] for pid in ids}
 
         def sweep(hist: bool):
-            seen = 0
+            seen, step = 0, max(batch, data.count // 4)
+            what = "histograms" if hist else "ranges"
             for feed, idx in data.batches(batch):
+                if seen and seen % step < batch:
+                    self.log(f"quantize: calibration {what}: {seen}/{data.count} samples")
                 outs = run(*[feed[n] for n in names])
                 model_out, observed = outs[0], outs[1]
                 for pid, arr in zip(ids, observed):
