@@ -90,6 +90,10 @@ class TargetFamily:
     ) -> RunResult:
         raise TargetError(f"target {profile.name!r}: {self.can_run(profile)[1]}")
 
+    def remote_device(self, session):
+        """The device to run on in an RPC session to a board of this family."""
+        return session.cpu(0)
+
     def tuning_runner(self, profile: TargetProfile):
         """MetaSchedule runner for tuning here, or None when this machine cannot measure."""
         return None

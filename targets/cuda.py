@@ -93,6 +93,9 @@ class CudaFamily(TargetFamily):
         outputs, times = run_in_process(lib_path, tvm.cuda(0), inputs, repeat, warmup)
         return RunResult(outputs, times, f"cuda:{tvm.cuda(0).device_name}")
 
+    def remote_device(self, session):
+        return session.cuda(0)
+
     def tuning_runner(self, profile: TargetProfile):
         if not self.can_run(profile)[0]:
             return None

@@ -38,6 +38,7 @@ def run(
     lib_path: str | os.PathLike,
     inputs: Union[str, os.PathLike, Mapping[str, np.ndarray], Sequence[np.ndarray]],
     repeat: int = 0,
+    rpc=None,
 ) -> RunResult:
     """Run the artifact with the family runner of its target (natively, under qemu, on a GPU)."""
     manifest = load_manifest(lib_path)
@@ -53,6 +54,11 @@ def run(
         arrays = [np.ascontiguousarray(x) for x in inputs]
     profile = get_target(manifest["target"])
     family = get_family(profile.family)
+    if rpc is not None:
+        from . import remote
+
+        remote.check_tracker(rpc)
+        return remote.run_remote(rpc, family, Path(lib_path), arrays, repeat)
     ok, why = family.can_run(profile)
     if not ok:
         raise DataError(f"{lib_path}: cannot run a {profile.name} library here ({why})")

@@ -19,7 +19,7 @@ from tvm import relax
 from tvm_compress.passes import PassEnv, get_pass, parse_pass_list
 from tvm_compress.targets import TargetProfile, get_family, get_target
 
-from . import pipeline, verify
+from . import pipeline, remote, verify
 from .errors import OutputError, TargetError, VerificationError
 from .fileutil import atomic_path, check_writable, write_json
 from .loader import PreparedModel, prepare_onnx
@@ -67,6 +67,7 @@ def compile(  # noqa: A001  (the product's verb)
     tune_trials: int = 0,
     report: Optional[str | os.PathLike] = None,
     bench_runs: int = 50,
+    rpc: Optional["remote.RemoteSpec"] = None,
     log: LogFn = print,
 ) -> Dict[str, Any]:
     """Compile ``model`` for ``target`` into ``output`` (.so) and return the report dict.
@@ -82,6 +83,8 @@ def compile(  # noqa: A001  (the product's verb)
     names = parse_pass_list(passes)
     if tune_trials < 0:
         raise TargetError(f"--tune-trials must be >= 0, got {tune_trials}")
+    if rpc is not None:
+        remote.check_tracker(rpc)
     output = check_writable(output)
     if output.suffix != ".so":
         raise OutputError(f"output {output} must end in .so")
@@ -116,14 +119,17 @@ def compile(  # noqa: A001  (the product's verb)
     log(f"lower: {profile.name} ({tvm_target.kind.name})")
     with tvm_target:
         mod = tvm.transform.Sequential(pipeline.lowering_passes())(mod)
-    mod, tuning_summary = pipeline.schedule(mod, profile, tune_trials, log=log)
+    mod, tuning_summary = pipeline.schedule(
+        mod, profile, tune_trials, log=log, runner=remote.tuning_runner(rpc) if rpc else None
+    )
     log("build: tvm.compile")
     executable = tvm.compile(mod, tvm_target)
 
     with atomic_path(output) as tmp_lib:
         family.export(executable, tmp_lib, profile)
         record = _verify_and_time(
-            family, profile, tmp_lib, prepared, inputs, bench_runs, lossy=any(get_pass(n).lossy for n in names), log=log
+            family, profile, tmp_lib, prepared, inputs, bench_runs,
+            lossy=any(get_pass(n).lossy for n in names), log=log, rpc=rpc,
         )
         artifact_bytes = tmp_lib.stat().st_size
         manifest_data = _manifest(prepared, profile, tvm_target, names, tmp_lib, output, tuning_summary)
@@ -158,16 +164,19 @@ def compile(  # noqa: A001  (the product's verb)
     return rep
 
 
-def _verify_and_time(family, profile, lib_path, prepared: PreparedModel, inputs, bench_runs, lossy, log):
+def _verify_and_time(family, profile, lib_path, prepared: PreparedModel, inputs, bench_runs, lossy, log, rpc=None):
     refs = verify.ort_run(prepared.path, prepared.inputs, inputs)
-    ok, why = family.can_run(profile)
+    ok, why = (True, "") if rpc else family.can_run(profile)
     if not ok:
         log(f"verify: {why}")
         return {"verified": False, "verify_status": why, "max_abs_err": None, "max_rel_err": None,
                 "latency_ms": None, "onnxruntime_latency_ms": None}
-    meaningful = family.latency_is_meaningful(profile)
-    result = family.run(profile, lib_path, inputs, repeat=bench_runs if meaningful else 1,
-                        warmup=3 if meaningful else 0)
+    meaningful = bool(rpc) or family.latency_is_meaningful(profile)
+    if rpc:
+        result = remote.run_remote(rpc, family, lib_path, inputs, repeat=bench_runs)
+    else:
+        result = family.run(profile, lib_path, inputs, repeat=bench_runs if meaningful else 1,
+                            warmup=3 if meaningful else 0)
     cmp = verify.compare(result.outputs, refs)
     if cmp.get("error"):
         raise VerificationError(f"{profile.name}: {cmp['error']}")

@@ -58,6 +58,24 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--targets-file", action="append", metavar="TOML", help="extra target presets")
 
 
+def _add_rpc_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("boards over TVM RPC")
+    g.add_argument("--rpc-tracker", metavar="HOST:PORT", help="TVM RPC tracker the boards registered with")
+    g.add_argument("--rpc-key", metavar="KEY", help="device key of the boards (with --rpc-tracker)")
+
+
+def _rpc_spec(args):
+    from .remote import parse_tracker
+
+    if not args.rpc_tracker:
+        if args.rpc_key:
+            from .errors import RemoteError
+
+            raise RemoteError("--rpc-key needs --rpc-tracker HOST:PORT")
+        return None
+    return parse_tracker(args.rpc_tracker, args.rpc_key)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     from tvm_compress.passes import get_pass, pass_names
 
@@ -85,6 +103,7 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--report", metavar="REPORT.json", help="write the report here")
     c.add_argument("--bench-runs", type=int, default=50, metavar="N", help="timed runs (default 50)")
     c.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_rpc_args(c)
     for name in pass_names():
         preset = get_pass(name)
         if preset.add_arguments is not None:
@@ -95,6 +114,7 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--input", required=True, metavar="FILE", help=".npy (one input) or .npz by input name")
     r.add_argument("--output", metavar="OUT.npz", help="save the outputs here")
     r.add_argument("--repeat", type=int, default=0, metavar="N", help="also time N runs")
+    _add_rpc_args(r)
 
     i = sub.add_parser("inspect", help="inputs, outputs, op histogram, params and MACs per layer")
     _add_common_model_args(i)
@@ -133,6 +153,7 @@ def _cmd_compile(args) -> int:
         tune_trials=args.tune_trials,
         report=args.report,
         bench_runs=args.bench_runs,
+        rpc=_rpc_spec(args),
         log=_log_fn(args.quiet),
     )
     if not args.quiet:
@@ -165,7 +186,7 @@ def _cmd_run(args) -> int:
     if args.output:
         check_writable(args.output)
     manifest = artifact.load_manifest(args.library)
-    result = artifact.run(args.library, args.input, repeat=args.repeat)
+    result = artifact.run(args.library, args.input, repeat=args.repeat, rpc=_rpc_spec(args))
     names = [o["name"] for o in manifest["outputs"]]
     if len(names) != len(result.outputs):
         names = [f"output_{k}" for k in range(len(result.outputs))]

@@ -50,8 +50,11 @@ def schedule(
     trials: int,
     work_dir: Optional[Path] = None,
     log: Callable[[str], None] = lambda m: None,
+    runner=None,
 ):
     """Tune (when ``trials`` > 0) and apply records, else the family's default schedules.
+
+    ``runner`` measures candidates (e.g. an RPC runner for boards); default: the family's.
 
     Returns (scheduled module, TuningSummary or None).
     """
@@ -60,7 +63,7 @@ def schedule(
     summary = None
     if trials > 0:
         work_dir = work_dir or tuning.database_dir(mod, target)
-        runner = family.tuning_runner(profile)
+        runner = runner or family.tuning_runner(profile)
         if runner is None:
             # Records from an earlier run (or another machine) still apply; no new trials.
             log(f"tuning: no way to measure {profile.name} here; using cached records only")

@@ -1,0 +1,108 @@
+"""Boards over TVM RPC, tested with a tracker and an RPC server on loopback."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import tvm_compress
+from tvm_compress import errors
+from tvm_compress.cli import main
+from tvm_compress.remote import RemoteSpec, check_tracker, parse_tracker
+
+quiet = lambda m: None  # noqa: E731
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tracker():
+    """A tracker and one x86 server under key 'x86-local', both on 127.0.0.1."""
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port),
+         "--port-end", str(port + 1)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        spec = RemoteSpec("127.0.0.1", port, "x86-local")
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail("RPC tracker did not start")
+                time.sleep(0.5)
+        server_port = _free_port()
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1",
+             "--port", str(server_port), "--port-end", str(server_port + 1),
+             "--tracker", f"127.0.0.1:{port}", "--key", "x86-local"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        while True:
+            try:
+                check_tracker(spec, timeout=1)
+                break
+            except errors.RemoteError:
+                if time.monotonic() > deadline:
+                    pytest.fail("RPC server did not register")
+                time.sleep(0.5)
+        yield spec
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_compile_verifies_and_times_on_the_remote_board(dense_model, tmp_path, tracker):
+    rep = tvm_compress.compile(dense_model, tmp_path / "d.so", rpc=tracker, bench_runs=5, log=quiet)
+    assert rep["verify_status"] == f"ran rpc x86-local@127.0.0.1:{tracker.port}"
+    assert rep["max_rel_err"] < 1e-4 and rep["latency_ms"]["runs"] == 5
+
+    x = np.random.default_rng(2).random((2, 32), dtype=np.float32)
+    remote = tvm_compress.run(tmp_path / "d.so", {"x": x}, repeat=2, rpc=tracker)
+    local = tvm_compress.run(tmp_path / "d.so", {"x": x})
+    np.testing.assert_allclose(remote.outputs[0], local.outputs[0], rtol=1e-6)
+    assert len(remote.times_ms) == 2
+
+
+@pytest.mark.slow
+def test_tuning_measures_on_the_remote_board(conv_model, tmp_path, tracker):
+    rep = tvm_compress.compile(conv_model, tmp_path / "c.so", rpc=tracker, tune_trials=4, bench_runs=2, log=quiet)
+    assert rep["tuning"]["new_trials"] == 4
+    assert rep["max_rel_err"] < 1e-4
+
+
+def test_unreachable_tracker_one_line_error(dense_model, tmp_path, capsys):
+    port = _free_port()  # nothing listens there
+    code = main(["compile", str(dense_model), "-o", str(tmp_path / "d.so"),
+                 "--rpc-tracker", f"127.0.0.1:{port}", "--rpc-key", "pi4"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "\n" not in err
+    assert f"RPC tracker 127.0.0.1:{port} unreachable" in err
+    assert not (tmp_path / "d.so").exists()
+
+
+def test_unknown_key_one_line_error(dense_model, tmp_path, tracker, capsys):
+    code = main(["compile", str(dense_model), "-o", str(tmp_path / "d.so"),
+                 "--rpc-tracker", f"127.0.0.1:{tracker.port}", "--rpc-key", "jetson"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "no RPC server with key 'jetson'" in err and "x86-local" in err
+
+
+@pytest.mark.parametrize("text, key", [("localhost", "k"), ("h:p", "k"), ("h:9190", None)])
+def test_bad_tracker_arguments(text, key):
+    with pytest.raises(errors.RemoteError):
+        parse_tracker(text, key)
