@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Build the C++ deploy runner (scripts/runner/tvm_runner.cc) for one architecture.
+"""Build the C++ deploy runner (targets/runner/tvm_runner.cc) for one architecture.
 
     python scripts/build_runner.py aarch64|armv7|x86_64 [--cache-dir DIR] [--force]
 

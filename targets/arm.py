@@ -1,7 +1,7 @@
 """ARM families: aarch64 and armv7 (hard-float), cross-compiled, run here under qemu-user.
 
 Libraries are exported with the Debian cross compilers and executed by the deploy runner
-(``scripts/runner``) under qemu: that proves the artifact runs on the architecture, but qemu
+(``targets/runner``) under qemu: that proves the artifact runs on the architecture, but qemu
 timings say nothing about a board's speed, so latency is only reported from real boards (RPC).
 """
 

@@ -1,6 +1,6 @@
 """Run compiled TVM libraries for ARM here, under qemu-user, with a small C++ deploy runner.
 
-The runner (``scripts/runner/tvm_runner.cc``) loads a library exported by
+The runner (``targets/runner/tvm_runner.cc``) loads a library exported by
 ``tvm.compile(mod, target).export_library(path, fcompile=...)`` through the tvm-ffi C++ API, runs
 the Relax VM function ``main`` on the CPU and writes the outputs as raw files (see
 docs/deploy-runner.md). This module builds that runner for an architecture (downloading the TVM
@@ -160,11 +160,11 @@ def _arch_facts(arch: str) -> dict:
 
 
 def runner_source_dir() -> Path | None:
-    """Directory holding tvm_runner.cc: $TVM_COMPRESS_RUNNER_SRC, else scripts/runner of the
-    source checkout this module lies in (scripts/ is not part of the installed package)."""
+    """Directory holding tvm_runner.cc: $TVM_COMPRESS_RUNNER_SRC, else the ``runner`` folder
+    installed beside this module (package data, so installed copies can build it too)."""
     env = os.environ.get("TVM_COMPRESS_RUNNER_SRC")
     candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parent.parent / "scripts" / "runner")
+    candidates.append(Path(__file__).resolve().parent / "runner")
     for cand in candidates:
         if (cand / f"{RUNNER_NAME}.cc").is_file():
             return cand
@@ -372,7 +372,7 @@ ARMV7_RUNTIME_SOURCES = (
     "extra/contrib/sort/sort.cc",
 )
 # Headers the runtime sources include but the wheel does not ship; tvm-compress writes its own
-# (scripts/runner/runtime_shims/).
+# (targets/runner/runtime_shims/).
 _SHIM_FILES = (
     "tvm/support/io.h",
     "tvm/support/serializer.h",
@@ -557,7 +557,7 @@ def runner_blocker(arch: str) -> str | None:
     src = runner_source_dir()
     if src is None:
         return (f"runner source {RUNNER_NAME}.cc not found: set TVM_COMPRESS_RUNNER_SRC to the "
-                "scripts/runner directory of a tvm-compress checkout")
+                "targets/runner directory of a tvm-compress checkout")
     if arch == "armv7":
         tvm_src = _host_package_dir("tvm") / "src" / "runtime"
         missing = [rel for rel in ARMV7_RUNTIME_SOURCES if not (tvm_src / rel).is_file()]
@@ -608,8 +608,8 @@ def build_runner(arch: str, cache_dir=None, *, force: bool = False, log: Log | N
         if _runner_complete(out_dir):
             return runner  # installed package without scripts/: use what was built before
         raise TargetError(
-            f"runner source {RUNNER_NAME}.cc not found (scripts/runner is not installed with the "
-            "package): set TVM_COMPRESS_RUNNER_SRC to the scripts/runner directory of a checkout"
+            f"runner source {RUNNER_NAME}.cc not found (targets/runner is not installed with the "
+            "package): set TVM_COMPRESS_RUNNER_SRC to the targets/runner directory of a checkout"
         )
     blocker = runner_blocker(arch)
     if blocker is not None:

@@ -16,8 +16,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
-    """Tuning databases of the tests go to a fresh directory, not the user's cache."""
+    """Tuning databases of the tests go to a fresh directory, not the user's cache.
+
+    Deploy runners (and the armv7 runtime, minutes to build) stay in the user's cache."""
+    from tvm_compress.targets import qemu
+
     old = os.environ.get("TVM_COMPRESS_CACHE")
+    os.environ.setdefault("TVM_COMPRESS_RUNNER_CACHE", str(qemu.runner_cache_dir()))
     os.environ["TVM_COMPRESS_CACHE"] = str(tmp_path_factory.mktemp("tvmc-cache"))
     yield
     if old is None:

@@ -1,4 +1,4 @@
-"""The C++ deploy runner (scripts/runner/tvm_runner.cc) and tvm_compress.targets.qemu.
+"""The C++ deploy runner (targets/runner/tvm_runner.cc) and tvm_compress.targets.qemu.
 
 Libraries are compiled here for x86_64 (run natively), aarch64 and armv7 (run under qemu-user)
 and compared with onnxruntime. Also: what the ARM code generator emits (NEON fmla, sdot).
