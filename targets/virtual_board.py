@@ -468,6 +468,8 @@ def wait_registered(
                 f"virtual board server exited with code {proc.returncode} before registering: {_log_tail(proc)}"
             )
         try:
+            # connect first: rpc.connect_tracker retries (and logs) for a minute on a closed port
+            socket.create_connection((tracker_host, tracker_port), timeout=2).close()
             if key in registered_keys(tracker_host, tracker_port):
                 return time.monotonic() - t0
         except Exception:  # noqa: BLE001  tracker not up yet
