@@ -96,3 +96,21 @@ def test_unwritable_output(dense_model, tmp_path):
 def test_unknown_pass(dense_model, tmp_path):
     with pytest.raises(errors.PassOptionError, match="unknown pass 'sparsify'"):
         tvm_compress.compile(dense_model, tmp_path / "d.so", passes="sparsify")
+
+
+def test_registered_relax_pipeline_compiles(conv_model):
+    """relax.get_pipeline("tvm_compress", ...) is the same flow as one pass."""
+    import tvm
+    from tvm import relax
+
+    import tvm_compress.pipeline  # noqa: F401  (registers the pipeline)
+    from tvm_compress.targets import get_target
+
+    profile = get_target("x86")
+    prepared = tvm_compress.prepare_onnx(conv_model)
+    mod = relax.get_pipeline("tvm_compress", target=profile)(prepared.to_relax())
+    ex = tvm.compile(mod, profile.tvm_target())
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    x = np.random.default_rng(1).random((1, 3, 8, 8), dtype=np.float32)
+    ref = ort_run(conv_model, prepared.inputs, [x])[0]
+    np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(x)).numpy(), ref, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,143 @@
+#!/usr/bin/env python
+"""CPU benchmark: onnxruntime fp32 vs TVM (naive, dlight, our default schedule, tuned), one run.
+
+Every variant is built first, then all are timed in the same process, interleaved round by round
+on the same input, so the ratios compare like with like even on a busy machine.
+
+    python scripts/bench_cpu.py --models demo,det --trials 1536 --runs 30
+
+Tuning records are cached per (model, target) (see tvm_compress.tuning), so a second run with the
+same budget only times. Prints a Markdown table; --json writes the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import tvm
+from tvm import relax
+from tvm.s_tir import dlight as dl
+
+import tvm_compress
+from tvm_compress.demo import demo_files
+from tvm_compress.pipeline import lowering_passes
+from tvm_compress.targets import get_target
+from tvm_compress.targets.cpu_schedule import cpu_default_schedule
+from tvm_compress.verify import ort_session
+
+
+def _rapidocr(name: str) -> Path:
+    try:
+        import rapidocr_onnxruntime
+    except ImportError:
+        sys.exit("bench_cpu: pip install --no-deps rapidocr-onnxruntime==1.4.4 for the PP-OCR models")
+    return Path(rapidocr_onnxruntime.__file__).parent / "models" / name
+
+
+MODELS = {
+    "demo": (lambda: demo_files()["model"], {"input": (1, 1, 28, 28)}),
+    "det": (lambda: _rapidocr("ch_PP-OCRv4_det_infer.onnx"), {"x": (1, 3, 320, 320)}),
+    "cls": (lambda: _rapidocr("ch_ppocr_mobile_v2.0_cls_infer.onnx"), {"x": (1, 3, 48, 192)}),
+}
+
+
+def _vm_runner(ex, x):
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    arg = tvm.runtime.tensor(x)
+    return lambda: vm["main"](arg)
+
+
+def _lowered(prepared, target):
+    with target:
+        return tvm.transform.Sequential(lowering_passes())(prepared.to_relax())
+
+
+def bench_model(name: str, trials: int, runs: int, out_dir: Path, log) -> list:
+    get_path, shapes = MODELS[name]
+    path = get_path()
+    prepared = tvm_compress.prepare_onnx(path, shapes)
+    target = get_target("x86").tvm_target()
+    x = np.random.default_rng(0).random(prepared.inputs[0].shape, dtype=np.float32)
+    runners = {}
+
+    sess = ort_session(path, threads=2)
+    feed = {prepared.inputs[0].name: x}
+    runners["onnxruntime fp32 (2 threads)"] = lambda: sess.run(None, feed)
+
+    low = _lowered(prepared, target)
+    log(f"{name}: building naive / dlight / default-schedule variants")
+    runners["TVM naive loops (plain legalization)"] = _vm_runner(tvm.compile(low, target), x)
+    with target:
+        dlight_mod = dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())(low)
+        ours_mod = tvm.transform.Sequential(cpu_default_schedule())(low)
+    runners["TVM dlight CPU rules"] = _vm_runner(tvm.compile(dlight_mod, target), x)
+    runners["TVM default schedule (tvm-compress, --tune-trials 0)"] = _vm_runner(tvm.compile(ours_mod, target), x)
+
+    tuned_so = out_dir / f"{name}_tuned_{trials}.so"
+    log(f"{name}: compiling with {trials} tuning trials (cached records are reused)")
+    t0 = time.monotonic()
+    rep = tvm_compress.compile(path, tuned_so, input_shapes=shapes, tune_trials=trials, bench_runs=3, log=log)
+    tuning = rep["tuning"]
+    label = f"TVM MetaSchedule, {trials} trials"
+    runners[label] = _vm_runner(tvm.runtime.load_module(str(tuned_so)), x)
+
+    # Warm up, then interleave: one run of each variant per round.
+    slow = {"TVM naive loops (plain legalization)", "TVM dlight CPU rules"}
+    times = {k: [] for k in runners}
+    for fn in runners.values():
+        fn()
+    for r in range(runs):
+        for k, fn in runners.items():
+            if k in slow and r >= max(3, runs // 5):
+                continue  # seconds per run on big models; a few runs suffice
+            t = time.perf_counter()
+            fn()
+            times[k].append((time.perf_counter() - t) * 1e3)
+    ort_ms = float(np.median(times["onnxruntime fp32 (2 threads)"]))
+    rows = []
+    for k, ts in times.items():
+        med = float(np.median(ts))
+        rows.append({"model": name, "variant": k, "median_ms": med, "p90_ms": float(np.percentile(ts, 90)),
+                     "runs": len(ts), "x_vs_onnxruntime": med / ort_ms,
+                     **({"tuning": tuning} if k == label else {})})
+    rows[-1]["tuning_seconds_this_run"] = round(time.monotonic() - t0, 1)
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="demo,det", help=f"comma list of {','.join(MODELS)}")
+    ap.add_argument("--trials", type=int, default=1536, help="MetaSchedule budget for the tuned variant")
+    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--out-dir", default="bench-out")
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args(argv)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    rows = []
+    for name in args.models.split(","):
+        rows += bench_model(name.strip(), args.trials, args.runs, out_dir, log)
+    print(f"\n| model | variant | median ms | p90 ms | runs | time / onnxruntime |")
+    print("|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['model']} | {r['variant']} | {r['median_ms']:.3f} | {r['p90_ms']:.3f} | {r['runs']} | "
+              f"{r['x_vs_onnxruntime']:.2f}x |")
+    for r in rows:
+        if "tuning" in r:
+            t = r["tuning"]
+            print(f"{r['model']}: {t['trials']} trials over {t['tasks']} tasks "
+                  f"({t.get('new_trials', 0)} new this run, {t['seconds']} s tuning this run)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
