@@ -62,7 +62,9 @@ def run_demo(out_dir: Path, tune_trials: Optional[int] = None, log: Callable[[st
     images, labels = demo_images("test")
     verify_file = out_dir / "verify_input.npz"
     np.savez(verify_file, input=images[:1])
+    # Lossy presets calibrate on the bundled training-split images (never the test images).
     variants = [("float32", [])] + [(n, [n]) for n in pass_names() if get_pass(n).lossy]
+    configs = {n: {"calib": str(files["data"])} for _, ps in variants for n in ps}
     rows = []
     ort_top1 = _top1_ort(files["model"], images, labels)
     for label, passes in variants:
@@ -71,6 +73,7 @@ def run_demo(out_dir: Path, tune_trials: Optional[int] = None, log: Callable[[st
         t0 = time.monotonic()
         rep = compile_model(
             files["model"], lib, target="x86", passes=passes,
+            pass_configs={n: configs[n] for n in passes},
             input_shapes={"input": INPUT_SHAPE}, verify_input=verify_file,
             tune_trials=trials, report=out_dir / f"fashion_{label}_x86.report.json", log=log,
         )
