@@ -105,3 +105,23 @@ def test_preset_bad_option_one_line():
     assert "unknown calibration method 'mse'" in str(err.value)
     with pytest.raises(PassOptionError, match="has no option 'bits'"):
         make_config(preset, {"bits": 4})
+
+
+@needs_demo
+@pytest.mark.parametrize("target_name", ["aarch64", "cuda"])
+def test_int8_module_builds_for_other_targets(target_name):
+    """The realized int8 IR legalizes, schedules and compiles beyond x86 (no run here)."""
+    from tvm_compress import pipeline
+    from tvm_compress.targets import get_target
+
+    preset = get_pass("quantize")
+    env, _ = _env()
+    qmod = preset.make(make_config(preset, {"calib": str(NPZ), "calib_samples": 50}), env)(_load())
+    profile = get_target(target_name)
+    target = profile.tvm_target()
+    with target:
+        lowered = tvm.transform.Sequential(pipeline.lowering_passes())(qmod)
+    names = [gv.name_hint for gv in lowered.functions]
+    assert any(n.startswith("fused_conv2d") and "quantize" in n for n in names), names
+    scheduled, _ = pipeline.schedule(lowered, profile, 0)
+    tvm.compile(scheduled, target)
