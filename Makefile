@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	# Real published models for the slow tests and benchmarks (PP-OCRv4, Apache-2.0).
+	$(PY) -m pip install -q --no-deps rapidocr-onnxruntime==1.4.4
 	@touch $(STAMP)
 
 demo: setup

@@ -33,11 +33,12 @@ from tvm_compress.verify import ort_session
 
 
 def _rapidocr(name: str) -> Path:
-    try:
-        import rapidocr_onnxruntime
-    except ImportError:
+    import importlib.util
+
+    spec = importlib.util.find_spec("rapidocr_onnxruntime")  # its __init__ needs OpenCV: don't import
+    if spec is None:
         sys.exit("bench_cpu: pip install --no-deps rapidocr-onnxruntime==1.4.4 for the PP-OCR models")
-    return Path(rapidocr_onnxruntime.__file__).parent / "models" / name
+    return Path(spec.origin).parent / "models" / name
 
 
 MODELS = {

@@ -96,3 +96,17 @@ def test_layer_table_counts_params_and_macs(conv_model):
     # depthwise 3x3 over 8 channels of 8x8 (BN is folded into the first conv by onnxruntime)
     assert any(r["macs"] == 8 * 8 * 8 * 9 for r in convs)
     assert any(r["macs"] == 8 * 8 * 8 * 3 * 9 for r in convs)
+
+
+def test_minus_one_dims_are_dynamic(tmp_path):
+    """PaddlePaddle exports mark dynamic dims as -1; they must be fixable with --input-shape."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 4])
+    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    with pytest.raises(errors.ShapeError, match=r"dynamic shape \[\?,4\]"):
+        prepare_onnx(tmp_path / "m.onnx")
+    assert prepare_onnx(tmp_path / "m.onnx", {"x": (3, 4)}).inputs[0].shape == (3, 4)

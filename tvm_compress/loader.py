@@ -128,7 +128,8 @@ def _fix_input_shapes(model: onnx.ModelProto, given: Dict[str, tuple], path: Pat
     for inp in inputs:
         ttype = inp.type.tensor_type
         dims = list(ttype.shape.dim)
-        shown = [d.dim_param or (str(d.dim_value) if d.dim_value else "?") for d in dims]
+        # Exporters mark dynamic dims with a name, with nothing, or with -1 (PaddlePaddle's).
+        shown = [d.dim_param or (str(d.dim_value) if d.dim_value > 0 else "?") for d in dims]
         if inp.name in given:
             shape = given[inp.name]
             if ttype.HasField("shape") and len(shape) != len(dims):
@@ -137,13 +138,13 @@ def _fix_input_shapes(model: onnx.ModelProto, given: Dict[str, tuple], path: Pat
                     f"[{','.join(shown)}] (rank {len(dims)})"
                 )
             for k, (d, v) in enumerate(zip(dims, shape)):
-                if d.dim_value and d.dim_value != v:
+                if d.dim_value > 0 and d.dim_value != v:
                     raise ShapeError(
                         f"--input-shape {inp.name}: dim {k} is {v}, but the model fixes it to "
                         f"{d.dim_value} (model shape [{','.join(shown)}])"
                     )
         else:
-            if not ttype.HasField("shape") or any(not d.dim_value for d in dims):
+            if not ttype.HasField("shape") or any(d.dim_value <= 0 for d in dims):
                 example = ",".join(s if s.isdigit() else "1" for s in shown) or "1,3,224,224"
                 raise ShapeError(
                     f"input {inp.name!r} has a dynamic shape [{','.join(shown)}]; "
