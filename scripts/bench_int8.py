@@ -480,6 +480,35 @@ def remeasure(args, log):
     print(table(results))
 
 
+def tables(args, log):
+    """Per-shape speed tables from an earlier run's tuning databases, and the pass's report with
+    them (which layers are slower in int8 on this target)."""
+    from tvm_compress.loader import prepare_onnx
+    from tvm_compress.passes import InputSpec, PassEnv, get_pass, make_config
+
+    path = Path(args.out) / "bench_int8.json"
+    results = json.loads(path.read_text())
+    for key, r in results.items():
+        if not r["float"]["tuning"].get("work_dir") or not r["int8"]["tuning"].get("work_dir"):
+            continue
+        out = Path(args.out) / key
+        table = speed_table(r["float"]["tuning"]["work_dir"], r["int8"]["tuning"]["work_dir"], r["target"])
+        (out / "speed_table.json").write_text(json.dumps(table, indent=1))
+        r["per_shape_speed"] = table["layers"]
+        r["shapes_slower_in_int8"] = [k for k, v in table["layers"].items() if v["int8_ms"] > v["float_ms"]]
+        model = Path(r["model"])
+        name = {"demo": "input"}.get(key, "x")
+        shape = tuple(r["input_shape"])
+        env = PassEnv(model_path=model, inputs=[InputSpec(name, shape, "float32")], log=log)
+        preset = get_pass("quantize")
+        cfg = make_config(preset, {"calib": str(out / "calib.npz"), **args.quant_options,
+                                   "speed_table": str(out / "speed_table.json")})
+        preset.make(cfg, env)(prepare_onnx(model, {name: shape}).to_relax())
+        (out / "quantize_report.json").write_text(json.dumps(env.report["quantize"], indent=1))
+        log(f"{key}: {len(table['layers'])} shapes timed, slower in int8: {r['shapes_slower_in_int8']}")
+    path.write_text(json.dumps(results, indent=1))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="demo,cls,det")
@@ -490,6 +519,8 @@ def main(argv=None):
     ap.add_argument("--calib-method", default="percentile")
     ap.add_argument("--act-dtype", default="auto")
     ap.add_argument("--eval", type=int, default=400, help="evaluation samples for cls/det")
+    ap.add_argument("--tables", action="store_true",
+                    help="only build the per-shape speed tables of an earlier run and report with them")
     ap.add_argument("--remeasure", action="store_true",
                     help="only time the artifacts of an earlier run again, interleaved")
     ap.add_argument("--dtype-check", action="store_true",
@@ -507,6 +538,9 @@ def main(argv=None):
     results = {}
     if args.remeasure:
         remeasure(args, log)
+        return
+    if args.tables:
+        tables(args, log)
         return
     if args.dtype_check:
         res = dtype_check(args, profile, log)
