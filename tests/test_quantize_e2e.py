@@ -71,6 +71,7 @@ def test_demo_int8_accuracy_and_weight_bytes():
 
 
 @needs_demo
+@pytest.mark.slow
 def test_demo_accuracy_budget_runs_fallback():
     preset = get_pass("quantize")
     env, logs = _env()
@@ -108,6 +109,7 @@ def test_preset_bad_option_one_line():
 
 
 @needs_demo
+@pytest.mark.slow
 @pytest.mark.parametrize("target_name", ["aarch64", "cuda"])
 def test_int8_module_builds_for_other_targets(target_name):
     """The realized int8 IR legalizes, schedules and compiles beyond x86 (no run here)."""
