@@ -19,6 +19,13 @@ from .cpu_schedule import cpu_default_schedule
 class _ArmFamily(TargetFamily):
     arch = ""
 
+    def tvm_target(self, profile: TargetProfile):
+        spec = dict(profile.target)
+        # MetaSchedule needs the core count of CPU targets; presets give the board's, user
+        # presets may not: most ARM Linux boards have four.
+        spec.setdefault("num-cores", 4)
+        return super().tvm_target(TargetProfile(**{**profile.__dict__, "target": spec}))
+
     def can_run(self, profile: TargetProfile):
         from . import qemu
 
