@@ -30,6 +30,7 @@ from tvm.s_tir.meta_schedule.builder import local_builder as _lb
 from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
 
 from . import _fast_inspect
+from .errors import TargetError
 
 LogFn = Callable[[str], None]
 
@@ -54,9 +55,11 @@ class TuningSummary:
     tasks: int
     seconds: float
     work_dir: str
+    failed_trials: int = 0
 
     def as_dict(self) -> dict:
         return {
+            "failed_trials": self.failed_trials,
             "trials": self.requested_trials,
             "new_trials": self.new_trials,
             "cached_trials": self.cached_trials,
@@ -124,11 +127,20 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
         super().__init__()
         self.total = total
         self.done = 0
+        self.failed = 0
+        self.first_error = ""
         self.log = log
         self.start = time.monotonic()
 
     def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
         self.done += len(measure_candidates)
+        for b, r in zip(builder_results, runner_results):
+            err = b.error_msg or r.error_msg
+            # A failed measurement is recorded as 1e10 s; count it, keep the first reason.
+            if err or not r.run_secs or min(float(getattr(t, "value", t)) for t in r.run_secs) >= 1e9:
+                self.failed += 1
+                if not self.first_error:
+                    self.first_error = (str(err or "run time 1e10 s").strip().splitlines() or [""])[-1]
         elapsed = time.monotonic() - self.start
         left = max(self.total - self.done, 0)
         eta = elapsed / self.done * left if self.done else 0.0
@@ -193,10 +205,16 @@ def _tune_locked(mod, target, trials, work_dir, log, runner) -> TuningSummary:
         f"tuning: {todo} trials over {len(tasks)} tasks "
         f"(<= {per_task} per task, {per_iter} per round), work dir {work_dir}"
     )
+    # MetaSchedule re-creates its loggers from the names of the handlers already attached; a
+    # handler without a name (added by a host application, e.g. pytest's capture) breaks that.
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    for handler in [h for h in ms_logger.handlers if h.get_name() is None]:
+        ms_logger.removeHandler(handler)
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
         tasks, str(work_dir), seed=0
     )
     _quiet_console_logs()
+    progress = _Progress(todo, log)
     builder = _PersistentBuilder(max_workers=os.cpu_count() or 1)
     if runner is None:
         runner = ms.runner.LocalRunner(initializer=_fast_inspect.install)
@@ -213,15 +231,25 @@ def _tune_locked(mod, target, trials, work_dir, log, runner) -> TuningSummary:
             runner=runner,
             measure_callbacks=[
                 *ms.measure_callback.MeasureCallback.create("default"),
-                _Progress(todo, log),
+                progress,
             ],
             task_scheduler="round-robin",
         )
     finally:
         builder.shutdown()
         _fast_inspect.uninstall()
+    if progress.done and progress.failed == progress.done:
+        # Nothing was measured: the records are useless and must not count as cached trials.
+        raise TargetError(
+            f"tuning: all {progress.done} measurements failed ({progress.first_error}); "
+            f"logs in {work_dir / 'logs'}"
+        )
+    if progress.failed:
+        log(f"tuning: {progress.failed} of {progress.done} measurements failed (first: {progress.first_error})")
     _meta_path(work_dir).write_text(json.dumps({"trials": trials, "tasks": len(tasks)}))
-    return TuningSummary(trials, todo, done, len(tasks), time.monotonic() - start, str(work_dir))
+    return TuningSummary(
+        trials, todo, done, len(tasks), time.monotonic() - start, str(work_dir), progress.failed
+    )
 
 
 def apply_database(mod: tvm.IRModule, target: tvm.target.Target, work_dir: Path) -> tvm.IRModule:
