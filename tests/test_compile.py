@@ -114,3 +114,17 @@ def test_registered_relax_pipeline_compiles(conv_model):
     x = np.random.default_rng(1).random((1, 3, 8, 8), dtype=np.float32)
     ref = ort_run(conv_model, prepared.inputs, [x])[0]
     np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(x)).numpy(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_compare_tolerates_tiny_differences_on_near_constant_outputs():
+    from tvm_compress.verify import compare
+
+    ref = np.full((4, 4), 1e-6, np.float32)
+    ref[0, 0] = 3e-5  # range 2.9e-5
+    ok = compare([ref + 1e-7], [ref])
+    assert ok["within_float_tolerance"] and ok["max_rel_err"] > 1e-3
+    bad = compare([ref + 1e-3], [ref])
+    assert not bad["within_float_tolerance"]
+    scaled = np.linspace(-50, 50, 16, dtype=np.float32)
+    assert not compare([scaled + 0.2], [scaled])["within_float_tolerance"]
+    assert compare([scaled + 0.01], [scaled])["within_float_tolerance"]
