@@ -58,3 +58,19 @@ def test_odd_length_elementwise_is_parallel_not_vectorized():
     kinds = _loop_kinds(sch.mod["main"])
     assert tvm.tirx.ForKind.PARALLEL in kinds
     assert not tvm.tirx.ForKind.VECTORIZED in kinds
+
+
+def test_default_schedule_emits_neon_fmla_on_aarch64(demo_model):
+    """Through our pipeline (lowering + default CPU schedule), aarch64 float kernels use NEON
+    vector FMA; untuned naive loops do not (see tests/test_qemu_runner.py)."""
+    import re
+
+    prepared = tvm_compress.prepare_onnx(demo_model, {"input": (1, 1, 28, 28)})
+    target = get_target("rpi4").tvm_target()
+    with target:
+        low = tvm.transform.Sequential(lowering_passes())(prepared.to_relax())
+        sched = dl.ApplyDefaultSchedule(CPUFallback())(low)
+    ex = tvm.compile(sched, target)
+    (llvm_mod,) = [m for m in ex.mod.imports if m.kind == "llvm"]
+    asm = llvm_mod.inspect_source("s")
+    assert len(re.findall(r"\bfmla\s+v\d+\.4s", asm)) > 10
