@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -15,40 +14,24 @@ from tvm_compress import errors
 from tvm_compress.cli import main
 from tvm_compress.remote import RemoteSpec, check_tracker, parse_tracker
 
+from conftest import free_port
+
 quiet = lambda m: None  # noqa: E731
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def tracker():
-    """A tracker and one x86 server under key 'x86-local', both on 127.0.0.1."""
-    port = _free_port()
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port),
-         "--port-end", str(port + 1)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+def tracker(rpc_tracker_port):
+    """One x86 RPC server under key 'x86-local' registered with the loopback tracker."""
+    port = rpc_tracker_port
+    spec = RemoteSpec("127.0.0.1", port, "x86-local")
+    server_port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1",
+         "--port", str(server_port), "--port-end", str(server_port + 1),
+         "--tracker", f"127.0.0.1:{port}", "--key", "x86-local"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        spec = RemoteSpec("127.0.0.1", port, "x86-local")
         deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail("RPC tracker did not start")
-                time.sleep(0.5)
-        server_port = _free_port()
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1",
-             "--port", str(server_port), "--port-end", str(server_port + 1),
-             "--tracker", f"127.0.0.1:{port}", "--key", "x86-local"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         while True:
             try:
                 check_tracker(spec, timeout=1)
@@ -59,10 +42,8 @@ def tracker():
                 time.sleep(0.5)
         yield spec
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=30)
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 @pytest.mark.slow
@@ -86,7 +67,7 @@ def test_tuning_measures_on_the_remote_board(conv_model, tmp_path, tracker):
 
 
 def test_unreachable_tracker_one_line_error(dense_model, tmp_path, capsys):
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     code = main(["compile", str(dense_model), "-o", str(tmp_path / "d.so"),
                  "--rpc-tracker", f"127.0.0.1:{port}", "--rpc-key", "pi4"])
     err = capsys.readouterr().err.strip()

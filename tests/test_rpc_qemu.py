@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -26,14 +23,8 @@ KEY = "virtual-aarch64"
 quiet = lambda m: None  # noqa: E731
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def board(tmp_path_factory):
+def board(tmp_path_factory, rpc_tracker_port):
     """(RemoteSpec, server log path): a tracker on 127.0.0.1 and the virtual board under KEY."""
     from tvm_compress.targets import virtual_board as vb
 
@@ -45,11 +36,7 @@ def board(tmp_path_factory):
     except errors.TvmCompressError as err:
         pytest.skip(f"virtual aarch64 board cannot be prepared: {err}")
 
-    port = _free_port()
-    tracker = subprocess.Popen(
-        [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port),
-         "--port-end", str(port + 1)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    port = rpc_tracker_port
     server = None
     try:
         log_path = tmp_path_factory.mktemp("board") / "server.log"
@@ -62,8 +49,6 @@ def board(tmp_path_factory):
     finally:
         if server is not None:
             vb.stop_server(server)
-        tracker.terminate()
-        tracker.wait(timeout=30)
 
 
 @pytest.mark.slow
