@@ -137,7 +137,7 @@ def main(argv=None) -> int:
         if n is None:
             sys.exit(f"bench_cpu: no --trials given for {name}")
         rows += bench_model(name, n, args.runs, out_dir, log, dlight=not args.no_dlight)
-    print(f"\n| model | variant | median ms | p90 ms | runs | time / onnxruntime |")
+    print("\n| model | variant | median ms | p90 ms | runs | time / onnxruntime |")
     print("|---|---|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['model']} | {r['variant']} | {r['median_ms']:.3f} | {r['p90_ms']:.3f} | {r['runs']} | "

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import platform
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence

@@ -15,7 +15,6 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 
 from tvm_compress.passes import get_pass, pass_names
-from tvm_compress.targets import get_family, get_target
 
 from . import verify
 from .build import compile as compile_model

@@ -250,10 +250,6 @@ def load_onnx(path: str | os.PathLike, input_shapes: Optional[ShapeMap] = None):
 
 # ---- inspection ---------------------------------------------------------------------------------
 
-def _shape_of(name: str, shapes: Dict[str, tuple]) -> Optional[tuple]:
-    return shapes.get(name)
-
-
 def layer_table(prepared: PreparedModel) -> List[dict]:
     """Per conv/dense layer: op, name, params, MACs (from shapes after inference)."""
     model = prepared.model

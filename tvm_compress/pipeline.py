@@ -8,7 +8,7 @@ weights between compression and lowering and report tuning progress.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, List, Mapping, Optional, Sequence
 
 import tvm
 from tvm import relax
