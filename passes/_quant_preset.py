@@ -7,6 +7,7 @@ skips annotation and calibration and goes straight to QuantizeRealize.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -121,12 +122,30 @@ class _QuantizeFlow:
             n = len(qc.read_report(annotated).get("layers", []))
             if names and len(names) == n:
                 annotated = QuantizeAnnotate(self.config.annotate_config(names))(mod)
-            mod = Calibrate(self.config.calibrate_config(), log=env.log)(annotated)
+            mod = Calibrate(self._calibrate_config(), log=env.log)(annotated)
             mod = QuantizeRealize(self.config.realize_config(), log=env.log)(mod)
         report = qc.read_report(mod)
         env.report["quantize"] = report
         _log_summary(report, env.log)
         return qc.strip_report(mod)
+
+
+    def _calibrate_config(self) -> CalibrateConfig:
+        config = self.config.calibrate_config()
+        kernel = _target_dot_kernel(self.env.target)
+        if config.activation_dtype == "auto" and kernel is not None and "uint8" not in kernel.act_dtypes:
+            self.env.log(f"quantize: int8 activations: the target's {kernel.name} kernels take no uint8")
+            config = dataclasses.replace(config, activation_dtype="int8")
+        return config
+
+
+def _target_dot_kernel(profile):
+    """The target's int8 dot kernel (``features.int8_dot``), if any."""
+    if profile is None:
+        return None
+    from tvm_compress.targets.int8_pack import kernel_for
+
+    return kernel_for(profile.features.get("int8_dot"))
 
 
 def _log_summary(report: dict, log) -> None:

@@ -114,7 +114,7 @@ def compile(  # noqa: A001  (the product's verb)
 
     log(f"lower: {profile.name} ({tvm_target.kind.name})")
     with tvm_target:
-        mod = tvm.transform.Sequential(pipeline.lowering_passes())(mod)
+        mod = tvm.transform.Sequential(pipeline.lowering_passes(profile))(mod)
     mod, tuning_summary = pipeline.schedule(
         mod, profile, tune_trials, log=log, runner=remote.tuning_runner(rpc) if rpc else None
     )

@@ -15,6 +15,8 @@ from tvm import relax
 
 from tvm_compress.passes import PassEnv, get_pass, make_config
 from tvm_compress.targets import TargetProfile, get_family
+from tvm_compress.targets.int8_pack import PackInt8Conv, kernel_for
+from tvm_compress.targets.int8_schedule import ScheduleInt8Conv
 
 from . import tuning
 
@@ -31,9 +33,15 @@ def compression_passes(
     return out
 
 
-def lowering_passes() -> List[tvm.transform.Pass]:
-    """High-level Relax -> fused TIR kernels (the part tuning tasks are extracted from)."""
+def lowering_passes(profile: Optional[TargetProfile] = None) -> List[tvm.transform.Pass]:
+    """High-level Relax -> fused TIR kernels (the part tuning tasks are extracted from).
+
+    With a ``profile`` whose preset names an int8 dot kernel, int8 convolutions first become
+    packed-weight kernels for it (``targets/int8_pack.py``).
+    """
+    kernel = kernel_for(profile.features.get("int8_dot")) if profile is not None else None
     return [
+        *([PackInt8Conv(kernel)] if kernel is not None else []),
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
         relax.transform.LegalizeOps(),
@@ -61,6 +69,8 @@ def schedule(
     family = get_family(profile.family)
     target = profile.tvm_target()
     summary = None
+    # Hand-scheduled int8 kernels first: tuning and the default schedules then skip them.
+    mod = ScheduleInt8Conv()(mod)
     if trials > 0:
         work_dir = work_dir or tuning.database_dir(mod, target)
         runner = runner or family.tuning_runner(profile)
@@ -92,7 +102,7 @@ def tvm_compress_pipeline(
     @tvm.transform.module_pass(opt_level=0, name="TvmCompressPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         mod = tvm.transform.Sequential(compression_passes(passes, configs, env))(mod)
-        mod = tvm.transform.Sequential(lowering_passes())(mod)
+        mod = tvm.transform.Sequential(lowering_passes(target))(mod)
         mod, _ = schedule(mod, target, trials, Path(work_dir) if work_dir else None)
         return mod
 

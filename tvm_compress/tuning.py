@@ -189,10 +189,17 @@ def tune(
         return _tune_locked(mod, target, trials, work_dir, log, runner)
 
 
+def _is_scheduled(mod: tvm.IRModule) -> bool:
+    return any(
+        f.attrs is not None and f.attrs.get("tirx.is_scheduled", False) for f in mod.functions.values()
+    )
+
+
 def _tune_locked(mod, target, trials, work_dir, log, runner) -> TuningSummary:
     start = time.monotonic()
     done = cached_trials(work_dir)
-    tasks = ms.relax_integration.extract_tasks(mod, target)
+    # Kernels scheduled by hand (tensorized int8, ``tirx.is_scheduled``) are not tuned.
+    tasks = [t for t in ms.relax_integration.extract_tasks(mod, target) if not _is_scheduled(t.mod)]
     todo = trials - done
     if todo <= 0 or not tasks:
         log(f"tuning: reusing {done} cached trials from {work_dir}")

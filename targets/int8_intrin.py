@@ -1,0 +1,170 @@
+"""CPU dot-product tensor intrinsics for the packed int8 convolution (``int8_conv.py``).
+
+Each intrinsic computes ``C[i] += sum_k A[k] * B[i, k]`` for ``lanes`` output channels and
+``depth`` input channels: ``A`` is ``depth`` packed activations of one pixel (one scalar load,
+broadcast), ``B`` a contiguous ``lanes x depth`` block of the packed weight, ``C`` a vector of
+int32 accumulators.
+
+- ``pmaddwd`` (x86 AVX2, 8 x 2): activations packed as int16 pairs, weights widened to int16;
+  one ``vpmaddwd`` does 16 exact products and pair sums (no saturation, unlike ``vpmaddubsw``
+  on uint8 x int8); uint8 or int8 activations.
+- ``sdot`` (AArch64 ``+dotprod``, 4 x 4): one ``sdot`` does 16 int8 x int8 products; int8
+  activations only (``udot`` would need uint8 weights, ``usdot`` needs ``+i8mm``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+from tvm import s_tir
+from tvm.script import tirx as T
+
+
+@dataclass(frozen=True)
+class DotKernel:
+    name: str
+    lanes: int  # output channels per intrinsic call (one vector register of int32)
+    depth: int  # input channels reduced per call
+    act_dtypes: Tuple[str, ...]  # activation dtypes the kernel takes
+    packed_dtype: str  # activations after packing (the intrinsic's A)
+    max_acc: int  # vector registers available for accumulators
+
+    @property
+    def intrin(self) -> str:
+        return f"tvm_compress_{self.name}"
+
+    @property
+    def depthwise_intrin(self) -> str:
+        """Per-lane variant: each lane (channel) has its own ``depth`` activations and weights."""
+        return f"tvm_compress_{self.name}_depthwise"
+
+
+def _desc(kernel: DotKernel):
+    lanes, depth, act = kernel.lanes, kernel.depth, kernel.packed_dtype
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (depth,), act, offset_factor=1)
+        B = T.match_buffer(b, (lanes, depth), "int8", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:depth], B[0:lanes, 0:depth])
+            T.writes(C[0:lanes])
+            for i in T.serial(0, lanes):
+                for k in T.serial(0, depth):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    return desc
+
+
+@T.prim_func(s_tir=True)
+def _pmaddwd_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+    A = T.match_buffer(a, (2,), "int16", offset_factor=1)
+    B = T.match_buffer(b, (8, 2), "int8", offset_factor=1)
+    C = T.match_buffer(c, (8,), "int32", offset_factor=1, scope="local")
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
+        T.writes(C[0:8])
+        # The (a0, a1) int16 pair is one int32: broadcast it, multiply-add pairs with B.
+        pair = T.reinterpret(A.vload([0], dtype="int16x2"), dtype="int32")
+        C[T.ramp(T.int32(0), 1, 8)] = C[T.ramp(T.int32(0), 1, 8)] + T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+            T.reinterpret(T.broadcast(pair, 8), dtype="int16x16"),
+            T.cast(B.vload([0, 0], dtype="int8x16"), "int16x16"),
+            dtype="int32x8",
+        )
+
+
+@T.prim_func(s_tir=True)
+def _sdot_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+    A = T.match_buffer(a, (4,), "int8", offset_factor=1)
+    B = T.match_buffer(b, (4, 4), "int8", offset_factor=1)
+    C = T.match_buffer(c, (4,), "int32", offset_factor=1, scope="local")
+    with T.sblock("root"):
+        T.reads(C[0:4], A[0:4], B[0:4, 0:4])
+        T.writes(C[0:4])
+        quad = T.reinterpret(A.vload([0], dtype="int8x4"), dtype="int32")
+        C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
+            C[T.ramp(T.int32(0), 1, 4)],
+            B.vload([0, 0], dtype="int8x16"),
+            T.reinterpret(T.broadcast(quad, 4), dtype="int8x16"),
+            dtype="int32x4",
+        )
+
+
+def _desc_depthwise(kernel: DotKernel):
+    lanes, depth, act = kernel.lanes, kernel.depth, kernel.packed_dtype
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (lanes, depth), act, offset_factor=1)
+        B = T.match_buffer(b, (lanes, depth), "int8", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:lanes, 0:depth], B[0:lanes, 0:depth])
+            T.writes(C[0:lanes])
+            for i in T.serial(0, lanes):
+                for k in T.serial(0, depth):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vi, vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    return desc
+
+
+@T.prim_func(s_tir=True)
+def _pmaddwd_depthwise_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+    A = T.match_buffer(a, (8, 2), "int16", offset_factor=1)
+    B = T.match_buffer(b, (8, 2), "int8", offset_factor=1)
+    C = T.match_buffer(c, (8,), "int32", offset_factor=1, scope="local")
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:8, 0:2], B[0:8, 0:2])
+        T.writes(C[0:8])
+        C[T.ramp(T.int32(0), 1, 8)] = C[T.ramp(T.int32(0), 1, 8)] + T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+            A.vload([0, 0], dtype="int16x16"),
+            T.cast(B.vload([0, 0], dtype="int8x16"), "int16x16"),
+            dtype="int32x8",
+        )
+
+
+@T.prim_func(s_tir=True)
+def _sdot_depthwise_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+    A = T.match_buffer(a, (4, 4), "int8", offset_factor=1)
+    B = T.match_buffer(b, (4, 4), "int8", offset_factor=1)
+    C = T.match_buffer(c, (4,), "int32", offset_factor=1, scope="local")
+    with T.sblock("root"):
+        T.reads(C[0:4], A[0:4, 0:4], B[0:4, 0:4])
+        T.writes(C[0:4])
+        C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
+            C[T.ramp(T.int32(0), 1, 4)],
+            A.vload([0, 0], dtype="int8x16"),
+            B.vload([0, 0], dtype="int8x16"),
+            dtype="int32x4",
+        )
+
+
+KERNELS: Dict[str, DotKernel] = {
+    "pmaddwd": DotKernel("pmaddwd", 8, 2, ("uint8", "int8"), "int16", max_acc=12),
+    "sdot": DotKernel("sdot", 4, 4, ("int8",), "int8", max_acc=24),
+}
+_IMPLS = {"pmaddwd": _pmaddwd_impl, "sdot": _sdot_impl}
+_DEPTHWISE_IMPLS = {"pmaddwd": _pmaddwd_depthwise_impl, "sdot": _sdot_depthwise_impl}
+_registered = False
+
+
+def register() -> None:
+    """Register the intrinsics with TVM once (tensorize looks them up by name)."""
+    global _registered
+    if not _registered:
+        for name, kernel in KERNELS.items():
+            s_tir.TensorIntrin.register(kernel.intrin, _desc(kernel), _IMPLS[name], override=True)
+            s_tir.TensorIntrin.register(
+                kernel.depthwise_intrin, _desc_depthwise(kernel), _DEPTHWISE_IMPLS[name], override=True
+            )
+        _registered = True

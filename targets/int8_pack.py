@@ -1,0 +1,114 @@
+"""PackInt8Conv: int8 conv2d with a constant weight -> packed-weight dot-product kernel.
+
+Needs: realized int8 convolutions (``QuantizeRealize``: ``R.nn.conv2d`` with int8/uint8 data, a
+constant int8 OIHW weight, int32 output, NCHW, groups 1 or depthwise) and a target whose preset names a dot
+kernel (``features.int8_dot``: ``pmaddwd`` on x86 AVX2, ``sdot`` on AArch64 ``+dotprod``).
+Runs before ``LegalizeOps``: each such call becomes a ``call_tir`` of ``int8_conv.packed_conv2d``
+with the weight packed offline, marked out-element-wise fusable so FuseOps still fuses the
+requantize epilogue into it. ``ScheduleInt8Conv`` must run after FuseTIR to schedule it.
+Depthwise convolutions get the per-channel variant. Other convolutions (float, other grouped ones,
+activations the kernel cannot take) are left alone.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import tvm
+from tvm import relax
+from tvm.relax.dpl import is_const
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from tvm_compress.errors import TargetError
+
+from .int8_conv import pack_depthwise_weight, pack_weight, packed_conv2d, packed_depthwise_conv2d
+from .int8_intrin import KERNELS, DotKernel
+
+_CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
+_CONST = is_const()
+_OUT_EWISE_FUSABLE = 4  # relax.transform's OpPatternKind kOutEWiseFusable
+
+
+def kernel_for(name: Optional[str]) -> Optional[DotKernel]:
+    """The dot kernel a preset's ``features.int8_dot`` names (None: no packed kernels)."""
+    if not name:
+        return None
+    if name not in KERNELS:
+        raise TargetError(f"unknown int8_dot kernel {name!r}; choose from {', '.join(KERNELS)}")
+    return KERNELS[name]
+
+
+@mutator
+class _Packer(PyExprMutator):
+    def __init__(self, mod, kernel: DotKernel):
+        super().__init__(mod)
+        self.kernel = kernel
+        self.count = 0
+
+    def _kind(self, call) -> Optional[str]:
+        """``conv`` / ``depthwise`` when the packed kernels can take this conv2d, else None."""
+        attrs = call.attrs
+        data, weight = call.args
+        if not (
+            _CONST.match(weight)
+            and weight.value.dtype == "int8"
+            and str(data.ty.dtype) in self.kernel.act_dtypes
+            and str(attrs.out_dtype) == "int32"
+            and (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) == ("NCHW", "OIHW", "NCHW")
+            and all(isinstance(d, tvm.tirx.IntImm) for d in data.ty.shape)
+        ):
+            return None
+        groups, channels = int(attrs.groups), int(data.ty.shape[1])
+        oc, icg = weight.value.shape[:2]
+        if groups == 1:
+            return "conv"
+        if groups == channels == oc and icg == 1:
+            return "depthwise"
+        return None  # other grouped convolutions keep the generic kernels
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if not call.op.same_as(_CONV2D):
+            return call
+        kind = self._kind(call)
+        if kind is None:
+            return call
+        data, weight = call.args
+        w = weight.value.numpy()
+        attrs = call.attrs
+        geometry = (
+            [int(v) for v in attrs.strides],
+            [int(v) for v in attrs.padding],
+            [int(v) for v in attrs.dilation],
+            self.kernel.name,
+        )
+        self.count += 1
+        if kind == "depthwise":
+            compute, packed, extra = packed_depthwise_conv2d, pack_depthwise_weight(w, self.kernel), w.shape[3]
+        else:
+            compute, packed, extra = packed_conv2d, pack_weight(w, self.kernel), w.shape[0]
+        return self.builder_.call_te(
+            compute,
+            data,
+            relax.const(packed),
+            int(extra),
+            *geometry,
+            primfunc_name_hint="int8_conv",
+            primfunc_attrs={"op_pattern": _OUT_EWISE_FUSABLE},
+        )
+
+
+@tvm.transform.module_pass(opt_level=0, name="PackInt8Conv")
+class PackInt8Conv:
+    """Replace eligible int8 convolutions by packed-weight kernels for ``kernel``."""
+
+    def __init__(self, kernel: DotKernel):
+        self.kernel = kernel
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        packer = _Packer(mod, self.kernel)
+        for gv, func in list(mod.functions.items()):
+            if isinstance(func, relax.Function):
+                new = packer.visit_expr(func)
+                packer.builder_.update_func(gv, relax.analysis.remove_all_unused(new))
+        return packer.builder_.get() if packer.count else mod
