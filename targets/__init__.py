@@ -15,6 +15,7 @@ from typing import Dict, Iterable, List
 from tvm_compress.errors import TargetError
 
 from . import arm, cuda, x86  # noqa: F401  (register the families)
+from .int8_intrin import KERNELS
 from .base import RunResult, TargetFamily, TargetProfile, family_names, get_family
 
 _PRESET_DIR = Path(__file__).with_name("presets")
@@ -33,6 +34,11 @@ def _load_file(path: Path) -> None:
         if not isinstance(table, dict) or "family" not in table or "target" not in table:
             raise TargetError(f"target file {path}: table [{name}] needs 'family' and 'target'")
         get_family(table["family"])  # unknown family -> one-line TargetError
+        dot = dict(table.get("features", {})).get("int8_dot")
+        if dot is not None and dot not in KERNELS:
+            raise TargetError(
+                f"target file {path}: [{name}] features.int8_dot {dot!r} is not one of {', '.join(KERNELS)}"
+            )
         _REGISTRY[name] = TargetProfile(
             name=name,
             family=table["family"],

@@ -1,0 +1,229 @@
+"""Packed int8 convolution kernels (targets/int8_*.py): rewrite, exact results, instructions.
+
+Reference: int64 numpy convolution of the same integers; the kernels must match it exactly.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from tvm_compress import pipeline
+from tvm_compress.errors import TargetError
+from tvm_compress.targets import get_target, load_target_files, qemu
+from tvm_compress.targets.int8_conv import pack_depthwise_weight, pack_weight
+from tvm_compress.targets.int8_intrin import KERNELS
+from tvm_compress.targets.int8_pack import PackInt8Conv
+
+RUNNER_CACHE = qemu.runner_cache_dir()
+CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
+CALL_TIR = tvm.ir.Op.get("relax.call_tir")
+
+
+def _conv_module(x_shape, w, act="uint8", stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+                 groups=1, epilogue=True, w_const=True):
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(x_shape, act))
+    params = [x]
+    if w_const:
+        weight = relax.const(w)
+    else:
+        weight = relax.Var("w", relax.TensorType(w.shape, str(w.dtype)))
+        params.append(weight)
+    with bb.function("main", params):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, weight, strides=stride, padding=padding,
+                                           dilation=dilation, groups=groups,
+                                           out_dtype="float32" if act == "float32" else "int32"))
+            if epilogue:  # what QuantizeRealize leaves after the conv: fused into its kernel
+                y = bb.emit(relax.op.astype(y, "float32"))
+                y = bb.emit(relax.op.multiply(y, relax.const(np.float32(0.5))))
+            gv = bb.emit_output(y)
+        bb.emit_func_output(gv)
+    return bb.get()
+
+
+def _reference(x, w, stride, padding, dilation, groups):
+    n, c, h, wd = x.shape
+    oc, icg, kh, kw = w.shape
+    ph, pw = padding
+    xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    oh = (h + 2 * ph - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (wd + 2 * pw - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    out = np.zeros((n, oc, oh, ow), np.int64)
+    per_group = oc // groups
+    for o in range(oc):
+        g = o // per_group
+        for i in range(kh):
+            for j in range(kw):
+                y0, x0 = i * dilation[0], j * dilation[1]
+                patch = xp[:, g * icg:(g + 1) * icg, y0:y0 + stride[0] * oh:stride[0],
+                           x0:x0 + stride[1] * ow:stride[1]]
+                out[:, o] += np.einsum("nchw,c->nhw", patch, w[o, :, i, j].astype(np.int64))
+    return out
+
+
+def _lower(mod, target_name):
+    profile = get_target(target_name)
+    target = profile.tvm_target()
+    with target:
+        lowered = tvm.transform.Sequential(pipeline.lowering_passes(profile))(mod)
+    scheduled, _ = pipeline.schedule(lowered, profile, 0)
+    return scheduled, target
+
+
+def _asm(mod, target) -> str:
+    executable = tvm.compile(mod, target)
+    (llvm_mod,) = [m for m in executable.mod.imports if m.kind == "llvm"]
+    return llvm_mod.inspect_source("s")
+
+
+def _scheduled_kernels(mod):
+    return [gv.name_hint for gv, f in mod.functions.items()
+            if isinstance(f, tvm.tirx.PrimFunc) and f.attrs.get("tirx.is_scheduled", False)
+            and "int8_conv" in gv.name_hint]
+
+
+# (x shape, weight shape, stride, padding, dilation, groups, activations)
+CASES = {
+    "3x3": ((1, 16, 14, 14), (32, 16, 3, 3), (1, 1), (1, 1), (1, 1), 1, "uint8"),
+    "odd-channels-stride2": ((1, 3, 17, 19), (10, 3, 3, 3), (2, 2), (1, 1), (1, 1), 1, "int8"),
+    "1x1-rows-stride": ((1, 32, 4, 24), (200, 32, 1, 1), (2, 1), (0, 0), (1, 1), 1, "uint8"),
+    "dilated": ((1, 8, 12, 12), (24, 8, 3, 3), (1, 1), (2, 2), (2, 2), 1, "int8"),
+    "depthwise-5x5": ((1, 24, 10, 13), (24, 1, 5, 5), (1, 1), (2, 2), (1, 1), 24, "uint8"),
+    "depthwise-odd-stride2": ((1, 10, 9, 9), (10, 1, 3, 3), (2, 2), (1, 1), (1, 1), 10, "int8"),
+}
+
+
+def _case(name, seed=0, act=None):
+    x_shape, w_shape, stride, padding, dilation, groups, case_act = CASES[name]
+    act = act or case_act
+    rng = np.random.default_rng(seed)
+    lo, hi = (0, 256) if act == "uint8" else (-128, 128)
+    x = rng.integers(lo, hi, x_shape).astype(act)
+    w = rng.integers(-128, 128, w_shape).astype(np.int8)
+    mod = _conv_module(x_shape, w, act, stride, padding, dilation, groups)
+    return mod, x, w, (stride, padding, dilation, groups)
+
+
+def test_pack_weight_layouts_round_trip():
+    rng = np.random.default_rng(1)
+    k = KERNELS["pmaddwd"]
+    w = rng.integers(-128, 128, (10, 3, 3, 3)).astype(np.int8)
+    wp = pack_weight(w, k)
+    assert wp.shape == (2, 2, 3, 3, 8, 2)  # OC 10 -> 16 (two lane groups), IC 3 -> 4
+    back = wp.transpose(0, 4, 1, 5, 2, 3).reshape(16, 4, 3, 3)
+    np.testing.assert_array_equal(back[:10, :3], w)
+    assert not back[10:].any() and not back[:, 3:].any()
+    s = KERNELS["sdot"]
+    dw = rng.integers(-128, 128, (6, 1, 5, 5)).astype(np.int8)
+    dp = pack_depthwise_weight(dw, s)
+    assert dp.shape == (2, 5, 2, 4, 4)  # C 6 -> 8, taps 5 -> 8
+    back = dp.transpose(0, 3, 1, 2, 4).reshape(8, 5, 8)
+    np.testing.assert_array_equal(back[:6, :, :5], dw[:, 0])
+    assert not back[6:].any() and not back[:, :, 5:].any()
+
+
+def test_pack_leaves_other_convolutions_alone():
+    """Before == Expected: float convs, grouped (not depthwise) convs, non-constant weights,
+    and activations the kernel cannot take stay as they are."""
+    rng = np.random.default_rng(2)
+    w8 = rng.integers(-128, 128, (8, 4, 3, 3)).astype(np.int8)
+    untouched = [
+        (_conv_module((1, 4, 8, 8), w8.astype("float32"), "float32"), "pmaddwd"),
+        (_conv_module((1, 8, 8, 8), w8, "uint8", groups=2), "pmaddwd"),
+        (_conv_module((1, 4, 8, 8), w8, "int8", w_const=False), "pmaddwd"),
+        (_conv_module((1, 4, 8, 8), w8, "uint8"), "sdot"),  # sdot takes int8 activations only
+    ]
+    for before, kernel in untouched:
+        after = PackInt8Conv(KERNELS[kernel])(before)
+        tvm.ir.assert_structural_equal(after, before)
+
+
+def test_pack_rewrites_int8_and_depthwise_convs():
+    rng = np.random.default_rng(3)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 4, 8, 8), "uint8"))
+    w1 = rng.integers(-128, 128, (16, 4, 3, 3)).astype(np.int8)
+    w2 = rng.integers(-128, 128, (16, 1, 3, 3)).astype(np.int8)
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            a = bb.emit(relax.op.nn.conv2d(x, relax.const(w1), padding=1, out_dtype="int32"))
+            q = bb.emit(relax.op.astype(relax.op.clip(a, 0, 255), "uint8"))
+            b = bb.emit(relax.op.nn.conv2d(q, relax.const(w2), padding=1, groups=16, out_dtype="int32"))
+            gv = bb.emit_output(b)
+        bb.emit_func_output(gv)
+    after = PackInt8Conv(KERNELS["pmaddwd"])(bb.get())
+    calls = []
+    relax.analysis.post_order_visit(after["main"], lambda e: calls.append(e) if isinstance(e, relax.Call) else None)
+    assert not [c for c in calls if c.op.same_as(CONV2D)]
+    tir_calls = [c for c in calls if c.op.same_as(CALL_TIR)]
+    assert len(tir_calls) == 2
+    shapes = [tuple(int(d) for d in c.args[1].fields[1].value.shape) for c in tir_calls]
+    assert shapes == [(2, 2, 3, 3, 8, 2), (2, 3, 2, 8, 2)]
+    for c in tir_calls:
+        assert int(after[c.args[0]].attrs["op_pattern"]) == 4  # epilogues still fuse in
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_x86_kernels_exact_and_use_vpmaddwd(name):
+    mod, x, w, geometry = _case(name)
+    scheduled, target = _lower(mod, "x86-avx2")
+    assert _scheduled_kernels(scheduled), "the packed kernel was not scheduled"
+    executable = tvm.compile(scheduled, target)
+    got = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    ref = _reference(x, w, *geometry).astype(np.float32) * np.float32(0.5)
+    np.testing.assert_array_equal(got, ref)
+    (llvm_mod,) = [m for m in executable.mod.imports if m.kind == "llvm"]
+    assert re.search(r"\bvpmaddwd\s[^\n]*%ymm", llvm_mod.inspect_source("s"))
+
+
+def test_conv_without_epilogue_still_scheduled():
+    rng = np.random.default_rng(4)
+    x = rng.integers(0, 256, (1, 8, 6, 6)).astype("uint8")
+    w = rng.integers(-128, 128, (16, 8, 3, 3)).astype(np.int8)
+    scheduled, target = _lower(_conv_module(x.shape, w, epilogue=False), "x86-avx2")
+    assert _scheduled_kernels(scheduled)
+    ex = tvm.compile(scheduled, target)
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    np.testing.assert_array_equal(got, _reference(x, w, (1, 1), (0, 0), (1, 1), 1))
+
+
+def test_dotprod_kernels_use_sdot():
+    for name in ("3x3", "depthwise-5x5"):
+        mod, *_ = _case(name, act="int8")
+        scheduled, target = _lower(mod, "aarch64-dotprod")
+        assert _scheduled_kernels(scheduled)
+        asm = _asm(scheduled, target)
+        assert re.search(r"\bsdot\s+v\d+\.4s,\s*v\d+\.16b,\s*v\d+\.16b", asm), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["odd-channels-stride2", "depthwise-odd-stride2"])
+def test_sdot_kernels_exact_under_qemu(name, tmp_path):
+    ok, why = qemu.can_run("aarch64", cache_dir=RUNNER_CACHE)
+    if not ok:
+        pytest.skip(why)
+    mod, x, w, geometry = _case(name, act="int8")
+    scheduled, target = _lower(mod, "aarch64-dotprod")
+    executable = tvm.compile(scheduled, target)
+    lib = tmp_path / "k.so"
+    executable.export_library(
+        str(lib), fcompile=tvm.support.cc.cross_compiler(qemu.QEMU_ARCHES["aarch64"]["cxx"])
+    )
+    (got,) = qemu.run_library(lib, "aarch64", [x], cache_dir=RUNNER_CACHE).outputs
+    np.testing.assert_array_equal(got, _reference(x, w, *geometry).astype(np.float32) * np.float32(0.5))
+
+
+def test_unknown_dot_kernel_in_target_file_is_one_line_error(tmp_path):
+    f = tmp_path / "t.toml"
+    f.write_text('[my-board]\nfamily = "aarch64"\ntarget = { kind = "llvm", mtriple = "aarch64-linux-gnu" }\n'
+                 'features = { int8_dot = "vnni" }\n')
+    with pytest.raises(TargetError, match="int8_dot 'vnni' is not one of pmaddwd, sdot") as err:
+        load_target_files([f])
+    assert "\n" not in str(err.value)
