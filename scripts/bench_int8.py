@@ -226,49 +226,82 @@ def _symbolic_dims(model: Path, out: Path) -> Path:
     return path
 
 
-# ---- per-layer speed from the tuning databases ---------------------------------------------
+# ---- per-layer speed from the compiled artifacts ------------------------------------------
 
-def _task_times(work_dir):
-    """{(kind, weight shape, out shape): best ms} for the conv/matmul tasks tuned in work_dir."""
-    from tvm.s_tir import meta_schedule as ms
+def _kernel_calls(lib_path, x):
+    """The VM's kernel calls for one run of the artifact: [(module, name, args)]."""
+    import tvm
+    from tvm import relax
 
-    work_dir = Path(work_dir)
-    db = ms.database.JSONDatabase(path_workload=str(work_dir / "database_workload.json"),
-                                  path_tuning_record=str(work_dir / "database_tuning_record.json"))
-    best = {}
-    for rec in db.get_all_tuning_records():
-        if not rec.run_secs:
-            continue
-        secs = [float(s) for s in rec.run_secs]
-        if not secs or min(secs) >= 1e9:  # failed runs are recorded as 1e10
-            continue
-        func = rec.workload.mod["main"]
-        bufs = [p for p in func.params if getattr(p, "shape", None) is not None]
-        if len(bufs) < 3:
-            continue
-        w, out = bufs[1], bufs[-1]
-        kind = {4: "conv2d", 2: "matmul"}.get(len(w.shape))
-        if kind is None or str(w.dtype) not in ("float32", "int8"):
-            continue
-        key = (kind, tuple(int(d) for d in w.shape), tuple(int(d) for d in out.shape), str(w.dtype))
-        ms_ = 1e3 * float(np.mean(secs))
-        best[key] = min(best.get(key, ms_), ms_)
-    return best
+    lib = tvm.runtime.load_module(str(lib_path))
+    vm = relax.VirtualMachine(lib, tvm.cpu())
+    calls = []
+
+    def record(_func, name, before, _ret, *args):
+        if before and args and all(isinstance(a, tvm.runtime.Tensor) for a in args):
+            owner = next((m for m in [lib, *lib.imports] if m.implements_function(name)), None)
+            if owner is not None:
+                calls.append((owner, name, list(args)))
+        return 0
+
+    vm.set_instrument(record)
+    vm["main"](tvm.runtime.tensor(x))
+    return calls
 
 
-def speed_table(float_dir, int8_dir, target_name):
+def _layer_kernels(calls, candidates):
+    """Per layer (graph order), the first later kernel call reading a weight of one of its shapes."""
+    found, i = [], 0
+    for shapes in candidates:
+        while i < len(calls) and not any(tuple(a.shape) in shapes for a in calls[i][2][1:]):
+            i += 1
+        if i == len(calls):
+            break
+        found.append(calls[i])
+        i += 1
+    return found
+
+
+def _time_call(call, number=50, repeat=7):
+    import tvm
+
+    owner, name, args = call
+    results = owner.time_evaluator(name, tvm.cpu(), number=number, repeat=repeat)(*args).results
+    return 1e3 * float(np.median(results))
+
+
+def speed_table(float_lib, int8_lib, layers, x, profile):
+    """Per layer shape: time of its kernel (conv/matmul + fused epilogue) in each artifact."""
     from tvm_compress.passes.quantize_realize import layer_key
+    from tvm_compress.targets.int8_conv import pack_depthwise_weight, pack_weight
+    from tvm_compress.targets.int8_pack import kernel_for
 
-    f_times, q_times = _task_times(float_dir), _task_times(int8_dir)
-    layers = {}
-    for (kind, w, o, dt), f_ms in f_times.items():
-        if dt != "float32":
-            continue
-        q_ms = q_times.get((kind, w, o, "int8"))
-        if q_ms is not None:
-            layers[layer_key(kind, w, o)] = {"float_ms": f_ms, "int8_ms": q_ms, "speedup": f_ms / q_ms}
-    return {"target": target_name, "source": "MetaSchedule best run time per task (conv/matmul + epilogue)",
-            "layers": layers}
+    dot = kernel_for(profile.features.get("int8_dot"))
+    f_shapes, q_shapes = [], []
+    for layer in layers:
+        w = tuple(layer["weight_shape"])
+        f_shapes.append({w})
+        packed = {w}
+        if dot is not None and len(w) == 4:
+            zeros = np.zeros(w, np.int8)
+            packed.add(pack_weight(zeros, dot).shape)
+            if w[1] == 1:
+                packed.add(pack_depthwise_weight(zeros, dot).shape)
+        q_shapes.append(packed)
+    f_calls = _layer_kernels(_kernel_calls(float_lib, x), f_shapes)
+    q_calls = _layer_kernels(_kernel_calls(int8_lib, x), q_shapes)
+    table = {}
+    # Interleaved, so both sides see the same machine state.
+    for layer, fc, qc_ in zip(layers, f_calls, q_calls):
+        f_ms, q_ms = _time_call(fc), _time_call(qc_)
+        f_ms, q_ms = min(f_ms, _time_call(fc)), min(q_ms, _time_call(qc_))
+        kind = "conv2d" if len(layer["weight_shape"]) == 4 else "matmul"
+        key = layer_key(kind, layer["weight_shape"], fc[2][-1].shape)
+        table[key] = {"float_ms": f_ms, "int8_ms": q_ms, "speedup": f_ms / q_ms, "layer": layer["name"]}
+    return {"target": profile.name,
+            "source": "median kernel time (conv/matmul with its fused epilogue) in the compiled float "
+                      "and int8 artifacts, interleaved",
+            "layers": table}
 
 
 # ---- one model ------------------------------------------------------------------------------
@@ -328,22 +361,7 @@ def bench_model(key, model, input_name, shape, calib, evalset, labels, args, pro
             res["int8"]["weight_bytes_ratio"] = rep["weight_bytes_after"] / rep["weight_bytes_before"]
             (out / "quantize_report.json").write_text(json.dumps(q, indent=1))
 
-    if args.trials > 0:
-        table = speed_table(builds["float"]["tuning"]["work_dir"], builds["int8"]["tuning"]["work_dir"],
-                            profile.name)
-        (out / "speed_table.json").write_text(json.dumps(table, indent=1))
-        layers = table["layers"]
-        res["per_shape_speed"] = layers
-        res["shapes_slower_in_int8"] = [k for k, v in layers.items() if v["int8_ms"] > v["float_ms"]]
-        # the pass reads the table and says which layers are slower in int8
-        from tvm_compress.passes import InputSpec, PassEnv, get_pass, make_config
-
-        preset = get_pass("quantize")
-        env = PassEnv(model_path=model, inputs=[InputSpec(input_name, tuple(shape), "float32")], log=log)
-        cfg = make_config(preset, {"calib": str(calib_file), **args.quant_options,
-                                   "speed_table": str(out / "speed_table.json")})
-        preset.make(cfg, env)(prepared.to_relax())
-        (out / "quantize_report.json").write_text(json.dumps(env.report["quantize"], indent=1))
+    _speed_report(res, out, model, input_name, shape, x0[None], profile, args, log)
 
     variants = ort_int8_variants(prepared_path, out, input_name, calib)
     lat = {tag: ort_latency(p, input_name, x0, args.runs) for tag, p in variants.items()}
@@ -480,32 +498,37 @@ def remeasure(args, log):
     print(table(results))
 
 
-def tables(args, log):
-    """Per-shape speed tables from an earlier run's tuning databases, and the pass's report with
-    them (which layers are slower in int8 on this target)."""
+def _speed_report(res, out, model, input_name, shape, x, profile, args, log):
+    """Per-shape speed table of the float and int8 artifacts, then the pass run again with it:
+    its report says which layers are slower in int8 on this target."""
     from tvm_compress.loader import prepare_onnx
     from tvm_compress.passes import InputSpec, PassEnv, get_pass, make_config
+
+    table = speed_table(out / "float.so", out / "int8.so", res["int8"]["layers"], x, profile)
+    (out / "speed_table.json").write_text(json.dumps(table, indent=1))
+    res["per_shape_speed"] = table["layers"]
+    res["shapes_slower_in_int8"] = [k for k, v in table["layers"].items() if v["int8_ms"] > v["float_ms"]]
+    env = PassEnv(model_path=model, inputs=[InputSpec(input_name, tuple(shape), "float32")],
+                  target=profile, log=log)
+    preset = get_pass("quantize")
+    cfg = make_config(preset, {"calib": str(out / "calib.npz"), **args.quant_options,
+                               "speed_table": str(out / "speed_table.json")})
+    preset.make(cfg, env)(prepare_onnx(model, {input_name: tuple(shape)}).to_relax())
+    (out / "quantize_report.json").write_text(json.dumps(env.report["quantize"], indent=1))
+    log(f"{len(table['layers'])} layer shapes timed, slower in int8: {res['shapes_slower_in_int8']}")
+
+
+def tables(args, log):
+    """Per-shape speed tables from an earlier run's artifacts, and the pass's report with them."""
+    from tvm_compress.targets import get_target
 
     path = Path(args.out) / "bench_int8.json"
     results = json.loads(path.read_text())
     for key, r in results.items():
-        if not r["float"]["tuning"].get("work_dir") or not r["int8"]["tuning"].get("work_dir"):
-            continue
         out = Path(args.out) / key
-        table = speed_table(r["float"]["tuning"]["work_dir"], r["int8"]["tuning"]["work_dir"], r["target"])
-        (out / "speed_table.json").write_text(json.dumps(table, indent=1))
-        r["per_shape_speed"] = table["layers"]
-        r["shapes_slower_in_int8"] = [k for k, v in table["layers"].items() if v["int8_ms"] > v["float_ms"]]
-        model = Path(r["model"])
         name = {"demo": "input"}.get(key, "x")
-        shape = tuple(r["input_shape"])
-        env = PassEnv(model_path=model, inputs=[InputSpec(name, shape, "float32")], log=log)
-        preset = get_pass("quantize")
-        cfg = make_config(preset, {"calib": str(out / "calib.npz"), **args.quant_options,
-                                   "speed_table": str(out / "speed_table.json")})
-        preset.make(cfg, env)(prepare_onnx(model, {name: shape}).to_relax())
-        (out / "quantize_report.json").write_text(json.dumps(env.report["quantize"], indent=1))
-        log(f"{key}: {len(table['layers'])} shapes timed, slower in int8: {r['shapes_slower_in_int8']}")
+        _speed_report(r, out, Path(r["model"]), name, r["input_shape"], np.load(out / "verify.npy"),
+                      get_target(r["target"]), args, log)
     path.write_text(json.dumps(results, indent=1))
 
 

@@ -20,7 +20,9 @@ from .int8_intrin import KERNELS, DotKernel, register
 # Block annotation that marks the convolution for ``schedule_packed_conv`` (set by the compute).
 KERNEL_ATTR = "tvm_compress.int8_dot"
 DEPTHWISE_ATTR = "tvm_compress.int8_depthwise"
+# A parallel region costs microseconds to start: small packs and convolutions run serially.
 _PARALLEL_MIN_ELEMS = 1 << 15
+_PARALLEL_MIN_MACS = 1 << 18
 
 
 def pack_weight(w: np.ndarray, kernel: DotKernel) -> np.ndarray:
@@ -204,11 +206,12 @@ def schedule_packed_conv(sch: s_tir.Schedule, block) -> None:
     # Packing stage: its own loop nest (the weight is a parameter, so it is the one producer).
     (pack,) = sch.get_producers(block)
     loops = sch.get_loops(pack)
-    # A parallel region costs microseconds to start; small tensors are packed serially.
     if np.prod([_extent(sch, l) for l in loops]) >= _PARALLEL_MIN_ELEMS:
         sch.parallel(sch.fuse(*loops[:2]))
     sch.vectorize(sch.fuse(*loops[4:]) if len(loops) > 5 else loops[-1])
-    sch.parallel(sch.fuse(n, o_o, y))
+    macs = np.prod([_extent(sch, l) for l in sch.get_loops(block)])
+    if macs >= _PARALLEL_MIN_MACS:
+        sch.parallel(sch.fuse(n, o_o, y))
     init = sch.decompose_reduction(block, r_outer[0])
     sch.tensorize(o_l, intrin)
     sch.vectorize(sch.get_loops(init)[-1])

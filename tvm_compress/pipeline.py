@@ -69,10 +69,13 @@ def schedule(
     family = get_family(profile.family)
     target = profile.tvm_target()
     summary = None
+    # Keyed before hand scheduling: those kernels are not tuned, so their schedule may change
+    # without invalidating the records of the others.
+    if trials > 0:
+        work_dir = work_dir or tuning.database_dir(mod, target)
     # Hand-scheduled int8 kernels first: tuning and the default schedules then skip them.
     mod = ScheduleInt8Conv()(mod)
     if trials > 0:
-        work_dir = work_dir or tuning.database_dir(mod, target)
         runner = runner or family.tuning_runner(profile)
         if runner is None:
             # Records from an earlier run (or another machine) still apply; no new trials.
