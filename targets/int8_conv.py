@@ -1,16 +1,16 @@
 """Packed-weight int8 convolution: the compute and its hand schedule over a dot intrinsic.
 
 The weight ``[OC, IC, KH, KW]`` is packed offline to ``[OC/lanes, IC/depth, KH, KW, lanes,
-depth]`` (output channels padded with zeros to a multiple of ``lanes``) so that one intrinsic
-call reads one contiguous block. Activations stay NCHW: the ``depth`` input channels of one call
-are read with the plane stride. The schedule keeps a register tile of ``tile_w`` output columns
-x ``tile_oc`` lane groups in int32 accumulators over the whole reduction, then runs the fused
-epilogue (requantize) on the tile.
+depth]`` (depthwise: ``[C/lanes, KH, KW/depth, lanes, depth]``), zero-padded to whole steps, so
+one intrinsic call reads one contiguous block. The kernel's first stage packs the NCHW
+activations the same way (zero padding, ``depth`` channels or taps innermost, the intrinsic's
+dtype). The schedule keeps a register tile of ``tile_w`` output columns x ``tile_oc`` lane groups
+in int32 accumulators over the whole reduction, then runs the fused epilogue (requantize) on it.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 from tvm import s_tir, te, tirx
@@ -189,6 +189,10 @@ def schedule_packed_conv(sch: s_tir.Schedule, block) -> None:
         sch.compute_inline(tail)
         consumers = sch.get_consumers(block)
     if tail is not None:
+        # Other element-wise inputs of the epilogue (e.g. a dequantized residual) into it too.
+        for other in sch.get_producers(tail):
+            if not sch.get(other).same_as(sch.get(block)):
+                sch.compute_inline(other)
         sch.reverse_compute_at(tail, x_o, preserve_unit_loops=True)
         sch.set_scope(block, 0, "local")
         # Requantize a lane vector at a time: accumulators and per-channel scales are

@@ -227,3 +227,27 @@ def test_unknown_dot_kernel_in_target_file_is_one_line_error(tmp_path):
     with pytest.raises(TargetError, match="int8_dot 'vnni' is not one of pmaddwd, sdot") as err:
         load_target_files([f])
     assert "\n" not in str(err.value)
+
+
+def test_residual_epilogue_fuses_into_the_kernel():
+    """A dequantized residual input of the epilogue is inlined into the scheduled kernel."""
+    rng = np.random.default_rng(6)
+    x = rng.integers(-128, 128, (1, 16, 8, 8)).astype("int8")
+    r = rng.integers(-128, 128, (1, 16, 8, 8)).astype("int8")
+    w = rng.integers(-128, 128, (16, 16, 3, 3)).astype(np.int8)
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType(x.shape, "int8"))
+    rv = relax.Var("r", relax.TensorType(r.shape, "int8"))
+    with bb.function("main", [xv, rv]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(xv, relax.const(w), padding=1, out_dtype="int32"))
+            y = bb.emit(relax.op.astype(y, "float32"))
+            res = bb.emit(relax.op.dequantize(rv, relax.const(np.float32(4.0)), relax.const(0, "int8")))
+            gv = bb.emit_output(relax.op.add(y, res))
+        bb.emit_func_output(gv)
+    scheduled, target = _lower(bb.get(), "x86-avx2")
+    assert _scheduled_kernels(scheduled)
+    ex = tvm.compile(scheduled, target)
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(r)).numpy()
+    ref = _reference(x, w, (1, 1), (1, 1), (1, 1), 1).astype(np.float32) + 4.0 * r.astype(np.float32)
+    np.testing.assert_array_equal(got, ref)
