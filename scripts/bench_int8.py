@@ -193,6 +193,21 @@ def ort_latency(path, name, x, runs):
     return float(np.median(times))
 
 
+def _accuracy(key, f_out, q_out, labels) -> dict:
+    """Agreement of quantized outputs with the float build (and top-1 with labels)."""
+    if key == "det":
+        a, b = q_out > 0.3, f_out > 0.3
+        return {"rel_l2_vs_float": float(np.linalg.norm(q_out - f_out) / np.linalg.norm(f_out)),
+                "text_mask_iou_vs_float": float((a & b).sum() / max((a | b).sum(), 1))}
+    n = len(f_out)
+    fa, qa = f_out.reshape(n, -1).argmax(1), q_out.reshape(n, -1).argmax(1)
+    out = {"same_class_as_float_pct": 100 * float(np.mean(fa == qa))}
+    if labels is not None:
+        out["float_top1_pct"] = 100 * float(np.mean(fa == labels[0]))
+        out["top1_pct"] = 100 * float(np.mean(qa == labels[0]))
+    return out
+
+
 def tvm_outputs(lib: Path, xs):
     import tvm
     from tvm import relax
@@ -333,35 +348,39 @@ def bench_model(key, model, input_name, shape, calib, evalset, labels, args, pro
     x0 = evalset[:1][0]
     np.save(out / "verify.npy", x0[None])
 
-    builds = {}
-    for variant, passes, cfg in (
-        ("float", None, None),
-        ("int8", "quantize", {"quantize": {"calib": str(calib_file), **args.quant_options}}),
-    ):
+    qcfg = {"calib": str(calib_file), **args.quant_options}
+
+    def build(variant, passes, cfg):
         t0 = time.monotonic()
         rep = tc_compile(model, out / f"{variant}.so", target=profile, passes=passes, pass_configs=cfg,
                          input_shapes=shapes, verify_input=str(out / "verify.npy"),
                          tune_trials=args.trials, bench_runs=args.runs, log=log)
-        builds[variant] = rep
         res[variant] = {
             "latency_ms": rep["latency_ms"]["median"] if rep.get("latency_ms") else None,
             "weight_bytes": rep["weight_bytes_after"],
+            "weight_bytes_ratio": rep["weight_bytes_after"] / rep["weight_bytes_before"],
             "artifact_bytes": rep["artifact_bytes"],
             "tuning": rep["tuning"],
             "build_seconds": round(time.monotonic() - t0, 1),
         }
-        if variant == "float":
-            res["onnxruntime_float_latency_ms"] = rep["onnxruntime_latency_ms"]["median"]
-        else:
-            q = rep["pass_reports"].get("quantize", {})
-            res["int8"]["layers"] = [
+        q = rep["pass_reports"].get("quantize")
+        if q is not None:
+            res[variant]["layers"] = [
                 {k: l.get(k) for k in ("name", "op", "status", "reason", "weight_shape")}
                 for l in q.get("layers", [])
             ]
-            res["int8"]["weight_bytes_ratio"] = rep["weight_bytes_after"] / rep["weight_bytes_before"]
-            (out / "quantize_report.json").write_text(json.dumps(q, indent=1))
+            (out / f"quantize_report_{variant}.json").write_text(json.dumps(q, indent=1))
+        return rep
 
+    rep = build("float", None, None)
+    res["onnxruntime_float_latency_ms"] = rep["onnxruntime_latency_ms"]["median"]
+    build("int8", "quantize", {"quantize": qcfg})
     _speed_report(res, out, model, input_name, shape, x0[None], profile, args, log)
+    if res["shapes_slower_in_int8"]:
+        # The pass's answer to "int8 is slower for these shapes here": keep them float.
+        build("int8_mixed", "quantize", {"quantize": {**qcfg, "speed_table": str(out / "speed_table.json"),
+                                                      "slow_layers": "float"}})
+        res["int8_mixed"]["float_layers"] = sum(l["status"] != "int8" for l in res["int8_mixed"]["layers"])
 
     variants = ort_int8_variants(prepared_path, out, input_name, calib)
     lat = {tag: ort_latency(p, input_name, x0, args.runs) for tag, p in variants.items()}
@@ -374,32 +393,13 @@ def bench_model(key, model, input_name, shape, calib, evalset, labels, args, pro
 
     # accuracy / agreement
     f_out = tvm_outputs(out / "float.so", evalset)
-    q_out = tvm_outputs(out / "int8.so", evalset)
     o_out = ort_outputs(ort_q, input_name, evalset)
     acc = {"samples": int(len(evalset))}
-    if key == "det":
-        def iou(a, b):
-            a, b = a > 0.3, b > 0.3
-            return float((a & b).sum() / max((a | b).sum(), 1))
-
-        acc["int8_rel_l2_vs_float"] = float(np.linalg.norm(q_out - f_out) / np.linalg.norm(f_out))
-        acc["int8_text_mask_iou_vs_float"] = iou(q_out, f_out)
-        acc["ort_int8_rel_l2_vs_float"] = float(np.linalg.norm(o_out - f_out) / np.linalg.norm(f_out))
-        acc["ort_int8_text_mask_iou_vs_float"] = iou(o_out, f_out)
-    else:
-        fa, qa, oa = (o.reshape(len(evalset), -1).argmax(1) for o in (f_out, q_out, o_out))
-        acc["int8_same_class_as_float_pct"] = 100 * float(np.mean(fa == qa))
-        acc["ort_int8_same_class_as_float_pct"] = 100 * float(np.mean(fa == oa))
-        if labels is not None:
-            y = labels[0]
-            acc["float_top1_pct"] = 100 * float(np.mean(fa == y))
-            acc["int8_top1_pct"] = 100 * float(np.mean(qa == y))
-            acc["ort_int8_top1_pct"] = 100 * float(np.mean(oa == y))
+    for variant in [v for v in ("int8", "int8_mixed") if v in res]:
+        q_out = tvm_outputs(out / f"{variant}.so", evalset)
+        acc[variant] = _accuracy(key, f_out, q_out, labels)
+    acc["ort_int8"] = _accuracy(key, f_out, o_out, labels)
     res["accuracy"] = acc
-    f_lat, q_lat = res["float"]["latency_ms"], res["int8"]["latency_ms"]
-    if f_lat and q_lat:
-        res["int8_speedup_vs_tvm_float"] = f_lat / q_lat
-        res["int8_speedup_vs_ort_int8"] = res["onnxruntime_int8_latency_ms"] / q_lat
     (out / "result.json").write_text(json.dumps(res, indent=1))
     return res
 
@@ -464,14 +464,14 @@ def remeasure(args, log):
         x = np.load(out / "verify.npy")
         name = {"demo": "input"}.get(key, "x")
         fns = {}
-        for variant in ("float", "int8"):
+        for variant in [v for v in ("float", "int8", "int8_mixed") if v in r]:
             vm = relax.VirtualMachine(tvm.runtime.load_module(str(out / f"{variant}.so")), tvm.cpu())
             fns[variant] = (vm, tvm.runtime.tensor(x))
         calib = np.load(out / "calib.npz")["calib"]
         variants = ort_int8_variants(out / "float_prepared.onnx", out, name, calib)
         sessions = {"ort_float": ort_session(out / "float_prepared.onnx")}
         sessions.update({f"ort_int8_{tag}": ort_session(p) for tag, p in variants.items()})
-        times = {k: [] for k in ["float", "int8", *sessions]}
+        times = {k: [] for k in [*fns, *sessions]}
         for _ in range(5):
             for variant, (vm, xin) in fns.items():
                 t = vm.time_evaluator("main", tvm.cpu(), number=max(1, args.runs // 5), repeat=1)(xin)
@@ -485,14 +485,13 @@ def remeasure(args, log):
                 times[k].append((time.perf_counter() - t0) * 1e3 / max(1, args.runs // 5))
         med = {k: float(np.median(v)) for k, v in times.items()}
         log(f"{key}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in med.items()))
-        r["float"]["latency_ms"], r["int8"]["latency_ms"] = med["float"], med["int8"]
+        for variant in fns:
+            r[variant]["latency_ms"] = med[variant]
         ort8 = {tag: med[f"ort_int8_{tag}"] for tag in variants}
         best = min(ort8, key=ort8.get)
         r["onnxruntime_float_latency_ms"] = med["ort_float"]
         r["onnxruntime_int8_latency_ms"], r["onnxruntime_int8_variant"] = ort8[best], best
         r["onnxruntime_int8_latency_ms_by_variant"] = ort8
-        r["int8_speedup_vs_tvm_float"] = med["float"] / med["int8"]
-        r["int8_speedup_vs_ort_int8"] = ort8[best] / med["int8"]
         r["latency_note"] = "re-measured interleaved (scripts/bench_int8.py --remeasure)"
     path.write_text(json.dumps(results, indent=1))
     print(table(results))
@@ -603,31 +602,35 @@ def main(argv=None):
     print(table(old))
 
 
+def _acc_text(key, acc: dict) -> str:
+    if key == "det":
+        return f"mask IoU {acc['text_mask_iou_vs_float']:.3f}, rel. L2 {acc['rel_l2_vs_float']:.3f}"
+    text = f"same class {acc['same_class_as_float_pct']:.2f}%"
+    if "top1_pct" in acc:
+        text += f", top-1 {acc['float_top1_pct']:.1f} -> {acc['top1_pct']:.1f}"
+    return text
+
+
 def table(results) -> str:
-    rows = ["| model | weight bytes int8/float | accuracy | TVM float ms | TVM int8 ms | ORT float ms | "
-            "ORT int8 ms | int8 vs TVM float | int8 vs ORT int8 | trials each | note |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| model | build | weight bytes vs float | accuracy vs float | ms | vs TVM float | "
+            "vs ORT int8 | trials |",
+            "|---|---|---|---|---|---|---|---|"]
     for key, r in results.items():
-        acc = r["accuracy"]
-        if key == "cls":
-            a = (f"same class as float {acc['int8_same_class_as_float_pct']:.2f}% "
-                 f"(ORT int8 {acc['ort_int8_same_class_as_float_pct']:.2f}%); rotation top-1 "
-                 f"{acc['float_top1_pct']:.1f} -> {acc['int8_top1_pct']:.1f}")
-        elif "int8_top1_pct" in acc:
-            a = f"top-1 {acc['float_top1_pct']:.1f} -> {acc['int8_top1_pct']:.1f} (ORT int8 {acc['ort_int8_top1_pct']:.1f})"
-        elif "int8_same_class_as_float_pct" in acc:
-            a = (f"same class as float {acc['int8_same_class_as_float_pct']:.2f}% "
-                 f"(ORT int8 {acc['ort_int8_same_class_as_float_pct']:.2f}%)")
-        else:
-            a = (f"mask IoU vs float {acc['int8_text_mask_iou_vs_float']:.3f} "
-                 f"(ORT int8 {acc['ort_int8_text_mask_iou_vs_float']:.3f})")
-        f, q = r["float"]["latency_ms"], r["int8"]["latency_ms"]
-        rows.append(
-            f"| {key} | {r['int8']['weight_bytes_ratio']:.3f} | {a} | {f:.3f} | {q:.3f} | "
-            f"{r['onnxruntime_float_latency_ms']:.3f} | {r['onnxruntime_int8_latency_ms']:.3f} | "
-            f"{f / q:.2f}x | {r['onnxruntime_int8_latency_ms'] / q:.2f}x | {r['trials']} |"
-            + (f" ORT int8 = {r.get('onnxruntime_int8_variant')}" if r.get("onnxruntime_int8_variant") else "")
-        )
+        f, o8 = r["float"]["latency_ms"], r["onnxruntime_int8_latency_ms"]
+        rows.append(f"| {key} | TVM float | 1 | - | {f:.3f} | 1.00x | {o8 / f:.2f}x | {r['trials']} |")
+        for variant, label in (("int8", "TVM int8 (all layers)"), ("int8_mixed", "TVM int8, slow shapes float")):
+            if variant not in r:
+                continue
+            v = r[variant]
+            if variant == "int8_mixed":
+                label += f" ({v['float_layers']} of {len(v['layers'])})"
+            rows.append(f"| {key} | {label} | {v['weight_bytes_ratio']:.3f} | "
+                        f"{_acc_text(key, r['accuracy'][variant])} | {v['latency_ms']:.3f} | "
+                        f"**{f / v['latency_ms']:.2f}x** | {o8 / v['latency_ms']:.2f}x | {r['trials']} |")
+        rows.append(f"| {key} | onnxruntime float | - | - | {r['onnxruntime_float_latency_ms']:.3f} | "
+                    f"{f / r['onnxruntime_float_latency_ms']:.2f}x | - | - |")
+        rows.append(f"| {key} | onnxruntime int8 ({r['onnxruntime_int8_variant']}) | - | "
+                    f"{_acc_text(key, r['accuracy']['ort_int8'])} | {o8:.3f} | {f / o8:.2f}x | 1.00x | - |")
     return "\n".join(rows)
 
 

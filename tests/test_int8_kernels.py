@@ -19,6 +19,7 @@ from tvm_compress.targets import get_target, load_target_files, qemu
 from tvm_compress.targets.int8_conv import pack_depthwise_weight, pack_weight
 from tvm_compress.targets.int8_intrin import KERNELS
 from tvm_compress.targets.int8_pack import PackInt8Conv
+from tvm_compress.targets.int8_schedule import _marked_block
 
 RUNNER_CACHE = qemu.runner_cache_dir()
 CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
@@ -83,10 +84,16 @@ def _asm(mod, target) -> str:
     return llvm_mod.inspect_source("s")
 
 
+def _packed_kernels(mod):
+    """Kernels holding a packed int8 convolution block (found by its annotation)."""
+    return [gv for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)
+            and _marked_block(tvm.s_tir.Schedule(f)) is not None]
+
+
 def _scheduled_kernels(mod):
-    return [gv.name_hint for gv, f in mod.functions.items()
-            if isinstance(f, tvm.tirx.PrimFunc) and f.attrs.get("tirx.is_scheduled", False)
-            and "int8_conv" in gv.name_hint]
+    """Kernels that ScheduleInt8Conv tensorized (a dot intrinsic call in the body)."""
+    return [gv for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)
+            and "call_llvm_pure_intrin" in f.script()]
 
 
 # (x shape, weight shape, stride, padding, dilation, groups, activations)
@@ -251,3 +258,28 @@ def test_residual_epilogue_fuses_into_the_kernel():
     got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(r)).numpy()
     ref = _reference(x, w, (1, 1), (1, 1), (1, 1), 1).astype(np.float32) + 4.0 * r.astype(np.float32)
     np.testing.assert_array_equal(got, ref)
+
+
+DEMO = Path(__file__).resolve().parents[1] / "tvm_compress" / "data"
+
+
+def test_sdot_target_gets_int8_activations():
+    """auto activations would give uint8 after ReLU; sdot takes int8 only, so the flow picks
+    symmetric int8 for +dotprod presets and says so, and every conv is packed for sdot."""
+    from tvm_compress.loader import load_onnx
+    from tvm_compress.passes import InputSpec, PassEnv, get_pass, make_config
+
+    logs = []
+    profile = get_target("aarch64-dotprod")
+    env = PassEnv(model_path=DEMO / "fashion_cnn.onnx", inputs=[InputSpec("input", (1, 1, 28, 28), "float32")],
+                  target=profile, log=logs.append)
+    preset = get_pass("quantize")
+    config = make_config(preset, {"calib": str(DEMO / "fashion_test.npz") + ":calib", "calib_samples": 50})
+    qmod = preset.make(config, env)(load_onnx(DEMO / "fashion_cnn.onnx", {"input": (1, 1, 28, 28)}))
+    layers = env.report["quantize"]["layers"]
+    assert {l["input_quant"]["dtype"] for l in layers} == {"int8"}
+    assert any("int8 activations" in m and "sdot" in m for m in logs)
+    with profile.tvm_target():
+        lowered = tvm.transform.Sequential(pipeline.lowering_passes(profile))(qmod)
+    # the three convolutions are packed; the two dense layers keep the generic kernels
+    assert len(_packed_kernels(lowered)) == 3
