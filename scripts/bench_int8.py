@@ -193,6 +193,11 @@ def ort_latency(path, name, x, runs):
     return float(np.median(times))
 
 
+# Pause before timing each engine: the previous one's worker threads spin for a while after a
+# run and take a core from the next on this 2-core machine.
+_SETTLE_S = 0.2
+
+
 def _accuracy(key, f_out, q_out, labels) -> dict:
     """Agreement of quantized outputs with the float build (and top-1 with labels)."""
     if key == "det":
@@ -474,9 +479,11 @@ def remeasure(args, log):
         times = {k: [] for k in [*fns, *sessions]}
         for _ in range(5):
             for variant, (vm, xin) in fns.items():
+                time.sleep(_SETTLE_S)
                 t = vm.time_evaluator("main", tvm.cpu(), number=max(1, args.runs // 5), repeat=1)(xin)
                 times[variant].append(1e3 * float(t.mean))
             for k, sess in sessions.items():
+                time.sleep(_SETTLE_S)
                 for _ in range(3):
                     sess.run(None, {name: x})
                 t0 = time.perf_counter()
