@@ -37,6 +37,16 @@ def pack_weight(w: np.ndarray, kernel: DotKernel) -> np.ndarray:
     return np.ascontiguousarray(w.transpose(0, 2, 4, 5, 1, 3))
 
 
+def _geometry(h, w, kh, kw, padding, strides, dilation):
+    """Integer padding, strides, dilation and the output size of a convolution."""
+    pt, pl, pb, pr = (int(v) for v in padding)
+    sh, sw = (int(v) for v in strides)
+    dh, dw = (int(v) for v in dilation)
+    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    return (pt, pl, pb, pr), (sh, sw), (dh, dw), (oh, ow)
+
+
 def packed_conv2d(
     x: te.Tensor,
     wp: te.Tensor,
@@ -50,11 +60,7 @@ def packed_conv2d(
     kernel = KERNELS[kernel_name]
     n, ic, h, w = (int(v) for v in x.shape)
     ocb, icb, kh, kw, lanes, depth = (int(v) for v in wp.shape)
-    pt, pl, pb, pr = (int(v) for v in padding)
-    sh, sw = (int(v) for v in strides)
-    dh, dw = (int(v) for v in dilation)
-    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
-    ow = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    (pt, pl, pb, pr), (sh, sw), (dh, dw), (oh, ow) = _geometry(h, w, kh, kw, padding, strides, dilation)
     # Pack: zero padding (rows, columns; channels up to whole dot steps), channels in groups
     # of ``depth`` innermost, in the intrinsic's dtype: one pixel's group is one scalar load.
     dt = kernel.packed_dtype
@@ -111,11 +117,9 @@ def packed_depthwise_conv2d(
     kernel = KERNELS[kernel_name]
     n, c, h, w = (int(v) for v in x.shape)
     cb, kh, kj, lanes, depth = (int(v) for v in wp.shape)
-    pt, pl, pb, pr = (int(v) for v in padding)
-    sh, sw = (int(v) for v in strides)
-    dh, dw = (int(v) for v in dilation)
-    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
-    ow = (w + pl + pr - dw * (kernel_w - 1) - 1) // sw + 1
+    (pt, pl, pb, pr), (sh, sw), (dh, dw), (oh, ow) = _geometry(
+        h, w, kh, kernel_w, padding, strides, dilation
+    )
     # Pack: for each column, the ``depth`` taps it starts (columns x, x+dw, ...) of ``lanes``
     # channels side by side, so one call reads one contiguous block.
     dt = kernel.packed_dtype
