@@ -30,8 +30,7 @@ class Net(torch.nn.Module):
         return self.fc(x.flatten(1))
 
 
-@pytest.fixture(scope="module")
-def qdq_model(tmp_path_factory):
+def _make_qdq(tmp_path_factory, activation: str):
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     tmp = tmp_path_factory.mktemp("qdq")
@@ -50,8 +49,14 @@ def qdq_model(tmp_path_factory):
             return None if x is None else {"x": x[None]}
 
     quantize_static(str(float_path), str(qdq_path), Reader(), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+                    per_channel=True, activation_type=getattr(QuantType, activation),
+                    weight_type=QuantType.QInt8)
     return float_path, qdq_path
+
+
+@pytest.fixture(scope="module")
+def qdq_model(tmp_path_factory):
+    return _make_qdq(tmp_path_factory, "QInt8")
 
 
 def test_qdq_model_realizes_to_integer_compute(qdq_model):
@@ -83,3 +88,35 @@ def test_qdq_model_realizes_to_integer_compute(qdq_model):
         # both compute the same quantized model; one output step of rounding apart at most
         step = 0.002
         assert np.abs(ours - ref).max() <= 3 * step + 0.02 * np.abs(ref).max(), np.abs(ours - ref).max()
+
+
+@pytest.mark.parametrize("activation", ["QInt8", "QUInt8"])
+def test_qdq_model_through_packed_int8_kernels(tmp_path_factory, activation):
+    """The same models through the x86 lowering: conv and depthwise layers become tensorized
+    packed kernels. onnxruntime's int8 activations here have zero point -128 (explicit
+    zero-point pad + per-channel correction); its uint8 ones have zero point 0."""
+    import onnxruntime as ort
+    from tvm_compress import pipeline
+    from tvm_compress.loader import load_onnx
+    from tvm_compress.targets import get_target
+
+    _, qdq_path = _make_qdq(tmp_path_factory, activation)
+    preset = get_pass("quantize")
+    env = PassEnv(model_path=qdq_path, inputs=[InputSpec("x", (1, 3, 16, 16), "float32")])
+    qmod = preset.make(make_config(preset, {}), env)(load_onnx(qdq_path, {"x": (1, 3, 16, 16)}))
+    profile = get_target("x86-avx2")
+    target = profile.tvm_target()
+    with target:
+        lowered = tvm.transform.Sequential(pipeline.lowering_passes(profile))(qmod)
+    scheduled, _ = pipeline.schedule(lowered, profile, 0)
+    tensorized = [gv for gv, f in scheduled.functions.items()
+                  if isinstance(f, tvm.tirx.PrimFunc) and "call_llvm_pure_intrin" in f.script()]
+    assert len(tensorized) == 3  # c1, depthwise dw, c2 (the dense layer keeps a generic kernel)
+    fn = relax.VirtualMachine(tvm.compile(scheduled, target), tvm.cpu())["main"]
+    sess = ort.InferenceSession(str(qdq_path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(2)
+    for _ in range(4):
+        x = rng.uniform(0, 1, (1, 3, 16, 16)).astype("float32")
+        ours = fn(tvm.runtime.tensor(x)).numpy()
+        ref = sess.run(None, {"x": x})[0]
+        assert np.abs(ours - ref).max() <= 3 * 0.002 + 0.02 * np.abs(ref).max(), np.abs(ours - ref).max()
