@@ -30,6 +30,20 @@ class Net(torch.nn.Module):
         return self.fc(x.flatten(1))
 
 
+def _assert_matches_onnxruntime(fn, qdq_path, seed: int) -> None:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(qdq_path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(seed)
+    for _ in range(4):
+        x = rng.uniform(0, 1, (1, 3, 16, 16)).astype("float32")
+        ours = fn(tvm.runtime.tensor(x)).numpy()
+        ref = sess.run(None, {"x": x})[0]
+        # both compute the same quantized model; one output step of rounding apart at most
+        step = 0.002
+        assert np.abs(ours - ref).max() <= 3 * step + 0.02 * np.abs(ref).max(), np.abs(ours - ref).max()
+
+
 def _make_qdq(tmp_path_factory, activation: str):
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
@@ -60,7 +74,6 @@ def qdq_model(tmp_path_factory):
 
 
 def test_qdq_model_realizes_to_integer_compute(qdq_model):
-    import onnxruntime as ort
     from tvm_compress.loader import load_onnx
 
     _, qdq_path = qdq_model
@@ -78,16 +91,7 @@ def test_qdq_model_realizes_to_integer_compute(qdq_model):
     assert any("already has QuantizeLinear" in m for m in logs)
 
     ex = tvm.compile(qmod, tvm.target.Target({"kind": "llvm"}))
-    fn = relax.VirtualMachine(ex, tvm.cpu())["main"]
-    sess = ort.InferenceSession(str(qdq_path), providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(1)
-    for _ in range(4):
-        x = rng.uniform(0, 1, (1, 3, 16, 16)).astype("float32")
-        ours = fn(tvm.runtime.tensor(x)).numpy()
-        ref = sess.run(None, {"x": x})[0]
-        # both compute the same quantized model; one output step of rounding apart at most
-        step = 0.002
-        assert np.abs(ours - ref).max() <= 3 * step + 0.02 * np.abs(ref).max(), np.abs(ours - ref).max()
+    _assert_matches_onnxruntime(relax.VirtualMachine(ex, tvm.cpu())["main"], qdq_path, seed=1)
 
 
 @pytest.mark.parametrize("activation", ["QInt8", "QUInt8"])
@@ -95,7 +99,6 @@ def test_qdq_model_through_packed_int8_kernels(tmp_path_factory, activation):
     """The same models through the x86 lowering: conv and depthwise layers become tensorized
     packed kernels. onnxruntime's int8 activations here have zero point -128 (explicit
     zero-point pad + per-channel correction); its uint8 ones have zero point 0."""
-    import onnxruntime as ort
     from tvm_compress import pipeline
     from tvm_compress.loader import load_onnx
     from tvm_compress.targets import get_target
@@ -113,10 +116,4 @@ def test_qdq_model_through_packed_int8_kernels(tmp_path_factory, activation):
                   if isinstance(f, tvm.tirx.PrimFunc) and "call_llvm_pure_intrin" in f.script()]
     assert len(tensorized) == 3  # c1, depthwise dw, c2 (the dense layer keeps a generic kernel)
     fn = relax.VirtualMachine(tvm.compile(scheduled, target), tvm.cpu())["main"]
-    sess = ort.InferenceSession(str(qdq_path), providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(2)
-    for _ in range(4):
-        x = rng.uniform(0, 1, (1, 3, 16, 16)).astype("float32")
-        ours = fn(tvm.runtime.tensor(x)).numpy()
-        ref = sess.run(None, {"x": x})[0]
-        assert np.abs(ours - ref).max() <= 3 * 0.002 + 0.02 * np.abs(ref).max(), np.abs(ours - ref).max()
+    _assert_matches_onnxruntime(fn, qdq_path, seed=2)
