@@ -143,9 +143,9 @@ def _target_dot_kernel(profile):
     """The target's int8 dot kernel (``features.int8_dot``), if any."""
     if profile is None:
         return None
-    from tvm_compress.targets.int8_pack import kernel_for
+    from tvm_compress.targets.int8_pack import target_kernel
 
-    return kernel_for(profile.features.get("int8_dot"))
+    return target_kernel(profile)
 
 
 def _log_summary(report: dict, log) -> None:

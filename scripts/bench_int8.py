@@ -294,9 +294,9 @@ def speed_table(float_lib, int8_lib, layers, x, profile):
     """Per layer shape: time of its kernel (conv/matmul + fused epilogue) in each artifact."""
     from tvm_compress.passes.quantize_realize import layer_key
     from tvm_compress.targets.int8_conv import pack_depthwise_weight, pack_weight
-    from tvm_compress.targets.int8_pack import kernel_for
+    from tvm_compress.targets.int8_pack import target_kernel
 
-    dot = kernel_for(profile.features.get("int8_dot"))
+    dot = target_kernel(profile)
     f_shapes, q_shapes = [], []
     for layer in layers:
         w = tuple(layer["weight_shape"])

@@ -35,10 +35,12 @@ def _load_file(path: Path) -> None:
             raise TargetError(f"target file {path}: table [{name}] needs 'family' and 'target'")
         get_family(table["family"])  # unknown family -> one-line TargetError
         dot = dict(table.get("features", {})).get("int8_dot")
-        if dot is not None and dot not in KERNELS:
-            raise TargetError(
-                f"target file {path}: [{name}] features.int8_dot {dot!r} is not one of {', '.join(KERNELS)}"
-            )
+        dots = [dot] if isinstance(dot, str) else dot if isinstance(dot, list) else [] if dot is None else [dot]
+        for d in dots:
+            if d not in KERNELS:
+                raise TargetError(
+                    f"target file {path}: [{name}] features.int8_dot {d!r} is not one of {', '.join(KERNELS)}"
+                )
         _REGISTRY[name] = TargetProfile(
             name=name,
             family=table["family"],

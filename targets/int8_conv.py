@@ -1,16 +1,18 @@
 """Packed-weight int8 convolution: the compute and its hand schedule over a dot intrinsic.
 
 The weight ``[OC, IC, KH, KW]`` is packed offline to ``[OC/lanes, IC/depth, KH, KW, lanes,
-depth]`` (depthwise: ``[C/lanes, KH, KW/depth, lanes, depth]``), zero-padded to whole steps, so
-one intrinsic call reads one contiguous block. The kernel's first stage packs the NCHW
+depth]``, zero-padded to whole steps, so one intrinsic call reads one contiguous block.
+Depthwise convolutions use plain vectors along output columns instead (see
+``packed_depthwise_conv2d``). The kernel's first stage packs the NCHW
 activations the same way (zero padding, ``depth`` channels or taps innermost, the intrinsic's
-dtype). The schedule keeps a register tile of ``tile_w`` output columns x ``tile_oc`` lane groups
+dtype; int8 activations shifted into uint8 for unsigned x signed dots, corrected by a per-channel
+``comp`` after the sum). The schedule keeps a register tile of ``tile_w`` output columns x ``tile_oc`` lane groups
 in int32 accumulators over the whole reduction, then runs the fused epilogue (requantize) on it.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 from tvm import s_tir, te, tirx
@@ -37,6 +39,31 @@ def pack_weight(w: np.ndarray, kernel: DotKernel) -> np.ndarray:
     return np.ascontiguousarray(w.transpose(0, 2, 4, 5, 1, 3))
 
 
+def shift_compensation(w: np.ndarray, shift: int) -> np.ndarray:
+    """``shift * sum(w)`` per output channel of an OIHW weight (int32): what activations
+    shifted by ``shift`` add to each sum."""
+    return (shift * w.reshape(w.shape[0], -1).astype(np.int64).sum(axis=1)).astype(np.int32)
+
+
+def _packed_value(value, shift: int, dtype: str):
+    """An activation in the intrinsic's dtype (shifted by ``shift`` first)."""
+    return (value.astype("int32") + shift).astype(dtype) if shift else value.astype(dtype)
+
+
+def _compensate(acc: te.Tensor, comp, out_channels: int, out_w: Optional[int] = None) -> te.Tensor:
+    """Subtract the shift's per-channel contribution; crop the padded lanes (channels, or
+    columns for depthwise)."""
+    n, _, oh, ow = (int(v) for v in acc.shape)
+    out_w = out_w or ow
+    if comp is None and (int(acc.shape[1]), ow) == (out_channels, out_w):
+        return acc
+    if comp is None:
+        return te.compute((n, out_channels, oh, out_w), lambda b, o, y, xx: acc[b, o, y, xx],
+                          name="int8_conv_crop")
+    return te.compute((n, out_channels, oh, out_w), lambda b, o, y, xx: acc[b, o, y, xx] - comp[o],
+                      name="int8_conv_comp")
+
+
 def _geometry(h, w, kh, kw, padding, strides, dilation):
     """Integer padding, strides, dilation and the output size of a convolution."""
     pt, pl, pb, pr = (int(v) for v in padding)
@@ -50,14 +77,17 @@ def _geometry(h, w, kh, kw, padding, strides, dilation):
 def packed_conv2d(
     x: te.Tensor,
     wp: te.Tensor,
+    comp: Optional[te.Tensor],
     out_channels: int,
     strides: Sequence[int],
     padding: Sequence[int],
     dilation: Sequence[int],
     kernel_name: str,
 ) -> te.Tensor:
-    """NCHW int8/uint8 x packed int8 -> NCHW int32 (``out_channels`` of them)."""
+    """NCHW int8/uint8 x packed int8 -> NCHW int32 (``out_channels`` of them); ``comp``: the
+    shift's correction (``shift_compensation``) when ``kernel.shift(x.dtype)`` is not 0."""
     kernel = KERNELS[kernel_name]
+    shift = kernel.shift(str(x.dtype))
     n, ic, h, w = (int(v) for v in x.shape)
     ocb, icb, kh, kw, lanes, depth = (int(v) for v in wp.shape)
     (pt, pl, pb, pr), (sh, sw), (dh, dw), (oh, ow) = _geometry(h, w, kh, kw, padding, strides, dilation)
@@ -68,8 +98,8 @@ def packed_conv2d(
         (n, icb, h + pt + pb, w + pl + pr, depth),
         lambda b, c, y, xx, d: tirx.if_then_else(
             tirx.all(c * depth + d < ic, y >= pt, y < h + pt, xx >= pl, xx < w + pl),
-            x[b, tirx.Min(c * depth + d, ic - 1), y - pt, xx - pl].astype(dt),
-            tirx.const(0, dt),
+            _packed_value(x[b, tirx.Min(c * depth + d, ic - 1), y - pt, xx - pl], shift, dt),
+            tirx.const(shift, dt),
         ),
         name="int8_pack",
     )
@@ -86,69 +116,59 @@ def packed_conv2d(
         name="int8_conv",
         attrs={KERNEL_ATTR: kernel_name},
     )
-    if ocb * lanes == out_channels:
-        return acc
-    return te.compute(
-        (n, out_channels, oh, ow), lambda b, o, y, xx: acc[b, o, y, xx], name="int8_conv_crop"
-    )
+    return _compensate(acc, comp, out_channels)
 
 
 def pack_depthwise_weight(w: np.ndarray, kernel: DotKernel) -> np.ndarray:
-    """[C, 1, KH, KW] int8 -> [C/lanes, KH, KW/depth, lanes, depth], zero-padded: C to whole
-    lane groups, KW to whole dot steps (the extra taps multiply zeros)."""
-    c, _, kh, kw = w.shape
-    cp = -(-c // kernel.lanes) * kernel.lanes
-    kwp = -(-kw // kernel.depth) * kernel.depth
-    w = np.pad(w[:, 0], ((0, cp - c), (0, 0), (0, kwp - kw)))
-    w = w.reshape(cp // kernel.lanes, kernel.lanes, kh, kwp // kernel.depth, kernel.depth)
-    return np.ascontiguousarray(w.transpose(0, 2, 3, 1, 4))
+    """[C, 1, KH, KW] int8 -> [C, KH, KW]: depthwise taps are scalars broadcast over a vector of
+    output columns, so no dot-product layout is needed."""
+    return np.ascontiguousarray(w[:, 0])
 
 
 def packed_depthwise_conv2d(
     x: te.Tensor,
     wp: te.Tensor,
-    kernel_w: int,
     strides: Sequence[int],
     padding: Sequence[int],
     dilation: Sequence[int],
     kernel_name: str,
 ) -> te.Tensor:
-    """Depthwise NCHW int8/uint8 x packed int8 -> NCHW int32 (``kernel_w``: unpadded taps)."""
+    """Depthwise NCHW int8/uint8 x [C, KH, KW] int8 -> NCHW int32.
+
+    A depthwise sum has too few terms for a dot instruction to pay off; the cost is moving
+    the data. So vectors run along output columns (``lanes`` int32 of them): each tap is one
+    contiguous load of a padded input row times a broadcast weight, with no channel gather,
+    and the epilogue stores whole rows. Strided convolutions read a column-phase split copy
+    of the input (``int8_pack``), so their loads stay contiguous too.
+    """
     kernel = KERNELS[kernel_name]
     n, c, h, w = (int(v) for v in x.shape)
-    cb, kh, kj, lanes, depth = (int(v) for v in wp.shape)
-    (pt, pl, pb, pr), (sh, sw), (dh, dw), (oh, ow) = _geometry(
-        h, w, kh, kernel_w, padding, strides, dilation
-    )
-    # Pack: for each column, the ``depth`` taps it starts (columns x, x+dw, ...) of ``lanes``
-    # channels side by side, so one call reads one contiguous block.
-    dt = kernel.packed_dtype
-    cols = (ow - 1) * sw + (kj - 1) * depth * dw + 1
-    xpack = te.compute(
-        (n, cb, h + pt + pb, cols, lanes, depth),
-        lambda b, cc, y, xx, l, d: tirx.if_then_else(
-            tirx.all(cc * lanes + l < c, y >= pt, y < h + pt, xx + d * dw >= pl, xx + d * dw < w + pl),
-            x[b, tirx.Min(cc * lanes + l, c - 1), y - pt, tirx.Min(xx + d * dw - pl, w - 1)].astype(dt),
-            tirx.const(0, dt),
+    _, kh, kw = (int(v) for v in wp.shape)
+    (pt, pl, pb, pr), (sh, sw), (dh, dw), (oh, ow) = _geometry(h, w, kh, kw, padding, strides, dilation)
+    owp = -(-ow // kernel.lanes) * kernel.lanes
+    cols = owp + (kw - 1) * dw // sw
+    xpad = te.compute(
+        (n, c, h + pt + pb, sw, cols),
+        lambda b, cc, y, p, xx: tirx.if_then_else(
+            tirx.all(y >= pt, y < h + pt, xx * sw + p >= pl, xx * sw + p < w + pl),
+            x[b, cc, y - pt, tirx.Max(tirx.Min(xx * sw + p - pl, w - 1), 0)],
+            tirx.const(0, x.dtype),
         ),
         name="int8_pack",
     )
     ry = te.reduce_axis((0, kh), name="ry")
-    rj = te.reduce_axis((0, kj), name="rj")
-    rk = te.reduce_axis((0, depth), name="rk")
+    rx = te.reduce_axis((0, kw), name="rx")
     acc = te.compute(
-        (n, cb * lanes, oh, ow),
+        (n, c, oh, owp),
         lambda b, o, y, xx: te.sum(
-            xpack[b, o // lanes, y * sh + ry * dh, xx * sw + rj * depth * dw, o % lanes, rk].astype("int32")
-            * wp[o // lanes, ry, rj, o % lanes, rk].astype("int32"),
-            axis=[ry, rj, rk],
+            xpad[b, o, y * sh + ry * dh, rx * dw % sw, xx + rx * dw // sw].astype("int32")
+            * wp[o, ry, rx].astype("int32"),
+            axis=[ry, rx],
         ),
         name="int8_conv",
         attrs={KERNEL_ATTR: kernel_name, DEPTHWISE_ATTR: 1},
     )
-    if cb * lanes == c:
-        return acc
-    return te.compute((n, c, oh, ow), lambda b, o, y, xx: acc[b, o, y, xx], name="int8_conv_crop")
+    return _compensate(acc, None, c, ow)
 
 
 def _largest_divisor(n: int, limit: int) -> int:
@@ -159,31 +179,9 @@ def _extent(sch: s_tir.Schedule, loop) -> int:
     return int(sch.get(loop).extent)
 
 
-def schedule_packed_conv(sch: s_tir.Schedule, block) -> None:
-    """Schedule one ``packed_conv2d`` block (and its fused epilogue) in ``sch``."""
-    register()
-    annotations = sch.get(block).annotations
-    kernel = KERNELS[str(annotations[KERNEL_ATTR])]
-    lanes, depth = kernel.lanes, kernel.depth
-    n, o, y, x, *reduction = sch.get_loops(block)
-    if DEPTHWISE_ATTR in annotations:  # reduction: rows, tap groups, taps of a group
-        r_outer, r_inner = reduction[:-1], reduction[-1]
-        intrin = kernel.depthwise_intrin
-    else:  # reduction: input channels (split into dot steps), rows, columns
-        rc, ry, rx = reduction
-        rc_o, r_inner = sch.split(rc, [None, depth])
-        r_outer = [rc_o, ry, rx]
-        intrin = kernel.intrin
-    # Register tile: tile_w columns x tile_oc lane groups of int32 accumulators; each
-    # activation group is reused tile_oc times (not for depthwise), each weight block tile_w times.
-    ocb = _extent(sch, o) // lanes
-    tile_oc = 2 if ocb % 2 == 0 else 1
-    tile_w = _largest_divisor(_extent(sch, x), kernel.max_acc // tile_oc)
-    o_o, o_t, o_l = sch.split(o, [None, tile_oc, lanes])
-    x_o, x_t = sch.split(x, [None, tile_w])
-    sch.reorder(n, o_o, y, x_o, *r_outer, x_t, o_t, o_l, r_inner)
-
-    # Epilogue: inline the element-wise chain into its last block, run that on the tile.
+def _inline_epilogue(sch: s_tir.Schedule, block):
+    """Inline the element-wise chain after ``block`` into its last block; return that block
+    (None when the convolution writes the kernel's output itself)."""
     tail = None
     consumers = sch.get_consumers(block)
     while consumers:
@@ -197,6 +195,54 @@ def schedule_packed_conv(sch: s_tir.Schedule, block) -> None:
         for other in sch.get_producers(tail):
             if not sch.get(other).same_as(sch.get(block)):
                 sch.compute_inline(other)
+    return tail
+
+
+def _finish(sch: s_tir.Schedule, block, parallel_loops, r_first, tile_loops, lane_loop, intrin):
+    """Shared tail of both schedules: pack stage, parallel outer loops, then the lane loop
+    tensorized with ``intrin`` (or vectorized when None)."""
+    (pack,) = sch.get_producers(block)  # the weight is a parameter: the pack is the one producer
+    loops = sch.get_loops(pack)
+    if np.prod([_extent(sch, l) for l in loops]) >= _PARALLEL_MIN_ELEMS:
+        sch.parallel(sch.fuse(*loops[:2]))
+    sch.vectorize(sch.fuse(*loops[4:]) if len(loops) > 5 else loops[-1])
+    if np.prod([_extent(sch, l) for l in sch.get_loops(block)]) >= _PARALLEL_MIN_MACS:
+        sch.parallel(sch.fuse(*parallel_loops))
+    if intrin is None:
+        sch.vectorize(lane_loop)  # before the init is split off: vectorize needs a whole reduction block
+    init = sch.decompose_reduction(block, r_first)
+    if intrin is not None:
+        sch.tensorize(lane_loop, intrin)
+    sch.vectorize(sch.get_loops(init)[-1])
+    for loop in tile_loops:
+        sch.unroll(loop)
+
+
+def schedule_packed_conv(sch: s_tir.Schedule, block) -> None:
+    """Schedule one packed convolution block (and its fused epilogue) in ``sch``."""
+    register()
+    annotations = sch.get(block).annotations
+    kernel = KERNELS[str(annotations[KERNEL_ATTR])]
+    if DEPTHWISE_ATTR in annotations:
+        _schedule_depthwise(sch, block, kernel)
+    else:
+        _schedule_dense(sch, block, kernel)
+
+
+def _schedule_dense(sch: s_tir.Schedule, block, kernel: DotKernel) -> None:
+    lanes, depth = kernel.lanes, kernel.depth
+    n, o, y, x, rc, ry, rx = sch.get_loops(block)
+    rc_o, r_inner = sch.split(rc, [None, depth])
+    # Register tile: tile_w columns x tile_oc lane groups of int32 accumulators; each
+    # activation group is reused tile_oc times, each weight block tile_w times.
+    ocb = _extent(sch, o) // lanes
+    tile_oc = 2 if ocb % 2 == 0 else 1
+    tile_w = _largest_divisor(_extent(sch, x), kernel.max_acc // tile_oc)
+    o_o, o_t, o_l = sch.split(o, [None, tile_oc, lanes])
+    x_o, x_t = sch.split(x, [None, tile_w])
+    sch.reorder(n, o_o, y, x_o, rc_o, ry, rx, x_t, o_t, o_l, r_inner)
+    tail = _inline_epilogue(sch, block)
+    if tail is not None:
         sch.reverse_compute_at(tail, x_o, preserve_unit_loops=True)
         sch.set_scope(block, 0, "local")
         # Requantize a lane vector at a time: accumulators and per-channel scales are
@@ -211,17 +257,24 @@ def schedule_packed_conv(sch: s_tir.Schedule, block) -> None:
         sch.reverse_compute_at(local, x_o, preserve_unit_loops=True)
     # Lanes contiguous in the accumulator tile: one vector register holds one call's C.
     sch.transform_layout(block, ("write", 0), lambda b, c, h, w: (b, c // lanes, h, w, c % lanes))
-    # Packing stage: its own loop nest (the weight is a parameter, so it is the one producer).
-    (pack,) = sch.get_producers(block)
-    loops = sch.get_loops(pack)
-    if np.prod([_extent(sch, l) for l in loops]) >= _PARALLEL_MIN_ELEMS:
-        sch.parallel(sch.fuse(*loops[:2]))
-    sch.vectorize(sch.fuse(*loops[4:]) if len(loops) > 5 else loops[-1])
-    macs = np.prod([_extent(sch, l) for l in sch.get_loops(block)])
-    if macs >= _PARALLEL_MIN_MACS:
-        sch.parallel(sch.fuse(n, o_o, y))
-    init = sch.decompose_reduction(block, r_outer[0])
-    sch.tensorize(o_l, intrin)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.unroll(x_t)
-    sch.unroll(o_t)
+    _finish(sch, block, (n, o_o, y), rc_o, (x_t, o_t), o_l, kernel.intrin)
+
+
+def _schedule_depthwise(sch: s_tir.Schedule, block, kernel: DotKernel) -> None:
+    lanes = kernel.lanes
+    n, c, y, x, ry, rx = sch.get_loops(block)
+    # Register tile: tile vectors of neighbouring output columns of one row.
+    tile = _largest_divisor(_extent(sch, x) // lanes, kernel.max_acc)
+    x_o, x_t, x_l = sch.split(x, [None, tile, lanes])
+    sch.reorder(n, c, y, x_o, ry, rx, x_t, x_l)
+    tail = _inline_epilogue(sch, block)
+    if tail is not None:
+        sch.reverse_compute_at(tail, x_o, preserve_unit_loops=True)
+        sch.set_scope(block, 0, "local")
+        *_, t_w = sch.get_loops(tail)
+        if _extent(sch, t_w) % lanes == 0:  # whole rows: requantize and store a vector at a time
+            sch.vectorize(sch.split(t_w, [None, lanes])[1])
+    else:
+        local = sch.cache_write(block, 0, "local")
+        sch.reverse_compute_at(local, x_o, preserve_unit_loops=True)
+    _finish(sch, block, (n, c, y), ry, (x_t,), x_l, None)

@@ -8,8 +8,14 @@ int32 accumulators.
 - ``pmaddwd`` (x86 AVX2, 8 x 2): activations packed as int16 pairs, weights widened to int16;
   one ``vpmaddwd`` does 16 exact products and pair sums (no saturation, unlike ``vpmaddubsw``
   on uint8 x int8); uint8 or int8 activations.
+- ``vpdpbusd`` (x86 AVX-512 VNNI, 16 x 4): one ``vpdpbusd`` does 64 uint8 x int8 products
+  and accumulates them; int8 activations are shifted by +128 into uint8 when packed and the
+  kernel subtracts ``128 * sum(w)`` per output channel (``DotKernel.shift``).
 - ``sdot`` (AArch64 ``+dotprod``, 4 x 4): one ``sdot`` does 16 int8 x int8 products; int8
   activations only (``udot`` would need uint8 weights, ``usdot`` needs ``+i8mm``).
+
+A preset may list several kernels (``features.int8_dot``); the first whose ``cpu_features`` the
+target's CPU has is used (``int8_pack.target_kernel``).
 """
 
 from __future__ import annotations
@@ -29,15 +35,16 @@ class DotKernel:
     act_dtypes: Tuple[str, ...]  # activation dtypes the kernel takes
     packed_dtype: str  # activations after packing (the intrinsic's A)
     max_acc: int  # vector registers available for accumulators
+    cpu_features: Tuple[str, ...]  # LLVM CPU features the instruction needs
+
+    def shift(self, act_dtype: str) -> int:
+        """Added to ``act_dtype`` activations when packing (int8 -> uint8 for unsigned x signed dots)."""
+        return 128 if (act_dtype, self.packed_dtype) == ("int8", "uint8") else 0
 
     @property
     def intrin(self) -> str:
         return f"tvm_compress_{self.name}"
 
-    @property
-    def depthwise_intrin(self) -> str:
-        """Per-lane variant: each lane (channel) has its own ``depth`` activations and weights."""
-        return f"tvm_compress_{self.name}_depthwise"
 
 
 def _desc(kernel: DotKernel):
@@ -96,65 +103,36 @@ def _sdot_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
         )
 
 
-def _desc_depthwise(kernel: DotKernel):
-    lanes, depth, act = kernel.lanes, kernel.depth, kernel.packed_dtype
-
-    @T.prim_func(s_tir=True)
-    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (lanes, depth), act, offset_factor=1)
-        B = T.match_buffer(b, (lanes, depth), "int8", offset_factor=1)
-        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
-        with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:lanes, 0:depth], B[0:lanes, 0:depth])
-            T.writes(C[0:lanes])
-            for i in T.serial(0, lanes):
-                for k in T.serial(0, depth):
-                    with T.sblock("update"):
-                        vi, vk = T.axis.remap("SR", [i, k])
-                        C[vi] = C[vi] + T.cast(A[vi, vk], "int32") * T.cast(B[vi, vk], "int32")
-
-    return desc
+def _vpdpbusd(c, a, b):
+    # This LLVM's AVX-512 VNNI intrinsic takes the byte operands as <64 x i8>.
+    return T.call_llvm_pure_intrin(
+        T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), c, a, b, dtype="int32x16"
+    )
 
 
 @T.prim_func(s_tir=True)
-def _pmaddwd_depthwise_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-    A = T.match_buffer(a, (8, 2), "int16", offset_factor=1)
-    B = T.match_buffer(b, (8, 2), "int8", offset_factor=1)
-    C = T.match_buffer(c, (8,), "int32", offset_factor=1, scope="local")
+def _vpdpbusd_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+    A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
+    B = T.match_buffer(b, (16, 4), "int8", offset_factor=1)
+    C = T.match_buffer(c, (16,), "int32", offset_factor=1, scope="local")
     with T.sblock("root"):
-        T.reads(C[0:8], A[0:8, 0:2], B[0:8, 0:2])
-        T.writes(C[0:8])
-        C[T.ramp(T.int32(0), 1, 8)] = C[T.ramp(T.int32(0), 1, 8)] + T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
-            A.vload([0, 0], dtype="int16x16"),
-            T.cast(B.vload([0, 0], dtype="int8x16"), "int16x16"),
-            dtype="int32x8",
-        )
-
-
-@T.prim_func(s_tir=True)
-def _sdot_depthwise_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-    A = T.match_buffer(a, (4, 4), "int8", offset_factor=1)
-    B = T.match_buffer(b, (4, 4), "int8", offset_factor=1)
-    C = T.match_buffer(c, (4,), "int32", offset_factor=1, scope="local")
-    with T.sblock("root"):
-        T.reads(C[0:4], A[0:4, 0:4], B[0:4, 0:4])
-        T.writes(C[0:4])
-        C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
-            C[T.ramp(T.int32(0), 1, 4)],
-            A.vload([0, 0], dtype="int8x16"),
-            B.vload([0, 0], dtype="int8x16"),
-            dtype="int32x4",
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        quad = T.reinterpret(A.vload([0], dtype="uint8x4"), dtype="int32")
+        C[T.ramp(T.int32(0), 1, 16)] = _vpdpbusd(
+            C[T.ramp(T.int32(0), 1, 16)],
+            T.reinterpret(T.broadcast(quad, 16), dtype="uint8x64"),
+            B.vload([0, 0], dtype="int8x64"),
         )
 
 
 KERNELS: Dict[str, DotKernel] = {
-    "pmaddwd": DotKernel("pmaddwd", 8, 2, ("uint8", "int8"), "int16", max_acc=12),
-    "sdot": DotKernel("sdot", 4, 4, ("int8",), "int8", max_acc=24),
+    "vpdpbusd": DotKernel("vpdpbusd", 16, 4, ("uint8", "int8"), "uint8", max_acc=24,
+                          cpu_features=("avx512vnni",)),
+    "pmaddwd": DotKernel("pmaddwd", 8, 2, ("uint8", "int8"), "int16", max_acc=12, cpu_features=("avx2",)),
+    "sdot": DotKernel("sdot", 4, 4, ("int8",), "int8", max_acc=24, cpu_features=("dotprod",)),
 }
-_IMPLS = {"pmaddwd": _pmaddwd_impl, "sdot": _sdot_impl}
-_DEPTHWISE_IMPLS = {"pmaddwd": _pmaddwd_depthwise_impl, "sdot": _sdot_depthwise_impl}
+_IMPLS = {"vpdpbusd": _vpdpbusd_impl, "pmaddwd": _pmaddwd_impl, "sdot": _sdot_impl}
 _registered = False
 
 
@@ -164,7 +142,4 @@ def register() -> None:
     if not _registered:
         for name, kernel in KERNELS.items():
             s_tir.TensorIntrin.register(kernel.intrin, _desc(kernel), _IMPLS[name], override=True)
-            s_tir.TensorIntrin.register(
-                kernel.depthwise_intrin, _desc_depthwise(kernel), _DEPTHWISE_IMPLS[name], override=True
-            )
         _registered = True

@@ -2,17 +2,18 @@
 
 Needs: realized int8 convolutions (``QuantizeRealize``: ``R.nn.conv2d`` with int8/uint8 data, a
 constant int8 OIHW weight, int32 output, NCHW, groups 1 or depthwise) and a target whose preset names a dot
-kernel (``features.int8_dot``: ``pmaddwd`` on x86 AVX2, ``sdot`` on AArch64 ``+dotprod``).
+kernel its CPU has (``features.int8_dot``: ``vpdpbusd`` on x86 AVX-512 VNNI, ``pmaddwd`` on x86
+AVX2, ``sdot`` on AArch64 ``+dotprod``).
 Runs before ``LegalizeOps``: each such call becomes a ``call_tir`` of ``int8_conv.packed_conv2d``
 with the weight packed offline, marked out-element-wise fusable so FuseOps still fuses the
 requantize epilogue into it. ``ScheduleInt8Conv`` must run after FuseTIR to schedule it.
-Depthwise convolutions get the per-channel variant. Other convolutions (float, other grouped ones,
+Depthwise convolutions get a vector kernel along output columns (no dot instruction). Other convolutions (float, other grouped ones,
 activations the kernel cannot take) are left alone.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import tvm
 from tvm import relax
@@ -21,7 +22,13 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from tvm_compress.errors import TargetError
 
-from .int8_conv import pack_depthwise_weight, pack_weight, packed_conv2d, packed_depthwise_conv2d
+from .int8_conv import (
+    pack_depthwise_weight,
+    pack_weight,
+    packed_conv2d,
+    packed_depthwise_conv2d,
+    shift_compensation,
+)
 from .int8_intrin import KERNELS, DotKernel
 
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
@@ -29,13 +36,26 @@ _CONST = is_const()
 _OUT_EWISE_FUSABLE = 4  # relax.transform's OpPatternKind kOutEWiseFusable
 
 
-def kernel_for(name: Optional[str]) -> Optional[DotKernel]:
-    """The dot kernel a preset's ``features.int8_dot`` names (None: no packed kernels)."""
-    if not name:
+def kernel_names(value: Union[None, str, Sequence[str]]) -> list:
+    """``features.int8_dot`` (one kernel name or a preference list) as a checked list."""
+    names = [value] if isinstance(value, str) else list(value or [])
+    for name in names:
+        if name not in KERNELS:
+            raise TargetError(f"unknown int8_dot kernel {name!r}; choose from {', '.join(KERNELS)}")
+    return names
+
+
+def target_kernel(profile) -> Optional[DotKernel]:
+    """The first kernel in the preset's ``features.int8_dot`` whose instructions the target's
+    CPU has (None: no packed kernels)."""
+    names = kernel_names(profile.features.get("int8_dot"))
+    if not names:
         return None
-    if name not in KERNELS:
-        raise TargetError(f"unknown int8_dot kernel {name!r}; choose from {', '.join(KERNELS)}")
-    return KERNELS[name]
+    target = profile.tvm_target()
+    for name in names:
+        if tvm.target.codegen.target_has_features(list(KERNELS[name].cpu_features), target):
+            return KERNELS[name]
+    return None
 
 
 @mutator
@@ -84,14 +104,14 @@ class _Packer(PyExprMutator):
         )
         self.count += 1
         if kind == "depthwise":
-            compute, packed, extra = packed_depthwise_conv2d, pack_depthwise_weight(w, self.kernel), w.shape[3]
+            args = [data, relax.const(pack_depthwise_weight(w, self.kernel))]
         else:
-            compute, packed, extra = packed_conv2d, pack_weight(w, self.kernel), w.shape[0]
+            shift = self.kernel.shift(str(data.ty.dtype))
+            comp = relax.const(shift_compensation(w, shift)) if shift else None
+            args = [data, relax.const(pack_weight(w, self.kernel)), comp, int(w.shape[0])]
         return self.builder_.call_te(
-            compute,
-            data,
-            relax.const(packed),
-            int(extra),
+            packed_depthwise_conv2d if kind == "depthwise" else packed_conv2d,
+            *args,
             *geometry,
             primfunc_name_hint="int8_conv",
             primfunc_attrs={"op_pattern": _OUT_EWISE_FUSABLE},

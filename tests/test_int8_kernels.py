@@ -18,7 +18,7 @@ from tvm_compress.errors import TargetError
 from tvm_compress.targets import get_target, load_target_files, qemu
 from tvm_compress.targets.int8_conv import pack_depthwise_weight, pack_weight
 from tvm_compress.targets.int8_intrin import KERNELS
-from tvm_compress.targets.int8_pack import PackInt8Conv
+from tvm_compress.targets.int8_pack import PackInt8Conv, target_kernel
 from tvm_compress.targets.int8_schedule import _marked_block
 
 RUNNER_CACHE = qemu.runner_cache_dir()
@@ -91,7 +91,12 @@ def _packed_kernels(mod):
 
 
 def _scheduled_kernels(mod):
-    """Kernels that ScheduleInt8Conv tensorized (a dot intrinsic call in the body)."""
+    """Packed kernels that ScheduleInt8Conv scheduled (marked so MetaSchedule skips them)."""
+    return [gv for gv in _packed_kernels(mod) if mod[gv].attrs.get("tirx.is_scheduled", False)]
+
+
+def _dot_calls(mod):
+    """Kernels calling a dot intrinsic (dense convolutions are tensorized, depthwise are not)."""
     return [gv for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)
             and "call_llvm_pure_intrin" in f.script()]
 
@@ -129,11 +134,7 @@ def test_pack_weight_layouts_round_trip():
     assert not back[10:].any() and not back[:, 3:].any()
     s = KERNELS["sdot"]
     dw = rng.integers(-128, 128, (6, 1, 5, 5)).astype(np.int8)
-    dp = pack_depthwise_weight(dw, s)
-    assert dp.shape == (2, 5, 2, 4, 4)  # C 6 -> 8, taps 5 -> 8
-    back = dp.transpose(0, 3, 1, 2, 4).reshape(8, 5, 8)
-    np.testing.assert_array_equal(back[:6, :, :5], dw[:, 0])
-    assert not back[6:].any() and not back[:, :, 5:].any()
+    np.testing.assert_array_equal(pack_depthwise_weight(dw, s), dw[:, 0])  # taps stay scalars
 
 
 def test_pack_leaves_other_convolutions_alone():
@@ -172,22 +173,37 @@ def test_pack_rewrites_int8_and_depthwise_convs():
     tir_calls = [c for c in calls if c.op.same_as(CALL_TIR)]
     assert len(tir_calls) == 2
     shapes = [tuple(int(d) for d in c.args[1].fields[1].value.shape) for c in tir_calls]
-    assert shapes == [(2, 2, 3, 3, 8, 2), (2, 3, 2, 8, 2)]
+    assert shapes == [(2, 2, 3, 3, 8, 2), (16, 3, 3)]
     for c in tir_calls:
         assert int(after[c.args[0]].attrs["op_pattern"]) == 4  # epilogues still fuse in
 
 
+def _is_depthwise(name):
+    return CASES[name][5] > 1
+
+
+@pytest.mark.parametrize("target_name, instruction", [
+    ("x86-avx2", r"\bvpmaddwd\s[^\n]*%ymm"),
+    # AVX-512 VNNI: only where this CPU has it (the preset's list falls back to pmaddwd).
+    ("x86", r"\bvpdpbusd\s[^\n]*%zmm"),
+])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_x86_kernels_exact_and_use_vpmaddwd(name):
-    mod, x, w, geometry = _case(name)
-    scheduled, target = _lower(mod, "x86-avx2")
+@pytest.mark.parametrize("act", ["uint8", "int8"])
+def test_x86_kernels_exact_and_use_dot_instructions(name, act, target_name, instruction):
+    mod, x, w, geometry = _case(name, act=act)
+    scheduled, target = _lower(mod, target_name)
     assert _scheduled_kernels(scheduled), "the packed kernel was not scheduled"
+    # Dense convolutions are tensorized with the dot intrinsic; depthwise ones are plain vectors.
+    assert bool(_dot_calls(scheduled)) != _is_depthwise(name)
     executable = tvm.compile(scheduled, target)
     got = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
     ref = _reference(x, w, *geometry).astype(np.float32) * np.float32(0.5)
     np.testing.assert_array_equal(got, ref)
     (llvm_mod,) = [m for m in executable.mod.imports if m.kind == "llvm"]
-    assert re.search(r"\bvpmaddwd\s[^\n]*%ymm", llvm_mod.inspect_source("s"))
+    if not _is_depthwise(name):
+        if target_name == "x86" and target_kernel(get_target("x86")).name != "vpdpbusd":
+            instruction = r"\bvpmaddwd\s"
+        assert re.search(instruction, llvm_mod.inspect_source("s"))
 
 
 def test_conv_without_epilogue_still_scheduled():
@@ -206,8 +222,8 @@ def test_dotprod_kernels_use_sdot():
         mod, *_ = _case(name, act="int8")
         scheduled, target = _lower(mod, "aarch64-dotprod")
         assert _scheduled_kernels(scheduled)
-        asm = _asm(scheduled, target)
-        assert re.search(r"\bsdot\s+v\d+\.4s,\s*v\d+\.16b,\s*v\d+\.16b", asm), name
+        sdot = re.search(r"\bsdot\s+v\d+\.4s,\s*v\d+\.16b,\s*v\d+\.16b", _asm(scheduled, target))
+        assert bool(sdot) != _is_depthwise(name), name
 
 
 @pytest.mark.slow
@@ -230,8 +246,8 @@ def test_sdot_kernels_exact_under_qemu(name, tmp_path):
 def test_unknown_dot_kernel_in_target_file_is_one_line_error(tmp_path):
     f = tmp_path / "t.toml"
     f.write_text('[my-board]\nfamily = "aarch64"\ntarget = { kind = "llvm", mtriple = "aarch64-linux-gnu" }\n'
-                 'features = { int8_dot = "vnni" }\n')
-    with pytest.raises(TargetError, match="int8_dot 'vnni' is not one of pmaddwd, sdot") as err:
+                 'features = { int8_dot = ["sdot", "vnni"] }\n')
+    with pytest.raises(TargetError, match="int8_dot 'vnni' is not one of vpdpbusd, pmaddwd, sdot") as err:
         load_target_files([f])
     assert "\n" not in str(err.value)
 

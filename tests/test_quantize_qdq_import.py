@@ -94,9 +94,10 @@ def test_qdq_model_realizes_to_integer_compute(qdq_model):
     _assert_matches_onnxruntime(relax.VirtualMachine(ex, tvm.cpu())["main"], qdq_path, seed=1)
 
 
+@pytest.mark.parametrize("target_name", ["x86-avx2", "x86"])  # pmaddwd; vpdpbusd where the CPU has VNNI
 @pytest.mark.parametrize("activation", ["QInt8", "QUInt8"])
-def test_qdq_model_through_packed_int8_kernels(tmp_path_factory, activation):
-    """The same models through the x86 lowering: conv and depthwise layers become tensorized
+def test_qdq_model_through_packed_int8_kernels(tmp_path_factory, activation, target_name):
+    """The same models through the x86 lowering: conv and depthwise layers become hand-scheduled
     packed kernels. onnxruntime's int8 activations here have zero point -128 (explicit
     zero-point pad + per-channel correction); its uint8 ones have zero point 0."""
     from tvm_compress import pipeline
@@ -107,13 +108,16 @@ def test_qdq_model_through_packed_int8_kernels(tmp_path_factory, activation):
     preset = get_pass("quantize")
     env = PassEnv(model_path=qdq_path, inputs=[InputSpec("x", (1, 3, 16, 16), "float32")])
     qmod = preset.make(make_config(preset, {}), env)(load_onnx(qdq_path, {"x": (1, 3, 16, 16)}))
-    profile = get_target("x86-avx2")
+    profile = get_target(target_name)
     target = profile.tvm_target()
     with target:
         lowered = tvm.transform.Sequential(pipeline.lowering_passes(profile))(qmod)
     scheduled, _ = pipeline.schedule(lowered, profile, 0)
-    tensorized = [gv for gv, f in scheduled.functions.items()
-                  if isinstance(f, tvm.tirx.PrimFunc) and "call_llvm_pure_intrin" in f.script()]
-    assert len(tensorized) == 3  # c1, depthwise dw, c2 (the dense layer keeps a generic kernel)
+    kernels = [f for f in scheduled.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    hand = [f for f in kernels if "tvm_compress.int8_dot" in f.script()]
+    assert len(hand) == 3 and all(f.attrs["tirx.is_scheduled"] for f in hand)  # c1, dw, c2
+    # The dense convolutions call the dot intrinsic; the depthwise one is plain vectors, and
+    # the dense layer keeps a generic kernel.
+    assert len([f for f in hand if "call_llvm_pure_intrin" in f.script()]) == 2
     fn = relax.VirtualMachine(tvm.compile(scheduled, target), tvm.cpu())["main"]
     _assert_matches_onnxruntime(fn, qdq_path, seed=2)

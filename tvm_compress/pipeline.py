@@ -15,7 +15,7 @@ from tvm import relax
 
 from tvm_compress.passes import PassEnv, get_pass, make_config
 from tvm_compress.targets import TargetProfile, get_family
-from tvm_compress.targets.int8_pack import PackInt8Conv, kernel_for
+from tvm_compress.targets.int8_pack import PackInt8Conv, target_kernel
 from tvm_compress.targets.int8_schedule import ScheduleInt8Conv
 
 from . import tuning
@@ -39,7 +39,7 @@ def lowering_passes(profile: Optional[TargetProfile] = None) -> List[tvm.transfo
     With a ``profile`` whose preset names an int8 dot kernel, int8 convolutions first become
     packed-weight kernels for it (``targets/int8_pack.py``).
     """
-    kernel = kernel_for(profile.features.get("int8_dot")) if profile is not None else None
+    kernel = target_kernel(profile) if profile is not None else None
     return [
         *([PackInt8Conv(kernel)] if kernel is not None else []),
         relax.transform.DecomposeOpsForInference(),
