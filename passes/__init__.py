@@ -18,10 +18,12 @@ from .quantize_annotate import QuantizeAnnotate, QuantizeAnnotateConfig
 from .calibrate import Calibrate, CalibrateConfig
 from .quantize_realize import QuantizeRealize, QuantizeRealizeConfig
 from ._quant_preset import QuantizeConfig  # registers the "quantize" preset
+from .conv_transpose_to_conv import ConvTransposeToConv
 
 __all__ = [
     "Calibrate",
     "CalibrateConfig",
+    "ConvTransposeToConv",
     "QuantizeAnnotate",
     "QuantizeAnnotateConfig",
     "QuantizeConfig",

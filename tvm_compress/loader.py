@@ -50,11 +50,12 @@ class PreparedModel:
         return {i.name: i.shape for i in self.inputs}
 
     def to_relax(self):
-        """The Relax IRModule, weights bound as constants."""
+        """The Relax IRModule, weights bound as constants, canonicalized (``import_passes``)."""
+        import tvm
         from tvm.relax.frontend.onnx import from_onnx
 
         try:
-            return from_onnx(
+            mod = from_onnx(
                 self.model,
                 shape_dict={k: list(v) for k, v in self.shape_dict().items()},
                 dtype_dict={i.name: i.dtype for i in self.inputs},
@@ -65,6 +66,14 @@ class PreparedModel:
             raise ModelError(
                 f"{self.path}: Relax ONNX import failed: {msg[-1] if msg else type(err).__name__}"
             ) from None
+        return tvm.transform.Sequential(import_passes())(mod)
+
+
+def import_passes() -> list:
+    """Exact rewrites applied to every imported model, before any compression pass."""
+    from tvm_compress.passes import ConvTransposeToConv
+
+    return [ConvTransposeToConv()]
 
 
 def parse_shape_arg(text: str) -> Tuple[str, tuple]:
