@@ -381,7 +381,7 @@ def bench_model(key, model, input_name, shape, calib, evalset, labels, args, pro
     res["onnxruntime_float_latency_ms"] = rep["onnxruntime_latency_ms"]["median"]
     build("int8", "quantize", {"quantize": qcfg})
     _speed_report(res, out, model, input_name, shape, x0[None], profile, args, log)
-    if res["shapes_slower_in_int8"]:
+    if res["shapes_slower_in_int8"] and not args.skip_mixed:
         # The pass's answer to "int8 is slower for these shapes here": keep them float.
         build("int8_mixed", "quantize", {"quantize": {**qcfg, "speed_table": str(out / "speed_table.json"),
                                                       "slow_layers": "float"}})
@@ -548,6 +548,8 @@ def main(argv=None):
     ap.add_argument("--calib-method", default="percentile")
     ap.add_argument("--act-dtype", default="auto")
     ap.add_argument("--eval", type=int, default=400, help="evaluation samples for cls/det")
+    ap.add_argument("--skip-mixed", action="store_true",
+                    help="do not build the variant that keeps the shapes slower in int8 as float")
     ap.add_argument("--tables", action="store_true",
                     help="only build the per-shape speed tables of an earlier run and report with them")
     ap.add_argument("--remeasure", action="store_true",
