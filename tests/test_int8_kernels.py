@@ -299,3 +299,31 @@ def test_sdot_target_gets_int8_activations():
         lowered = tvm.transform.Sequential(pipeline.lowering_passes(profile))(qmod)
     # the three convolutions are packed; the two dense layers keep the generic kernels
     assert len(_packed_kernels(lowered)) == 3
+
+
+
+def _x86_presets(tmp_path):
+    """Three x86 presets with the same kernel list and CPUs with VNNI, AVX2 only, neither."""
+    f = tmp_path / "t.toml"
+    f.write_text("".join(
+        f'[{name}]\nfamily = "x86"\ntarget = {{ kind = "llvm", mcpu = "{cpu}" }}\n'
+        'features = { int8_dot = ["vpdpbusd", "pmaddwd"] }\n'
+        for name, cpu in [("vnni-cpu", "icelake-server"), ("avx2-cpu", "haswell"), ("old-cpu", "nehalem")]
+    ))
+    load_target_files([f])
+
+
+def test_kernel_list_picks_the_first_the_cpu_has(tmp_path):
+    """``int8_dot`` as a preference list: VNNI where the CPU has it, else the AVX2 kernel."""
+    _x86_presets(tmp_path)
+    assert target_kernel(get_target("vnni-cpu")).name == "vpdpbusd"
+    assert target_kernel(get_target("avx2-cpu")).name == "pmaddwd"
+    assert target_kernel(get_target("old-cpu")) is None  # no packed kernels: generic int8
+
+
+def test_vnni_kernel_compiles_for_a_vnni_cpu(tmp_path):
+    """The kernel choice without running it: code for an Ice Lake server has ``vpdpbusd``."""
+    _x86_presets(tmp_path)
+    mod, *_ = _case("3x3", act="int8")
+    scheduled, target = _lower(mod, "vnni-cpu")
+    assert re.search(r"\bvpdpbusd\s[^\n]*%zmm", _asm(scheduled, target))
