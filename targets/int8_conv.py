@@ -22,6 +22,7 @@ from .int8_intrin import KERNELS, DotKernel, register
 # Block annotation that marks the convolution for ``schedule_packed_conv`` (set by the compute).
 KERNEL_ATTR = "tvm_compress.int8_dot"
 DEPTHWISE_ATTR = "tvm_compress.int8_depthwise"
+PACK_INTERIOR_ATTR = "tvm_compress.pack_interior"
 # A parallel region costs microseconds to start: small packs and convolutions run serially.
 _PARALLEL_MIN_ELEMS = 1 << 15
 _PARALLEL_MIN_MACS = 1 << 18
@@ -155,6 +156,9 @@ def packed_depthwise_conv2d(
             tirx.const(0, x.dtype),
         ),
         name="int8_pack",
+        # Strided: columns [lo, hi) read no padding for any phase; the schedule splits them
+        # off so that loop has no bounds test (measured 1.6x faster for stride 2, slower for 1).
+        attrs={PACK_INTERIOR_ATTR: [min(-(-pl // sw), cols), min((w + pl) // sw, cols)]} if sw > 1 else None,
     )
     ry = te.reduce_axis((0, kh), name="ry")
     rx = te.reduce_axis((0, kw), name="rx")
@@ -198,14 +202,32 @@ def _inline_epilogue(sch: s_tir.Schedule, block):
     return tail
 
 
-def _finish(sch: s_tir.Schedule, block, parallel_loops, r_first, tile_loops, lane_loop, intrin):
-    """Shared tail of both schedules: pack stage, parallel outer loops, then the lane loop
-    tensorized with ``intrin`` (or vectorized when None)."""
+def _schedule_pack(sch: s_tir.Schedule, block) -> None:
+    """The activation packing stage: parallel over images x channel groups when large enough,
+    vectorized innermost; a column range marked ``PACK_INTERIOR_ATTR`` gets its own loop."""
     (pack,) = sch.get_producers(block)  # the weight is a parameter: the pack is the one producer
     loops = sch.get_loops(pack)
     if np.prod([_extent(sch, l) for l in loops]) >= _PARALLEL_MIN_ELEMS:
         sch.parallel(sch.fuse(*loops[:2]))
-    sch.vectorize(sch.fuse(*loops[4:]) if len(loops) > 5 else loops[-1])
+    interior = sch.get(pack).annotations.get(PACK_INTERIOR_ATTR)
+    if interior is None:
+        sch.vectorize(sch.fuse(*loops[4:]) if len(loops) > 5 else loops[-1])
+        return
+    lo, hi = (int(v) for v in interior)
+    cols = _extent(sch, loops[-1])
+    parts = [lo, hi - lo, cols - hi]
+    if hi - lo < 2 or parts.count(0) == 2:  # nothing to split off
+        sch.vectorize(loops[-1])
+        return
+    sizes = [p for p in parts if p]
+    pieces = sch.loop_partition(loops[-1], [*sizes[:-1], None])
+    sch.vectorize(pieces[1 if lo else 0])
+
+
+def _finish(sch: s_tir.Schedule, block, parallel_loops, r_first, tile_loops, lane_loop, intrin):
+    """Shared tail of both schedules: pack stage, parallel outer loops, then the lane loop
+    tensorized with ``intrin`` (or vectorized when None)."""
+    _schedule_pack(sch, block)
     if np.prod([_extent(sch, l) for l in sch.get_loops(block)]) >= _PARALLEL_MIN_MACS:
         sch.parallel(sch.fuse(*parallel_loops))
     if intrin is None:
