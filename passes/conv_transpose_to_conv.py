@@ -6,6 +6,9 @@ equal to the stride, no padding or output padding, dilation 1, one group (the up
 segmentation and text-detection models, e.g. PP-OCR's DB head). Then every output pixel gets
 exactly one input pixel, so the op is a 1x1 convolution to ``OC * KH * KW`` channels followed
 by a reshape/transpose that places each channel group on its pixel. Exact, not an approximation.
+Per-channel affine ops that follow (bias add, batch norm, scale) fold into the 1x1 weights and
+bias, and one element-wise activation moves before the reshape too, so quantization sees the
+usual conv + bias + activation.
 Runs right after import, before the compression passes: the 1x1 convolution is then quantized
 and scheduled like any other (the generic transposed-convolution kernels are slow and have no
 int8 path). Other transposed convolutions are left alone.
@@ -20,6 +23,10 @@ from tvm.relax.dpl import is_const
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 _CONV2D_TRANSPOSE = tvm.ir.Op.get("relax.nn.conv2d_transpose")
+_ADD, _SUBTRACT, _MULTIPLY, _DIVIDE = (tvm.ir.Op.get(f"relax.{n}") for n in ("add", "subtract", "multiply", "divide"))
+_BATCH_NORM = tvm.ir.Op.get("relax.nn.batch_norm")
+# Element-wise activations (they commute with depth-to-space).
+_ACTIVATIONS = [tvm.ir.Op.get(f"relax.{n}") for n in ("nn.relu", "sigmoid", "nn.silu", "tanh")]
 _CONST = is_const()
 
 
@@ -44,29 +51,138 @@ def _rewritable(call) -> bool:
     )
 
 
+def _channel_vector(expr, channels: int, flat: bool = False):
+    """A constant that broadcasts per channel over NCHW data (``flat``: a [C] parameter, as
+    batch norm takes), as a float64 vector (else None)."""
+    if not _CONST.match(expr):
+        return None
+    value = expr.value.numpy()
+    if flat:
+        return value.astype(np.float64) if value.shape == (channels,) else None
+    if value.size == 1:
+        return np.full(channels, float(value.reshape(())), np.float64)
+    if value.shape in ((1, channels, 1, 1), (channels, 1, 1)):
+        return value.reshape(channels).astype(np.float64)
+    return None
+
+
+class _Chain:
+    """The per-channel affine ops and one activation after a transposed convolution, folded:
+    ``act(y * scale + shift)``. They commute with depth-to-space, so they go before it, where
+    the scale joins the weights and the shift becomes the bias (then quantization fuses them
+    into the convolution's epilogue)."""
+
+    def __init__(self, channels: int):
+        self.scale = np.ones(channels)
+        self.shift = np.zeros(channels)
+        self.act = None
+        self.vars = []  # bindings folded away; the last one's var now names the result
+
+    def absorb(self, value, var, bindings, users) -> bool:
+        c = len(self.scale)
+        if not isinstance(value, relax.Call) or self.act is not None:
+            return False
+        op, args = value.op, value.args
+        if op.same_as(_ADD) or op.same_as(_SUBTRACT) or op.same_as(_MULTIPLY) or op.same_as(_DIVIDE):
+            k = _channel_vector(args[1], c)
+            if k is None and not op.same_as(_SUBTRACT) and not op.same_as(_DIVIDE):
+                k = _channel_vector(args[0], c)
+            if k is None:
+                return False
+            if op.same_as(_ADD):
+                self.shift = self.shift + k
+            elif op.same_as(_SUBTRACT):
+                self.shift = self.shift - k
+            elif op.same_as(_MULTIPLY):
+                self.scale, self.shift = self.scale * k, self.shift * k
+            else:
+                self.scale, self.shift = self.scale / k, self.shift / k
+        elif op.same_as(_BATCH_NORM):
+            params = [_channel_vector(a, c, flat=True) for a in args[1:]]
+            # The normalized value (item 0) must have one reader; the running statistics
+            # (items 1, 2, which the importer binds) none.
+            items = [(u, bindings.get(u)) for u in users.get(var, [])]
+            main = [u for u, v in items if isinstance(v, relax.TupleGetItem) and v.index == 0]
+            rest_unused = all(isinstance(v, relax.TupleGetItem) and not users.get(u)
+                              for u, v in items if u not in main)
+            if any(p is None for p in params) or int(value.attrs.axis) != 1 or len(main) != 1 or not rest_unused:
+                return False
+            gamma, beta, mean, variance = params
+            gamma = gamma if value.attrs.scale else np.ones(c)
+            beta = beta if value.attrs.center else np.zeros(c)
+            k = gamma / np.sqrt(variance + float(value.attrs.epsilon))
+            self.scale, self.shift = self.scale * k, (self.shift - mean) * k + beta
+            self.vars.extend(u for u, _ in items if u not in main)  # the unused statistics go too
+            self.vars.append(var)
+            var = main[0]  # the TupleGetItem binding is folded too
+        elif any(op.same_as(a) for a in _ACTIVATIONS):
+            self.act = op
+        else:
+            return False
+        self.vars.append(var)
+        return True
+
+
 @mutator
 class _Rewriter(PyExprMutator):
     def __init__(self, mod):
         super().__init__(mod)
         self.count = 0
+        self.bindings = {}
+        self.users = {}
+        self.skip = set()
 
-    def visit_call_(self, call):
-        call = super().visit_call_(call)
-        if not call.op.same_as(_CONV2D_TRANSPOSE) or not _rewritable(call):
-            return call
+    def visit_dataflow_block_(self, block):
+        self.bindings.update({b.var: b.value for b in block.bindings})
+        self.users.update(relax.analysis.udchain(block))
+        return super().visit_dataflow_block_(block)
+
+    def _chain(self, var, channels: int) -> _Chain:
+        chain = _Chain(channels)
+        while True:
+            users = self.users.get(var, [])
+            # Only a value nothing else reads can be folded (dataflow vars: no uses outside).
+            if len(users) != 1 or not isinstance(var, relax.DataflowVar):
+                return chain
+            nxt = users[0]
+            if not chain.absorb(self.bindings.get(nxt), nxt, self.bindings, self.users):
+                return chain
+            var = chain.vars[-1]
+
+    def visit_var_binding_(self, binding):
+        if binding.var in self.skip:
+            return
+        call = binding.value
+        if not (isinstance(call, relax.Call) and call.op.same_as(_CONV2D_TRANSPOSE) and _rewritable(call)):
+            super().visit_var_binding_(binding)
+            return
         data, weight = call.args
         w = weight.value.numpy()  # [IC, OC, KH, KW]
         ic, oc, kh, kw = w.shape
         n, _, h, wd = (int(d) for d in data.ty.shape)
+        chain = self._chain(binding.var, oc)
+        taps = kh * kw
         # Output channel o * KH * KW + i * KW + j holds tap (i, j) of channel o.
-        w1x1 = np.ascontiguousarray(w.reshape(ic, oc * kh * kw).T.reshape(oc * kh * kw, ic, 1, 1))
+        w1x1 = w.reshape(ic, oc * taps).T * np.repeat(chain.scale, taps)[:, None]
+        w1x1 = np.ascontiguousarray(w1x1.reshape(oc * taps, ic, 1, 1).astype(w.dtype))
         out_dtype = call.attrs.out_dtype
-        y = self.builder_.emit(relax.op.nn.conv2d(
-            data, relax.const(w1x1), out_dtype=out_dtype if str(out_dtype) else None))
-        y = self.builder_.emit(relax.op.reshape(y, [n, oc, kh, kw, h, wd]))
-        y = self.builder_.emit(relax.op.permute_dims(y, [0, 1, 4, 2, 5, 3]))
+        bb = self.builder_
+        y = bb.emit(relax.op.nn.conv2d(self.visit_expr(data), relax.const(w1x1),
+                                       out_dtype=out_dtype if str(out_dtype) else None))
+        if chain.shift.any():
+            bias = np.repeat(chain.shift, taps).reshape(1, oc * taps, 1, 1).astype(w.dtype)
+            y = bb.emit(relax.op.add(y, relax.const(bias)))
+        if chain.act is not None:
+            y = bb.emit(relax.Call(chain.act, [y]))
+        y = bb.emit(relax.op.reshape(y, [n, oc, kh, kw, h, wd]))
+        y = bb.emit(relax.op.permute_dims(y, [0, 1, 4, 2, 5, 3]))
+        result = chain.vars[-1] if chain.vars else binding.var
+        # The result keeps the kind of var it replaces (a function output stays one).
+        emit = bb.emit if isinstance(result, relax.DataflowVar) else bb.emit_output
+        y = emit(relax.op.reshape(y, [n, oc, h * kh, wd * kw]), name_hint=result.name)
+        self.set_var_remap(result, y)
+        self.skip.update(chain.vars)
         self.count += 1
-        return relax.op.reshape(y, [n, oc, h * kh, wd * kw])
 
 
 @tvm.transform.module_pass(opt_level=0, name="ConvTransposeToConv")
@@ -77,5 +193,6 @@ class ConvTransposeToConv:
         rewriter = _Rewriter(mod)
         for gv, func in list(mod.functions.items()):
             if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+                new = rewriter.visit_expr(func)
+                rewriter.builder_.update_func(gv, relax.analysis.remove_all_unused(new))
         return rewriter.builder_.get() if rewriter.count else mod

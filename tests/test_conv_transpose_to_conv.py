@@ -38,10 +38,10 @@ def test_stride_sized_kernel_becomes_1x1_conv_and_depth_to_space():
     with bb.function("main", [x]):
         with bb.dataflow():
             y = bb.emit(relax.op.nn.conv2d(x, relax.const(w1x1)))
+            y = bb.emit(relax.op.nn.relu(y))  # element-wise: moved before depth-to-space
             y = bb.emit(relax.op.reshape(y, [1, 3, 2, 2, 5, 6]))
             y = bb.emit(relax.op.permute_dims(y, [0, 1, 4, 2, 5, 3]))
-            y = bb.emit(relax.op.reshape(y, [1, 3, 10, 12]))
-            gv = bb.emit_output(relax.op.nn.relu(y))
+            gv = bb.emit_output(relax.op.reshape(y, [1, 3, 10, 12]))
         bb.emit_func_output(gv)
     expected = bb.get()
 
@@ -57,6 +57,37 @@ def test_other_transposed_convolutions_are_left_alone(attrs):
     w = np.random.default_rng(1).standard_normal((4, 3, 2, 2)).astype("float32")
     before = _module(w, **attrs)
     tvm.ir.assert_structural_equal(ConvTransposeToConv()(before), before)
+
+
+def test_bias_and_batch_norm_fold_into_the_1x1_conv():
+    """conv_transpose -> bias add -> batch norm -> relu: one conv2d with folded weights and
+    bias, the relu, then depth-to-space; same values as before the rewrite."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((4, 3, 2, 2)).astype("float32")
+    bias = rng.standard_normal((1, 3, 1, 1)).astype("float32")
+    gamma, beta, mean = (rng.standard_normal(3).astype("float32") for _ in range(3))
+    var = rng.uniform(0.5, 2.0, 3).astype("float32")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 4, 5, 6), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d_transpose(x, relax.const(w), strides=2))
+            y = bb.emit(relax.op.add(y, relax.const(bias)))
+            bn = bb.emit(relax.op.nn.batch_norm(y, *(relax.const(v) for v in (gamma, beta, mean, var)),
+                                                axis=1, epsilon=1e-5))
+            y = bb.emit(relax.TupleGetItem(bn, 0))
+            gv = bb.emit_output(relax.op.nn.relu(y))
+        bb.emit_func_output(gv)
+    before = bb.get()
+    after = ConvTransposeToConv()(before)
+    ops = []
+    relax.analysis.post_order_visit(after["main"], lambda e: ops.append(e.op.name) if isinstance(e, relax.Call) else None)
+    assert ops == ["relax.nn.conv2d", "relax.add", "relax.nn.relu", "relax.reshape", "relax.permute_dims",
+                   "relax.reshape"]
+    xv = tvm.runtime.tensor(rng.standard_normal((1, 4, 5, 6)).astype("float32"))
+    run = lambda m: relax.VirtualMachine(tvm.compile(relax.transform.DecomposeOpsForInference()(m), "llvm"),
+                                         tvm.cpu())["main"](xv).numpy()
+    np.testing.assert_allclose(run(after), run(before), rtol=1e-5, atol=1e-5)
 
 
 def _conv_transpose_model(path, ic, oc, kernel, bias, rng):
