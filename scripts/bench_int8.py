@@ -477,21 +477,23 @@ def remeasure(args, log):
         sessions = {"ort_float": ort_session(out / "float_prepared.onnx")}
         sessions.update({f"ort_int8_{tag}": ort_session(p) for tag, p in variants.items()})
         times = {k: [] for k in [*fns, *sessions]}
-        for _ in range(5):
+        per_round = max(1, args.runs // args.rounds)
+        for _ in range(args.rounds):
             for variant, (vm, xin) in fns.items():
                 time.sleep(_SETTLE_S)
-                t = vm.time_evaluator("main", tvm.cpu(), number=max(1, args.runs // 5), repeat=1)(xin)
+                t = vm.time_evaluator("main", tvm.cpu(), number=per_round, repeat=1)(xin)
                 times[variant].append(1e3 * float(t.mean))
             for k, sess in sessions.items():
                 time.sleep(_SETTLE_S)
                 for _ in range(3):
                     sess.run(None, {name: x})
                 t0 = time.perf_counter()
-                for _ in range(max(1, args.runs // 5)):
+                for _ in range(per_round):
                     sess.run(None, {name: x})
-                times[k].append((time.perf_counter() - t0) * 1e3 / max(1, args.runs // 5))
+                times[k].append((time.perf_counter() - t0) * 1e3 / per_round)
         med = {k: float(np.median(v)) for k, v in times.items()}
         log(f"{key}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in med.items()))
+        log(f"{key} per-round range: " + ", ".join(f"{k} {min(v):.3f}-{max(v):.3f}" for k, v in times.items()))
         for variant in fns:
             r[variant]["latency_ms"] = med[variant]
         ort8 = {tag: med[f"ort_int8_{tag}"] for tag in variants}
@@ -544,6 +546,8 @@ def main(argv=None):
     ap.add_argument("--trials", type=int, default=512, help="MetaSchedule trials per build (same for both)")
     ap.add_argument("--target", default="x86-avx2", help="target preset (default: AVX2+FMA, no VNNI)")
     ap.add_argument("--runs", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="--remeasure: interleaved rounds (each engine in turn, runs/rounds runs each)")
     ap.add_argument("--out", default=str(REPO / "out" / "bench_int8"))
     ap.add_argument("--calib-method", default="percentile")
     ap.add_argument("--act-dtype", default="auto")
