@@ -15,7 +15,7 @@ from typing import Dict, Iterable, List
 from tvm_compress.errors import TargetError
 
 from . import arm, cuda, x86  # noqa: F401  (register the families)
-from .int8_intrin import KERNELS
+from .int8_pack import kernel_names
 from .base import RunResult, TargetFamily, TargetProfile, family_names, get_family
 
 _PRESET_DIR = Path(__file__).with_name("presets")
@@ -34,13 +34,10 @@ def _load_file(path: Path) -> None:
         if not isinstance(table, dict) or "family" not in table or "target" not in table:
             raise TargetError(f"target file {path}: table [{name}] needs 'family' and 'target'")
         get_family(table["family"])  # unknown family -> one-line TargetError
-        dot = dict(table.get("features", {})).get("int8_dot")
-        dots = [dot] if isinstance(dot, str) else dot if isinstance(dot, list) else [] if dot is None else [dot]
-        for d in dots:
-            if d not in KERNELS:
-                raise TargetError(
-                    f"target file {path}: [{name}] features.int8_dot {d!r} is not one of {', '.join(KERNELS)}"
-                )
+        try:
+            kernel_names(dict(table.get("features", {})).get("int8_dot"))
+        except TargetError as err:
+            raise TargetError(f"target file {path}: [{name}] features.{err}") from None
         _REGISTRY[name] = TargetProfile(
             name=name,
             family=table["family"],

@@ -7,8 +7,8 @@ AVX2, ``sdot`` on AArch64 ``+dotprod``).
 Runs before ``LegalizeOps``: each such call becomes a ``call_tir`` of ``int8_conv.packed_conv2d``
 with the weight packed offline, marked out-element-wise fusable so FuseOps still fuses the
 requantize epilogue into it. ``ScheduleInt8Conv`` must run after FuseTIR to schedule it.
-Depthwise convolutions get a vector kernel along output columns (no dot instruction). Other convolutions (float, other grouped ones,
-activations the kernel cannot take) are left alone.
+Depthwise convolutions get a vector kernel along output columns (no dot instruction). Other
+convolutions (float, other grouped ones, activations the kernel cannot take) are left alone.
 """
 
 from __future__ import annotations
@@ -38,11 +38,11 @@ _OUT_EWISE_FUSABLE = 4  # relax.transform's OpPatternKind kOutEWiseFusable
 
 def kernel_names(value: Union[None, str, Sequence[str]]) -> list:
     """``features.int8_dot`` (one kernel name or a preference list) as a checked list."""
-    names = [value] if isinstance(value, str) else list(value or [])
-    for name in names:
+    names = [value] if isinstance(value, str) else list(value) if isinstance(value, list) else [value]
+    for name in [n for n in names if n is not None]:
         if name not in KERNELS:
-            raise TargetError(f"unknown int8_dot kernel {name!r}; choose from {', '.join(KERNELS)}")
-    return names
+            raise TargetError(f"int8_dot {name!r} is not one of {', '.join(KERNELS)}")
+    return [n for n in names if n is not None]
 
 
 def target_kernel(profile) -> Optional[DotKernel]:
