@@ -178,7 +178,8 @@ class _Rewriter(PyExprMutator):
         y = bb.emit(relax.op.permute_dims(y, [0, 1, 4, 2, 5, 3]))
         result = chain.vars[-1] if chain.vars else binding.var
         # The result keeps the kind of var it replaces (a function output stays one).
-        emit = bb.emit if isinstance(result, relax.DataflowVar) else bb.emit_output
+        output = bb.current_block_is_dataflow() and not isinstance(result, relax.DataflowVar)
+        emit = bb.emit_output if output else bb.emit
         y = emit(relax.op.reshape(y, [n, oc, h * kh, wd * kw]), name_hint=result.name)
         self.set_var_remap(result, y)
         self.skip.update(chain.vars)
