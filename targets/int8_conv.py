@@ -267,13 +267,10 @@ def _schedule_dense(sch: s_tir.Schedule, block, kernel: DotKernel) -> None:
     if tail is not None:
         sch.reverse_compute_at(tail, x_o, preserve_unit_loops=True)
         sch.set_scope(block, 0, "local")
-        # Requantize a lane vector at a time: accumulators and per-channel scales are
-        # contiguous along the lanes (only the NCHW store is strided).
-        *_, t_c, t_h, t_w = sch.get_loops(tail)
-        if _extent(sch, t_c) % lanes == 0:
-            t_co, t_cl = sch.split(t_c, [None, lanes])
-            sch.reorder(t_co, t_h, t_w, t_cl)
-            sch.vectorize(t_cl)
+        # Requantize along the output columns: the NCHW stores (and residual loads) are
+        # contiguous there. Along the lanes instead, every store is a 16-way scatter: measured
+        # 1.1x-4.5x slower per kernel (1x1 and 3x3, 2x96 to 160x160 outputs).
+        sch.vectorize(sch.get_loops(tail)[-1])
     else:
         local = sch.cache_write(block, 0, "local")
         sch.reverse_compute_at(local, x_o, preserve_unit_loops=True)
