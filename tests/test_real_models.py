@@ -44,3 +44,18 @@ def test_ppocr_detector_needs_input_shape():
 
     with pytest.raises(errors.ShapeError, match="pass --input-shape x="):
         tvm_compress.prepare_onnx(MODELS / "ch_PP-OCRv4_det_infer.onnx")
+
+
+def test_ppocr_detector_upsampling_head_becomes_1x1_convs():
+    """ConvTransposeToConv on the real DB head: both stride-2 transposed convolutions and the
+    batch norm between them are gone after import (the compile test above checks the values)."""
+    import tvm
+    from tvm import relax
+
+    mod = tvm_compress.prepare_onnx(MODELS / "ch_PP-OCRv4_det_infer.onnx", {"x": (1, 3, 320, 320)}).to_relax()
+    ops = []
+    relax.analysis.post_order_visit(mod["main"], lambda e: ops.append(e.op) if isinstance(e, relax.Call) else None)
+    names = {op.name for op in ops if isinstance(op, tvm.ir.Op)}
+    assert "relax.nn.conv2d_transpose" not in names
+    assert "relax.nn.batch_norm" not in names  # the head's only batch norm, folded into the 1x1 conv
+    assert "relax.permute_dims" in names
