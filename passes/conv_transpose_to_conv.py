@@ -9,7 +9,8 @@ by a reshape/transpose that places each channel group on its pixel. Exact, not a
 Per-channel affine ops that follow (bias add, batch norm, scale) fold into the 1x1 weights and
 bias, and one element-wise activation moves before the reshape too, so quantization sees the
 usual conv + bias + activation.
-Runs right after import, before the compression passes: the 1x1 convolution is then quantized
+Runs right after import (on dataflow blocks, as the importer emits them), before the
+compression passes: the 1x1 convolution is then quantized
 and scheduled like any other (the generic transposed-convolution kernels are slow and have no
 int8 path). Other transposed convolutions are left alone.
 """
@@ -19,15 +20,15 @@ from __future__ import annotations
 import numpy as np
 import tvm
 from tvm import relax
-from tvm.relax.dpl import is_const
 from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from ._quant_common import const_value, emit_like, is_constant
 
 _CONV2D_TRANSPOSE = tvm.ir.Op.get("relax.nn.conv2d_transpose")
 _ADD, _SUBTRACT, _MULTIPLY, _DIVIDE = (tvm.ir.Op.get(f"relax.{n}") for n in ("add", "subtract", "multiply", "divide"))
 _BATCH_NORM = tvm.ir.Op.get("relax.nn.batch_norm")
 # Element-wise activations (they commute with depth-to-space).
 _ACTIVATIONS = [tvm.ir.Op.get(f"relax.{n}") for n in ("nn.relu", "sigmoid", "nn.silu", "tanh")]
-_CONST = is_const()
 
 
 def _ints(values):
@@ -37,7 +38,7 @@ def _ints(values):
 def _rewritable(call) -> bool:
     attrs = call.attrs
     data, weight = call.args
-    if not _CONST.match(weight) or len(weight.value.shape) != 4:
+    if not is_constant(weight) or len(weight.value.shape) != 4:
         return False
     kh, kw = weight.value.shape[2:]
     return (
@@ -54,9 +55,9 @@ def _rewritable(call) -> bool:
 def _channel_vector(expr, channels: int, flat: bool = False):
     """A constant that broadcasts per channel over NCHW data (``flat``: a [C] parameter, as
     batch norm takes), as a float64 vector (else None)."""
-    if not _CONST.match(expr):
+    if not is_constant(expr):
         return None
-    value = expr.value.numpy()
+    value = const_value(expr)
     if flat:
         return value.astype(np.float64) if value.shape == (channels,) else None
     if value.size == 1:
@@ -153,11 +154,12 @@ class _Rewriter(PyExprMutator):
         if binding.var in self.skip:
             return
         call = binding.value
-        if not (isinstance(call, relax.Call) and call.op.same_as(_CONV2D_TRANSPOSE) and _rewritable(call)):
+        if not (self.builder_.current_block_is_dataflow() and isinstance(call, relax.Call)
+                and call.op.same_as(_CONV2D_TRANSPOSE) and _rewritable(call)):
             super().visit_var_binding_(binding)
             return
         data, weight = call.args
-        w = weight.value.numpy()  # [IC, OC, KH, KW]
+        w = const_value(weight)  # [IC, OC, KH, KW]
         ic, oc, kh, kw = w.shape
         n, _, h, wd = (int(d) for d in data.ty.shape)
         chain = self._chain(binding.var, oc)
@@ -178,9 +180,7 @@ class _Rewriter(PyExprMutator):
         y = bb.emit(relax.op.permute_dims(y, [0, 1, 4, 2, 5, 3]))
         result = chain.vars[-1] if chain.vars else binding.var
         # The result keeps the kind of var it replaces (a function output stays one).
-        output = bb.current_block_is_dataflow() and not isinstance(result, relax.DataflowVar)
-        emit = bb.emit_output if output else bb.emit
-        y = emit(relax.op.reshape(y, [n, oc, h * kh, wd * kw]), name_hint=result.name)
+        y = emit_like(bb, result, relax.op.reshape(y, [n, oc, h * kh, wd * kw]))
         self.set_var_remap(result, y)
         self.skip.update(chain.vars)
         self.count += 1

@@ -1,13 +1,13 @@
 """Packed-weight int8 convolution: the compute and its hand schedule over a dot intrinsic.
 
 The weight ``[OC, IC, KH, KW]`` is packed offline to ``[OC/lanes, IC/depth, KH, KW, lanes,
-depth]``, zero-padded to whole steps, so one intrinsic call reads one contiguous block.
-Depthwise convolutions use plain vectors along output columns instead (see
-``packed_depthwise_conv2d``). The kernel's first stage packs the NCHW
-activations the same way (zero padding, ``depth`` channels or taps innermost, the intrinsic's
-dtype; int8 activations shifted into uint8 for unsigned x signed dots, corrected by a per-channel
-``comp`` after the sum). The schedule keeps a register tile of ``tile_w`` output columns x ``tile_oc`` lane groups
-in int32 accumulators over the whole reduction, then runs the fused epilogue (requantize) on it.
+depth]``, zero-padded to whole steps, so one intrinsic call reads one contiguous block. The
+kernel's first stage packs the NCHW activations the same way (zero padding, ``depth`` channels
+innermost, in the intrinsic's dtype; int8 activations shifted into uint8 for unsigned x signed
+dots, corrected by a per-channel ``comp`` after the sum). The schedule keeps a register tile of
+``tile_w`` output columns x ``tile_oc`` lane groups in int32 accumulators over the whole
+reduction, then runs the fused epilogue (requantize) on it. Depthwise convolutions use plain
+vectors along output columns instead (see ``packed_depthwise_conv2d``).
 """
 
 from __future__ import annotations

@@ -46,7 +46,6 @@ class DotKernel:
         return f"tvm_compress_{self.name}"
 
 
-
 def _desc(kernel: DotKernel):
     lanes, depth, act = kernel.lanes, kernel.depth, kernel.packed_dtype
 
