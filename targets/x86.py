@@ -11,6 +11,7 @@ import tvm
 from tvm.s_tir import meta_schedule as ms
 
 from tvm_compress import _fast_inspect
+from tvm_compress._threads import physical_cores
 from tvm_compress.errors import TargetError
 
 from .base import RunResult, TargetFamily, TargetProfile, register_family
@@ -31,7 +32,7 @@ class X86Family(TargetFamily):
         spec = dict(profile.target)
         if spec.get("mcpu") in (None, "auto", "native"):
             spec["mcpu"] = host_cpu()
-        spec.setdefault("num-cores", _physical_cores())
+        spec.setdefault("num-cores", physical_cores())
         return super().tvm_target(TargetProfile(**{**profile.__dict__, "target": spec}))
 
     def can_run(self, profile: TargetProfile):
@@ -51,14 +52,3 @@ class X86Family(TargetFamily):
 
     def tuning_runner(self, profile: TargetProfile):
         return ms.runner.LocalRunner(initializer=_fast_inspect.install)
-
-
-def _physical_cores() -> int:
-    try:
-        import psutil
-
-        return psutil.cpu_count(logical=False) or 1
-    except ImportError:  # psutil is a dependency; keep the target usable without it
-        import os
-
-        return os.cpu_count() or 1

@@ -7,10 +7,14 @@ Python API (the CLI wraps exactly these)::
     result = tvm_compress.run("model.so", {"input": x})
 """
 
-from . import errors
-from .artifact import load_manifest, run
-from .build import compile, weight_stats
-from .loader import PreparedModel, load_onnx, prepare_onnx
+from ._threads import use_physical_cores
+
+use_physical_cores()  # before any kernel runs: TVM's pool is sized once, at its first use
+
+from . import errors  # noqa: E402
+from .artifact import load_manifest, run  # noqa: E402
+from .build import compile, weight_stats  # noqa: E402
+from .loader import PreparedModel, load_onnx, prepare_onnx  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -44,6 +44,9 @@ def database_dir(mod: tvm.IRModule, target: tvm.target.Target, root: Optional[Pa
     key = hashlib.sha256()
     key.update(tvm.ir.save_json(mod).encode())
     key.update(str(target).encode())
+    # Measurements depend on the thread pool they ran with (``_threads``); records timed with
+    # another pool size pick the wrong schedules.
+    key.update(f"threads={os.environ.get('TVM_NUM_THREADS', '')}".encode())
     return Path(root or cache_root()) / "tuning" / key.hexdigest()[:24]
 
 
