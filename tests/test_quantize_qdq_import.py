@@ -31,17 +31,22 @@ class Net(torch.nn.Module):
 
 
 def _assert_matches_onnxruntime(fn, qdq_path, seed: int) -> None:
+    """Against onnxruntime running the QDQ graph as written (graph optimizations off: each
+    DequantizeLinear / Conv / QuantizeLinear on its own). Its fused int8 kernels are no exact
+    reference: on AVX2 without VNNI they sum uint8 x int8 pairs with ``vpmaddubsw``, which
+    saturates at int16, and differ from the model by up to 10 % of the output range here."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(qdq_path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(qdq_path), options, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(seed)
     for _ in range(4):
         x = rng.uniform(0, 1, (1, 3, 16, 16)).astype("float32")
         ours = fn(tvm.runtime.tensor(x)).numpy()
         ref = sess.run(None, {"x": x})[0]
-        # both compute the same quantized model; one output step of rounding apart at most
-        step = 0.002
-        assert np.abs(ours - ref).max() <= 3 * step + 0.02 * np.abs(ref).max(), np.abs(ours - ref).max()
+        # the same integers; float rounding of the last dequantize apart at most
+        assert np.abs(ours - ref).max() <= 1e-5 * np.abs(ref).max(), np.abs(ours - ref).max()
 
 
 def _make_qdq(tmp_path_factory, activation: str):
