@@ -12,7 +12,7 @@ vectors along output columns instead (see ``packed_depthwise_conv2d``).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 from tvm import s_tir, te, tirx
@@ -23,21 +23,22 @@ from .int8_intrin import KERNELS, DotKernel, register
 KERNEL_ATTR = "tvm_compress.int8_dot"
 DEPTHWISE_ATTR = "tvm_compress.int8_depthwise"
 PACK_INTERIOR_ATTR = "tvm_compress.pack_interior"
+TILE_ATTR = "tvm_compress.int8_tile"
 # A parallel region costs microseconds to start: small packs and convolutions run serially.
 _PARALLEL_MIN_ELEMS = 1 << 15
 _PARALLEL_MIN_MACS = 1 << 18
 
 
 def pack_weight(w: np.ndarray, kernel: DotKernel) -> np.ndarray:
-    """OIHW int8 -> [OC/lanes, IC/depth, KH, KW, lanes, depth], zero-padded: IC to whole dot
-    steps, OC to pairs of lane groups (the register tile holds two)."""
+    """OIHW int8 -> [OC/lanes, KH, KW, IC/depth, lanes, depth], zero-padded to whole lane groups
+    and dot steps. Input channels innermost: the reduction walks them contiguously, as it walks
+    the packed activations (channels innermost per pixel)."""
     oc, ic, kh, kw = w.shape
-    step = kernel.lanes * (2 if oc > kernel.lanes else 1)
-    ocp = -(-oc // step) * step
+    ocp = -(-oc // kernel.lanes) * kernel.lanes
     icp = -(-ic // kernel.depth) * kernel.depth
     w = np.pad(w, ((0, ocp - oc), (0, icp - ic), (0, 0), (0, 0)))
     w = w.reshape(ocp // kernel.lanes, kernel.lanes, icp // kernel.depth, kernel.depth, kh, kw)
-    return np.ascontiguousarray(w.transpose(0, 2, 4, 5, 1, 3))
+    return np.ascontiguousarray(w.transpose(0, 4, 5, 2, 1, 3))
 
 
 def shift_compensation(w: np.ndarray, shift: int) -> np.ndarray:
@@ -65,6 +66,29 @@ def _compensate(acc: te.Tensor, comp, out_channels: int, out_w: Optional[int] = 
                       name="int8_conv_comp")
 
 
+def dense_tile(kernel: DotKernel, lane_groups: int, out_w: int) -> Tuple[int, int, int]:
+    """Register tile of a regular packed convolution: (lane groups, output columns, padded
+    output width).
+
+    A tile of ``tile_oc x tile_w`` accumulators reuses each activation load ``tile_oc`` times
+    and each weight load ``tile_w`` times, so wide tiles pay; on rows whose width has no good
+    divisor (7, 14: tiles of 1 or 2 columns) the output width is padded to whole tiles instead,
+    and the padded columns are computed and dropped. Cost per useful dot step, in micro-ops:
+    the dot (multiply + add), a weight load per ``tile_w`` and a broadcast per ``tile_oc``,
+    times the share of padded columns; exact widths win ties.
+    """
+    best = None
+    for tile_oc in range(1, 5):
+        if lane_groups % tile_oc:
+            continue
+        for tile_w in range(1, kernel.max_acc // tile_oc + 1):
+            padded = -(-out_w // tile_w) * tile_w
+            cost = (2 + 2 / tile_w + 1 / tile_oc) * padded / out_w * (1.0 if padded == out_w else 1.03)
+            if best is None or cost < best[0] - 1e-9:
+                best = (cost, tile_oc, tile_w, padded)
+    return best[1:]
+
+
 def _geometry(h, w, kh, kw, padding, strides, dilation):
     """Integer padding, strides, dilation and the output size of a convolution."""
     pt, pl, pb, pr = (int(v) for v in padding)
@@ -90,34 +114,40 @@ def packed_conv2d(
     kernel = KERNELS[kernel_name]
     shift = kernel.shift(str(x.dtype))
     n, ic, h, w = (int(v) for v in x.shape)
-    ocb, icb, kh, kw, lanes, depth = (int(v) for v in wp.shape)
+    ocb, kh, kw, icb, lanes, depth = (int(v) for v in wp.shape)
     (pt, pl, pb, pr), (sh, sw), (dh, dw), (oh, ow) = _geometry(h, w, kh, kw, padding, strides, dilation)
-    # Pack: zero padding (rows, columns; channels up to whole dot steps), channels in groups
-    # of ``depth`` innermost, in the intrinsic's dtype: one pixel's group is one scalar load.
     dt = kernel.packed_dtype
+    tile_oc, tile_w, owp = dense_tile(kernel, ocb, ow)
+    # Wide enough for the padded output columns too (they read zeros).
+    cols = max(w + pl + pr, (owp - 1) * sw + (kw - 1) * dw + 1)
+    # Pack: zero padding (rows, columns; channels up to whole dot steps), all channels of a
+    # pixel contiguous (NHWC) in the intrinsic's dtype: one dot step's ``depth`` channels are
+    # one scalar load, and the reduction over channels streams through memory. (Channel planes
+    # of ``depth`` instead made each step jump a plane: 3x slower on 96-channel 3x3 convs.)
     xpack = te.compute(
-        (n, icb, h + pt + pb, w + pl + pr, depth),
-        lambda b, c, y, xx, d: tirx.if_then_else(
+        (n, h + pt + pb, cols, icb, depth),
+        lambda b, y, xx, c, d: tirx.if_then_else(
             tirx.all(c * depth + d < ic, y >= pt, y < h + pt, xx >= pl, xx < w + pl),
             _packed_value(x[b, tirx.Min(c * depth + d, ic - 1), y - pt, xx - pl], shift, dt),
             tirx.const(shift, dt),
         ),
         name="int8_pack",
+        attrs={PACK_INTERIOR_ATTR: [pt, h + pt, pl, w + pl]},
     )
-    rc = te.reduce_axis((0, icb * depth), name="rc")
     ry = te.reduce_axis((0, kh), name="ry")
     rx = te.reduce_axis((0, kw), name="rx")
+    rc = te.reduce_axis((0, icb * depth), name="rc")
     acc = te.compute(
-        (n, ocb * lanes, oh, ow),
+        (n, ocb * lanes, oh, owp),
         lambda b, o, y, xx: te.sum(
-            xpack[b, rc // depth, y * sh + ry * dh, xx * sw + rx * dw, rc % depth].astype("int32")
-            * wp[o // lanes, rc // depth, ry, rx, o % lanes, rc % depth].astype("int32"),
-            axis=[rc, ry, rx],
+            xpack[b, y * sh + ry * dh, xx * sw + rx * dw, rc // depth, rc % depth].astype("int32")
+            * wp[o // lanes, ry, rx, rc // depth, o % lanes, rc % depth].astype("int32"),
+            axis=[ry, rx, rc],
         ),
         name="int8_conv",
-        attrs={KERNEL_ATTR: kernel_name},
+        attrs={KERNEL_ATTR: kernel_name, TILE_ATTR: [tile_oc, tile_w]},
     )
-    return _compensate(acc, comp, out_channels)
+    return _compensate(acc, comp, out_channels, ow)
 
 
 def pack_depthwise_weight(w: np.ndarray, kernel: DotKernel) -> np.ndarray:
@@ -156,9 +186,8 @@ def packed_depthwise_conv2d(
             tirx.const(0, x.dtype),
         ),
         name="int8_pack",
-        # Strided: columns [lo, hi) read no padding for any phase; the schedule splits them
-        # off so that loop has no bounds test (measured 1.6x faster for stride 2, slower for 1).
-        attrs={PACK_INTERIOR_ATTR: [min(-(-pl // sw), cols), min((w + pl) // sw, cols)]} if sw > 1 else None,
+        # Rows [pt, h + pt) and columns [lo, hi) read no padding (for any column phase).
+        attrs={PACK_INTERIOR_ATTR: [pt, h + pt, min(-(-pl // sw), cols), min((w + pl) // sw, cols)]},
     )
     ry = te.reduce_axis((0, kh), name="ry")
     rx = te.reduce_axis((0, kw), name="rx")
@@ -202,32 +231,52 @@ def _inline_epilogue(sch: s_tir.Schedule, block):
     return tail
 
 
-def _schedule_pack(sch: s_tir.Schedule, block) -> None:
-    """The activation packing stage: parallel over images x channel groups when large enough,
-    vectorized innermost; a column range marked ``PACK_INTERIOR_ATTR`` gets its own loop."""
+def _partition(sch: s_tir.Schedule, loop, lo: int, hi: int):
+    """Split ``loop`` into [0, lo), [lo, hi), [hi, end) (empty parts left out); returns the
+    pieces and the index of the middle one. In the middle piece the pack's bounds test on this
+    loop is provably true, so the simplifier drops it."""
+    end = _extent(sch, loop)
+    lo, hi = max(0, min(lo, end)), max(0, min(hi, end))
+    sizes = [p for p in (lo, hi - lo, end - hi) if p]
+    if hi - lo < 1 or len(sizes) == 1:
+        return [loop], 0
+    return sch.loop_partition(loop, [*sizes[:-1], None]), 1 if lo else 0
+
+
+def _schedule_pack(sch: s_tir.Schedule, block, depthwise: bool) -> None:
+    """The activation packing stage: padding rows and columns split off (``PACK_INTERIOR_ATTR``:
+    the rows and columns that read the input), so the interior copies without bounds tests
+    (with them the pack ran as scalar code with a branch per element, about half of a
+    160x160 depthwise kernel's time); parallel when large enough, vectorized innermost (a
+    pixel's channels for regular convolutions, a row for depthwise ones)."""
     (pack,) = sch.get_producers(block)  # the weight is a parameter: the pack is the one producer
     loops = sch.get_loops(pack)
-    if np.prod([_extent(sch, l) for l in loops]) >= _PARALLEL_MIN_ELEMS:
+    big = np.prod([_extent(sch, l) for l in loops]) >= _PARALLEL_MIN_ELEMS
+    row_lo, row_hi, col_lo, col_hi = (int(v) for v in sch.get(pack).annotations[PACK_INTERIOR_ATTR])
+    # depthwise: (b, c, y, phase, x), parallel over channels; regular: (b, y, x, c, d) over
+    # rows. Counted from the innermost loop: a partition puts the outer loops out of reach.
+    row_at, col_at = (-3, -1) if depthwise else (-4, -3)
+    if big and depthwise:
         sch.parallel(sch.fuse(*loops[:2]))
-    interior = sch.get(pack).annotations.get(PACK_INTERIOR_ATTR)
-    if interior is None:
-        sch.vectorize(sch.fuse(*loops[4:]) if len(loops) > 5 else loops[-1])
-        return
-    lo, hi = (int(v) for v in interior)
-    cols = _extent(sch, loops[-1])
-    parts = [lo, hi - lo, cols - hi]
-    if hi - lo < 2 or parts.count(0) == 2:  # nothing to split off
-        sch.vectorize(loops[-1])
-        return
-    sizes = [p for p in parts if p]
-    pieces = sch.loop_partition(loops[-1], [*sizes[:-1], None])
-    sch.vectorize(pieces[1 if lo else 0])
+    rows, mid = _partition(sch, loops[row_at], row_lo, row_hi)
+    for i, row_piece in enumerate(rows):
+        (inner,) = sch.get_child_blocks(row_piece) if len(rows) > 1 else [pack]
+        if i == mid:
+            if big and not depthwise:
+                sch.parallel(row_piece if len(rows) > 1 else sch.fuse(*loops[:2]))
+            col_pieces, _ = _partition(sch, sch.get_loops(inner)[col_at], col_lo, col_hi)
+            targets = [sch.get_child_blocks(c)[0] if len(col_pieces) > 1 else inner for c in col_pieces]
+        else:
+            targets = [inner]
+        for blk in targets:
+            blk_loops = sch.get_loops(blk)
+            sch.vectorize(blk_loops[-1] if depthwise else sch.fuse(*blk_loops[-2:]))
 
 
 def _finish(sch: s_tir.Schedule, block, parallel_loops, r_first, tile_loops, lane_loop, intrin):
     """Shared tail of both schedules: pack stage, parallel outer loops, then the lane loop
     tensorized with ``intrin`` (or vectorized when None)."""
-    _schedule_pack(sch, block)
+    _schedule_pack(sch, block, DEPTHWISE_ATTR in sch.get(block).annotations)
     if np.prod([_extent(sch, l) for l in sch.get_loops(block)]) >= _PARALLEL_MIN_MACS:
         sch.parallel(sch.fuse(*parallel_loops))
     if intrin is None:
@@ -253,30 +302,37 @@ def schedule_packed_conv(sch: s_tir.Schedule, block) -> None:
 
 def _schedule_dense(sch: s_tir.Schedule, block, kernel: DotKernel) -> None:
     lanes, depth = kernel.lanes, kernel.depth
-    n, o, y, x, rc, ry, rx = sch.get_loops(block)
+    n, o, y, x, ry, rx, rc = sch.get_loops(block)
     rc_o, r_inner = sch.split(rc, [None, depth])
     # Register tile: tile_w columns x tile_oc lane groups of int32 accumulators; each
     # activation group is reused tile_oc times, each weight block tile_w times.
-    ocb = _extent(sch, o) // lanes
-    tile_oc = 2 if ocb % 2 == 0 else 1
-    tile_w = _largest_divisor(_extent(sch, x), kernel.max_acc // tile_oc)
+    tile_oc, tile_w = (int(v) for v in sch.get(block).annotations[TILE_ATTR])
     o_o, o_t, o_l = sch.split(o, [None, tile_oc, lanes])
     x_o, x_t = sch.split(x, [None, tile_w])
-    sch.reorder(n, o_o, y, x_o, rc_o, ry, rx, x_t, o_t, o_l, r_inner)
+    sch.reorder(n, o_o, y, x_o, ry, rx, rc_o, x_t, o_t, o_l, r_inner)
     tail = _inline_epilogue(sch, block)
     if tail is not None:
-        sch.reverse_compute_at(tail, x_o, preserve_unit_loops=True)
-        sch.set_scope(block, 0, "local")
         # Requantize along the output columns: the NCHW stores (and residual loads) are
         # contiguous there. Along the lanes instead, every store is a 16-way scatter: measured
-        # 1.1x-4.5x slower per kernel (1x1 and 3x3, 2x96 to 160x160 outputs).
-        sch.vectorize(sch.get_loops(tail)[-1])
+        # 1.1x-4.5x slower per kernel (1x1 and 3x3, 2x96 to 160x160 outputs). Rows whose width
+        # takes whole vectors run it once per output row on full vectors (1x1 convs on 80x80
+        # and 160x160 maps 1.4x-2.4x faster than per register tile, whose 4-6 columns make
+        # short vectors); other rows per tile (7x7, 14x14: 15-20% faster that way).
+        sch.set_scope(block, 0, "local")
+        out_w = _extent(sch, sch.get_loops(tail)[-1])
+        width = next((v for v in (16, 8) if out_w % v == 0), None)
+        if width is not None:
+            sch.reverse_compute_at(tail, y, preserve_unit_loops=True)
+            sch.vectorize(sch.split(sch.get_loops(tail)[-1], [None, width])[1])
+        else:
+            sch.reverse_compute_at(tail, x_o, preserve_unit_loops=True)
+            sch.vectorize(sch.get_loops(tail)[-1])
     else:
         local = sch.cache_write(block, 0, "local")
         sch.reverse_compute_at(local, x_o, preserve_unit_loops=True)
     # Lanes contiguous in the accumulator tile: one vector register holds one call's C.
     sch.transform_layout(block, ("write", 0), lambda b, c, h, w: (b, c // lanes, h, w, c % lanes))
-    _finish(sch, block, (n, o_o, y), rc_o, (x_t, o_t), o_l, kernel.intrin)
+    _finish(sch, block, (n, o_o, y), ry, (x_t, o_t), o_l, kernel.intrin)
 
 
 def _schedule_depthwise(sch: s_tir.Schedule, block, kernel: DotKernel) -> None:

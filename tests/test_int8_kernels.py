@@ -16,7 +16,7 @@ from tvm import relax
 from tvm_compress import pipeline
 from tvm_compress.errors import TargetError
 from tvm_compress.targets import get_target, load_target_files, qemu
-from tvm_compress.targets.int8_conv import pack_depthwise_weight, pack_weight
+from tvm_compress.targets.int8_conv import dense_tile, pack_depthwise_weight, pack_weight
 from tvm_compress.targets.int8_intrin import KERNELS
 from tvm_compress.targets.int8_pack import PackInt8Conv, target_kernel
 from tvm_compress.targets.int8_schedule import _marked_block
@@ -107,6 +107,8 @@ CASES = {
     "odd-channels-stride2": ((1, 3, 17, 19), (10, 3, 3, 3), (2, 2), (1, 1), (1, 1), 1, "int8"),
     "1x1-rows-stride": ((1, 32, 4, 24), (200, 32, 1, 1), (2, 1), (0, 0), (1, 1), 1, "uint8"),
     "dilated": ((1, 8, 12, 12), (24, 8, 3, 3), (1, 1), (2, 2), (2, 2), 1, "int8"),
+    # 13 columns: tiles of 3 (pmaddwd) or 7 (vpdpbusd, sdot) over a width padded to 15 / 14
+    "padded-width-3-lane-groups": ((1, 20, 11, 13), (24, 20, 3, 3), (1, 1), (1, 1), (1, 1), 1, "uint8"),
     "depthwise-5x5": ((1, 24, 10, 13), (24, 1, 5, 5), (1, 1), (2, 2), (1, 1), 24, "uint8"),
     "depthwise-odd-stride2": ((1, 10, 9, 9), (10, 1, 3, 3), (2, 2), (1, 1), (1, 1), 10, "int8"),
 }
@@ -128,8 +130,8 @@ def test_pack_weight_layouts_round_trip():
     k = KERNELS["pmaddwd"]
     w = rng.integers(-128, 128, (10, 3, 3, 3)).astype(np.int8)
     wp = pack_weight(w, k)
-    assert wp.shape == (2, 2, 3, 3, 8, 2)  # OC 10 -> 16 (two lane groups), IC 3 -> 4
-    back = wp.transpose(0, 4, 1, 5, 2, 3).reshape(16, 4, 3, 3)
+    assert wp.shape == (2, 3, 3, 2, 8, 2)  # OC 10 -> 16 (two lane groups), IC 3 -> 4, IC innermost
+    back = wp.transpose(0, 4, 3, 5, 1, 2).reshape(16, 4, 3, 3)
     np.testing.assert_array_equal(back[:10, :3], w)
     assert not back[10:].any() and not back[:, 3:].any()
     s = KERNELS["sdot"]
@@ -173,7 +175,7 @@ def test_pack_rewrites_int8_and_depthwise_convs():
     tir_calls = [c for c in calls if c.op.same_as(CALL_TIR)]
     assert len(tir_calls) == 2
     shapes = [tuple(int(d) for d in c.args[1].fields[1].value.shape) for c in tir_calls]
-    assert shapes == [(2, 2, 3, 3, 8, 2), (16, 3, 3)]
+    assert shapes == [(2, 3, 3, 2, 8, 2), (16, 3, 3)]
     for c in tir_calls:
         assert int(after[c.args[0]].attrs["op_pattern"]) == 4  # epilogues still fuse in
 
@@ -204,6 +206,17 @@ def test_x86_kernels_exact_and_use_dot_instructions(name, act, target_name, inst
         if target_name == "x86" and target_kernel(get_target("x86")).name != "vpdpbusd":
             instruction = r"\bvpmaddwd\s"
         assert re.search(instruction, llvm_mod.inspect_source("s"))
+
+
+def test_dense_tile_pads_ragged_widths_to_whole_tiles():
+    """Widths without a good divisor are padded to whole register tiles; exact ones are not."""
+    k = KERNELS["pmaddwd"]
+    assert dense_tile(k, 2, 14) == (2, 5, 15)  # was a 2-column tile: 14 = 2 x 7
+    assert dense_tile(k, 8, 80) == (2, 5, 80)
+    for groups, width in [(1, 7), (3, 13), (4, 96), (6, 1)]:
+        tile_oc, tile_w, padded = dense_tile(k, groups, width)
+        assert groups % tile_oc == 0 and tile_oc * tile_w <= k.max_acc
+        assert padded % tile_w == 0 and width <= padded < width + tile_w
 
 
 def test_conv_without_epilogue_still_scheduled():
