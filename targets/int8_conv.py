@@ -75,13 +75,17 @@ def dense_tile(kernel: DotKernel, lane_groups: int, out_w: int) -> Tuple[int, in
     divisor (7, 14: tiles of 1 or 2 columns) the output width is padded to whole tiles instead,
     and the padded columns are computed and dropped. Cost per useful dot step, in micro-ops:
     the dot (multiply + add), a weight load per ``tile_w`` and a broadcast per ``tile_oc``,
-    times the share of padded columns; exact widths win ties.
+    times the share of padded columns; exact widths win ties. The tile, its ``tile_oc`` weight
+    vectors, the broadcast activation (and the product, for a dot that does not accumulate)
+    must fit the vector registers: one more and LLVM spills (AVX2, 96->24 3x3 at 80x80:
+    3 x 4 tiles 1.8x slower than 3 x 3).
     """
+    spare = kernel.registers - 1 - (0 if kernel.accumulates else 1)
     best = None
     for tile_oc in range(1, 5):
         if lane_groups % tile_oc:
             continue
-        for tile_w in range(1, kernel.max_acc // tile_oc + 1):
+        for tile_w in range(1, min(spare // tile_oc, kernel.max_acc // tile_oc + 1)):
             padded = -(-out_w // tile_w) * tile_w
             cost = (2 + 2 / tile_w + 1 / tile_oc) * padded / out_w * (1.0 if padded == out_w else 1.03)
             if best is None or cost < best[0] - 1e-9:

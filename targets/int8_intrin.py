@@ -34,8 +34,10 @@ class DotKernel:
     depth: int  # input channels reduced per call
     act_dtypes: Tuple[str, ...]  # activation dtypes the kernel takes
     packed_dtype: str  # activations after packing (the intrinsic's A)
-    max_acc: int  # vector registers available for accumulators
+    max_acc: int  # vector registers available for accumulators (depthwise tiles)
     cpu_features: Tuple[str, ...]  # LLVM CPU features the instruction needs
+    registers: int = 16  # vector registers of the ISA
+    accumulates: bool = True  # the instruction adds into C (else a temporary plus an add)
 
     def shift(self, act_dtype: str) -> int:
         """Added to ``act_dtype`` activations when packing (int8 -> uint8 for unsigned x signed dots)."""
@@ -127,9 +129,10 @@ def _vpdpbusd_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
 
 KERNELS: Dict[str, DotKernel] = {
     "vpdpbusd": DotKernel("vpdpbusd", 16, 4, ("uint8", "int8"), "uint8", max_acc=24,
-                          cpu_features=("avx512vnni",)),
-    "pmaddwd": DotKernel("pmaddwd", 8, 2, ("uint8", "int8"), "int16", max_acc=12, cpu_features=("avx2",)),
-    "sdot": DotKernel("sdot", 4, 4, ("int8",), "int8", max_acc=24, cpu_features=("dotprod",)),
+                          cpu_features=("avx512vnni",), registers=32),
+    "pmaddwd": DotKernel("pmaddwd", 8, 2, ("uint8", "int8"), "int16", max_acc=12, cpu_features=("avx2",),
+                         accumulates=False),
+    "sdot": DotKernel("sdot", 4, 4, ("int8",), "int8", max_acc=24, cpu_features=("dotprod",), registers=32),
 }
 _IMPLS = {"vpdpbusd": _vpdpbusd_impl, "pmaddwd": _pmaddwd_impl, "sdot": _sdot_impl}
 _registered = False
