@@ -1,0 +1,25 @@
+"""TVM's CPU thread pool gets one thread per physical core (``tvm_compress._threads``)."""
+
+import os
+import subprocess
+import sys
+
+import psutil
+
+_PROBE = "import tvm_compress, tvm; print(tvm.get_global_func('runtime.NumThreads')())"
+
+
+def _pool_size(env_update):
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    env.update(env_update)
+    out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1])
+
+
+def test_pool_uses_every_physical_core():
+    # TVM alone takes half the logical CPUs on x86 (one thread on a 2-vCPU VM)
+    assert _pool_size({}) == (psutil.cpu_count(logical=False) or os.cpu_count())
+
+
+def test_user_setting_is_kept():
+    assert _pool_size({"TVM_NUM_THREADS": "1"}) == 1
