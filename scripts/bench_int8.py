@@ -6,7 +6,9 @@
 For each model: a float TVM build and an int8 TVM build (``--passes quantize``), both tuned with
 the same MetaSchedule trial budget through ``tvm_compress.build.compile``; onnxruntime float and
 onnxruntime's own static int8 (QDQ, per-channel int8 weights, calibrated on the same data).
-Latency: median of ``--runs`` runs, batch 1, 2 threads for onnxruntime, this machine.
+Latency: median of ``--runs`` runs, batch 1, 2 threads for onnxruntime, this machine;
+``--remeasure`` times the artifacts again in interleaved rounds, every engine by the same Python
+loop, onnxruntime with 1 and 2 threads (the faster counts).
 
 Models and data:
 - demo: the bundled Fashion-MNIST CNN; top-1 on the 500 bundled test images; calibration on the
@@ -166,11 +168,11 @@ def ort_int8(prepared_path: Path, out_path: Path, input_name: str, calib: np.nda
     return out_path
 
 
-def ort_session(path):
+def ort_session(path, threads=2):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
+    so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
@@ -403,7 +405,7 @@ def bench_model(key, model, input_name, shape, calib, evalset, labels, args, pro
     for variant in [v for v in ("int8", "int8_mixed") if v in res]:
         q_out = tvm_outputs(out / f"{variant}.so", evalset)
         acc[variant] = _accuracy(key, f_out, q_out, labels)
-    acc["ort_int8"] = _accuracy(key, f_out, o_out, labels)
+    acc["ort_int8"] = {**_accuracy(key, f_out, o_out, labels), "variant": best}
     res["accuracy"] = acc
     (out / "result.json").write_text(json.dumps(res, indent=1))
     return res
@@ -457,8 +459,27 @@ def dtype_check(args, profile, log):
     return results
 
 
+def _loop_ms(call, runs) -> float:
+    """Mean ms of ``runs`` calls from Python after 3 warm-up calls: the same clock and call
+    overhead for every engine (a user calls both from Python)."""
+    for _ in range(3):
+        call()
+    t0 = time.perf_counter()
+    for _ in range(runs):
+        call()
+    return (time.perf_counter() - t0) * 1e3 / runs
+
+
+def _median_ratio(a, b) -> float:
+    return float(np.median(np.asarray(a) / np.asarray(b)))
+
+
 def remeasure(args, log):
-    """Time the existing artifacts again, interleaved, so all four see the same machine load."""
+    """Time the existing artifacts again, interleaved, so all engines see the same machine load.
+
+    Every engine is timed by the same Python loop. onnxruntime runs with 1 and with 2 intra-op
+    threads and is credited with the faster of the two (on small models its thread pool costs
+    more than it gains); TVM runs with its default pool (one thread per physical core)."""
     import tvm
     from tvm import relax
 
@@ -468,40 +489,55 @@ def remeasure(args, log):
         out = Path(args.out) / key
         x = np.load(out / "verify.npy")
         name = {"demo": "input"}.get(key, "x")
-        fns = {}
+        calls = {}
         for variant in [v for v in ("float", "int8", "int8_mixed") if v in r]:
             vm = relax.VirtualMachine(tvm.runtime.load_module(str(out / f"{variant}.so")), tvm.cpu())
-            fns[variant] = (vm, tvm.runtime.tensor(x))
+            calls[variant] = (lambda f=vm["main"], xin=tvm.runtime.tensor(x): f(xin))
         calib = np.load(out / "calib.npz")["calib"]
         variants = ort_int8_variants(out / "float_prepared.onnx", out, name, calib)
-        sessions = {"ort_float": ort_session(out / "float_prepared.onnx")}
-        sessions.update({f"ort_int8_{tag}": ort_session(p) for tag, p in variants.items()})
-        times = {k: [] for k in [*fns, *sessions]}
+        models = {"ort_float": out / "float_prepared.onnx",
+                  **{f"ort_int8_{tag}": p for tag, p in variants.items()}}
+        for k, p in models.items():
+            for threads in (1, 2):
+                sess = ort_session(p, threads)
+                calls[f"{k}@{threads}"] = (lambda s=sess: s.run(None, {name: x}))
+        times = {k: [] for k in calls}
         per_round = max(1, args.runs // args.rounds)
         for _ in range(args.rounds):
-            for variant, (vm, xin) in fns.items():
+            for k, call in calls.items():
                 time.sleep(_SETTLE_S)
-                t = vm.time_evaluator("main", tvm.cpu(), number=per_round, repeat=1)(xin)
-                times[variant].append(1e3 * float(t.mean))
-            for k, sess in sessions.items():
-                time.sleep(_SETTLE_S)
-                for _ in range(3):
-                    sess.run(None, {name: x})
-                t0 = time.perf_counter()
-                for _ in range(per_round):
-                    sess.run(None, {name: x})
-                times[k].append((time.perf_counter() - t0) * 1e3 / per_round)
+                times[k].append(_loop_ms(call, per_round))
         med = {k: float(np.median(v)) for k, v in times.items()}
         log(f"{key}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in med.items()))
         log(f"{key} per-round range: " + ", ".join(f"{k} {min(v):.3f}-{max(v):.3f}" for k, v in times.items()))
-        for variant in fns:
+        for variant in [v for v in ("float", "int8", "int8_mixed") if v in r]:
             r[variant]["latency_ms"] = med[variant]
-        ort8 = {tag: med[f"ort_int8_{tag}"] for tag in variants}
-        best = min(ort8, key=ort8.get)
-        r["onnxruntime_float_latency_ms"] = med["ort_float"]
-        r["onnxruntime_int8_latency_ms"], r["onnxruntime_int8_variant"] = ort8[best], best
-        r["onnxruntime_int8_latency_ms_by_variant"] = ort8
-        r["latency_note"] = "re-measured interleaved (scripts/bench_int8.py --remeasure)"
+            r[variant]["latency_range_ms"] = [min(times[variant]), max(times[variant])]
+
+        def best(k):
+            threads = min((1, 2), key=lambda t: med[f"{k}@{t}"])
+            return med[f"{k}@{threads}"], threads
+
+        r["onnxruntime_float_latency_ms"], r["onnxruntime_float_threads"] = best("ort_float")
+        ort8 = {tag: best(f"ort_int8_{tag}") for tag in variants}
+        tag = min(ort8, key=lambda t: ort8[t][0])
+        r["onnxruntime_int8_latency_ms"], r["onnxruntime_int8_threads"] = ort8[tag]
+        r["onnxruntime_int8_variant"] = tag
+        r["onnxruntime_int8_latency_range_ms"] = [min(times[f"ort_int8_{tag}@{ort8[tag][1]}"]),
+                                                 max(times[f"ort_int8_{tag}@{ort8[tag][1]}"])]
+        r["onnxruntime_latency_ms_by_engine"] = {e: med[e] for m in models
+                                                 for e in (f"{m}@1", f"{m}@2")}
+        r.pop("onnxruntime_int8_latency_ms_by_variant", None)
+        # Paired per-round ratios: both engines of a round saw the same machine load.
+        ort8_key = f"ort_int8_{tag}@{ort8[tag][1]}"
+        r["round_ratios"] = {
+            f"{a}/{b}": _median_ratio(times[a], times[b])
+            for a, b in (("float", "int8"), (ort8_key, "int8"), ("float", ort8_key))}
+        log(f"{key} median per-round ratios: " + ", ".join(
+            f"{k} {v:.2f}" for k, v in r["round_ratios"].items()))
+        r["rounds_ms"] = times
+        r["latency_note"] = (f"re-measured interleaved (scripts/bench_int8.py --remeasure): "
+                             f"{args.rounds} rounds of {per_round} Python-loop runs per engine")
     path.write_text(json.dumps(results, indent=1))
     print(table(results))
 
@@ -624,6 +660,14 @@ def _acc_text(key, acc: dict) -> str:
     return text
 
 
+def _ort_acc_text(key, r) -> str:
+    acc = r["accuracy"]["ort_int8"]
+    text = _acc_text(key, acc)
+    if acc.get("variant", r["onnxruntime_int8_variant"]) != r["onnxruntime_int8_variant"]:
+        text += f" (of its {acc['variant']} variant)"
+    return text
+
+
 def table(results) -> str:
     rows = ["| model | build | weight bytes vs float | accuracy vs float | ms | vs TVM float | "
             "vs ORT int8 | trials |",
@@ -640,10 +684,13 @@ def table(results) -> str:
             rows.append(f"| {key} | {label} | {v['weight_bytes_ratio']:.3f} | "
                         f"{_acc_text(key, r['accuracy'][variant])} | {v['latency_ms']:.3f} | "
                         f"**{f / v['latency_ms']:.2f}x** | {o8 / v['latency_ms']:.2f}x | {r['trials']} |")
-        rows.append(f"| {key} | onnxruntime float | - | - | {r['onnxruntime_float_latency_ms']:.3f} | "
+        th = {k: f", {r[k]} thr" if k in r else "" for k in
+              ("onnxruntime_float_threads", "onnxruntime_int8_threads")}
+        rows.append(f"| {key} | onnxruntime float{th['onnxruntime_float_threads']} | - | - | {r['onnxruntime_float_latency_ms']:.3f} | "
                     f"{f / r['onnxruntime_float_latency_ms']:.2f}x | - | - |")
-        rows.append(f"| {key} | onnxruntime int8 ({r['onnxruntime_int8_variant']}) | - | "
-                    f"{_acc_text(key, r['accuracy']['ort_int8'])} | {o8:.3f} | {f / o8:.2f}x | 1.00x | - |")
+        rows.append(f"| {key} | onnxruntime int8 ({r['onnxruntime_int8_variant']}"
+                    f"{th['onnxruntime_int8_threads']}) | - | "
+                    f"{_ort_acc_text(key, r)} | {o8:.3f} | {f / o8:.2f}x | 1.00x | - |")
     return "\n".join(rows)
 
 
