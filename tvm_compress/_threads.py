@@ -14,12 +14,16 @@ import os
 
 
 def physical_cores() -> int:
+    """Physical cores this process may run on: a CPU affinity mask (``taskset``, a container's
+    cpuset) smaller than the machine bounds it, so a restricted process does not oversubscribe."""
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     try:
         import psutil
 
-        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+        cores = psutil.cpu_count(logical=False) or allowed
     except ImportError:  # psutil is a dependency; stay usable without it
-        return os.cpu_count() or 1
+        cores = allowed
+    return max(1, min(cores, allowed))
 
 
 def use_physical_cores() -> None:
