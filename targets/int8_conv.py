@@ -26,6 +26,10 @@ PACK_INTERIOR_ATTR = "tvm_compress.pack_interior"
 TILE_ATTR = "tvm_compress.int8_tile"
 # A parallel region costs microseconds to start: small packs and convolutions run serially.
 _PARALLEL_MIN_ELEMS = 1 << 15
+# Accumulator tiles stay in "global" scope: TVM puts a "global" buffer under 1 KiB on the stack
+# (registers, after LLVM), but serves a "local" one from the workspace pool, an alloc/free pair
+# in every parallel iteration (a third of a small depthwise kernel's time under perf).
+_ACC_SCOPE = "global"
 _PARALLEL_MIN_MACS = 1 << 18
 
 
@@ -322,7 +326,6 @@ def _schedule_dense(sch: s_tir.Schedule, block, kernel: DotKernel) -> None:
         # takes whole vectors run it once per output row on full vectors (1x1 convs on 80x80
         # and 160x160 maps 1.4x-2.4x faster than per register tile, whose 4-6 columns make
         # short vectors); other rows per tile (7x7, 14x14: 15-20% faster that way).
-        sch.set_scope(block, 0, "local")
         out_w = _extent(sch, sch.get_loops(tail)[-1])
         width = next((v for v in (16, 8) if out_w % v == 0), None)
         if width is not None:
@@ -332,7 +335,7 @@ def _schedule_dense(sch: s_tir.Schedule, block, kernel: DotKernel) -> None:
             sch.reverse_compute_at(tail, x_o, preserve_unit_loops=True)
             sch.vectorize(sch.get_loops(tail)[-1])
     else:
-        local = sch.cache_write(block, 0, "local")
+        local = sch.cache_write(block, 0, _ACC_SCOPE)
         sch.reverse_compute_at(local, x_o, preserve_unit_loops=True)
     # Lanes contiguous in the accumulator tile: one vector register holds one call's C.
     sch.transform_layout(block, ("write", 0), lambda b, c, h, w: (b, c // lanes, h, w, c % lanes))
@@ -349,11 +352,10 @@ def _schedule_depthwise(sch: s_tir.Schedule, block, kernel: DotKernel) -> None:
     tail = _inline_epilogue(sch, block)
     if tail is not None:
         sch.reverse_compute_at(tail, x_o, preserve_unit_loops=True)
-        sch.set_scope(block, 0, "local")
         *_, t_w = sch.get_loops(tail)
         if _extent(sch, t_w) % lanes == 0:  # whole rows: requantize and store a vector at a time
             sch.vectorize(sch.split(t_w, [None, lanes])[1])
     else:
-        local = sch.cache_write(block, 0, "local")
+        local = sch.cache_write(block, 0, _ACC_SCOPE)
         sch.reverse_compute_at(local, x_o, preserve_unit_loops=True)
     _finish(sch, block, (n, c, y), ry, (x_t,), x_l, None)

@@ -55,7 +55,7 @@ def _desc(kernel: DotKernel):
     def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (depth,), act, offset_factor=1)
         B = T.match_buffer(b, (lanes, depth), "int8", offset_factor=1)
-        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:depth], B[0:lanes, 0:depth])
             T.writes(C[0:lanes])
@@ -72,7 +72,7 @@ def _desc(kernel: DotKernel):
 def _pmaddwd_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
     A = T.match_buffer(a, (2,), "int16", offset_factor=1)
     B = T.match_buffer(b, (8, 2), "int8", offset_factor=1)
-    C = T.match_buffer(c, (8,), "int32", offset_factor=1, scope="local")
+    C = T.match_buffer(c, (8,), "int32", offset_factor=1)
     with T.sblock("root"):
         T.reads(C[0:8], A[0:2], B[0:8, 0:2])
         T.writes(C[0:8])
@@ -90,7 +90,7 @@ def _pmaddwd_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
 def _sdot_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
     A = T.match_buffer(a, (4,), "int8", offset_factor=1)
     B = T.match_buffer(b, (4, 4), "int8", offset_factor=1)
-    C = T.match_buffer(c, (4,), "int32", offset_factor=1, scope="local")
+    C = T.match_buffer(c, (4,), "int32", offset_factor=1)
     with T.sblock("root"):
         T.reads(C[0:4], A[0:4], B[0:4, 0:4])
         T.writes(C[0:4])
@@ -115,7 +115,7 @@ def _vpdpbusd(c, a, b):
 def _vpdpbusd_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
     A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
     B = T.match_buffer(b, (16, 4), "int8", offset_factor=1)
-    C = T.match_buffer(c, (16,), "int32", offset_factor=1, scope="local")
+    C = T.match_buffer(c, (16,), "int32", offset_factor=1)
     with T.sblock("root"):
         T.reads(C[0:16], A[0:4], B[0:16, 0:4])
         T.writes(C[0:16])
