@@ -26,11 +26,11 @@ PACK_INTERIOR_ATTR = "tvm_compress.pack_interior"
 TILE_ATTR = "tvm_compress.int8_tile"
 # A parallel region costs microseconds to start: small packs and convolutions run serially.
 _PARALLEL_MIN_ELEMS = 1 << 15
+_PARALLEL_MIN_MACS = 1 << 18
 # Accumulator tiles stay in "global" scope: TVM puts a "global" buffer under 1 KiB on the stack
 # (registers, after LLVM), but serves a "local" one from the workspace pool, an alloc/free pair
 # in every parallel iteration (a third of a small depthwise kernel's time under perf).
 _ACC_SCOPE = "global"
-_PARALLEL_MIN_MACS = 1 << 18
 
 
 def pack_weight(w: np.ndarray, kernel: DotKernel) -> np.ndarray:

@@ -219,6 +219,22 @@ def test_dense_tile_pads_ragged_widths_to_whole_tiles():
         assert padded % tile_w == 0 and width <= padded < width + tile_w
 
 
+@pytest.mark.parametrize("name", ["3x3", "depthwise-5x5"])
+@pytest.mark.parametrize("epilogue", [True, False])
+def test_accumulators_are_not_workspace_allocations(name, epilogue):
+    # A "local" buffer is served by TVM's workspace pool (an alloc/free pair per parallel
+    # iteration); "global" ones under 1 KiB go on the stack.
+    mod, x, w, (stride, padding, dilation, groups) = _case(name)
+    if not epilogue:
+        mod = _conv_module(x.shape, w, str(x.dtype), stride, padding, dilation, groups, epilogue=False)
+    scheduled, _ = _lower(mod, "x86-avx2")
+    kernels = _scheduled_kernels(scheduled)
+    assert kernels
+    for gv in kernels:
+        scopes = {b.name: b.scope() for b in scheduled[gv].body.block.alloc_buffers}
+        assert set(scopes.values()) == {"global"}, scopes
+
+
 def test_conv_without_epilogue_still_scheduled():
     rng = np.random.default_rng(4)
     x = rng.integers(0, 256, (1, 8, 6, 6)).astype("uint8")
