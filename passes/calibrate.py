@@ -110,7 +110,7 @@ def host_run(mod: tvm.IRModule):
     fn = vm["main"]
 
     def run(*arrays):
-        return _to_numpy(fn(*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays]))
+        return _to_numpy(fn(*[tvm.runtime.tensor(np.asarray(a, order="C")) for a in arrays]))
 
     return run
 

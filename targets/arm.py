@@ -31,10 +31,11 @@ class _ArmFamily(TargetFamily):
 
         return qemu.can_run(self.arch)
 
-    def run(self, profile, lib_path: Path, inputs: Sequence[np.ndarray], repeat=0, warmup=0):
+    def run(self, profile, lib_path: Path, inputs: Sequence[np.ndarray], repeat=0, warmup=0, function="main"):
         from . import qemu
 
-        res = qemu.run_library(lib_path, self.arch, list(inputs), repeat=max(repeat, 1), warmup=warmup)
+        res = qemu.run_library(lib_path, self.arch, list(inputs), repeat=max(repeat, 1), warmup=warmup,
+                               function=function)
         return RunResult(list(res.outputs), list(res.times_ms), f"qemu-{self.arch} (emulated)")
 
     def latency_is_meaningful(self, profile: TargetProfile) -> bool:

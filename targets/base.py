@@ -87,7 +87,9 @@ class TargetFamily:
         inputs: Sequence[np.ndarray],
         repeat: int = 0,
         warmup: int = 0,
+        function: str = "main",
     ) -> RunResult:
+        """Run the Relax ``function`` of an exported library here, on ``inputs``."""
         raise TargetError(f"target {profile.name!r}: {self.can_run(profile)[1]}")
 
     def remote_device(self, session):

@@ -86,11 +86,11 @@ class CudaFamily(TargetFamily):
             return False, "not run: no GPU"
         return True, ""
 
-    def run(self, profile, lib_path: Path, inputs: Sequence[np.ndarray], repeat=0, warmup=0):
+    def run(self, profile, lib_path: Path, inputs: Sequence[np.ndarray], repeat=0, warmup=0, function="main"):
         ok, why = self.can_run(profile)
         if not ok:
             raise TargetError(why)
-        outputs, times = run_in_process(lib_path, tvm.cuda(0), inputs, repeat, warmup)
+        outputs, times = run_in_process(lib_path, tvm.cuda(0), inputs, repeat, warmup, function)
         return RunResult(outputs, times, f"cuda:{tvm.cuda(0).device_name}")
 
     def remote_device(self, session):

@@ -21,18 +21,19 @@ def flatten_outputs(result) -> List[np.ndarray]:
 
 
 def run_in_process(
-    lib_path: Path, device: tvm.runtime.Device, inputs: Sequence[np.ndarray], repeat: int, warmup: int
+    lib_path: Path, device: tvm.runtime.Device, inputs: Sequence[np.ndarray], repeat: int, warmup: int,
+    function: str = "main",
 ):
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib_path)), device)
-    args = [tvm.runtime.tensor(np.ascontiguousarray(x), device) for x in inputs]
-    outputs = flatten_outputs(vm["main"](*args))
+    args = [tvm.runtime.tensor(np.asarray(x, order="C"), device) for x in inputs]
+    outputs = flatten_outputs(vm[function](*args))
     for _ in range(warmup):
-        vm["main"](*args)
+        vm[function](*args)
     times = []
     for _ in range(repeat):
         device.sync()
         t0 = time.perf_counter()
-        res = vm["main"](*args)
+        res = vm[function](*args)
         device.sync()
         times.append((time.perf_counter() - t0) * 1e3)
         del res

@@ -732,7 +732,7 @@ def _to_array(i: int, value) -> np.ndarray:
         raise DataError(
             f"input {i} has dtype {value.dtype}, the runner takes {', '.join(sorted(_DTYPES))}"
         )
-    return np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<"))
+    return np.asarray(value, dtype=value.dtype.newbyteorder("<"), order="C")
 
 
 def run_library(
@@ -743,11 +743,12 @@ def run_library(
     warmup: int = 0,
     cache_dir=None,
     timeout: float = 600,
+    function: str = "main",
 ) -> RunResult:
-    """Run the Relax VM function ``main`` of an exported library for ``arch`` with the C++ runner
-    (under qemu-user for ARM, natively for x86_64).
+    """Run the Relax VM function ``function`` of an exported library for ``arch`` with the C++
+    runner (under qemu-user for ARM, natively for x86_64).
 
-    ``inputs`` are the arguments of ``main`` in order. Raises DataError for a missing or wrong
+    ``inputs`` are the arguments of the function in order. Raises DataError for a missing or wrong
     library file or inputs that do not fit the model, TargetError for toolchain, qemu or runtime
     failures.
     """
@@ -778,7 +779,8 @@ def run_library(
             arr.tofile(path)
             shape = "x".join(str(d) for d in arr.shape)
             args += ["--input", f"{arr.dtype.name}:{shape}:{path}"]
-        args += ["--out-dir", str(out_dir), "--repeat", str(repeat), "--warmup", str(warmup)]
+        args += ["--out-dir", str(out_dir), "--repeat", str(repeat), "--warmup", str(warmup),
+                 "--function", function]
 
         env = dict(os.environ)
         # the runner has rpath $ORIGIN; LD_LIBRARY_PATH is a second way to its libraries

@@ -40,11 +40,11 @@ class X86Family(TargetFamily):
             return False, f"not run: this machine is {platform.machine()}, not x86-64"
         return True, ""
 
-    def run(self, profile, lib_path: Path, inputs: Sequence[np.ndarray], repeat=0, warmup=0):
+    def run(self, profile, lib_path: Path, inputs: Sequence[np.ndarray], repeat=0, warmup=0, function="main"):
         ok, why = self.can_run(profile)
         if not ok:
             raise TargetError(why)
-        outputs, times = run_in_process(lib_path, tvm.cpu(), inputs, repeat, warmup)
+        outputs, times = run_in_process(lib_path, tvm.cpu(), inputs, repeat, warmup, function)
         return RunResult(outputs, times, "native")
 
     def default_schedule(self, profile: TargetProfile):

@@ -49,9 +49,9 @@ def run(
         missing = [s.name for s in specs if s.name not in inputs]
         if missing:
             raise DataError(f"no array for input {missing[0]!r}")
-        arrays = [np.ascontiguousarray(inputs[s.name], dtype=s.dtype) for s in specs]
+        arrays = [np.asarray(inputs[s.name], dtype=s.dtype, order="C") for s in specs]
     else:
-        arrays = [np.ascontiguousarray(x) for x in inputs]
+        arrays = [np.asarray(x, order="C") for x in inputs]
     profile = get_target(manifest["target"])
     family = get_family(profile.family)
     if rpc is not None:

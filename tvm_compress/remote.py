@@ -7,6 +7,7 @@ boards under one key share the work: the tracker hands each request to a free on
 
 from __future__ import annotations
 
+import gc
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,32 +72,48 @@ def session(spec: RemoteSpec):
         raise RemoteError(f"{spec.where}: could not get a session ({err})") from None
 
 
-def run_remote(spec: RemoteSpec, family, lib_path: Path, inputs: Sequence[np.ndarray], repeat: int):
-    """Upload, load and run ``lib_path`` on a board; time ``repeat`` runs there."""
-    import tvm
-    from tvm import relax
-
+def run_remote(spec: RemoteSpec, family, lib_path: Path, inputs: Sequence[np.ndarray], repeat: int,
+               function: str = "main"):
+    """Upload, load and run ``lib_path``'s Relax ``function`` on a board; time ``repeat`` runs."""
     from tvm_compress.targets import RunResult
-    from tvm_compress.targets.local import flatten_outputs
 
     sess = session(spec)
     try:
-        sess.upload(str(lib_path))
-        lib = sess.load_module(Path(lib_path).name)
-        dev = family.remote_device(sess)
-        vm = relax.VirtualMachine(lib, dev)
-        args = [tvm.runtime.tensor(np.ascontiguousarray(x), dev) for x in inputs]
-        outputs = flatten_outputs(vm["main"](*args))
-        times: List[float] = []
-        if repeat:
-            res = vm.time_evaluator("main", dev, number=1, repeat=repeat)(*args)
-            times = [float(t) * 1e3 for t in res.results]
+        outputs, times = _run_in_session(sess, family, lib_path, inputs, repeat, function)
     except RemoteError:
         raise
     except Exception as err:  # noqa: BLE001
         first = str(err).strip().splitlines()
         raise RemoteError(f"{spec.where}: running {Path(lib_path).name} failed: {first[-1] if first else err}") from None
+    finally:
+        # The board's server takes the next session (a verification right after the kernel
+        # check) only once this one is closed, and the VM holds reference cycles: close now.
+        del sess
+        gc.collect()
     return RunResult(outputs, times, spec.where)
+
+
+def _run_in_session(sess, family, lib_path: Path, inputs, repeat: int, function: str):
+    import tvm
+    from tvm import relax
+
+    from tvm_compress.targets.local import flatten_outputs
+
+    sess.upload(str(lib_path))
+    lib = sess.load_module(Path(lib_path).name)
+    dev = family.remote_device(sess)
+    vm = relax.VirtualMachine(lib, dev)
+    args = [tvm.runtime.tensor(np.asarray(x, order="C"), dev) for x in inputs]
+    # set_input / invoke_stateful / get_outputs: a tuple result stays on the board as one
+    # object with a plain call; this way each of its tensors comes back
+    vm.set_input(function, *args)
+    vm.invoke_stateful(function)
+    outputs = flatten_outputs(vm.get_outputs(function))
+    times: List[float] = []
+    if repeat:
+        res = vm.time_evaluator(function, dev, number=1, repeat=repeat)(*args)
+        times = [float(t) * 1e3 for t in res.results]
+    return outputs, times
 
 
 def tuning_runner(spec: RemoteSpec):

@@ -74,7 +74,7 @@ def inputs_from_file(path: str | os.PathLike, specs: Sequence[InputSpec]) -> Lis
                 raise DataError(
                     f"{path}: input {s.name!r} has dtype {arr.dtype}, the model needs {s.dtype}"
                 )
-        out.append(np.ascontiguousarray(arr))
+        out.append(np.asarray(arr, order="C"))  # (ascontiguousarray turns 0-d into 1-d)
     return out
 
 

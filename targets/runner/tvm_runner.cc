@@ -3,9 +3,10 @@
 //
 // Usage:
 //   tvm_runner LIB.so --input DTYPE:D0xD1x...:PATH.bin [--input ...] --out-dir DIR
-//              [--repeat N] [--warmup K]
+//              [--repeat N] [--warmup K] [--function NAME]
 //
-// Inputs are given in the order of the parameters of the model's `main` function, as raw
+// Inputs are given in the order of the parameters of the model's `main` function (or of the
+// Relax function NAME, e.g. a library's kernel-check entry point), as raw
 // little-endian C-order bytes. A scalar input has an empty shape ("float32::x.bin").
 // Every output tensor (a single tensor, or the leaves of a (nested) tuple, depth first) is
 // written to DIR/out_<i>.bin, and one JSON line is printed on stdout:
@@ -98,11 +99,12 @@ struct Options {
   std::string out_dir;
   int repeat = 1;
   int warmup = 0;
+  std::string function = "main";
 };
 
 const char* kUsage =
     "usage: tvm_runner LIB.so --input DTYPE:D0xD1x...:PATH.bin [--input ...] --out-dir DIR "
-    "[--repeat N] [--warmup K]";
+    "[--repeat N] [--warmup K] [--function NAME]";
 
 bool SupportedInputDtype(const DLDataType& t) {
   if (t.lanes != 1) return false;
@@ -186,6 +188,9 @@ Options ParseArgs(int argc, char** argv) {
       opt.repeat = ParseCount(a, value(a), 1);
     } else if (a == "--warmup") {
       opt.warmup = ParseCount(a, value(a), 0);
+    } else if (a == "--function") {
+      opt.function = value(a);
+      if (opt.function.empty()) throw UsageError("--function needs a name");
     } else if (a == "-h" || a == "--help") {
       std::cout << kUsage << std::endl;
       std::exit(0);
@@ -253,7 +258,7 @@ void CollectOutputs(const ffi::Any& value, std::vector<ffi::Tensor>* out, const 
     }
     return;
   }
-  throw RunnerError("output " + where + " of main is a " + value.GetTypeKey() +
+  throw RunnerError("output " + where + " of the function is a " + value.GetTypeKey() +
                     ", not a tensor or a tuple of tensors");
 }
 
@@ -324,8 +329,8 @@ int Run(const Options& opt) {
   // device (CPU 0) and host (CPU 0)
   (*init)(static_cast<int>(kDLCPU), 0, alloc_kind, static_cast<int>(kDLCPU), 0, alloc_kind);
 
-  ffi::Optional<ffi::Function> main_opt = vm->GetFunction("main");
-  if (!main_opt.has_value()) throw RunnerError(opt.lib + " has no Relax function 'main'");
+  ffi::Optional<ffi::Function> main_opt = vm->GetFunction(opt.function);
+  if (!main_opt.has_value()) throw RunnerError(opt.lib + " has no Relax function '" + opt.function + "'");
   ffi::Function main_fn = *main_opt;
 
   std::vector<ffi::AnyView> args;
@@ -342,7 +347,7 @@ int Run(const Options& opt) {
       std::string msg = e.message();
       if (msg.find("loc=param[") != std::string::npos ||
           msg.find("arguments were provided") != std::string::npos) {
-        throw InputMismatch("inputs do not fit main: " + OneLine(msg));
+        throw InputMismatch("inputs do not fit " + opt.function + ": " + OneLine(msg));
       }
       throw;
     }
