@@ -15,7 +15,7 @@ from tvm import relax
 from tvm_compress.passes import PassEnv, get_pass, parse_pass_list
 from tvm_compress.targets import TargetProfile, get_family, get_target
 
-from . import pipeline, remote, verify
+from . import kernel_check, pipeline, remote, verify
 from .errors import OutputError, TargetError, VerificationError
 from .fileutil import atomic_path, check_writable, write_json
 from .loader import PreparedModel, prepare_onnx
@@ -64,12 +64,16 @@ def compile(  # noqa: A001  (the product's verb)
     report: Optional[str | os.PathLike] = None,
     bench_runs: int = 50,
     rpc: Optional["remote.RemoteSpec"] = None,
+    check_kernels: bool = True,
     log: LogFn = print,
 ) -> Dict[str, Any]:
     """Compile ``model`` for ``target`` into ``output`` (.so) and return the report dict.
 
     Everything that can be checked is checked before any long work: target, toolchain, pass
     names and options, output paths, model, shapes, verification data.
+
+    ``check_kernels``: run every scheduled kernel alone with pre-filled outputs against its
+    unscheduled form (``kernel_check``) before the library is written.
     """
     t_start = time.monotonic()
     profile = _resolve_target(target)
@@ -115,20 +119,35 @@ def compile(  # noqa: A001  (the product's verb)
     log(f"lower: {profile.name} ({tvm_target.kind.name})")
     with tvm_target:
         mod = tvm.transform.Sequential(pipeline.lowering_passes(profile))(mod)
+    lowered = mod
     mod, tuning_summary = pipeline.schedule(
         mod, profile, tune_trials, log=log, runner=remote.tuning_runner(rpc) if rpc else None
     )
+    calls, kernel_report = [], None
+    if check_kernels:
+        runnable, why = (True, "") if rpc else family.can_run(profile)
+        if runnable:
+            calls = kernel_check.plan(lowered, mod)
+            mod = kernel_check.with_check_function(mod, calls) if calls else mod
+        else:
+            log(f"check: kernels not run alone ({why})")
+            kernel_report = {"checked": 0, "where": None, "note": why}
     log("build: tvm.compile")
     executable = tvm.compile(mod, tvm_target)
 
     with atomic_path(output) as tmp_lib:
         family.export(executable, tmp_lib, profile)
+        if calls:
+            kernel_report = _check_kernels(family, profile, tmp_lib, lowered, calls, inputs, rpc, log)
         record = _verify_and_time(
             family, profile, tmp_lib, prepared, inputs, bench_runs,
             lossy=any(get_pass(n).lossy for n in names), log=log, rpc=rpc,
         )
         artifact_bytes = tmp_lib.stat().st_size
         manifest_data = _manifest(prepared, profile, tvm_target, names, tmp_lib, output, tuning_summary)
+        if calls:
+            # Relax function that runs each scheduled kernel on caller-given buffers (kernel_check)
+            manifest_data["check_function"] = kernel_check.CHECK_FUNCTION
     try:
         write_json(manifest, manifest_data)
     except BaseException:
@@ -152,12 +171,34 @@ def compile(  # noqa: A001  (the product's verb)
         "tuning": (
             tuning_summary.as_dict() if tuning_summary else {"trials": 0, "new_trials": 0, "seconds": 0.0}
         ),
+        "kernel_check": kernel_report,
         "pass_reports": env.report,
         "seconds": round(time.monotonic() - t_start, 2),
     }
     if report is not None:
         write_json(report, rep)
     return rep
+
+
+def _check_kernels(family, profile, lib_path, lowered, calls, inputs, rpc, log):
+    """Run the library's kernel check where the target runs; VerificationError on a bad kernel."""
+
+    def run(args):
+        if rpc:
+            return remote.run_remote(rpc, family, lib_path, args, repeat=0,
+                                     function=kernel_check.CHECK_FUNCTION).outputs
+        return family.run(profile, lib_path, args, function=kernel_check.CHECK_FUNCTION).outputs
+
+    res = kernel_check.check(lowered, calls, inputs, run, where=rpc.where if rpc else profile.name)
+    if res.failed:
+        name, what = next(iter(res.failed.items()))
+        more = f" (and {len(res.failed) - 1} more kernels)" if len(res.failed) > 1 else ""
+        raise VerificationError(f"{profile.name}: kernel {name}: {what}{more}; no library written")
+    unreached = (f"; {len(res.unreached)} more not reached by the input, checked written only"
+                 if res.unreached else "")
+    log(f"check: {len(res.checked)} scheduled kernels run alone with pre-filled outputs: every "
+        f"element written, values match the unscheduled kernels{unreached}")
+    return res.as_dict()
 
 
 def _verify_and_time(family, profile, lib_path, prepared: PreparedModel, inputs, bench_runs, lossy, log, rpc=None):

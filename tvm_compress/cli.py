@@ -100,6 +100,9 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--verify-input", metavar="FILE.npz", help="arrays named after the inputs")
     c.add_argument("--tune-trials", type=int, default=0, metavar="N",
                    help="MetaSchedule trials spread over all tasks (0: default schedules)")
+    c.add_argument("--check-kernels", action=argparse.BooleanOptionalAction, default=True,
+                   help="run every scheduled kernel alone, outputs pre-filled with NaN/sentinels, "
+                   "against its unscheduled form before writing the library (default: on)")
     c.add_argument("--report", metavar="REPORT.json", help="write the report here")
     c.add_argument("--bench-runs", type=int, default=50, metavar="N", help="timed runs (default 50)")
     c.add_argument("--quiet", action="store_true", help="no progress output")
@@ -154,6 +157,7 @@ def _cmd_compile(args) -> int:
         report=args.report,
         bench_runs=args.bench_runs,
         rpc=_rpc_spec(args),
+        check_kernels=args.check_kernels,
         log=_log_fn(args.quiet),
     )
     if not args.quiet:

@@ -69,6 +69,9 @@ def schedule(
     family = get_family(profile.family)
     target = profile.tvm_target()
     summary = None
+    # dlight's ApplyDefaultSchedule updates the module it is given: work on a copy, so the
+    # caller's lowered module stays unscheduled (the kernel check compares with it).
+    mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs, global_infos=mod.global_infos)
     # Keyed before hand scheduling: those kernels are not tuned, so their schedule may change
     # without invalidating the records of the others.
     if trials > 0:
