@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import List, Optional
 
+import tvm.sym
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
@@ -34,6 +35,30 @@ def _vector_width(extent: Optional[int]) -> Optional[int]:
         if extent % w == 0:
             return w
     return None
+
+
+def reads_within(sch: s_tir.Schedule, consumer, producer) -> bool:
+    """True when every iteration of ``consumer`` reads ``producer``'s output inside its bounds.
+
+    ``reverse_compute_at`` under a tile loop of the producer regenerates only the consumer
+    iterations that read what a tile wrote. Iterations that read none of it (the border of a
+    pad, the other inputs' part of a concat) would be dropped and their outputs never written,
+    so such consumers must stay where they are."""
+    outputs = [w.source for w in sch.get(producer).writes]
+    block = sch.get(consumer)
+    analyzer = tvm.sym.Analyzer()
+    for iv in block.iter_vars:
+        analyzer.bind(iv.var, iv.dom)
+    regions = [r for r in block.reads if any(r.source.same_as(b) for b in outputs)]
+    if not regions:
+        return False
+    for region in regions:
+        for rng, dim in zip(region.region, region.source.shape):
+            lo = analyzer.const_int_bound(rng.min).min_value
+            hi = analyzer.const_int_bound(rng.min + rng.extent - 1).max_value
+            if not isinstance(dim, tirx.IntImm) or lo < 0 or hi > int(dim) - 1:
+                return False
+    return True
 
 
 def _inline(sch: s_tir.Schedule, infos):
@@ -138,8 +163,11 @@ class CPUFallback(CPUScheduleRule):
             # Accumulate one output tile in a local buffer (registers), write it back once.
             local = sch.cache_write(block, 0, "local")
             sch.reverse_compute_at(local, tile_loop, preserve_unit_loops=True)
-            # Bias / activation epilogues run on the tile while it is hot.
+            # Bias / activation epilogues run on the tile while it is hot; a consumer larger
+            # than the tile's producer (pad, concat) stays a loop nest of its own.
             for consumer in sch.get_consumers(local):
+                if not reads_within(sch, consumer, local):
+                    continue
                 try:
                     sch.reverse_compute_at(consumer, tile_loop, preserve_unit_loops=True)
                     sch.vectorize(sch.get_loops(consumer)[-1])

@@ -17,6 +17,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 from tvm import s_tir, te, tirx
 
+from .cpu_schedule import reads_within
 from .int8_intrin import KERNELS, DotKernel, register
 
 # Block annotation that marks the convolution for ``schedule_packed_conv`` (set by the compute).
@@ -222,12 +223,15 @@ def _extent(sch: s_tir.Schedule, loop) -> int:
 
 def _inline_epilogue(sch: s_tir.Schedule, block):
     """Inline the element-wise chain after ``block`` into its last block; return that block
-    (None when the convolution writes the kernel's output itself)."""
+    (None when the convolution's own output is not followed by one)."""
     tail = None
     consumers = sch.get_consumers(block)
-    while consumers:
+    while consumers and reads_within(sch, consumers[0], block):
         tail = consumers[0]
-        if not sch.get_consumers(tail):
+        after = sch.get_consumers(tail)
+        # A consumer with outputs that read nothing of the tail (a fused pad or concat) stays
+        # a loop nest of its own: moved under the tile loop it would lose them.
+        if not after or not all(reads_within(sch, c, tail) for c in after):
             break
         sch.compute_inline(tail)
         consumers = sch.get_consumers(block)
