@@ -71,9 +71,13 @@ class PreparedModel:
 
 def import_passes() -> list:
     """Exact rewrites applied to every imported model, before any compression pass."""
+    from tvm import relax
+
     from tvm_compress.passes import ConvTransposeToConv
 
-    return [ConvTransposeToConv()]
+    # Models with control flow import without dataflow blocks (the importer cannot open one
+    # around an If); the passes rewrite dataflow blocks, so form them around the If nodes.
+    return [relax.transform.ConvertToDataflow(), ConvTransposeToConv()]
 
 
 def parse_shape_arg(text: str) -> Tuple[str, tuple]:
@@ -199,14 +203,20 @@ def _all_nodes(graph: onnx.GraphProto):
 def check_supported(model: onnx.ModelProto, path: Path) -> None:
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
-    supported = _get_convert_map()
+    # The importer converts If itself (outside its converter map), into a Relax If.
+    supported = set(_get_convert_map()) | {"If", "Constant"}
     missing: Dict[str, str] = {}
     for node in _all_nodes(model.graph):
         if node.op_type not in supported and node.op_type not in missing:
             missing[node.op_type] = node.name or "(unnamed)"
     if missing:
         listed = "; ".join(f"{op} (e.g. node {name!r})" for op, name in sorted(missing.items()))
-        raise UnsupportedOpError(f"{path}: unsupported ONNX ops: {listed}")
+        import tvm
+
+        raise UnsupportedOpError(
+            f"{path}: unsupported ONNX ops: {listed}; TVM {tvm.__version__}'s Relax ONNX importer "
+            "has no converter for them"
+        )
 
 
 def prepare_onnx(
