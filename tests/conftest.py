@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -22,10 +23,10 @@ def _isolated_cache(tmp_path_factory):
     """Tuning databases of the tests go to a fresh directory, not the user's cache.
 
     Deploy runners (and the armv7 runtime, minutes to build) stay in the user's cache."""
-    from tvm_compress.targets import qemu
+    from tvm_compress.cache import runner_cache_dir
 
     old = os.environ.get("TVM_COMPRESS_CACHE")
-    os.environ.setdefault("TVM_COMPRESS_RUNNER_CACHE", str(qemu.runner_cache_dir()))
+    os.environ.setdefault("TVM_COMPRESS_RUNNER_CACHE", str(runner_cache_dir()))
     os.environ["TVM_COMPRESS_CACHE"] = str(tmp_path_factory.mktemp("tvmc-cache"))
     yield
     if old is None:
@@ -47,11 +48,12 @@ def _export(module, example, path: Path, dynamic_batch: bool = False, names=("x"
     return path
 
 
-def make_conv_model(path: Path, dynamic_batch: bool = False) -> Path:
-    """conv+BN+relu, depthwise conv, residual add, pool, flatten via x.view(x.size(0), -1), linear."""
+def conv_net_class():
+    """conv+BN+relu, depthwise conv, residual add, pool, flatten via x.view(x.size(0), -1),
+    linear (8x8 inputs; subclasses change ``forward``)."""
     import torch
 
-    class Net(torch.nn.Module):
+    class ConvNet(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
@@ -65,8 +67,14 @@ def make_conv_model(path: Path, dynamic_batch: bool = False) -> Path:
             y = torch.nn.functional.max_pool2d(y, 2)
             return self.fc(y.view(y.size(0), -1))  # Shape->Gather->Concat->Reshape when exported
 
+    return ConvNet
+
+
+def make_conv_model(path: Path, dynamic_batch: bool = False) -> Path:
+    import torch
+
     torch.manual_seed(0)
-    net = Net()
+    net = conv_net_class()()
     with torch.no_grad():  # non-trivial BN statistics
         net.bn.running_mean.uniform_(-0.5, 0.5)
         net.bn.running_var.uniform_(0.5, 2.0)
@@ -139,25 +147,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def tvm_rpc_process(module: str, args, ready, what: str, timeout: float = 60):
+    """Run ``python -m tvm.exec.<module> args`` until the block ends; wait until ``ready()``
+    returns True (it may raise OSError or RemoteError while not yet ready)."""
+    from tvm_compress.errors import RemoteError
+
+    proc = subprocess.Popen([sys.executable, "-m", f"tvm.exec.{module}", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if ready():
+                    break
+            except (OSError, RemoteError):
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                pytest.fail(f"{what} did not start")
+            time.sleep(0.5)
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 @pytest.fixture(scope="session")
 def rpc_tracker_port():
     """A TVM RPC tracker on 127.0.0.1 (loopback only) for the RPC tests; yields its port."""
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port),
-         "--port-end", str(port + 1)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    pytest.fail("RPC tracker did not start")
-                time.sleep(0.5)
+
+    def listening():
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+
+    with tvm_rpc_process("rpc_tracker", ["--host", "127.0.0.1", "--port", str(port),
+                                         "--port-end", str(port + 1)], listening, "RPC tracker"):
         yield port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)

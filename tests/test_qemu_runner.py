@@ -1,4 +1,4 @@
-"""The C++ deploy runner (targets/runner/tvm_runner.cc) and tvm_compress.targets.qemu.
+"""The C++ deploy runner (targets/runner/tvm_runner.cc): its build (runner_build) and runs (qemu).
 
 Libraries are compiled here for x86_64 (run natively), aarch64 and armv7 (run under qemu-user)
 and compared with onnxruntime. Also: what the ARM code generator emits (NEON fmla, sdot).
@@ -25,10 +25,13 @@ tvm = pytest.importorskip("tvm")
 from tvm import relax  # noqa: E402
 
 from tvm_compress.errors import DataError, TargetError  # noqa: E402
-from tvm_compress.targets import qemu  # noqa: E402
+from tvm_compress.cache import runner_cache_dir  # noqa: E402
+from tvm_compress.targets import qemu, runner_build  # noqa: E402
+from tvm_compress.targets.arches import QEMU_ARCHES  # noqa: E402
+from tvm_compress.targets.runner_sdk import RUNTIME_LIBS  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-RUNNER_CACHE = qemu.runner_cache_dir()  # evaluated at collection, before conftest's override
+RUNNER_CACHE = runner_cache_dir()  # evaluated at collection, before conftest's override
 RTOL = 1e-5
 ATOL = 1e-5
 
@@ -50,7 +53,7 @@ def _run(lib, arch, inputs, **kwargs):
 
 
 def _export(mod, arch: str, path: Path, target: dict | None = None) -> Path:
-    facts = qemu.QEMU_ARCHES[arch]
+    facts = QEMU_ARCHES[arch]
     executable = tvm.compile(mod, tvm.target.Target(target or facts["target"]))
     if arch == "x86_64":
         executable.export_library(str(path))
@@ -162,11 +165,13 @@ def test_x86_64_runner_matches_onnxruntime(net2, tmp_path):
     assert len(res.times_ms) == 3 and all(t > 0 for t in res.times_ms)
 
 
-def test_x86_64_dtypes(tmp_path):
-    _need("x86_64")
+@pytest.mark.parametrize("arch", ["x86_64", pytest.param("aarch64", marks=pytest.mark.slow),
+                                  pytest.param("armv7", marks=pytest.mark.slow)])
+def test_dtypes(arch, tmp_path):
+    _need(arch)
     mod, inputs, refs = _dtype_module()
-    lib = _export(mod, "x86_64", tmp_path / "dtypes_x86.so")
-    res = _run(lib, "x86_64", inputs)
+    lib = _export(mod, arch, tmp_path / f"dtypes_{arch}.so")
+    res = _run(lib, arch, inputs)
     for got, ref in zip(res.outputs, refs):
         assert got.dtype == ref.dtype
         np.testing.assert_array_equal(got, ref)
@@ -175,7 +180,7 @@ def test_x86_64_dtypes(tmp_path):
 def test_runner_cli_contract(net2, tmp_path):
     """The command line and the JSON line Python depends on."""
     _need("x86_64")
-    runner = qemu.ensure_runner("x86_64", cache_dir=RUNNER_CACHE)
+    runner = runner_build.ensure_runner("x86_64", cache_dir=RUNNER_CACHE)
     lib = _export(net2.mod, "x86_64", tmp_path / "net_x86.so")
     x = net2.input()
     x.tofile(tmp_path / "x.bin")
@@ -238,17 +243,6 @@ def test_aarch64_tuple_output(net2, tmp_path):
 
 
 @pytest.mark.slow
-def test_aarch64_dtypes(tmp_path):
-    _need("aarch64")
-    mod, inputs, refs = _dtype_module()
-    lib = _export(mod, "aarch64", tmp_path / "dtypes_a64.so")
-    res = _run(lib, "aarch64", inputs)
-    for got, ref in zip(res.outputs, refs):
-        assert got.dtype == ref.dtype
-        np.testing.assert_array_equal(got, ref)
-
-
-@pytest.mark.slow
 def test_aarch64_topk_needs_runtime_extra(tmp_path):
     """topk lowers to a call of tvm.contrib.sort.topk, which lives in libtvm_runtime_extra.so."""
     _need("aarch64")
@@ -282,16 +276,6 @@ def test_armv7_matches_onnxruntime(net2, tmp_path):
     _check_close(res.outputs, net2.reference(x))
 
 
-@pytest.mark.slow
-def test_armv7_dtypes(tmp_path):
-    _need("armv7")
-    mod, inputs, refs = _dtype_module()
-    lib = _export(mod, "armv7", tmp_path / "dtypes_armv7.so")
-    res = _run(lib, "armv7", inputs)
-    for got, ref in zip(res.outputs, refs):
-        np.testing.assert_array_equal(got, ref)
-
-
 # ---------------------------------------------------------------------------------------------
 # errors: one line, the right family
 # ---------------------------------------------------------------------------------------------
@@ -314,7 +298,7 @@ def test_unknown_arch_is_target_error(tmp_path):
         _run(tmp_path / "x.so", "riscv64", [])
     assert "riscv64" in _one_line(exc.value)
     with pytest.raises(TargetError):
-        qemu.ensure_runner("mips")
+        runner_build.ensure_runner("mips")
 
 
 def test_library_for_another_arch_is_data_error(net, tmp_path):
@@ -354,9 +338,9 @@ def test_inputs_that_do_not_fit_are_data_errors(net, tmp_path):
 
 
 def test_missing_cross_compiler_names_debian_package(monkeypatch, tmp_path):
-    monkeypatch.setitem(qemu.QEMU_ARCHES["aarch64"], "cxx", "no-such-aarch64-g++")
+    monkeypatch.setitem(QEMU_ARCHES["aarch64"], "cxx", "no-such-aarch64-g++")
     with pytest.raises(TargetError) as exc:
-        qemu.ensure_runner("aarch64", cache_dir=tmp_path)
+        runner_build.ensure_runner("aarch64", cache_dir=tmp_path)
     msg = _one_line(exc.value)
     assert "no-such-aarch64-g++" in msg and "g++-aarch64-linux-gnu" in msg
     ok, why = qemu.can_run("aarch64", cache_dir=tmp_path)
@@ -366,7 +350,7 @@ def test_missing_cross_compiler_names_debian_package(monkeypatch, tmp_path):
 def test_missing_qemu_names_debian_package(monkeypatch, tmp_path, net):
     _need("aarch64")
     lib = _export(net.mod, "aarch64", tmp_path / "net_a64.so")
-    monkeypatch.setitem(qemu.QEMU_ARCHES["aarch64"], "qemu", "qemu-nonexistent-aarch64")
+    monkeypatch.setitem(QEMU_ARCHES["aarch64"], "qemu", "qemu-nonexistent-aarch64")
     with pytest.raises(TargetError) as exc:
         qemu.run_library(lib, "aarch64", [net.input()], cache_dir=tmp_path / "cache")
     assert "qemu-user" in _one_line(exc.value)
@@ -378,10 +362,10 @@ def test_missing_qemu_names_debian_package(monkeypatch, tmp_path, net):
 def test_failed_download_is_one_line_target_error(monkeypatch, tmp_path):
     _need("aarch64")
     monkeypatch.setattr(
-        qemu, "_versions", lambda: {"apache-tvm": "0.0.0.dev0", "apache-tvm-ffi": "0.0.0.dev0"}
+        runner_build, "tvm_versions", lambda: {"apache-tvm": "0.0.0.dev0", "apache-tvm-ffi": "0.0.0.dev0"}
     )
     with pytest.raises(TargetError) as exc:
-        qemu.ensure_runner("aarch64", cache_dir=tmp_path)
+        runner_build.ensure_runner("aarch64", cache_dir=tmp_path)
     msg = _one_line(exc.value)
     assert "download of apache-tvm==0.0.0.dev0" in msg and "manylinux_2_28_aarch64" in msg
 
@@ -406,7 +390,7 @@ def test_build_runner_cli_is_idempotent(tmp_path):
     first = subprocess.run(cmd, capture_output=True, text=True, check=True)
     runner = Path(first.stdout.strip().splitlines()[-1])
     assert runner.is_file() and runner.parent == tmp_path / "runners" / "x86_64"
-    for lib in qemu.RUNTIME_LIBS:
+    for lib in RUNTIME_LIBS:
         assert (runner.parent / lib).is_file()
     mtime = runner.stat().st_mtime
     second = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -415,12 +399,12 @@ def test_build_runner_cli_is_idempotent(tmp_path):
 
 
 def test_qemu_arches_facts():
-    for arch, facts in qemu.QEMU_ARCHES.items():
+    for arch, facts in QEMU_ARCHES.items():
         for key in ("qemu", "sysroot", "cxx", "cxx_package", "qemu_package", "mtriple", "target"):
             assert key in facts, (arch, key)
-    assert qemu.QEMU_ARCHES["aarch64"]["qemu"] == "qemu-aarch64"
-    assert qemu.QEMU_ARCHES["armv7"]["cxx_package"] == "g++-arm-linux-gnueabihf"
-    assert qemu.QEMU_ARCHES["aarch64"]["qemu_package"] == "qemu-user"
+    assert QEMU_ARCHES["aarch64"]["qemu"] == "qemu-aarch64"
+    assert QEMU_ARCHES["armv7"]["cxx_package"] == "g++-arm-linux-gnueabihf"
+    assert QEMU_ARCHES["aarch64"]["qemu_package"] == "qemu-user"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
-
 import numpy as np
 import pytest
 
@@ -14,7 +10,7 @@ from tvm_compress import errors
 from tvm_compress.cli import main
 from tvm_compress.remote import RemoteSpec, check_tracker, parse_tracker
 
-from conftest import free_port
+from conftest import free_port, tvm_rpc_process
 
 quiet = lambda m: None  # noqa: E731
 
@@ -25,25 +21,11 @@ def tracker(rpc_tracker_port):
     port = rpc_tracker_port
     spec = RemoteSpec("127.0.0.1", port, "x86-local")
     server_port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1",
-         "--port", str(server_port), "--port-end", str(server_port + 1),
-         "--tracker", f"127.0.0.1:{port}", "--key", "x86-local"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                check_tracker(spec, timeout=1)
-                break
-            except errors.RemoteError:
-                if time.monotonic() > deadline:
-                    pytest.fail("RPC server did not register")
-                time.sleep(0.5)
+    args = ["--host", "127.0.0.1", "--port", str(server_port), "--port-end", str(server_port + 1),
+            "--tracker", f"127.0.0.1:{port}", "--key", "x86-local"]
+    with tvm_rpc_process("rpc_server", args, lambda: check_tracker(spec, timeout=1) or True,
+                         "RPC server"):
         yield spec
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 @pytest.mark.slow

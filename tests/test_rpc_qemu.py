@@ -1,6 +1,6 @@
 """A virtual aarch64 board (TVM's RPC server under qemu-user) registered with a loopback tracker.
 
-The board is prepared once in the user's cache (targets/virtual_board.py: Debian's arm64
+The board is prepared once in the user's cache (scripts/virtual_board.py: Debian's arm64
 python3.11 + the aarch64 TVM wheels, ~20 s cold); the tests skip when qemu-aarch64 is missing or
 the board cannot be prepared (no network).
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import tvm_compress
 from tvm_compress import errors
 from tvm_compress.remote import RemoteSpec
 
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 KEY = "virtual-aarch64"
 quiet = lambda m: None  # noqa: E731
 
@@ -26,7 +28,10 @@ quiet = lambda m: None  # noqa: E731
 @pytest.fixture(scope="module")
 def board(tmp_path_factory, rpc_tracker_port):
     """(RemoteSpec, server log path): a tracker on 127.0.0.1 and the virtual board under KEY."""
-    from tvm_compress.targets import virtual_board as vb
+    # the board is a test tool in scripts/, not part of the package
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))
+    import virtual_board as vb
 
     why = vb.blocker()
     if why:

@@ -30,13 +30,10 @@ from tvm.s_tir.meta_schedule.builder import local_builder as _lb
 from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
 
 from . import _fast_inspect
+from .cache import cache_root
 from .errors import TargetError
 
 LogFn = Callable[[str], None]
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("TVM_COMPRESS_CACHE", Path.home() / ".cache" / "tvm-compress"))
 
 
 def database_dir(mod: tvm.IRModule, target: tvm.target.Target, root: Optional[Path] = None) -> Path:
