@@ -7,10 +7,7 @@ plus optional labels. uint8 arrays and images get the stated preprocessing (x / 
 
 from __future__ import annotations
 
-import os
-import struct
 import warnings
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -123,94 +120,32 @@ def _labels_for(npz, key: str) -> Optional[np.ndarray]:
     return None
 
 
-# ---- images without third-party decoders --------------------------------------------------------
+# ---- images (Pillow) ---------------------------------------------------------------------------
 
-def _read_pnm(path: Path) -> np.ndarray:
-    data = path.read_bytes()
-    tokens = []
-    pos = 0
-    while len(tokens) < 4:
-        while data[pos : pos + 1].isspace():
-            pos += 1
-        if data[pos : pos + 1] == b"#":
-            pos = data.index(b"\n", pos) + 1
-            continue
-        end = pos
-        while not data[end : end + 1].isspace():
-            end += 1
-        tokens.append(data[pos:end])
-        pos = end
-    magic, w, h, maxval = tokens[0], int(tokens[1]), int(tokens[2]), int(tokens[3])
-    pos += 1
-    ch = {b"P5": 1, b"P6": 3}.get(magic)
-    if ch is None or maxval > 255:
-        raise DataError(f"{path}: only binary 8-bit PGM/PPM images are supported")
-    return np.frombuffer(data, np.uint8, w * h * ch, pos).reshape(h, w, ch)
-
-
-def _read_png(path: Path) -> np.ndarray:
-    data = path.read_bytes()
-    if data[:8] != b"\x89PNG\r\n\x1a\n":
-        raise DataError(f"{path}: not a PNG file")
-    pos, idat, header = 8, b"", None
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        kind = data[pos + 4 : pos + 8]
-        body = data[pos + 8 : pos + 8 + length]
-        if kind == b"IHDR":
-            header = struct.unpack(">IIBBBBB", body)
-        elif kind == b"IDAT":
-            idat += body
-        pos += 12 + length
-    w, h, depth, color, _, _, interlace = header
-    ch = {0: 1, 2: 3, 4: 2, 6: 4}.get(color)
-    if depth != 8 or ch is None or interlace:
-        raise DataError(f"{path}: only 8-bit non-interlaced gray/RGB(A) PNG is supported without Pillow")
-    raw = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(h, 1 + w * ch)
-    out = np.zeros((h, w * ch), np.int32)
-    prev = np.zeros(w * ch, np.int32)
-    for y in range(h):
-        f, line = raw[y, 0], raw[y, 1:].astype(np.int32)
-        cur = np.zeros(w * ch, np.int32)
-        for x in range(w * ch):
-            a = cur[x - ch] if x >= ch else 0
-            b = prev[x]
-            c = prev[x - ch] if x >= ch else 0
-            if f == 0:
-                pred = 0
-            elif f == 1:
-                pred = a
-            elif f == 2:
-                pred = b
-            elif f == 3:
-                pred = (a + b) // 2
-            else:
-                p = a + b - c
-                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
-                pred = a if pa <= pb and pa <= pc else (b if pb <= pc else c)
-            cur[x] = (line[x] + pred) & 0xFF
-        out[y] = cur
-        prev = cur
-    img = out.astype(np.uint8).reshape(h, w, ch)
-    return img[..., :3] if ch == 4 else (img[..., :1] if ch == 2 else img)
+# Pillow modes read as one gray channel; everything else (palette, RGBA, CMYK, YCbCr...) as RGB.
+_GRAY_MODES = ("1", "L", "LA", "La")
+# 16-bit (and Pillow's 32-bit "I") gray, full range 0..65535: scaled to 8 bits, not clipped.
+_GRAY16_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
 def _read_image(path: Path) -> np.ndarray:
-    try:
-        from PIL import Image  # optional
+    """An image file -> (H, W, 1) or (H, W, 3) uint8; a one-line DataError naming the file."""
+    from PIL import Image, UnidentifiedImageError
 
+    try:
         with Image.open(path) as im:
-            im = im.convert("L" if im.mode in ("L", "I;16", "1") else "RGB")
-            arr = np.asarray(im)
-            return arr[..., None] if arr.ndim == 2 else arr
-    except ImportError:
-        pass
-    suffix = path.suffix.lower()
-    if suffix in (".pgm", ".ppm", ".pnm"):
-        return _read_pnm(path)
-    if suffix == ".png":
-        return _read_png(path)
-    raise DataError(f"{path}: reading {suffix} images needs Pillow (pip install pillow)")
+            if im.mode in _GRAY16_MODES:
+                arr = np.asarray(im).astype("float64") / 257.0
+                arr = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+            else:
+                arr = np.asarray(im.convert("L" if im.mode in _GRAY_MODES else "RGB"))
+    except UnidentifiedImageError:
+        raise DataError(f"{path}: not a readable image (unknown format or damaged header)") from None
+    except Exception as err:  # truncated data, bad chunks, decompression bombs, I/O errors
+        lines = str(err).strip().splitlines()
+        reason = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+        raise DataError(f"{path}: not a readable image ({reason})") from None
+    return arr[..., None] if arr.ndim == 2 else arr
 
 
 def _resize(img: np.ndarray, h: int, w: int) -> np.ndarray:

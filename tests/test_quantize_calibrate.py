@@ -177,3 +177,107 @@ def test_report_has_per_layer_errors():
     errs = [l["input_error"] for l in report["layers"]]
     assert all(0 <= e < 0.05 for e in errs), errs
     assert 0 < report["output_error"] < 0.1
+
+
+# ---- image folders (decoded by Pillow) ----------------------------------------------------------
+
+def _image_folder(tmp_path):
+    """Lossless RGB PNG, gray PGM, RGB PPM and RGBA PNG of 8x8: the arrays and the folder."""
+    from PIL import Image
+
+    rgb = RNG.integers(0, 256, (8, 8, 3)).astype("uint8")
+    gray = RNG.integers(0, 256, (8, 8)).astype("uint8")
+    ppm = RNG.integers(0, 256, (8, 8, 3)).astype("uint8")
+    rgba = RNG.integers(0, 256, (8, 8, 4)).astype("uint8")
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    Image.fromarray(gray).save(tmp_path / "b.pgm")
+    (tmp_path / "sub").mkdir()
+    Image.fromarray(ppm).save(tmp_path / "sub" / "c.ppm")
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "sub" / "d.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    return [rgb, np.repeat(gray[..., None], 3, 2), ppm, rgba[..., :3]], tmp_path
+
+
+def test_image_folder_rgb_nchw_and_nhwc(tmp_path):
+    from tvm_compress.passes._quant_data import Preprocess, load_calibration
+
+    want, folder = _image_folder(tmp_path)
+    want = np.stack(want).astype("float32") / 255.0  # sorted: a.png, b.pgm, sub/c.ppm, sub/d.png
+    data = load_calibration(str(folder), [("x", (1, 3, 8, 8), "float32")], Preprocess(), 100)
+    assert data.count == 4 and data.labels is None and data.source == str(folder)
+    np.testing.assert_allclose(data.inputs["x"], want.transpose(0, 3, 1, 2), atol=1e-6)
+
+    prep = Preprocess(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5), layout="NHWC", bgr=True)
+    data = load_calibration(str(folder), [("x", (1, 8, 8, 3), "float32")], prep, 3)
+    assert data.inputs["x"].shape == (3, 8, 8, 3)
+    expect = (want[:3, ..., ::-1] - np.array([0.5, 0.4, 0.3])) / np.array([0.2, 0.25, 0.5])
+    np.testing.assert_allclose(data.inputs["x"], expect, atol=1e-5)
+
+
+def test_image_folder_gray_model_and_resize(tmp_path):
+    from tvm_compress.passes._quant_data import Preprocess, _resize, load_calibration
+
+    want, folder = _image_folder(tmp_path)
+    data = load_calibration(str(folder), [("x", (1, 1, 8, 8), "float32")], Preprocess(), 100)
+    luma = [np.rint(w.astype("float32") @ np.array([0.299, 0.587, 0.114], "float32")) for w in want]
+    np.testing.assert_allclose(data.inputs["x"][:, 0], np.stack(luma) / 255.0, atol=1e-6)
+    np.testing.assert_array_equal(data.inputs["x"][1, 0], want[1][..., 0] / np.float32(255.0))
+
+    data = load_calibration(str(folder), [("x", (1, 3, 5, 6), "float32")], Preprocess(), 1)
+    np.testing.assert_allclose(data.inputs["x"][0], _resize(want[0], 5, 6).transpose(2, 0, 1) / 255.0,
+                               atol=1e-6)
+
+
+def test_image_folder_jpeg_bmp_and_16bit(tmp_path):
+    from PIL import Image
+
+    from tvm_compress.passes._quant_data import Preprocess, load_calibration
+
+    rgb = np.zeros((8, 8, 3), "uint8")
+    rgb[:, :, 0] = 200
+    Image.fromarray(rgb).save(tmp_path / "a.jpg", quality=95)
+    Image.fromarray(rgb).save(tmp_path / "b.bmp")
+    gray16 = np.full((8, 8), 257 * 100, "uint16")
+    Image.fromarray(gray16).save(tmp_path / "c.png")  # 16-bit gray: scaled to 8 bits, not clipped
+    data = load_calibration(str(tmp_path), [("x", (1, 3, 8, 8), "float32")], Preprocess(), 100)
+    x = data.inputs["x"] * 255.0
+    assert np.abs(x[0, 0] - 200).max() <= 3 and np.abs(x[0, 1:]).max() <= 3  # JPEG is lossy
+    np.testing.assert_allclose(x[1, 0], 200, atol=1e-3)
+    np.testing.assert_allclose(x[2], 100, atol=1e-3)
+    # the same folder through the pass
+    rep = qc.read_report(_calibrate(two_conv(), None, calib=str(tmp_path)))
+    assert rep["calibration"]["samples"] == 3
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("bad.png", b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\x0dIHDR" + b"\x00" * 5),  # cut in the header
+        ("junk.jpg", b"hello, not a jpeg"),
+        ("empty.pgm", b""),
+        ("trunc.png", None),  # a real PNG cut in its pixel data
+    ],
+)
+def test_bad_image_one_line_names_the_file(tmp_path, name, content):
+    from PIL import Image
+
+    from tvm_compress.passes._quant_data import Preprocess, load_calibration
+
+    Image.fromarray(RNG.integers(0, 256, (8, 8, 3)).astype("uint8")).save(tmp_path / "a.png")
+    bad = tmp_path / name
+    if content is None:
+        Image.fromarray(RNG.integers(0, 256, (64, 64, 3)).astype("uint8")).save(bad)
+        content = bad.read_bytes()[:-200]
+    bad.write_bytes(content)
+    with pytest.raises(DataError) as err:
+        load_calibration(str(tmp_path), [("x", (1, 3, 8, 8), "float32")], Preprocess(), 100)
+    msg = str(err.value)
+    assert str(bad) in msg and "not a readable image" in msg and "\n" not in msg
+
+
+def test_image_folder_without_images(tmp_path):
+    from tvm_compress.passes._quant_data import Preprocess, load_calibration
+
+    (tmp_path / "notes.txt").write_text("no images here")
+    with pytest.raises(DataError, match="has no images"):
+        load_calibration(str(tmp_path), [("x", (1, 3, 8, 8), "float32")], Preprocess(), 100)
