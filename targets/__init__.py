@@ -2,7 +2,8 @@
 
 A target is data: a preset table from ``presets/*.toml`` (or a user's TOML file) naming a family
 (``x86``, ``aarch64``, ``armv7``, ``cuda``) and a TVM target in JSON form. The family knows how to
-export, schedule without tuning, and run what was built.
+export, which kernels to offer (``KernelHook``s its preset's features turn on; plug-ins add theirs
+with ``register_kernel_hook``), schedule without tuning, and run what was built.
 """
 
 from __future__ import annotations
@@ -12,11 +13,20 @@ import tomllib
 from pathlib import Path
 from typing import Dict, Iterable, List
 
-from tvm_compress.errors import TargetError
+from tvm_compress.errors import TargetError, lookup
 
 from . import arm, cuda, x86  # noqa: F401  (register the families)
 from .int8_pack import kernel_names
-from .base import RunResult, TargetFamily, TargetProfile, family_names, get_family
+from .base import (
+    KernelHook,
+    RunResult,
+    TargetFamily,
+    TargetProfile,
+    family_names,
+    get_family,
+    register_kernel_hook,
+    unregister_kernel_hook,
+)
 
 _PRESET_DIR = Path(__file__).with_name("presets")
 _REGISTRY: Dict[str, TargetProfile] = {}
@@ -77,15 +87,11 @@ def list_targets() -> List[TargetProfile]:
 
 def get_target(name: str) -> TargetProfile:
     _ensure_loaded()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise TargetError(
-            f"unknown target {name!r}; known targets: {', '.join(sorted(_REGISTRY))}"
-        ) from None
+    return lookup(_REGISTRY, name, TargetError, "target", "known targets")
 
 
 __all__ = [
+    "KernelHook",
     "RunResult",
     "TargetFamily",
     "TargetProfile",
@@ -94,5 +100,7 @@ __all__ = [
     "get_target",
     "list_targets",
     "load_target_files",
+    "register_kernel_hook",
     "target_names",
+    "unregister_kernel_hook",
 ]

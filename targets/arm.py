@@ -14,17 +14,19 @@ import numpy as np
 
 from .base import RunResult, TargetFamily, TargetProfile, register_family
 from .cpu_schedule import cpu_default_schedule
+from .int8_hook import INT8_DOT
 
 
 class _ArmFamily(TargetFamily):
     arch = ""
+    kernel_hooks = (INT8_DOT,)
 
     def tvm_target(self, profile: TargetProfile):
         spec = dict(profile.target)
         # MetaSchedule needs the core count of CPU targets; presets give the board's, user
         # presets may not: most ARM Linux boards have four.
         spec.setdefault("num-cores", 4)
-        return super().tvm_target(TargetProfile(**{**profile.__dict__, "target": spec}))
+        return super().tvm_target(profile.with_target(spec))
 
     def can_run(self, profile: TargetProfile):
         from . import qemu
@@ -43,6 +45,12 @@ class _ArmFamily(TargetFamily):
 
     def default_schedule(self, profile: TargetProfile):
         return cpu_default_schedule()
+
+    def vector_lanes(self, profile: TargetProfile) -> int:
+        return 4  # NEON: 128-bit registers
+
+    def vector_popcount(self, profile: TargetProfile) -> bool:
+        return True  # NEON cnt counts the bits of 16 bytes at once
 
 
 @register_family

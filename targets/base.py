@@ -1,7 +1,16 @@
-"""What every target family provides: a TVM target, an exporter, a way to run code here."""
+"""What every target family provides: a TVM target, an exporter, its kernels, a way to run
+code here, and the facts passes may ask for.
+
+Kernels come through ``KernelHook``s: a hook is offered by a family (``register_kernel_hook``)
+and turned on by its preset's features; it contributes Relax rewrites that run before
+legalization and fusion (e.g. int8 convolutions -> packed-weight kernels) and TIR schedules that
+run after fusion, before tuning (hand schedules of those kernels). The compile pipeline asks the
+family for them and names no kernel kind itself.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +19,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import tvm
 
-from tvm_compress.errors import TargetError
+from tvm_compress.errors import TargetError, lookup
+from tvm_compress.specs import TargetFacts
 
 
 @dataclass(frozen=True)
@@ -28,6 +38,33 @@ class TargetProfile:
     def tvm_target(self) -> tvm.target.Target:
         return get_family(self.family).tvm_target(self)
 
+    def with_target(self, spec: Dict[str, Any]) -> "TargetProfile":
+        """The same preset with the TVM target ``spec`` (families fill in detected values)."""
+        return dataclasses.replace(self, target=dict(spec))
+
+
+class KernelHook:
+    """Kernels a family offers: Relax rewrites before legalization/fusion, TIR schedules after
+    fusion (before tuning and the default schedules), and the facts they add for passes.
+
+    ``feature``: the preset feature that turns the hook on (None: always on)."""
+
+    name = ""
+    feature: Optional[str] = None
+
+    def enabled(self, profile: TargetProfile) -> bool:
+        return self.feature is None or bool(profile.features.get(self.feature))
+
+    def rewrites(self, profile: TargetProfile) -> List[tvm.transform.Pass]:
+        return []
+
+    def schedules(self, profile: TargetProfile) -> List[tvm.transform.Pass]:
+        return []
+
+    def facts(self, profile: TargetProfile) -> Dict[str, Any]:
+        """``TargetFacts`` fields this hook decides (e.g. the int8 dot kernel)."""
+        return {}
+
 
 @dataclass
 class RunResult:
@@ -41,6 +78,8 @@ class TargetFamily:
     """Base class; subclasses register themselves with ``register_family``."""
 
     name = ""
+    # Hooks every instance starts with; ``register_kernel_hook`` adds more.
+    kernel_hooks: Tuple[KernelHook, ...] = ()
     # Debian package of the cross compiler, if any (for the one-line error).
     cross_cc: Optional[str] = None
     cross_package: Optional[str] = None
@@ -76,6 +115,36 @@ class TargetFamily:
         """Passes that schedule legalized, fused TIR when no tuning records exist."""
         return []
 
+    def hooks(self, profile: TargetProfile) -> List[KernelHook]:
+        return [h for h in self.kernel_hooks if h.enabled(profile)]
+
+    def kernel_rewrites(self, profile: TargetProfile) -> List[tvm.transform.Pass]:
+        """Relax rewrites of the enabled hooks, run before legalization and fusion."""
+        return [p for h in self.hooks(profile) for p in h.rewrites(profile)]
+
+    def kernel_schedules(self, profile: TargetProfile) -> List[tvm.transform.Pass]:
+        """Hand schedules of the enabled hooks, run after fusion and before tuning."""
+        return [p for h in self.hooks(profile) for p in h.schedules(profile)]
+
+    def vector_lanes(self, profile: TargetProfile) -> int:
+        """float32 lanes of one vector register of the target."""
+        return 4
+
+    def vector_popcount(self, profile: TargetProfile) -> bool:
+        return False
+
+    def facts(self, profile: TargetProfile) -> TargetFacts:
+        """What compression passes may know of this target (``PassEnv.facts``)."""
+        fields: Dict[str, Any] = {
+            "target": profile.name,
+            "vector_lanes": self.vector_lanes(profile),
+            "vector_popcount": self.vector_popcount(profile),
+            "features": dict(profile.features),
+        }
+        for hook in self.hooks(profile):
+            fields.update(hook.facts(profile))
+        return TargetFacts(**fields)
+
     def can_run(self, profile: TargetProfile) -> Tuple[bool, str]:
         """(True, "") when libraries for this target can run on this machine."""
         return False, "not run: no way to run this target here"
@@ -109,17 +178,26 @@ _FAMILIES: Dict[str, TargetFamily] = {}
 
 
 def register_family(cls):
-    _FAMILIES[cls.name] = cls()
+    family = cls()
+    family.kernel_hooks = tuple(cls.kernel_hooks)
+    _FAMILIES[cls.name] = family
     return cls
 
 
+def register_kernel_hook(family: str, hook: KernelHook) -> KernelHook:
+    """Offer ``hook``'s kernels on every preset of ``family`` whose features turn it on."""
+    fam = get_family(family)
+    fam.kernel_hooks = (*fam.kernel_hooks, hook)
+    return hook
+
+
+def unregister_kernel_hook(family: str, hook: KernelHook) -> None:
+    fam = get_family(family)
+    fam.kernel_hooks = tuple(h for h in fam.kernel_hooks if h is not hook)
+
+
 def get_family(name: str) -> TargetFamily:
-    try:
-        return _FAMILIES[name]
-    except KeyError:
-        raise TargetError(
-            f"unknown target family {name!r}; families: {', '.join(sorted(_FAMILIES))}"
-        ) from None
+    return lookup(_FAMILIES, name, TargetError, "target family", "families")
 
 
 def family_names() -> List[str]:

@@ -50,7 +50,7 @@ class CudaFamily(TargetFamily):
         if host.get("kind") == "llvm" and "mtriple" not in host and host.get("mcpu") in (None, "auto"):
             host["mcpu"] = host_cpu()
         spec["host"] = host
-        return super().tvm_target(TargetProfile(**{**profile.__dict__, "target": spec}))
+        return super().tvm_target(profile.with_target(spec))
 
     def check_toolchain(self, profile: TargetProfile) -> None:
         if shutil.which("nvcc") is None:
@@ -95,6 +95,12 @@ class CudaFamily(TargetFamily):
 
     def remote_device(self, session):
         return session.cuda(0)
+
+    def vector_lanes(self, profile: TargetProfile) -> int:
+        return 32  # the threads of a warp: channel counts in multiples of it keep warps whole
+
+    def vector_popcount(self, profile: TargetProfile) -> bool:
+        return True  # __popc per thread
 
     def tuning_runner(self, profile: TargetProfile):
         if not self.can_run(profile)[0]:

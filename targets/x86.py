@@ -16,6 +16,7 @@ from tvm_compress.errors import TargetError
 
 from .base import RunResult, TargetFamily, TargetProfile, register_family
 from .cpu_schedule import cpu_default_schedule
+from .int8_hook import INT8_DOT
 from .local import run_in_process
 
 
@@ -27,13 +28,14 @@ def host_cpu() -> str:
 @register_family
 class X86Family(TargetFamily):
     name = "x86"
+    kernel_hooks = (INT8_DOT,)
 
     def tvm_target(self, profile: TargetProfile) -> tvm.target.Target:
         spec = dict(profile.target)
         if spec.get("mcpu") in (None, "auto", "native"):
             spec["mcpu"] = host_cpu()
         spec.setdefault("num-cores", physical_cores())
-        return super().tvm_target(TargetProfile(**{**profile.__dict__, "target": spec}))
+        return super().tvm_target(profile.with_target(spec))
 
     def can_run(self, profile: TargetProfile):
         if platform.machine() not in ("x86_64", "AMD64"):
@@ -49,6 +51,16 @@ class X86Family(TargetFamily):
 
     def default_schedule(self, profile: TargetProfile):
         return cpu_default_schedule()
+
+    def vector_lanes(self, profile: TargetProfile) -> int:
+        target = self.tvm_target(profile)
+        for feature, lanes in (("avx512f", 16), ("avx", 8)):
+            if tvm.target.codegen.target_has_features([feature], target):
+                return lanes
+        return 4
+
+    def vector_popcount(self, profile: TargetProfile) -> bool:
+        return bool(tvm.target.codegen.target_has_features(["avx512vpopcntdq"], self.tvm_target(profile)))
 
     def tuning_runner(self, profile: TargetProfile):
         return ms.runner.LocalRunner(initializer=_fast_inspect.install)

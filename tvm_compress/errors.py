@@ -47,3 +47,11 @@ class VerificationError(TvmCompressError):
     """The compiled library does not compute what the original model computes."""
 
     exit_code = 3
+
+
+def lookup(table, name: str, error: type, what: str, listed: str):
+    """``table[name]``, or ``error`` naming the unknown ``what`` and the ``listed`` choices."""
+    try:
+        return table[name]
+    except KeyError:
+        raise error(f"unknown {what} {name!r}; {listed}: {', '.join(sorted(table)) or 'none'}") from None
