@@ -1,40 +1,24 @@
 """tvm-compress graph passes (installed as ``tvm_compress.passes``).
 
 Every pass is a plain ``tvm.transform.module_pass`` over a Relax IRModule and composes in a
-``tvm.transform.Sequential``; ``registry`` maps preset names (the CLI's ``--passes``) to them.
+``tvm.transform.Sequential``. Importing this package registers the presets (the CLI's
+``--passes``) with ``tvm_compress.pass_registry``.
 """
 
-from .registry import (
-    InputSpec,
-    PassEnv,
-    PassPreset,
-    get_pass,
-    make_config,
-    parse_pass_list,
-    pass_names,
-    register_pass,
-)
-from .quantize_annotate import QuantizeAnnotate, QuantizeAnnotateConfig
 from .calibrate import Calibrate, CalibrateConfig
-from .quantize_realize import QuantizeRealize, QuantizeRealizeConfig
-from ._quant_preset import QuantizeConfig  # registers the "quantize" preset
 from .conv_transpose_to_conv import ConvTransposeToConv
+from .quantize import Quantize, QuantizeConfig
+from .quantize_annotate import QuantizeAnnotate, QuantizeAnnotateConfig
+from .quantize_realize import QuantizeRealize, QuantizeRealizeConfig
 
 __all__ = [
     "Calibrate",
     "CalibrateConfig",
     "ConvTransposeToConv",
+    "Quantize",
     "QuantizeAnnotate",
     "QuantizeAnnotateConfig",
     "QuantizeConfig",
     "QuantizeRealize",
     "QuantizeRealizeConfig",
-    "InputSpec",
-    "PassEnv",
-    "PassPreset",
-    "get_pass",
-    "make_config",
-    "parse_pass_list",
-    "pass_names",
-    "register_pass",
 ]

@@ -17,13 +17,12 @@ Facts the user should see (layer names, scales, errors, fallbacks) travel in the
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict
 
-import numpy as np
 import tvm
 import tvm_ffi
 from tvm import relax
-from tvm.relax.dpl import ExternFuncPattern, is_const, is_op, wildcard
+from tvm.relax.dpl import ExternFuncPattern, is_op, wildcard
 
 from tvm_compress import errors as _errors
 
@@ -84,52 +83,11 @@ def marker_arg(call: relax.Call) -> relax.Expr:
     return call.args[1]
 
 
-def emit_like(builder, var, value, name: str = ""):
-    """Emit ``value`` bound to a var of the same kind as ``var`` (dataflow var or block output)."""
-    name = name or var.name
-    if isinstance(var, relax.DataflowVar):
-        return builder.emit(value, name)
-    return builder.emit_output(value, name)
 
 
-def const_value(expr: relax.Expr) -> np.ndarray:
-    return expr.value.numpy()
 
 
-def is_constant(expr) -> bool:
-    return is_const().match(expr)
 
-
-def const(value: np.ndarray, dtype: Optional[str] = None) -> relax.Expr:
-    value = np.asarray(value)
-    if dtype is not None:
-        value = value.astype(dtype)
-    return relax.const(value, str(value.dtype))
-
-
-def tensor_shape(expr: relax.Expr) -> List[int]:
-    return [int(d) for d in expr.ty.shape]
-
-
-def tensor_dtype(expr: relax.Expr) -> str:
-    return str(expr.ty.dtype)
-
-
-def constant_bytes(func: relax.Function) -> Dict[str, int]:
-    """Bytes of the tensor constants in ``func`` by dtype (what the artifact stores as params)."""
-    totals: Dict[str, int] = {}
-    seen = set()
-
-    def visit(expr):
-        if is_constant(expr) and hasattr(expr, "value") and hasattr(expr.value, "numpy"):
-            if expr in seen:
-                return
-            seen.add(expr)
-            arr = expr.value.numpy()
-            totals[str(arr.dtype)] = totals.get(str(arr.dtype), 0) + int(arr.nbytes)
-
-    relax.analysis.post_order_visit(func, visit)
-    return totals
 
 
 def read_report(mod: tvm.IRModule) -> Dict[str, Any]:

@@ -27,8 +27,13 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from tvm_compress.errors import DataError, PassOptionError
 
+from tvm.relax.dpl import rewrite_call
+
+from tvm_compress import relax_utils as ru
+from tvm_compress.relax_utils import copy_module, relax_functions
+
 from . import _quant_common as qc
-from ._quant_data import CalibData, Preprocess, load_calibration
+from ._quant_data import Preprocess, load_calibration
 from ._quant_stats import ACT_DTYPES, METHODS, Observer, qparams, weight_qparams
 
 
@@ -232,7 +237,7 @@ class _QDQEmitter(PyExprMutator):
             dq = relax.op.dequantize(q, s, z, axis=-1, out_dtype="float32")
             if self.mask is not None:
                 dq = self._blend(x, self.builder_.emit(dq), self.point_layer[pid])
-            new = qc.emit_like(self.builder_, binding.var, dq, "dq")
+            new = ru.emit_like(self.builder_, binding.var, dq, "dq")
             if self.expose_points:
                 new = self.builder_.emit_output(new) if isinstance(new, relax.DataflowVar) else new
                 self.exposed.append((pid, new))
@@ -243,7 +248,7 @@ class _QDQEmitter(PyExprMutator):
             if layer not in self.int8_layers:
                 self.set_var_remap(binding.var, self.builder_.emit(w_expr))
                 return
-            w = qc.const_value(w_expr)
+            w = ru.const_value(w_expr)
             axis = weight_axis(self.layer_kind[layer])
             wq, ws = weight_qparams(w, axis)
             self.weight_info[layer] = {"scale": ws, "axis": axis}
@@ -272,10 +277,21 @@ def emit_qdq(mod, point_params, point_layer, layer_kind, int8_layers, with_mask=
     if expose_points:
         func = _with_outputs(func, [v for _, v in emitter.exposed])
     emitter.builder_.update_func(mod.get_global_var("main"), func)
-    new_mod = emitter.builder_.get()
+    new_mod = _strip_markers(emitter.builder_.get(), keep="main")
     if expose_points:
         return new_mod, [pid for pid, _ in emitter.exposed]
     return new_mod, emitter.weight_info
+
+
+def _strip_markers(mod: tvm.IRModule, keep: str) -> tvm.IRModule:
+    """Markers left in functions other than ``keep`` (calibration runs ``main`` only, so their
+    layers stay float) become the values they mark."""
+    pattern = qc.observe_pattern() | qc.weight_pattern()
+    mod = copy_module(mod)
+    for gv, func in relax_functions(mod):
+        if gv.name_hint != keep:
+            mod[gv] = rewrite_call(pattern, lambda call, _m: qc.marker_arg(call), func)
+    return mod
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -302,7 +318,7 @@ class Calibrate:
         layers = report["layers"]
         points = report["points"]
         func = mod["main"]
-        inputs = [(p.name, qc.tensor_shape(p), qc.tensor_dtype(p)) for p in func.params]
+        inputs = [(p.name, ru.tensor_shape(p), ru.tensor_dtype(p)) for p in func.params]
         if not points:
             self.log("quantize: no layer to quantize; calibration skipped")
             return mod
@@ -314,6 +330,9 @@ class Calibrate:
             raise DataError("max_accuracy_drop needs labelled calibration data (labels in the .npz)")
 
         calib_mod, ids = calibration_module(mod)
+        for l in layers:
+            if l["status"] == "int8" and l["input_point"] not in ids:
+                l["status"], l["reason"] = "float", "outside main, which calibration runs"
         run = host_run(calib_mod)
         batch = int(inputs[0][1][0]) if inputs[0][1] else 1
         observers = {pid: Observer(int(cfg.num_bins)) for pid in ids}

@@ -22,7 +22,8 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ._quant_common import const_value, emit_like, is_constant
+from tvm_compress.layers import with_layer
+from tvm_compress.relax_utils import const_value, emit_like, is_constant
 
 _CONV2D_TRANSPOSE = tvm.ir.Op.get("relax.nn.conv2d_transpose")
 _ADD, _SUBTRACT, _MULTIPLY, _DIVIDE = (tvm.ir.Op.get(f"relax.{n}") for n in ("add", "subtract", "multiply", "divide"))
@@ -169,8 +170,9 @@ class _Rewriter(PyExprMutator):
         w1x1 = np.ascontiguousarray(w1x1.reshape(oc * taps, ic, 1, 1).astype(w.dtype))
         out_dtype = call.attrs.out_dtype
         bb = self.builder_
-        y = bb.emit(relax.op.nn.conv2d(self.visit_expr(data), relax.const(w1x1),
-                                       out_dtype=out_dtype if str(out_dtype) else None))
+        # The 1x1 convolution is the same layer (same name) as the transposed one.
+        y = bb.emit(with_layer(relax.op.nn.conv2d(self.visit_expr(data), relax.const(w1x1),
+                                                  out_dtype=out_dtype if str(out_dtype) else None), call))
         if chain.shift.any():
             bias = np.repeat(chain.shift, taps).reshape(1, oc * taps, 1, 1).astype(w.dtype)
             y = bb.emit(relax.op.add(y, relax.const(bias)))

@@ -1,8 +1,10 @@
 """QuantizeAnnotate: mark the layers that will run in int8 and where activations are observed.
 
-Needs: a float32 Relax module as the ONNX importer gives it (weights as constants inside ``main``,
-``keep_params_in_input=False``), NCHW/OIHW conv2d. Runs first in the int8 flow, before
-``Calibrate`` and ``QuantizeRealize``, and before ``LegalizeOps``.
+Needs: a float32 Relax module as the ONNX importer gives it (weights as constants,
+``keep_params_in_input=False``), NCHW/OIHW conv2d; layers named at import
+(``tvm_compress.layers``; unnamed ones are called ``<kind>_<index>``). Runs first in the int8
+flow, before ``Calibrate`` and ``QuantizeRealize``, and before ``LegalizeOps``; rewrites every
+Relax function of the module.
 
 Layers are conv2d (plain, grouped, depthwise) and matmul/dense whose weight is a constant. The
 pass wraps each kept layer's weight in a ``weight`` marker and puts one ``observe`` marker on the
@@ -30,6 +32,10 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from tvm_compress.errors import PassOptionError
 
+from tvm_compress import relax_utils as ru
+from tvm_compress.layers import layer_name, with_layer
+from tvm_compress.relax_utils import relax_functions
+
 from . import _quant_common as qc
 
 LAYER_KINDS = ("conv2d", "grouped_conv2d", "depthwise_conv2d", "matmul")
@@ -44,15 +50,12 @@ class QuantizeAnnotateConfig:
     skip: layers to keep in float, by name or by index (position among the candidate layers, in
         graph order, as the report lists them).
     skip_first / skip_last: keep the first / last candidate layer in float.
-    layer_names: optional names for the candidate layers in graph order (the preset passes the
-        ONNX node names); default ``<kind>_<index>``.
     """
 
     ops: Tuple[str, ...] = LAYER_KINDS
     skip: Tuple[Union[str, int], ...] = ()
     skip_first: bool = False
     skip_last: bool = False
-    layer_names: Tuple[str, ...] = ()
 
     def __post_init__(self):
         for kind in self.ops:
@@ -93,7 +96,7 @@ def _conv_kind(call: relax.Call) -> Optional[str]:
     groups = int(call.attrs.groups)
     if groups == 1:
         return "conv2d"
-    w_shape = qc.tensor_shape(call.args[1])
+    w_shape = ru.tensor_shape(call.args[1])
     if w_shape[1] == 1:
         return "depthwise_conv2d"
     return "grouped_conv2d"
@@ -112,7 +115,7 @@ class _Layer:
         self.reason = ""
 
 
-def _find_layers(func: relax.Function) -> List[_Layer]:
+def _find_layers(func: relax.Function, first_index: int = 0) -> List[_Layer]:
     conv_pat, mm_pat = _anchor_patterns()
     var2val = relax.analysis.get_var2val(func)
     layers: List[_Layer] = []
@@ -133,17 +136,17 @@ def _find_layers(func: relax.Function) -> List[_Layer]:
                 ):
                     continue
                 kind = _conv_kind(call)
-                weight = qc.const_value(call.args[1])
+                weight = ru.const_value(call.args[1])
             elif mm_pat.match(call, var2val):
                 w_expr = call.args[1]
                 w_val = var2val.get(w_expr, w_expr) if isinstance(w_expr, relax.Var) else w_expr
-                if qc.is_constant(w_val):
-                    weight = qc.const_value(w_val)
+                if ru.is_constant(w_val):
+                    weight = ru.const_value(w_val)
                 else:
                     axes = w_val.attrs.axes
                     inner = w_val.args[0]
                     inner = var2val.get(inner, inner) if isinstance(inner, relax.Var) else inner
-                    weight = qc.const_value(inner)
+                    weight = ru.const_value(inner)
                     axes = list(range(weight.ndim))[::-1] if axes is None else [int(a) for a in axes]
                     weight = np.transpose(weight, axes)
                 if weight.ndim != 2:
@@ -152,7 +155,7 @@ def _find_layers(func: relax.Function) -> List[_Layer]:
             if kind is None:
                 continue
             data = call.args[0]
-            if qc.tensor_dtype(data) != "float32" or str(weight.dtype) != "float32":
+            if ru.tensor_dtype(data) != "float32" or str(weight.dtype) != "float32":
                 continue
             if str(call.ty.dtype) != "float32":
                 continue
@@ -161,7 +164,9 @@ def _find_layers(func: relax.Function) -> List[_Layer]:
                 source = var2val[source].args[0]
             if not isinstance(source, relax.Var):
                 continue
-            layers.append(_Layer(len(layers), kind, binding.var, call, weight, source))
+            layer = _Layer(first_index + len(layers), kind, binding.var, call, weight, source)
+            layer.name = layer_name(call) or f"{kind}_{layer.index}"
+            layers.append(layer)
     return layers
 
 
@@ -191,9 +196,10 @@ class _Annotator(PyExprMutator):
         if layer is not None:
             call = layer.call
             data = self.visit_expr(call.args[0])
-            weight = qc.mark_weight(qc.const(layer.weight), layer.index)
-            new_call = relax.Call(call.op, [data, weight], call.attrs, call.ty_args)
-            new_var = qc.emit_like(self.builder_, binding.var, new_call)
+            weight = self.builder_.emit(qc.mark_weight(ru.const(layer.weight), layer.index), "w")
+            # Named, so the later passes and the report join on the layer's name.
+            new_call = with_layer(relax.Call(call.op, [data, weight], call.attrs, call.ty_args), layer.name)
+            new_var = ru.emit_like(self.builder_, binding.var, new_call)
             self.set_var_remap(binding.var, new_var)
         else:
             super().visit_var_binding_(binding)
@@ -201,7 +207,7 @@ class _Annotator(PyExprMutator):
         if point is not None:
             new_var = self.get_var_remap(binding.var)
             new_var = binding.var if new_var is None else new_var
-            obs = qc.emit_like(self.builder_, binding.var, qc.observe(new_var, point), "obs")
+            obs = ru.emit_like(self.builder_, binding.var, qc.observe(new_var, point), "obs")
             self.set_var_remap(binding.var, obs)
 
 
@@ -238,37 +244,35 @@ class QuantizeAnnotate:
         self.config = config or QuantizeAnnotateConfig()
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        func = mod["main"]
-        layers = _find_layers(func)
-        names = list(self.config.layer_names)
-        for layer in layers:
-            if len(names) == len(layers) and names[layer.index]:
-                layer.name = names[layer.index]
-            else:
-                layer.name = f"{layer.kind}_{layer.index}"
+        funcs = relax_functions(mod)
+        per_func, layers = [], []
+        for gv, func in funcs:
+            found = _find_layers(func, len(layers))
+            per_func.append((gv, func, found))
+            layers += found
         _apply_skips(layers, self.config)
 
+        # Points are numbered in graph order of the observed tensors (params first), function
+        # by function.
         sources: Dict = {}
-        for layer in layers:
-            if layer.status == "int8" and layer.source not in sources:
-                sources[layer.source] = len(sources)
-        # Points are numbered in graph order of the observed tensors (params first).
-        params = list(func.params)
-        order = {v: i for i, v in enumerate(params)}
-        for block in func.body.blocks:
-            for binding in block.bindings:
-                order[binding.var] = len(order)
-        ordered = sorted(sources, key=lambda v: order.get(v, 1 << 30))
-        sources = {v: i for i, v in enumerate(ordered)}
+        for _, func, found in per_func:
+            order = {v: i for i, v in enumerate(func.params)}
+            for block in func.body.blocks:
+                for binding in block.bindings:
+                    order[binding.var] = len(order)
+            observed = {l.source for l in found if l.status == "int8"}
+            for var in sorted(observed, key=lambda v: order.get(v, 1 << 30)):
+                sources[var] = len(sources)
 
-        annotator = _Annotator(mod, layers, sources, params)
-        new_func = annotator.visit_expr(func)
-        annotator.builder_.update_func(mod.get_global_var("main"), new_func)
-        new_mod = annotator.builder_.get()
-        new_mod = relax.transform.DeadCodeElimination(["main"])(new_mod)
+        new_mod = mod
+        for gv, func, found in per_func:
+            annotator = _Annotator(new_mod, found, sources, list(func.params))
+            annotator.builder_.update_func(gv, annotator.visit_expr(func))
+            new_mod = annotator.builder_.get()
+        new_mod = relax.transform.DeadCodeElimination([gv.name_hint for gv, _ in funcs])(new_mod)
 
         report = qc.read_report(mod)
-        report.setdefault("float_weight_bytes", sum(qc.constant_bytes(func).values()))
+        report.setdefault("float_weight_bytes", sum(ru.constant_bytes(mod).values()))
         report["layers"] = [
             {
                 "index": layer.index,
@@ -284,7 +288,7 @@ class QuantizeAnnotate:
         report["points"] = [
             {
                 "id": pid,
-                "shape": qc.tensor_shape(var),
+                "shape": ru.tensor_shape(var),
                 "layers": [
                     layer.index for layer in layers if layer.status == "int8" and layer.source.same_as(var)
                 ],

@@ -3,6 +3,8 @@
 Needs: a module with ``R.quantize``/``R.dequantize`` around conv2d/matmul, from ``Calibrate`` or
 from an imported ONNX QDQ model (QuantizeLinear/DequantizeLinear). Runs last in the int8 flow,
 before ``LegalizeOps``/``FuseOps`` (the driver's lowering), which must follow for the fusion below.
+Rewrites every Relax function; the integer calls keep the layer's name (``tvm_compress.layers``),
+and the report joins on it.
 
 For ``conv2d(dequantize(xq, sx, zx), dequantize(wq, sw, 0))`` (and the same for matmul) with
 int8/uint8 ``xq``, per-tensor ``sx``/``zx``, int8 constant ``wq`` and per-channel or per-tensor
@@ -36,6 +38,10 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from tvm_compress.errors import PassOptionError
 
+from tvm_compress import relax_utils as ru
+from tvm_compress.layers import layer_name, with_layer
+from tvm_compress.relax_utils import relax_functions
+
 from . import _quant_common as qc
 from .quantize_annotate import is_passthrough
 
@@ -45,9 +51,11 @@ class QuantizeRealizeConfig:
     """ops: layer kinds to realize (``conv2d``, ``matmul``); others stay as they came.
 
     keep_float: layer indices (in graph order of the quantized layers) left fake-quantized.
-    speed_table: JSON of measured per-shape kernel times on the target (``scripts/bench_int8.py``
-        writes one: ``{"target": ..., "layers": {key: {"float_ms": f, "int8_ms": q}}}``, keys from
-        ``layer_key``). Layers whose shape ran slower in int8 are reported (and logged).
+    speed_table: JSON of measured per-layer kernel times on the target (``scripts/bench_int8.py``
+        writes one: ``{"target": ..., "layers": {key: {"float_ms": f, "int8_ms": q, "layer":
+        name}}}``, keys from ``layer_key``). A layer's entry is the one with its name, else the
+        one with its shape key (a table measured on another model). Layers that ran slower in
+        int8 are reported (and logged).
     slow_layers: ``report`` (default: realize them anyway, say so) or ``float`` (keep them float).
     """
 
@@ -99,7 +107,7 @@ def _patterns():
 
 
 def _scalar(expr) -> Optional[float]:
-    v = qc.const_value(expr)
+    v = ru.const_value(expr)
     if v.size != 1:
         return None
     return v.reshape(()).item()
@@ -116,6 +124,9 @@ class _Realizer(PyExprMutator):
         self.perm_pat = is_op("relax.permute_dims")(_dq_pattern(is_const()))
         self.layers: List[dict] = []
         self.speed_table = config.load_speed_table()
+        # Entries are found by layer name (a table measured on this model), else by shape key.
+        self.speed_by_name = {v["layer"]: v for v in self.speed_table.get("layers", {}).values()
+                              if isinstance(v, dict) and "layer" in v}
         self.slow: List[str] = []
         self._speed = None
 
@@ -159,13 +170,13 @@ class _Realizer(PyExprMutator):
                 elif self.q_pat.match(new_call):
                     new = self._cancel_pair(new_call)
                 elif self.conv_pat.match(new_call, self._var2val(new_call)):
-                    new = self._conv(new_call)
+                    new = self._realize("conv2d", new_call)
                 elif self.mm_pat.match(new_call, self._var2val(new_call)):
-                    new = self._matmul(new_call)
+                    new = self._realize("matmul", new_call)
                 else:
                     self._note_unrealized(new_call)
             if new is not None:
-                self.set_var_remap(binding.var, qc.emit_like(self.builder_, binding.var, new))
+                self.set_var_remap(binding.var, ru.emit_like(self.builder_, binding.var, new))
                 return
         super().visit_var_binding_(binding)
 
@@ -179,13 +190,13 @@ class _Realizer(PyExprMutator):
 
     def _fold_weight_transpose(self, call):
         dq = self._bound(call.args[0])
-        w = qc.const_value(dq.args[0])
+        w = ru.const_value(dq.args[0])
         axes = call.attrs.axes
         axes = list(range(w.ndim))[::-1] if axes is None else [int(a) for a in axes]
         axis = int(dq.attrs.axis) % w.ndim
-        scale, zp = qc.const_value(dq.args[1]), qc.const_value(dq.args[2])
+        scale, zp = ru.const_value(dq.args[1]), ru.const_value(dq.args[2])
         return relax.op.dequantize(
-            qc.const(np.ascontiguousarray(np.transpose(w, axes))), qc.const(scale), qc.const(zp),
+            ru.const(np.ascontiguousarray(np.transpose(w, axes))), ru.const(scale), ru.const(zp),
             axis=axes.index(axis), out_dtype=str(dq.attrs.out_dtype),
         )
 
@@ -196,21 +207,21 @@ class _Realizer(PyExprMutator):
         same = (
             np.float32(_scalar(dq.args[1])) == np.float32(_scalar(call.args[1]))
             and int(_scalar(dq.args[2])) == int(_scalar(call.args[2]))
-            and qc.tensor_dtype(dq.args[0]) == str(call.attrs.out_dtype)
+            and ru.tensor_dtype(dq.args[0]) == str(call.attrs.out_dtype)
         )
         if not same:
             return None
         return dq.args[0]
 
-    def _weight_ok(self, wdq, out_axis: int, kind: str):
+    def _weight_ok(self, wdq, out_axis: int):
         """(int8 weights, per-out-channel scale vector) or a reason string."""
-        wq = qc.const_value(wdq.args[0])
+        wq = ru.const_value(wdq.args[0])
         if str(wq.dtype) != "int8":
             return f"weight dtype {wq.dtype} is not int8"
-        zp = qc.const_value(wdq.args[2])
+        zp = ru.const_value(wdq.args[2])
         if np.any(zp != 0):
             return "weight zero point is not 0 (asymmetric weights)"
-        scale = qc.const_value(wdq.args[1]).astype("float32")
+        scale = ru.const_value(wdq.args[1]).astype("float32")
         n_out = wq.shape[out_axis]
         if scale.size == 1:
             scale = np.full(n_out, scale.reshape(()).item(), "float32")
@@ -220,7 +231,7 @@ class _Realizer(PyExprMutator):
 
     def _act_ok(self, xdq):
         xq = xdq.args[0]
-        dtype = qc.tensor_dtype(xq)
+        dtype = ru.tensor_dtype(xq)
         if dtype not in ("int8", "uint8"):
             return f"activation dtype {dtype} is not int8/uint8"
         if _scalar(xdq.args[1]) is None or _scalar(xdq.args[2]) is None:
@@ -235,8 +246,8 @@ class _Realizer(PyExprMutator):
             return "kept float by keep_float"
         self._speed = None
         if call is not None and self.speed_table:
-            key = layer_key(kind, self._weight_shape(call), qc.tensor_shape(call))
-            entry = self.speed_table["layers"].get(key)
+            key = layer_key(kind, self._weight_shape(call), ru.tensor_shape(call))
+            entry = self.speed_by_name.get(layer_name(call)) or self.speed_table["layers"].get(key)
             if entry and entry.get("int8_ms") and entry.get("float_ms"):
                 f_ms, q_ms = float(entry["float_ms"]), float(entry["int8_ms"])
                 self._speed = {"float_ms": f_ms, "int8_ms": q_ms, "speedup": f_ms / q_ms}
@@ -251,15 +262,17 @@ class _Realizer(PyExprMutator):
 
     def _weight_shape(self, call):
         wdq = self._bound(call.args[1])
-        shape = qc.tensor_shape(wdq.args[0])
+        shape = ru.tensor_shape(wdq.args[0])
         axis = int(wdq.attrs.axis) % len(shape)
         if call.op.same_as(qc.OP_MATMUL) and len(shape) == 2 and axis == 0:
             shape = shape[::-1]  # imported Gemm weight [N, K] before its transpose is folded
         return shape
 
     def _record(self, kind, call, xinfo, scale, status, reason=""):
-        entry = {"index": len(self.layers), "op": kind, "status": status, "reason": reason,
-                 "weight_shape": qc.tensor_shape(self._bound(call.args[1]).args[0])}
+        index = len(self.layers)
+        entry = {"index": index, "name": layer_name(call) or f"{kind}_{index}", "op": kind,
+                 "status": status, "reason": reason,
+                 "weight_shape": ru.tensor_shape(self._bound(call.args[1]).args[0])}
         if xinfo is not None and not isinstance(xinfo, str):
             entry.update(input_dtype=xinfo[3], input_scale=xinfo[1], input_zero_point=xinfo[2])
         if scale is not None and not isinstance(scale, str):
@@ -268,21 +281,44 @@ class _Realizer(PyExprMutator):
             entry["speed"] = dict(self._speed)
         self.layers.append(entry)
 
-    def _conv(self, call):
+    def _realize(self, kind: str, call):
+        """``kind``(dequantize(xq), dequantize(wq)) -> int32 ``kind``(xq, wq), rescaled to float
+        per output channel; the new calls keep the layer's name."""
         xdq, wdq = self._bound(call.args[0]), self._bound(call.args[1])
-        attrs = call.attrs
-        reason = self._skip("conv2d", call)
-        if str(attrs.data_layout) != "NCHW" or str(attrs.kernel_layout) != "OIHW":
-            reason = reason or "conv2d layout is not NCHW/OIHW"
+        reason = self._skip(kind, call)
+        wq_shape = ru.tensor_shape(wdq.args[0])
+        if kind == "conv2d":
+            attrs = call.attrs
+            if str(attrs.data_layout) != "NCHW" or str(attrs.kernel_layout) != "OIHW":
+                reason = reason or "conv2d layout is not NCHW/OIHW"
+            winfo = self._weight_ok(wdq, 0)
+            # per output channel: axis 1 of NCHW outputs; a conv's reduction axes of OIHW
+            channel_shape, reduce_axes = (1, -1, 1, 1), (1, 2, 3)
+        else:
+            winfo = self._weight_ok(wdq, 1) if len(wq_shape) == 2 else "matmul weight is not 2-d"
+            channel_shape, reduce_axes = (-1,), 0
         xinfo = self._act_ok(xdq)
-        winfo = self._weight_ok(wdq, 0, "conv2d")
         reason = reason or (xinfo if isinstance(xinfo, str) else None) or (
             winfo if isinstance(winfo, str) else None)
         if reason:
-            self._record("conv2d", call, xinfo, None if isinstance(winfo, str) else winfo[1], "float", reason)
+            self._record(kind, call, xinfo, None if isinstance(winfo, str) else winfo[1], "float", reason)
             return None
         xq, sx, zx, _ = xinfo
         wq, sw = winfo
+        acc = self._conv_acc(call, xq, wq, zx) if kind == "conv2d" else \
+            relax.op.matmul(xq, ru.const(wq), out_dtype="int32")
+        acc = self.builder_.emit(with_layer(acc, call), "acc")
+        mult = (sx * sw).astype("float32")
+        acc_f = self.builder_.emit(relax.op.astype(acc, "float32"))
+        y = with_layer(relax.op.multiply(acc_f, ru.const(mult.reshape(channel_shape))), call)
+        if zx != 0:
+            corr = (-float(zx) * mult * wq.astype("int64").sum(axis=reduce_axes)).astype("float32")
+            y = with_layer(relax.op.add(self.builder_.emit(y), ru.const(corr.reshape(channel_shape))), call)
+        self._record(kind, call, xinfo, sw, "int8")
+        return y
+
+    def _conv_acc(self, call, xq, wq, zx):
+        attrs = call.attrs
         padding = [int(p) for p in attrs.padding]
         data = xq
         if zx != 0 and any(padding):
@@ -291,40 +327,10 @@ class _Realizer(PyExprMutator):
             data = self.builder_.emit(relax.op.nn.pad(xq, [0, 0, 0, 0, top, bottom, left, right],
                                                       pad_value=float(zx)))
             padding = [0, 0, 0, 0]
-        acc = self.builder_.emit(relax.op.nn.conv2d(
-            data, qc.const(wq), strides=attrs.strides, padding=padding, dilation=attrs.dilation,
+        return relax.op.nn.conv2d(
+            data, ru.const(wq), strides=attrs.strides, padding=padding, dilation=attrs.dilation,
             groups=int(attrs.groups), data_layout="NCHW", kernel_layout="OIHW", out_dtype="int32",
-        ), "acc")
-        mult = (sx * sw).astype("float32")
-        y = relax.op.multiply(relax.op.astype(acc, "float32"), qc.const(mult.reshape(1, -1, 1, 1)))
-        if zx != 0:
-            corr = (-float(zx) * mult * wq.astype("int64").sum(axis=(1, 2, 3))).astype("float32")
-            y = relax.op.add(self.builder_.emit(y), qc.const(corr.reshape(1, -1, 1, 1)))
-        self._record("conv2d", call, xinfo, sw, "int8")
-        return y
-
-    def _matmul(self, call):
-        xdq, wdq = self._bound(call.args[0]), self._bound(call.args[1])
-        reason = self._skip("matmul", call)
-        xinfo = self._act_ok(xdq)
-        wq_shape = qc.tensor_shape(wdq.args[0])
-        winfo = self._weight_ok(wdq, len(wq_shape) - 1, "matmul") if len(wq_shape) == 2 else \
-            "matmul weight is not 2-d"
-        reason = reason or (xinfo if isinstance(xinfo, str) else None) or (
-            winfo if isinstance(winfo, str) else None)
-        if reason:
-            self._record("matmul", call, xinfo, None if isinstance(winfo, str) else winfo[1], "float", reason)
-            return None
-        xq, sx, zx, _ = xinfo
-        wq, sw = winfo
-        acc = self.builder_.emit(relax.op.matmul(xq, qc.const(wq), out_dtype="int32"), "acc")
-        mult = (sx * sw).astype("float32")
-        y = relax.op.multiply(relax.op.astype(acc, "float32"), qc.const(mult))
-        if zx != 0:
-            corr = (-float(zx) * mult * wq.astype("int64").sum(axis=0)).astype("float32")
-            y = relax.op.add(self.builder_.emit(y), qc.const(corr))
-        self._record("matmul", call, xinfo, sw, "int8")
-        return y
+        )
 
     def _note_unrealized(self, call):
         """A conv2d/matmul fed by dequantize that no rule took: it computes in float."""
@@ -334,9 +340,10 @@ class _Realizer(PyExprMutator):
         if any(isinstance(a, relax.Call) and self.dq_pat.match(a) for a in fed):
             kind = "conv2d" if call.op.same_as(qc.OP_CONV2D) else "matmul"
             w = fed[1]
-            shape = qc.tensor_shape(w.args[0] if isinstance(w, relax.Call) and self.dq_pat.match(w) else w)
-            self.layers.append({"index": len(self.layers), "op": kind, "status": "float",
-                                "weight_shape": shape,
+            shape = ru.tensor_shape(w.args[0] if isinstance(w, relax.Call) and self.dq_pat.match(w) else w)
+            index = len(self.layers)
+            self.layers.append({"index": index, "name": layer_name(call) or f"{kind}_{index}",
+                                "op": kind, "status": "float", "weight_shape": shape,
                                 "reason": "dequantized input but no constant int8 weight / scale: "
                                           "stays fake-quantized (float compute)"})
 
@@ -344,22 +351,22 @@ class _Realizer(PyExprMutator):
 def _merge_report(report: dict, realized: List[dict], weight_bytes: Dict[str, int]) -> dict:
     layers = report.get("layers")
     if layers:
-        # Realize sees the int8 layers of the annotated list in the same graph order.
-        int8 = [l for l in layers if l["status"] == "int8"]
-        if len(int8) == len(realized) and all(
-            list(a["weight_shape"]) == list(b["weight_shape"]) or
-            sorted(a["weight_shape"]) == sorted(b["weight_shape"]) for a, b in zip(int8, realized)
-        ):
-            for l, r in zip(int8, realized):
-                l["realized"] = r["status"] == "int8"
-                if "speed" in r:
-                    l["speed"] = r["speed"]
-                if r["status"] != "int8":
-                    l["status"], l["reason"] = "fake-quant", r["reason"]
-        else:
-            report["realize_layers"] = realized
+        # Joined by layer name: annotate named every layer it marked, realize reads the names
+        # back from the calls.
+        by_name = {r["name"]: r for r in realized}
+        for l in layers:
+            r = by_name.pop(l["name"], None)
+            if r is None or l["status"] != "int8":
+                continue
+            l["realized"] = r["status"] == "int8"
+            if "speed" in r:
+                l["speed"] = r["speed"]
+            if r["status"] != "int8":
+                l["status"], l["reason"] = "fake-quant", r["reason"]
+        if by_name:  # QDQ layers annotate did not make (an imported QDQ part)
+            report["realize_layers"] = list(by_name.values())
     else:
-        report["layers"] = [dict(r, name=f"{r['op']}_{r['index']}") for r in realized]
+        report["layers"] = list(realized)
         report["source"] = "imported QDQ model"
     total = int(sum(weight_bytes.values()))
     report["weight_bytes"] = {"by_dtype": weight_bytes, "total": total}
@@ -380,13 +387,12 @@ class QuantizeRealize:
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         realizer = _Realizer(mod, self.config)
-        gv = mod.get_global_var("main")
-        func = realizer.visit_expr(mod["main"])
-        realizer.builder_.update_func(gv, func)
+        funcs = relax_functions(mod)
+        for gv, func in funcs:
+            realizer.builder_.update_func(gv, realizer.visit_expr(func))
         new_mod = realizer.builder_.get()
-        new_mod = relax.transform.DeadCodeElimination(["main"])(new_mod)
-        report = _merge_report(qc.read_report(mod), realizer.layers,
-                               qc.constant_bytes(new_mod["main"]))
+        new_mod = relax.transform.DeadCodeElimination([gv.name_hint for gv, _ in funcs])(new_mod)
+        report = _merge_report(qc.read_report(mod), realizer.layers, ru.constant_bytes(new_mod))
         for msg in realizer.slow:
             self.log(f"quantize: warning: {msg}")
         if realizer.speed_table:

@@ -168,31 +168,20 @@ def ort_int8(prepared_path: Path, out_path: Path, input_name: str, calib: np.nda
     return out_path
 
 
-def ort_session(path, threads=2):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def ort_outputs(path, name, xs):
+    from tvm_compress.verify import ort_session
+
     sess = ort_session(path)
     return np.concatenate([sess.run(None, {name: x[None]})[0] for x in xs])
 
 
-def ort_latency(path, name, x, runs):
-    sess = ort_session(path)
-    feed = {name: x[None]}
-    for _ in range(5):
-        sess.run(None, feed)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
+def ort_median_ms(path, name, x, runs):
+    """Median ms of ``runs`` batch-1 onnxruntime runs (2 threads) after 5 warm-up runs."""
+    from tvm_compress.specs import InputSpec
+    from tvm_compress.verify import ort_latency
+
+    spec = InputSpec(name, tuple(x[None].shape), str(x.dtype))
+    return float(np.median(ort_latency(path, [spec], [x[None]], runs, warmup=5)))
 
 
 # Pause before timing each engine: the previous one's worker threads spin for a while after a
@@ -390,13 +379,13 @@ def bench_model(key, model, input_name, shape, calib, evalset, labels, args, pro
         res["int8_mixed"]["float_layers"] = sum(l["status"] != "int8" for l in res["int8_mixed"]["layers"])
 
     variants = ort_int8_variants(prepared_path, out, input_name, calib)
-    lat = {tag: ort_latency(p, input_name, x0, args.runs) for tag, p in variants.items()}
+    lat = {tag: ort_median_ms(p, input_name, x0, args.runs) for tag, p in variants.items()}
     best = min(lat, key=lat.get)
     ort_q = variants[best]
     res["onnxruntime_int8_latency_ms"] = lat[best]
     res["onnxruntime_int8_variant"] = best
     res["onnxruntime_int8_latency_ms_by_variant"] = lat
-    res["onnxruntime_float_latency_ms_here"] = ort_latency(prepared_path, input_name, x0, args.runs)
+    res["onnxruntime_float_latency_ms_here"] = ort_median_ms(prepared_path, input_name, x0, args.runs)
 
     # accuracy / agreement
     f_out = tvm_outputs(out / "float.so", evalset)
@@ -483,6 +472,8 @@ def remeasure(args, log):
     import tvm
     from tvm import relax
 
+    from tvm_compress.verify import ort_session
+
     path = Path(args.out) / "bench_int8.json"
     results = json.loads(path.read_text())
     for key, r in results.items():
@@ -546,15 +537,17 @@ def _speed_report(res, out, model, input_name, shape, x, profile, args, log):
     """Per-shape speed table of the float and int8 artifacts, then the pass run again with it:
     its report says which layers are slower in int8 on this target."""
     from tvm_compress.loader import prepare_onnx
-    from tvm_compress.passes import InputSpec, PassEnv, get_pass, make_config
+    from tvm_compress.pass_registry import PassEnv, get_preset, make_config
+    from tvm_compress.specs import InputSpec
+    from tvm_compress.targets import get_family
 
     table = speed_table(out / "float.so", out / "int8.so", res["int8"]["layers"], x, profile)
     (out / "speed_table.json").write_text(json.dumps(table, indent=1))
     res["per_shape_speed"] = table["layers"]
     res["shapes_slower_in_int8"] = [k for k, v in table["layers"].items() if v["int8_ms"] > v["float_ms"]]
-    env = PassEnv(model_path=model, inputs=[InputSpec(input_name, tuple(shape), "float32")],
-                  target=profile, log=log)
-    preset = get_pass("quantize")
+    env = PassEnv(inputs=[InputSpec(input_name, tuple(shape), "float32")],
+                  facts=get_family(profile.family).facts(profile), log=log)
+    preset = get_preset("quantize")
     cfg = make_config(preset, {"calib": str(out / "calib.npz"), **args.quant_options,
                                "speed_table": str(out / "speed_table.json")})
     preset.make(cfg, env)(prepare_onnx(model, {input_name: tuple(shape)}).to_relax())

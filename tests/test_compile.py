@@ -66,7 +66,7 @@ def test_bad_verify_input(dense_model, tmp_path, arrays, pattern):
 
 
 def test_random_inputs_respect_dtype():
-    from tvm_compress.passes import InputSpec
+    from tvm_compress.specs import InputSpec
 
     a, b = random_inputs([InputSpec("a", (2, 3), "float32"), InputSpec("b", (4,), "int64")])
     assert a.dtype == np.float32 and b.dtype == np.int64 and a.shape == (2, 3)

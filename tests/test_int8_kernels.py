@@ -15,13 +15,15 @@ from tvm import relax
 
 from tvm_compress import pipeline
 from tvm_compress.errors import TargetError
-from tvm_compress.targets import get_target, load_target_files, qemu
+from tvm_compress.cache import runner_cache_dir
+from tvm_compress.targets import get_family, get_target, load_target_files, qemu
+from tvm_compress.targets.arches import QEMU_ARCHES
 from tvm_compress.targets.int8_conv import dense_tile, pack_depthwise_weight, pack_weight
 from tvm_compress.targets.int8_intrin import KERNELS
 from tvm_compress.targets.int8_pack import PackInt8Conv, target_kernel
 from tvm_compress.targets.int8_schedule import _marked_block
 
-RUNNER_CACHE = qemu.runner_cache_dir()
+RUNNER_CACHE = runner_cache_dir()
 CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 
@@ -74,7 +76,7 @@ def _lower(mod, target_name):
     target = profile.tvm_target()
     with target:
         lowered = tvm.transform.Sequential(pipeline.lowering_passes(profile))(mod)
-    scheduled, _ = pipeline.schedule(lowered, profile, 0)
+    scheduled = pipeline.Schedule(profile)(lowered)
     return scheduled, target
 
 
@@ -266,7 +268,7 @@ def test_sdot_kernels_exact_under_qemu(name, tmp_path):
     executable = tvm.compile(scheduled, target)
     lib = tmp_path / "k.so"
     executable.export_library(
-        str(lib), fcompile=tvm.support.cc.cross_compiler(qemu.QEMU_ARCHES["aarch64"]["cxx"])
+        str(lib), fcompile=tvm.support.cc.cross_compiler(QEMU_ARCHES["aarch64"]["cxx"])
     )
     (got,) = qemu.run_library(lib, "aarch64", [x], cache_dir=RUNNER_CACHE).outputs
     np.testing.assert_array_equal(got, _reference(x, w, *geometry).astype(np.float32) * np.float32(0.5))
@@ -312,13 +314,14 @@ def test_sdot_target_gets_int8_activations():
     """auto activations would give uint8 after ReLU; sdot takes int8 only, so the flow picks
     symmetric int8 for +dotprod presets and says so, and every conv is packed for sdot."""
     from tvm_compress.loader import load_onnx
-    from tvm_compress.passes import InputSpec, PassEnv, get_pass, make_config
+    from tvm_compress.pass_registry import PassEnv, get_preset, make_config
+    from tvm_compress.specs import InputSpec
 
     logs = []
     profile = get_target("aarch64-dotprod")
-    env = PassEnv(model_path=DEMO / "fashion_cnn.onnx", inputs=[InputSpec("input", (1, 1, 28, 28), "float32")],
-                  target=profile, log=logs.append)
-    preset = get_pass("quantize")
+    env = PassEnv(inputs=[InputSpec("input", (1, 1, 28, 28), "float32")],
+                  facts=get_family(profile.family).facts(profile), log=logs.append)
+    preset = get_preset("quantize")
     config = make_config(preset, {"calib": str(DEMO / "fashion_test.npz") + ":calib", "calib_samples": 50})
     qmod = preset.make(config, env)(load_onnx(DEMO / "fashion_cnn.onnx", {"input": (1, 1, 28, 28)}))
     layers = env.report["quantize"]["layers"]

@@ -15,7 +15,8 @@ from tvm import s_tir
 
 import tvm_compress
 from tvm_compress import errors, kernel_check, pipeline
-from tvm_compress.targets import get_family, get_target, qemu
+from tvm_compress.targets import get_family, get_target, load_target_files, qemu
+from tvm_compress.targets.base import KernelHook, register_kernel_hook, unregister_kernel_hook
 from tvm_compress.targets.cpu_schedule import reads_within
 
 
@@ -176,22 +177,39 @@ def test_check_names_kernel_with_unwritten_elements(tail_models, target, tmp_pat
     assert res.failed[name].startswith("396 of 3468 output elements never written")
 
 
-def test_compile_refuses_kernel_with_unwritten_elements(tail_models, tmp_path, monkeypatch):
+class _BrokenPadSchedule(KernelHook):
+    """A kernel hook that schedules the fused conv + pad kernel the way the old default
+    schedule did (marked scheduled, so nothing schedules it again)."""
+
+    name = "broken_pad"
+    feature = "broken_pad_schedule"
+
+    def schedules(self, profile):
+        @tvm.transform.module_pass(opt_level=0, name="BrokenPadSchedule")
+        def apply(mod, _ctx):
+            name = _fused_kernel(mod)
+            mod = tvm.IRModule(dict(mod.functions.items()))
+            mod[name] = _old_schedule(mod[name])
+            return mod
+
+        return [apply]
+
+
+def test_compile_refuses_kernel_with_unwritten_elements(tail_models, tmp_path):
     """End to end: with that schedule, compile names the kernel and writes no library."""
-    real = pipeline.schedule
-
-    def broken_schedule(mod, profile, trials, **kw):
-        name = _fused_kernel(mod)
-        bad = _old_schedule(mod[name])
-        mod, summary = real(mod, profile, trials, **kw)
-        mod[name] = bad
-        return mod, summary
-
-    monkeypatch.setattr(pipeline, "schedule", broken_schedule)
+    (tmp_path / "t.toml").write_text(
+        '[x86-broken-pad]\nfamily = "x86"\ntarget = { kind = "llvm", mcpu = "auto" }\n'
+        "features = { broken_pad_schedule = true }\n")
+    load_target_files([tmp_path / "t.toml"])
+    hook = register_kernel_hook("x86", _BrokenPadSchedule())
     out = tmp_path / "m.so"
-    with pytest.raises(errors.VerificationError, match=r"kernel fused_conv2d\w*pad: 396 of 3468 output "
-                       r"elements never written.*no library written"):
-        tvm_compress.compile(tail_models["pad_end"], out, bench_runs=1, log=lambda m: None)
+    try:
+        with pytest.raises(errors.VerificationError, match=r"kernel fused_conv2d\w*pad: 396 of 3468 output "
+                           r"elements never written.*no library written"):
+            tvm_compress.compile(tail_models["pad_end"], out, target="x86-broken-pad", bench_runs=1,
+                                 log=lambda m: None)
+    finally:
+        unregister_kernel_hook("x86", hook)
     assert not out.exists() and not out.with_suffix(".json").exists()
     assert not list(tmp_path.glob(".m.tmp-*"))
 

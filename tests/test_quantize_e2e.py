@@ -9,9 +9,10 @@ import tvm
 from tvm import relax
 
 from tvm_compress.errors import PassOptionError
-from tvm_compress.passes import InputSpec, PassEnv, get_pass, make_config
+from tvm_compress.pass_registry import PassEnv, get_preset, make_config
+from tvm_compress.specs import InputSpec
 from tvm_compress.passes import _quant_common as qc
-from tvm_compress.passes.registry import config_from_args
+from tvm_compress.pass_registry import config_from_args
 
 DATA = Path(__file__).resolve().parents[1] / "tvm_compress" / "data"
 MODEL = DATA / "fashion_cnn.onnx"
@@ -39,14 +40,14 @@ def _run_all(mod, images):
 
 def _env():
     logs = []
-    env = PassEnv(model_path=MODEL, inputs=[InputSpec("input", (BATCH, 1, 28, 28), "float32")],
+    env = PassEnv(inputs=[InputSpec("input", (BATCH, 1, 28, 28), "float32")],
                   log=logs.append)
     return env, logs
 
 
 @needs_demo
 def test_demo_int8_accuracy_and_weight_bytes():
-    preset = get_pass("quantize")
+    preset = get_preset("quantize")
     env, logs = _env()
     config = make_config(preset, {"calib": str(NPZ), "calib_method": "percentile"})
     mod = _load()
@@ -73,7 +74,7 @@ def test_demo_int8_accuracy_and_weight_bytes():
 @needs_demo
 @pytest.mark.slow
 def test_demo_accuracy_budget_runs_fallback():
-    preset = get_pass("quantize")
+    preset = get_preset("quantize")
     env, logs = _env()
     config = make_config(preset, {"calib": f"{NPZ}:calib", "max_accuracy_drop": 0.5, "eval_samples": 100})
     preset.make(config, env)(_load())
@@ -83,7 +84,7 @@ def test_demo_accuracy_budget_runs_fallback():
 
 
 def test_cli_flags_map_to_config():
-    preset = get_pass("quantize")
+    preset = get_preset("quantize")
     parser = argparse.ArgumentParser()
     preset.add_arguments(parser.add_argument_group("quantize"))
     args = parser.parse_args([
@@ -100,7 +101,7 @@ def test_cli_flags_map_to_config():
 
 
 def test_preset_bad_option_one_line():
-    preset = get_pass("quantize")
+    preset = get_preset("quantize")
     with pytest.raises(PassOptionError) as err:
         make_config(preset, {"calib_method": "mse"})
     assert "unknown calibration method 'mse'" in str(err.value)
@@ -116,7 +117,7 @@ def test_int8_module_builds_for_other_targets(target_name):
     from tvm_compress import pipeline
     from tvm_compress.targets import get_target
 
-    preset = get_pass("quantize")
+    preset = get_preset("quantize")
     env, _ = _env()
     qmod = preset.make(make_config(preset, {"calib": str(NPZ), "calib_samples": 50}), env)(_load())
     profile = get_target(target_name)
@@ -125,5 +126,5 @@ def test_int8_module_builds_for_other_targets(target_name):
         lowered = tvm.transform.Sequential(pipeline.lowering_passes())(qmod)
     names = [gv.name_hint for gv in lowered.functions]
     assert any(n.startswith("fused_conv2d") and "quantize" in n for n in names), names
-    scheduled, _ = pipeline.schedule(lowered, profile, 0)
+    scheduled = pipeline.Schedule(profile)(lowered)
     tvm.compile(scheduled, target)

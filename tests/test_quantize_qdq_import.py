@@ -5,21 +5,20 @@ import pytest
 import tvm
 from tvm import relax
 
-from tvm_compress.passes import InputSpec, PassEnv, get_pass, make_config
+from tvm_compress.pass_registry import PassEnv, get_preset, make_config
+from tvm_compress.specs import InputSpec
 
 torch = pytest.importorskip("torch")
 
+from conftest import conv_net_class  # noqa: E402
 
-class Net(torch.nn.Module):
-    """conv+BN+relu, depthwise, residual add, max-pool, linear."""
+
+class Net(conv_net_class()):
+    """conv+BN+relu, max-pool, depthwise, 1x1 conv, residual add, max-pool, linear (16x16)."""
 
     def __init__(self):
         super().__init__()
-        self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = torch.nn.BatchNorm2d(8)
-        self.dw = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
         self.c2 = torch.nn.Conv2d(8, 8, 1)
-        self.fc = torch.nn.Linear(8 * 4 * 4, 10)
 
     def forward(self, x):
         x = torch.relu(self.bn(self.c1(x)))
@@ -83,9 +82,9 @@ def test_qdq_model_realizes_to_integer_compute(qdq_model):
 
     _, qdq_path = qdq_model
     mod = load_onnx(qdq_path, {"x": (1, 3, 16, 16)})
-    preset = get_pass("quantize")
+    preset = get_preset("quantize")
     logs = []
-    env = PassEnv(model_path=qdq_path, inputs=[InputSpec("x", (1, 3, 16, 16), "float32")], log=logs.append)
+    env = PassEnv(inputs=[InputSpec("x", (1, 3, 16, 16), "float32")], log=logs.append)
     qmod = preset.make(make_config(preset, {}), env)(mod)  # no --calib needed: scales come with the model
     report = env.report["quantize"]
     assert report["source"] == "imported QDQ model"
@@ -110,14 +109,14 @@ def test_qdq_model_through_packed_int8_kernels(tmp_path_factory, activation, tar
     from tvm_compress.targets import get_target
 
     _, qdq_path = _make_qdq(tmp_path_factory, activation)
-    preset = get_pass("quantize")
-    env = PassEnv(model_path=qdq_path, inputs=[InputSpec("x", (1, 3, 16, 16), "float32")])
+    preset = get_preset("quantize")
+    env = PassEnv(inputs=[InputSpec("x", (1, 3, 16, 16), "float32")])
     qmod = preset.make(make_config(preset, {}), env)(load_onnx(qdq_path, {"x": (1, 3, 16, 16)}))
     profile = get_target(target_name)
     target = profile.tvm_target()
     with target:
         lowered = tvm.transform.Sequential(pipeline.lowering_passes(profile))(qmod)
-    scheduled, _ = pipeline.schedule(lowered, profile, 0)
+    scheduled = pipeline.Schedule(profile)(lowered)
     kernels = [f for f in scheduled.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
     hand = [f for f in kernels if "tvm_compress.int8_dot" in f.script()]
     assert len(hand) == 3 and all(f.attrs["tirx.is_scheduled"] for f in hand)  # c1, dw, c2

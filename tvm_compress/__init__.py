@@ -12,8 +12,10 @@ from ._threads import use_physical_cores
 use_physical_cores()  # before any kernel runs: TVM's pool is sized once, at its first use
 
 from . import errors  # noqa: E402
-from .artifact import load_manifest, run  # noqa: E402
-from .build import compile, weight_stats  # noqa: E402
+from .artifact import run  # noqa: E402
+from .manifest import load_manifest  # noqa: E402
+from .build import compile  # noqa: E402
+from .layers import weight_stats  # noqa: E402
 from .loader import PreparedModel, load_onnx, prepare_onnx  # noqa: E402
 
 __version__ = "0.1.0"

@@ -2,36 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import List, Mapping, Sequence, Union
+from typing import Mapping, Sequence, Union
 
 import numpy as np
 
-from tvm_compress.passes import InputSpec
 from tvm_compress.targets import RunResult, get_family, get_target
 
 from . import verify
-from .errors import DataError, ModelError
-from .build import manifest_path
-
-
-def load_manifest(lib_path: str | os.PathLike) -> dict:
-    lib_path = Path(lib_path)
-    if not lib_path.exists():
-        raise ModelError(f"library not found: {lib_path}")
-    mpath = manifest_path(lib_path)
-    try:
-        return json.loads(mpath.read_text())
-    except FileNotFoundError:
-        raise ModelError(f"{lib_path}: manifest {mpath} not found (was it built by tvm-compress?)") from None
-    except ValueError:
-        raise ModelError(f"{lib_path}: manifest {mpath} is not valid JSON") from None
-
-
-def input_specs(manifest: dict) -> List[InputSpec]:
-    return [InputSpec(i["name"], tuple(i["shape"]), i["dtype"]) for i in manifest["inputs"]]
+from .errors import DataError
+from .manifest import input_specs, load_manifest
 
 
 def run(

@@ -1,4 +1,9 @@
-"""compile(): ONNX in, verified shared library + manifest + report out."""
+"""compile(): ONNX in, verified shared library + manifest + report out.
+
+The work is the registered ``tvm_compress`` pipeline (``pipeline.py``), run under a
+``FlowInstrument`` that logs each stage, times it and measures the weights around each
+compression pass; then ``tvm.compile``, export, the kernel check, verification and timing.
+"""
 
 from __future__ import annotations
 
@@ -8,47 +13,43 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
-import numpy as np
 import tvm
 from tvm import relax
 
-from tvm_compress.passes import PassEnv, get_pass, parse_pass_list
 from tvm_compress.targets import TargetProfile, get_family, get_target
 
 from . import kernel_check, pipeline, remote, verify
 from .errors import OutputError, TargetError, VerificationError
 from .fileutil import atomic_path, check_writable, write_json
-from .loader import PreparedModel, prepare_onnx
+from .layers import layer_stats, totals, weight_stats
+from .loader import PreparedModel, file_sha256, prepare_onnx
+from .manifest import make_manifest, manifest_path
+from .pass_registry import PassEnv, get_preset, parse_pass_list
 
 LogFn = Callable[[str], None]
 
 
-def weight_stats(mod: tvm.IRModule) -> Dict[str, int]:
-    """Element count and bytes of every constant tensor in the module's Relax functions."""
-    seen: Dict[int, Any] = {}
-
-    def visit(expr):
-        if isinstance(expr, tvm.ir.expr.GenericConst):  # Relax's constant tensor node
-            seen.setdefault(hash(expr), expr.value)
-
-    for _, func in mod.functions.items():
-        if isinstance(func, relax.Function):
-            relax.analysis.post_order_visit(func, visit)
-    params = nbytes = 0
-    for data in seen.values():
-        n = int(np.prod(data.shape)) if len(data.shape) else 1
-        params += n
-        nbytes += n * np.dtype(data.dtype).itemsize
-    return {"params": params, "bytes": nbytes}
-
-
-def manifest_path(lib_path: str | os.PathLike) -> Path:
-    """``model.so`` -> ``model.json`` beside it."""
-    return Path(lib_path).with_suffix(".json")
-
-
 def _resolve_target(target: str | TargetProfile) -> TargetProfile:
     return target if isinstance(target, TargetProfile) else get_target(target)
+
+
+def measure(mod: tvm.IRModule) -> Dict[str, Any]:
+    """Weights as stored (all constants) and per named layer: params, MACs, bytes."""
+    stats = layer_stats(mod)
+    params, macs = totals(stats)
+    return {**weight_stats(mod), "layer_params": params, "macs": macs, "layers": stats}
+
+
+def _per_layer(before: Dict[str, Dict], after: Dict[str, Dict]) -> list:
+    """One row per layer: op, params / MACs / weight bytes before and after."""
+    rows = []
+    for name in list(before) + [n for n in after if n not in before]:
+        b, a = before.get(name, {}), after.get(name, {})
+        row = {"name": name, "op": b.get("op") or a.get("op")}
+        for key in ("params", "macs", "weight_bytes"):
+            row[f"{key}_before"], row[f"{key}_after"] = b.get(key, 0), a.get(key, 0)
+        rows.append(row)
+    return rows
 
 
 def compile(  # noqa: A001  (the product's verb)
@@ -70,7 +71,7 @@ def compile(  # noqa: A001  (the product's verb)
     """Compile ``model`` for ``target`` into ``output`` (.so) and return the report dict.
 
     Everything that can be checked is checked before any long work: target, toolchain, pass
-    names and options, output paths, model, shapes, verification data.
+    names, order and options, output paths, model, shapes, verification data.
 
     ``check_kernels``: run every scheduled kernel alone with pre-filled outputs against its
     unscheduled form (``kernel_check``) before the library is written.
@@ -104,25 +105,27 @@ def compile(  # noqa: A001  (the product's verb)
         inputs = verify.random_inputs(prepared.inputs, seed=0)
         input_source = "random (seed 0)"
 
+    env = PassEnv(inputs=list(prepared.inputs), facts=family.facts(profile), log=log)
+    # Builds (and so checks) every pass config before any work.
+    flow_pass = relax.get_pipeline(
+        pipeline.PIPELINE, target=profile, passes=names, configs=pass_configs, env=env,
+        trials=tune_trials, runner=remote.tuning_runner(rpc) if rpc else None, log=log,
+    )
     log(f"import: {prepared.path} ({len(prepared.model.graph.node)} ONNX nodes)")
     mod = prepared.to_relax()
-    before = weight_stats(mod)
-
-    env = PassEnv(model_path=prepared.path, inputs=list(prepared.inputs), target=profile, log=log)
-    # Config validation happens here, before any pass runs.
-    passes_list = pipeline.compression_passes(names, pass_configs, env)
-    for name, p in zip(names, passes_list):
-        log(f"pass: {name}")
-        mod = p(mod)
-    after = weight_stats(mod)
-
-    log(f"lower: {profile.name} ({tvm_target.kind.name})")
-    with tvm_target:
-        mod = tvm.transform.Sequential(pipeline.lowering_passes(profile))(mod)
-    lowered = mod
-    mod, tuning_summary = pipeline.schedule(
-        mod, profile, tune_trials, log=log, runner=remote.tuning_runner(rpc) if rpc else None
+    before = measure(mod)
+    flow = pipeline.FlowInstrument(
+        log,
+        before=lambda name: _stage_line(name, profile, tvm_target),
+        after=_stage_done,
+        measure=measure,
     )
+    with tvm.transform.PassContext(instruments=[flow]):
+        mod = flow_pass(mod)
+    compressed = next((s["after"] for s in reversed(flow.stages) if "after" in s), before)
+    tuning_summary = pipeline.tuning_summary(mod)
+    lowered = flow.lowered
+
     calls, kernel_report = [], None
     if check_kernels:
         runnable, why = (True, "") if rpc else family.can_run(profile)
@@ -141,19 +144,22 @@ def compile(  # noqa: A001  (the product's verb)
             kernel_report = _check_kernels(family, profile, tmp_lib, lowered, calls, inputs, rpc, log)
         record = _verify_and_time(
             family, profile, tmp_lib, prepared, inputs, bench_runs,
-            lossy=any(get_pass(n).lossy for n in names), log=log, rpc=rpc,
+            lossy=any(get_preset(n).lossy for n in names), log=log, rpc=rpc,
         )
         artifact_bytes = tmp_lib.stat().st_size
-        manifest_data = _manifest(prepared, profile, tvm_target, names, tmp_lib, output, tuning_summary)
-        if calls:
-            # Relax function that runs each scheduled kernel on caller-given buffers (kernel_check)
-            manifest_data["check_function"] = kernel_check.CHECK_FUNCTION
+        manifest_data = make_manifest(
+            prepared, profile, tvm_target, names, file_sha256(tmp_lib), output, tuning_summary,
+            kernel_check.CHECK_FUNCTION if calls else None,
+        )
     try:
         write_json(manifest, manifest_data)
     except BaseException:
         output.unlink(missing_ok=True)  # never a library without its manifest
         raise
 
+    # Bytes as stored: the constants of the lowered module are what the library embeds (packed
+    # int8 weights and their compensation terms included).
+    stored = weight_stats(lowered)
     rep: Dict[str, Any] = {
         "model": str(prepared.path),
         "model_sha256": prepared.sha256,
@@ -161,23 +167,52 @@ def compile(  # noqa: A001  (the product's verb)
         "tvm_target": json.loads(str(tvm_target)),
         "passes": names,
         "params_before": before["params"],
-        "params_after": after["params"],
+        "params_after": stored["params"],
+        "macs_before": before["macs"],
+        "macs_after": compressed["macs"],
         "weight_bytes_before": before["bytes"],
-        "weight_bytes_after": after["bytes"],
+        "weight_bytes_after": stored["bytes"],
+        "layers": _per_layer(before["layers"], compressed["layers"]),
         "artifact": str(output),
         "artifact_bytes": artifact_bytes,
         "verify_input": input_source,
         **record,
-        "tuning": (
-            tuning_summary.as_dict() if tuning_summary else {"trials": 0, "new_trials": 0, "seconds": 0.0}
-        ),
+        "tuning": tuning_summary or {"trials": 0, "new_trials": 0, "seconds": 0.0},
         "kernel_check": kernel_report,
-        "pass_reports": env.report,
+        "stages": [{"name": s["name"], "seconds": s["seconds"]} for s in flow.stages],
+        "pass_reports": _pass_reports(env.report, flow.stages),
         "seconds": round(time.monotonic() - t_start, 2),
     }
     if report is not None:
         write_json(report, rep)
     return rep
+
+
+def _stage_line(name: str, profile: TargetProfile, tvm_target) -> Optional[str]:
+    if name == pipeline.LOWER:
+        return f"lower: {profile.name} ({tvm_target.kind.name})"
+    if name == pipeline.SCHEDULE:
+        return None  # tuning reports its own progress
+    return f"pass: {name}"
+
+
+def _stage_done(rec: Dict[str, Any]) -> Optional[str]:
+    if "after" not in rec:
+        return None
+    b, a = rec["before"], rec["after"]
+    return (f"pass: {rec['name']}: {rec['seconds']:.1f} s; weight bytes {b['bytes']} -> {a['bytes']}, "
+            f"MACs {b['macs']} -> {a['macs']}")
+
+
+def _pass_reports(reports: Dict[str, Any], stages) -> Dict[str, Any]:
+    """Each pass's own report, plus per-layer params / MACs / bytes around that pass."""
+    out = {name: dict(rep) for name, rep in reports.items()}
+    for s in stages:
+        if "after" in s:
+            rep = out.setdefault(s["name"], {})
+            rep["seconds"] = s["seconds"]
+            rep["layer_stats"] = _per_layer(s["before"]["layers"], s["after"]["layers"])
+    return out
 
 
 def _check_kernels(family, profile, lib_path, lowered, calls, inputs, rpc, log):
@@ -249,26 +284,3 @@ def _verify_and_time(family, profile, lib_path, prepared: PreparedModel, inputs,
     else:
         rec["latency_note"] = f"{result.where}: emulated, not the board's speed (use --rpc-tracker)"
     return rec
-
-
-def _manifest(prepared, profile, tvm_target, names, lib_path, final_path, tuning_summary):
-    from .loader import file_sha256
-
-    return {
-        "format": "tvm-compress-artifact/1",
-        "library": Path(final_path).name,
-        "library_sha256": file_sha256(lib_path),
-        "inputs": [{"name": i.name, "shape": list(i.shape), "dtype": i.dtype} for i in prepared.inputs],
-        "outputs": [
-            {"name": o.name, "shape": list(o.shape) if o.shape else None, "dtype": o.dtype}
-            for o in prepared.outputs
-        ],
-        "target": profile.name,
-        "family": profile.family,
-        "tvm_target": json.loads(str(tvm_target)),
-        "passes": list(names),
-        "tvm_version": tvm.__version__,
-        "source_model": str(prepared.path),
-        "source_sha256": prepared.sha256,
-        "tuning": tuning_summary.as_dict() if tuning_summary else None,
-    }

@@ -14,10 +14,10 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from tvm_compress.passes import get_pass, pass_names
 
 from . import verify
 from .build import compile as compile_model
+from .pass_registry import get_preset, pass_names
 
 DEMO_TRIALS = 128
 INPUT_SHAPE = (1, 1, 28, 28)
@@ -62,7 +62,7 @@ def run_demo(out_dir: Path, tune_trials: Optional[int] = None, log: Callable[[st
     verify_file = out_dir / "verify_input.npz"
     np.savez(verify_file, input=images[:1])
     # Lossy presets calibrate on the bundled training-split images (never the test images).
-    variants = [("float32", [])] + [(n, [n]) for n in pass_names() if get_pass(n).lossy]
+    variants = [("float32", [])] + [(n, [n]) for n in pass_names() if get_preset(n).lossy]
     configs = {n: {"calib": str(files["data"])} for _, ps in variants for n in ps}
     rows = []
     ort_top1 = _top1_ort(files["model"], images, labels)

@@ -21,16 +21,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import ModelError, ShapeError, UnsupportedOpError
-from tvm_compress.passes import InputSpec
+from .specs import InputSpec, OutputSpec
 
 ShapeMap = Mapping[str, Sequence[int]]
-
-
-@dataclass(frozen=True)
-class OutputSpec:
-    name: str
-    shape: Optional[tuple]
-    dtype: str
 
 
 @dataclass
@@ -66,18 +59,25 @@ class PreparedModel:
             raise ModelError(
                 f"{self.path}: Relax ONNX import failed: {msg[-1] if msg else type(err).__name__}"
             ) from None
-        return tvm.transform.Sequential(import_passes())(mod)
+        return tvm.transform.Sequential(import_passes(self.model))(mod)
 
 
-def import_passes() -> list:
-    """Exact rewrites applied to every imported model, before any compression pass."""
+def import_passes(model: Optional[onnx.ModelProto] = None) -> list:
+    """Layer names from ``model``'s nodes, then exact rewrites applied to every imported model
+    before any compression pass."""
     from tvm import relax
 
     from tvm_compress.passes import ConvTransposeToConv
 
-    # Models with control flow import without dataflow blocks (the importer cannot open one
-    # around an If); the passes rewrite dataflow blocks, so form them around the If nodes.
-    return [relax.transform.ConvertToDataflow(), ConvTransposeToConv()]
+    from .layers import NameLayers, onnx_layer_names
+
+    return [
+        NameLayers(onnx_layer_names(model) if model is not None else None),
+        # Models with control flow import without dataflow blocks (the importer cannot open
+        # one around an If); the passes rewrite dataflow blocks, so form them around the Ifs.
+        relax.transform.ConvertToDataflow(),
+        ConvTransposeToConv(),
+    ]
 
 
 def parse_shape_arg(text: str) -> Tuple[str, tuple]:
@@ -250,16 +250,8 @@ def prepare_onnx(
         tt = out.type.tensor_type
         shape = tuple(d.dim_value for d in tt.shape.dim) if tt.HasField("shape") else None
         outputs.append(OutputSpec(out.name, shape, _dtype_name(tt.elem_type) if tt.elem_type else "float32"))
-    return PreparedModel(
-        path=path,
-        sha256=file_sha256(path),
-        model=model,
-        original=original,
-        inputs=inputs,
-        outputs=outputs,
-        folded=folded,
-        notes=notes,
-    )
+    return PreparedModel(path=path, sha256=file_sha256(path), model=model, original=original,
+                         inputs=inputs, outputs=outputs, folded=folded, notes=notes)
 
 
 def load_onnx(path: str | os.PathLike, input_shapes: Optional[ShapeMap] = None):

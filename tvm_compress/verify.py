@@ -9,9 +9,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from tvm_compress.passes import InputSpec
-
 from .errors import DataError
+from .specs import InputSpec
 
 # A float pipeline (no lossy pass) must match onnxruntime within FLOAT_REL_TOL of each output's
 # scale (its range or largest magnitude) plus FLOAT_ABS_TOL: reassociation and FMA contraction

@@ -1,4 +1,5 @@
-"""The ``quantize`` preset: QuantizeAnnotate -> Calibrate -> QuantizeRealize, with CLI flags.
+"""Quantize: QuantizeAnnotate -> Calibrate -> QuantizeRealize as one pass, and the ``quantize``
+preset with its CLI flags.
 
 A model that already holds QuantizeLinear/DequantizeLinear pairs (ONNX QDQ from another tool)
 skips annotation and calibration and goes straight to QuantizeRealize.
@@ -14,14 +15,14 @@ from typing import Optional, Tuple
 import tvm
 from tvm import relax
 
-from tvm_compress.errors import PassOptionError
+from tvm_compress.pass_registry import PassEnv, PassPreset, register_pass
+from tvm_compress.relax_utils import relax_functions
 
 from . import _quant_common as qc
 from ._quant_stats import ACT_DTYPES, METHODS
 from .calibrate import Calibrate, CalibrateConfig
 from .quantize_annotate import LAYER_KINDS, QuantizeAnnotate, QuantizeAnnotateConfig
 from .quantize_realize import QuantizeRealize, QuantizeRealizeConfig
-from .registry import PassEnv, PassPreset, register_pass
 
 
 @dataclass(frozen=True)
@@ -57,10 +58,10 @@ class QuantizeConfig:
     def realize_config(self) -> QuantizeRealizeConfig:
         return QuantizeRealizeConfig(speed_table=self.speed_table, slow_layers=self.slow_layers)
 
-    def annotate_config(self, layer_names: Tuple[str, ...] = ()) -> QuantizeAnnotateConfig:
+    def annotate_config(self) -> QuantizeAnnotateConfig:
         return QuantizeAnnotateConfig(
             ops=tuple(self.quant_ops), skip=tuple(self.quant_skip), skip_first=bool(self.quant_skip_first),
-            skip_last=bool(self.quant_skip_last), layer_names=tuple(layer_names),
+            skip_last=bool(self.quant_skip_last),
         )
 
     def calibrate_config(self) -> CalibrateConfig:
@@ -73,55 +74,39 @@ class QuantizeConfig:
         )
 
 
-def onnx_layer_names(model_path) -> Tuple[str, ...]:
-    """Names of the Conv/Gemm/MatMul nodes with an initializer weight, in graph order."""
-    if model_path is None:
-        return ()
-    try:
-        import onnx
-
-        model = onnx.load(str(model_path), load_external_data=False)
-    except Exception:
-        return ()
-    inits = {i.name for i in model.graph.initializer}
-    names = []
-    for node in model.graph.node:
-        if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1 and node.input[1] in inits:
-            names.append(node.name or f"{node.op_type}_{len(names)}")
-    return tuple(names)
-
-
-def _has_qdq(func: relax.Function) -> bool:
+def _has_qdq(mod: tvm.IRModule) -> bool:
     found = []
 
     def visit(expr):
         if isinstance(expr, relax.Call) and (expr.op.same_as(qc.OP_DEQUANTIZE) or expr.op.same_as(qc.OP_QUANTIZE)):
             found.append(expr)
 
-    relax.analysis.post_order_visit(func, visit)
+    for _, func in relax_functions(mod):
+        relax.analysis.post_order_visit(func, visit)
     return bool(found)
 
 
-@tvm.transform.module_pass(opt_level=0, name="QuantizeFlow")
-class _QuantizeFlow:
-    """Annotate -> Calibrate -> Realize, or Realize alone for a model that is already QDQ."""
+@tvm.transform.module_pass(opt_level=0, name="Quantize")
+class Quantize:
+    """Annotate -> Calibrate -> Realize, or Realize alone for a model that is already QDQ.
 
-    def __init__(self, config: QuantizeConfig, env: PassEnv):
-        self.config = config
-        self.env = env
+    Needs: a float Relax module from the importer (layers named by ``tvm_compress.layers``);
+    runs after the float rewrites (pruning, low-rank, folding) and before lowering. Target
+    facts come from ``env.facts``: int8 activations only when the target's int8 kernels take
+    no uint8."""
+
+    def __init__(self, config: Optional[QuantizeConfig] = None, env: Optional[PassEnv] = None):
+        self.config = config or QuantizeConfig()
+        self.env = env or PassEnv()
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         env = self.env
-        if _has_qdq(mod["main"]):
+        if _has_qdq(mod):
             env.log("quantize: the model already has QuantizeLinear/DequantizeLinear: realizing its "
                     "own quantization (no calibration)")
             mod = QuantizeRealize(self.config.realize_config(), log=env.log)(mod)
         else:
-            names = onnx_layer_names(env.model_path)
             annotated = QuantizeAnnotate(self.config.annotate_config())(mod)
-            n = len(qc.read_report(annotated).get("layers", []))
-            if names and len(names) == n:
-                annotated = QuantizeAnnotate(self.config.annotate_config(names))(mod)
             mod = Calibrate(self._calibrate_config(), log=env.log)(annotated)
             mod = QuantizeRealize(self.config.realize_config(), log=env.log)(mod)
         report = qc.read_report(mod)
@@ -129,23 +114,13 @@ class _QuantizeFlow:
         _log_summary(report, env.log)
         return qc.strip_report(mod)
 
-
     def _calibrate_config(self) -> CalibrateConfig:
         config = self.config.calibrate_config()
-        kernel = _target_dot_kernel(self.env.target)
-        if config.activation_dtype == "auto" and kernel is not None and "uint8" not in kernel.act_dtypes:
-            self.env.log(f"quantize: int8 activations: the target's {kernel.name} kernels take no uint8")
+        facts = self.env.facts
+        if config.activation_dtype == "auto" and "uint8" not in facts.int8_act_dtypes:
+            self.env.log(f"quantize: int8 activations: the target's {facts.int8_dot} kernels take no uint8")
             config = dataclasses.replace(config, activation_dtype="int8")
         return config
-
-
-def _target_dot_kernel(profile):
-    """The target's int8 dot kernel (``features.int8_dot``), if any."""
-    if profile is None:
-        return None
-    from tvm_compress.targets.int8_pack import target_kernel
-
-    return target_kernel(profile)
 
 
 def _log_summary(report: dict, log) -> None:
@@ -223,20 +198,16 @@ def add_arguments(group) -> None:
                        help="samples used to measure error/accuracy for the fallback (default 256)")
 
 
-def make(config: QuantizeConfig, env: PassEnv) -> tvm.transform.Pass:
-    if not isinstance(config, QuantizeConfig):
-        raise PassOptionError("quantize preset needs a QuantizeConfig")
-    return _QuantizeFlow(config, env)
-
-
 PRESET = register_pass(
     PassPreset(
         name="quantize",
         help="int8: annotate conv/matmul, calibrate activation ranges, realize int8 x int8 -> int32 "
              "compute (or realize an imported QDQ model)",
         config_cls=QuantizeConfig,
-        make=make,
+        make=Quantize,
         add_arguments=add_arguments,
         lossy=True,
+        runs_after=("fold", "prune", "lowrank"),
+        order_reason="quantization is calibrated on the float model the other rewrites leave",
     )
 )

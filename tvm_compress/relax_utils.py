@@ -1,0 +1,76 @@
+"""Small Relax helpers every pass uses: constants, shapes, dtypes, emitting bindings."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import numpy as np
+from tvm import relax
+from tvm.relax.dpl import is_const
+
+_CONST = is_const()
+
+
+def is_constant(expr) -> bool:
+    return _CONST.match(expr)
+
+
+def const_value(expr: relax.Expr) -> np.ndarray:
+    return expr.value.numpy()
+
+
+def const(value: np.ndarray, dtype: Optional[str] = None) -> relax.Expr:
+    value = np.asarray(value)
+    if dtype is not None:
+        value = value.astype(dtype)
+    return relax.const(value, str(value.dtype))
+
+
+def tensor_shape(expr: relax.Expr) -> List[int]:
+    return [int(d) for d in expr.ty.shape]
+
+
+def tensor_dtype(expr: relax.Expr) -> str:
+    return str(expr.ty.dtype)
+
+
+def emit_like(builder, var, value, name: str = ""):
+    """Emit ``value`` bound to a var of the same kind as ``var`` (dataflow var or block output)."""
+    name = name or var.name
+    if isinstance(var, relax.DataflowVar):
+        return builder.emit(value, name)
+    return builder.emit_output(value, name)
+
+
+def copy_module(mod):
+    """A new module holding the same functions: for passes whose tools update the module they
+    are given (dlight's ApplyDefaultSchedule, ``mod[gv] = ...``) without touching the caller's."""
+    import tvm
+
+    return tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs, global_infos=mod.global_infos)
+
+
+def relax_functions(mod):
+    """(GlobalVar, Function) of every Relax function in ``mod``."""
+    return [(gv, f) for gv, f in mod.functions.items() if isinstance(f, relax.Function)]
+
+
+def constants(mod) -> List[np.ndarray]:
+    """Every distinct tensor constant of the module's Relax functions (what the artifact stores)."""
+    seen: Dict[int, np.ndarray] = {}
+
+    def visit(expr):
+        if is_constant(expr):
+            seen.setdefault(hash(expr), expr.value.numpy())
+
+    for _, func in relax_functions(mod):
+        relax.analysis.post_order_visit(func, visit)
+    return list(seen.values())
+
+
+def constant_bytes(mod) -> Dict[str, int]:
+    """Bytes of the module's tensor constants by dtype."""
+    totals: Dict[str, int] = {}
+    for arr in constants(mod):
+        totals[str(arr.dtype)] = totals.get(str(arr.dtype), 0) + int(arr.nbytes)
+    return totals
