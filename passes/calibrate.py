@@ -33,7 +33,7 @@ from tvm_compress import relax_utils as ru
 from tvm_compress.relax_utils import copy_module, relax_functions
 
 from . import _quant_common as qc
-from ._quant_data import Preprocess, load_calibration
+from tvm_compress.calib_data import Preprocess, load_calibration
 from ._quant_stats import ACT_DTYPES, METHODS, Observer, qparams, weight_qparams
 
 

@@ -7,7 +7,6 @@ skips annotation and calibration and goes straight to QuantizeRealize.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -15,6 +14,7 @@ from typing import Optional, Tuple
 import tvm
 from tvm import relax
 
+from tvm_compress.calib_data import CalibDataConfig
 from tvm_compress.pass_registry import PassEnv, PassPreset, register_pass
 from tvm_compress.relax_utils import relax_functions
 
@@ -26,18 +26,12 @@ from .quantize_realize import QuantizeRealize, QuantizeRealizeConfig
 
 
 @dataclass(frozen=True)
-class QuantizeConfig:
-    """All options of the int8 flow (see QuantizeAnnotateConfig and CalibrateConfig)."""
+class QuantizeConfig(CalibDataConfig):
+    """All options of the int8 flow (see QuantizeAnnotateConfig and CalibrateConfig); the
+    calibration data ones are shared (``CalibDataConfig``)."""
 
-    calib: Optional[str] = None
     calib_method: str = "percentile"
     calib_percentile: float = 99.99
-    calib_samples: int = 256
-    calib_size: Optional[Tuple[int, int]] = None
-    calib_mean: Tuple[float, ...] = (0.0,)
-    calib_std: Tuple[float, ...] = (1.0,)
-    calib_layout: str = "NCHW"
-    calib_bgr: bool = False
     activation_dtype: str = "auto"
     quant_ops: Tuple[str, ...] = LAYER_KINDS
     quant_skip: Tuple[str, ...] = ()
@@ -137,40 +131,15 @@ def _log_summary(report: dict, log) -> None:
         log(f"quantize: weight bytes {wb['total']} ({wb['ratio']:.3f}x of float {wb['float_total']})")
 
 
-def _tuple_of(kind):
-    def parse(text: str):
-        try:
-            return tuple(kind(v) for v in str(text).replace("x", ",").split(",") if v.strip())
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}")
-
-    return parse
-
-
 def _names(text: str):
     return tuple(v.strip() for v in str(text).split(",") if v.strip())
 
 
 def add_arguments(group) -> None:
-    group.add_argument("--calib", dest="calib", metavar="DATA",
-                       help="calibration data: FILE.npz[:KEY], FILE.npy, an image folder, or 'random' "
-                            "(accuracy unknown)")
     group.add_argument("--calib-method", dest="calib_method", choices=METHODS,
                        help="activation range method (default percentile)")
     group.add_argument("--calib-percentile", dest="calib_percentile", type=float, metavar="P",
                        help="percentile of |x| kept by --calib-method percentile (default 99.99)")
-    group.add_argument("--calib-samples", dest="calib_samples", type=int, metavar="N",
-                       help="calibration samples used at most (default 256)")
-    group.add_argument("--calib-size", dest="calib_size", type=_tuple_of(int), metavar="HxW",
-                       help="resize calibration images to HxW (default: the model input's)")
-    group.add_argument("--calib-mean", dest="calib_mean", type=_tuple_of(float), metavar="M[,M,M]",
-                       help="per-channel mean subtracted after x/255 (uint8 data and images)")
-    group.add_argument("--calib-std", dest="calib_std", type=_tuple_of(float), metavar="S[,S,S]",
-                       help="per-channel std divided after the mean")
-    group.add_argument("--calib-layout", dest="calib_layout", choices=("NCHW", "NHWC"),
-                       help="layout of the model input (default NCHW)")
-    group.add_argument("--calib-bgr", dest="calib_bgr", action="store_true", default=None,
-                       help="feed 3-channel images as BGR")
     group.add_argument("--quant-act-dtype", dest="activation_dtype", choices=ACT_DTYPES,
                        help="activations: auto (uint8 zero point 0 when non-negative, else int8), "
                             "int8 (symmetric), uint8 (asymmetric)")
@@ -207,6 +176,7 @@ PRESET = register_pass(
         make=Quantize,
         add_arguments=add_arguments,
         lossy=True,
+        reads_calibration=True,
         runs_after=("fold", "prune", "lowrank"),
         order_reason="quantization is calibrated on the float model the other rewrites leave",
     )

@@ -84,8 +84,11 @@ def test_demo_accuracy_budget_runs_fallback():
 
 
 def test_cli_flags_map_to_config():
+    from tvm_compress.calib_data import add_calib_arguments
+
     preset = get_preset("quantize")
     parser = argparse.ArgumentParser()
+    add_calib_arguments(parser.add_argument_group("calibration data"))  # shared, added once
     preset.add_arguments(parser.add_argument_group("quantize"))
     args = parser.parse_args([
         "--calib", "x.npz", "--calib-method", "entropy", "--quant-skip", "conv1,3",

@@ -46,6 +46,9 @@ class PassPreset:
     # Lossy presets change the numbers on purpose: verification reports their error instead of
     # failing at float tolerance.
     lossy: bool = False
+    # Reads calibration data: the config subclasses ``calib_data.CalibDataConfig`` and the CLI
+    # adds the shared ``--calib*`` flags.
+    reads_calibration: bool = False
     # Order rules: presets that, when also given, must run before / after this one, and why.
     runs_after: Tuple[str, ...] = ()
     runs_before: Tuple[str, ...] = ()

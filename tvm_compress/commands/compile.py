@@ -9,6 +9,7 @@ from ._common import add_model_args, add_rpc_args, add_target_args, log_fn, rpc_
 
 
 def add_arguments(c: argparse.ArgumentParser) -> None:
+    from tvm_compress.calib_data import add_calib_arguments
     from tvm_compress.pass_registry import get_preset, pass_names
 
     add_model_args(c)
@@ -30,6 +31,9 @@ def add_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("--bench-runs", type=int, default=50, metavar="N", help="timed runs (default 50)")
     c.add_argument("--quiet", action="store_true", help="no progress output")
     add_rpc_args(c)
+    readers = [n for n in pass_names() if get_preset(n).reads_calibration]
+    if readers:
+        add_calib_arguments(c.add_argument_group(f"calibration data (for {', '.join(readers)})"))
     for name in pass_names():
         preset = get_preset(name)
         if preset.add_arguments is not None:

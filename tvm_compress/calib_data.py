@@ -1,13 +1,16 @@
-"""Calibration data for the int8 flow: .npy/.npz arrays, a folder of images, or random.
+"""Calibration data for the passes that measure the model (quantize, prune recovery, ...):
+.npy/.npz arrays, a folder of images, or random.
 
 Every source ends as ``CalibData``: one float array per model input, shaped (N, *input_shape[1:]),
 plus optional labels. uint8 arrays and images get the stated preprocessing (x / 255, then
 (x - mean) / std per channel, resize for images, NCHW or NHWC to match the model input).
+``CalibDataConfig`` holds the options every such pass's config shares (its fields are the CLI's
+``--calib*`` flags, added once by ``add_calib_arguments``).
 """
 
 from __future__ import annotations
 
-import warnings
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -192,16 +195,18 @@ def _load_image_folder(folder: Path, shape: Sequence[int], prep: Preprocess, lim
 
 
 def load_calibration(
-    spec, inputs: Sequence[Tuple[str, Sequence[int], str]], prep: Preprocess, limit: int, log=print
+    spec, inputs: Sequence[Tuple[str, Sequence[int], str]], prep: Preprocess, limit: int, log=print,
+    who: str = "quantize",
 ) -> CalibData:
     """``spec``: a path (``file.npz[:key]``, ``file.npy``, image folder), ``"random"``, or arrays.
 
-    ``inputs``: (name, shape, dtype) of the model inputs, batch first.
+    ``inputs``: (name, shape, dtype) of the model inputs, batch first; ``who``: the pass, for
+    messages.
     """
     names = [n for n, _, _ in inputs]
     if spec is None:
         raise DataError(
-            "quantize needs calibration data: --calib FILE.npz|FILE.npy|IMAGE_DIR "
+            f"{who} needs calibration data: --calib FILE.npz|FILE.npy|IMAGE_DIR "
             "(or --calib random, accuracy unknown)"
         )
     if isinstance(spec, Mapping) or isinstance(spec, np.ndarray):
@@ -215,9 +220,7 @@ def load_calibration(
         return CalibData(out, None if labels is None else np.asarray(labels)[:limit], "in-memory arrays")
     spec = str(spec)
     if spec == "random":
-        msg = "calibrating on random data: the int8 model's accuracy is unknown"
-        warnings.warn(msg, stacklevel=3)
-        log("quantize: warning: " + msg)
+        log(f"{who}: warning: calibrating on random data: the result's accuracy is unknown")
         rng = np.random.default_rng(0)
         n = min(limit, 32)
         out = {}
@@ -267,3 +270,52 @@ def load_calibration(
         if labels.shape[0] != next(iter(out.values())).shape[0]:
             labels = None
     return CalibData(out, labels, str(path))
+
+
+@dataclass(frozen=True)
+class CalibDataConfig:
+    """Calibration-data options shared by the configs of passes that read it (subclass it)."""
+
+    calib: Optional[str] = None
+    calib_samples: int = 256
+    calib_size: Optional[Tuple[int, int]] = None
+    calib_mean: Tuple[float, ...] = (0.0,)
+    calib_std: Tuple[float, ...] = (1.0,)
+    calib_layout: str = "NCHW"
+    calib_bgr: bool = False
+
+    @property
+    def preprocess(self) -> Preprocess:
+        size = tuple(int(v) for v in self.calib_size) if self.calib_size else None
+        return Preprocess(size, tuple(self.calib_mean), tuple(self.calib_std), self.calib_layout,
+                          bool(self.calib_bgr))
+
+
+def tuple_arg(kind):
+    """argparse type: ``"a,b,c"`` (or ``"HxW"``) -> a tuple of ``kind``."""
+    def parse(text: str):
+        try:
+            return tuple(kind(v) for v in str(text).replace("x", ",").split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}")
+
+    return parse
+
+
+def add_calib_arguments(group) -> None:
+    """The ``--calib*`` flags (``CalibDataConfig`` fields), added once to the compile command."""
+    group.add_argument("--calib", dest="calib", metavar="DATA",
+                       help="calibration data: FILE.npz[:KEY], FILE.npy, an image folder, or 'random' "
+                            "(accuracy unknown)")
+    group.add_argument("--calib-samples", dest="calib_samples", type=int, metavar="N",
+                       help="calibration samples used at most (default 256)")
+    group.add_argument("--calib-size", dest="calib_size", type=tuple_arg(int), metavar="HxW",
+                       help="resize calibration images to HxW (default: the model input's)")
+    group.add_argument("--calib-mean", dest="calib_mean", type=tuple_arg(float), metavar="M[,M,M]",
+                       help="per-channel mean subtracted after x/255 (uint8 data and images)")
+    group.add_argument("--calib-std", dest="calib_std", type=tuple_arg(float), metavar="S[,S,S]",
+                       help="per-channel std divided after the mean")
+    group.add_argument("--calib-layout", dest="calib_layout", choices=("NCHW", "NHWC"),
+                       help="layout of the model input (default NCHW)")
+    group.add_argument("--calib-bgr", dest="calib_bgr", action="store_true", default=None,
+                       help="feed 3-channel images as BGR")
