@@ -7,18 +7,23 @@ Every pass is a plain ``tvm.transform.module_pass`` over a Relax IRModule and co
 
 from .calibrate import Calibrate, CalibrateConfig
 from .conv_transpose_to_conv import ConvTransposeToConv
+from .prune import Prune, PruneConfig
 from .quantize import Quantize, QuantizeConfig
 from .quantize_annotate import QuantizeAnnotate, QuantizeAnnotateConfig
 from .quantize_realize import QuantizeRealize, QuantizeRealizeConfig
+from .te_calls_to_ops import TeCallsToOps
 
 __all__ = [
     "Calibrate",
     "CalibrateConfig",
     "ConvTransposeToConv",
+    "Prune",
+    "PruneConfig",
     "Quantize",
     "QuantizeAnnotate",
     "QuantizeAnnotateConfig",
     "QuantizeConfig",
     "QuantizeRealize",
     "QuantizeRealizeConfig",
+    "TeCallsToOps",
 ]

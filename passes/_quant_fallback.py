@@ -35,7 +35,7 @@ def top1(outs: List[List[np.ndarray]], labels: np.ndarray) -> float:
 
 def choose_fallback(masked_mod, data, batch, names, float_outputs, n_eval, int8_layers,
                     layer_names: Dict[int, str], cfg, log) -> dict:
-    from .calibrate import _flatten, host_run  # the host runner lives with the pass
+    from ._host import flatten, host_run
 
     run = host_run(masked_mod)
     num_layers = max(layer_names) + 1
@@ -45,7 +45,7 @@ def choose_fallback(masked_mod, data, batch, names, float_outputs, n_eval, int8_
         mask[list(enabled)] = 1.0
         outs, seen = [], 0
         for feed, idx in data.batches(batch, limit=n_eval):
-            res = _flatten(run(*[feed[n] for n in names], mask))
+            res = flatten(run(*[feed[n] for n in names], mask))
             outs.append([r[: len(idx)] for r in res])
             seen += len(idx)
         return outs

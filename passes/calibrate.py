@@ -34,6 +34,7 @@ from tvm_compress.relax_utils import copy_module, relax_functions
 
 from . import _quant_common as qc
 from tvm_compress.calib_data import Preprocess, load_calibration
+from ._host import flatten, host_run, rebuild, with_outputs
 from ._quant_stats import ACT_DTYPES, METHODS, Observer, qparams, weight_qparams
 
 
@@ -103,36 +104,8 @@ class CalibrateConfig:
         return Preprocess(size, tuple(self.mean), tuple(self.std), self.layout, self.bgr)
 
 
-HOST = {"kind": "llvm"}
 # Samples on which the per-layer errors of the final int8 choice are measured.
 ERROR_SAMPLES = 8
-
-
-def host_run(mod: tvm.IRModule):
-    """Compile ``mod`` for the host CPU and return ``main`` as a numpy -> numpy callable."""
-    ex = tvm.compile(mod, tvm.target.Target(HOST))
-    vm = relax.VirtualMachine(ex, tvm.cpu())
-    fn = vm["main"]
-
-    def run(*arrays):
-        return _to_numpy(fn(*[tvm.runtime.tensor(np.asarray(a, order="C")) for a in arrays]))
-
-    return run
-
-
-def _to_numpy(obj):
-    if hasattr(obj, "numpy"):
-        return obj.numpy()
-    return [_to_numpy(o) for o in obj]
-
-
-def _flatten(obj) -> List[np.ndarray]:
-    if isinstance(obj, np.ndarray):
-        return [obj]
-    out = []
-    for o in obj:
-        out.extend(_flatten(o))
-    return out
 
 
 # ---- the calibration copy: observed activations become outputs --------------------------------
@@ -160,26 +133,12 @@ class _CalibrationCopy(PyExprMutator):
             super().visit_var_binding_(binding)
 
 
-def _with_outputs(func: relax.Function, extra: List[relax.Var], params=None) -> relax.Function:
-    body = func.body
-    new_body = relax.SeqExpr(body.blocks, relax.Tuple([body.body, relax.Tuple(list(extra))]))
-    return _rebuild(func, new_body, list(func.params) if params is None else params)
-
-
-def _rebuild(func: relax.Function, body, params) -> relax.Function:
-    body = relax.BlockBuilder().normalize(body)
-    new = relax.Function(params, body, None, func.is_pure, func.attrs)
-    if func.attrs is not None and "num_input" in func.attrs:
-        new = new.with_attr("num_input", len(params))
-    return new
-
-
 def calibration_module(mod: tvm.IRModule) -> Tuple[tvm.IRModule, List[int]]:
     """``main`` without markers, returning (original outputs, (observed activations...))."""
     copier = _CalibrationCopy(mod)
     func = copier.visit_expr(mod["main"])
     ids = [pid for pid, _ in copier.outputs]
-    func = _with_outputs(func, [v for _, v in copier.outputs])
+    func = with_outputs(func, [v for _, v in copier.outputs])
     copier.builder_.update_func(mod.get_global_var("main"), func)
     new_mod = copier.builder_.get()
     return qc.strip_report(new_mod), ids
@@ -273,9 +232,9 @@ def emit_qdq(mod, point_params, point_layer, layer_kind, int8_layers, with_mask=
     emitter = _QDQEmitter(mod, point_params, point_layer, layer_kind, int8_layers, mask, expose_points)
     func = emitter.visit_expr(mod["main"])
     if mask is not None:
-        func = _rebuild(func, func.body, list(func.params) + [mask])
+        func = rebuild(func, func.body, list(func.params) + [mask])
     if expose_points:
-        func = _with_outputs(func, [v for _, v in emitter.exposed])
+        func = with_outputs(func, [v for _, v in emitter.exposed])
     emitter.builder_.update_func(mod.get_global_var("main"), func)
     new_mod = _strip_markers(emitter.builder_.get(), keep="main")
     if expose_points:
@@ -357,7 +316,7 @@ class Calibrate:
                     if not hist and seen < n_err:
                         float_points[pid].append(arr)
                 if not hist and seen < max(n_eval, n_err):
-                    float_outputs.append([o[: len(idx)] for o in _flatten(model_out)])
+                    float_outputs.append([o[: len(idx)] for o in flatten(model_out)])
                 seen += len(idx)
             return seen
 
@@ -443,7 +402,7 @@ class Calibrate:
         seen = 0
         for feed, idx in data.batches(batch, limit=n_err):
             res = run(*[feed[n] for n in names])
-            got_out.append([o[: len(idx)] for o in _flatten(res[0])])
+            got_out.append([o[: len(idx)] for o in flatten(res[0])])
             for pid, arr in zip(pids, res[1]):
                 got_points[pid].append(arr[: len(idx)] if arr.ndim and arr.shape[0] == batch else arr)
             seen += len(idx)

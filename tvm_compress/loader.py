@@ -67,7 +67,7 @@ def import_passes(model: Optional[onnx.ModelProto] = None) -> list:
     before any compression pass."""
     from tvm import relax
 
-    from tvm_compress.passes import ConvTransposeToConv
+    from tvm_compress.passes import ConvTransposeToConv, TeCallsToOps
 
     from .layers import NameLayers, onnx_layer_names
 
@@ -76,6 +76,7 @@ def import_passes(model: Optional[onnx.ModelProto] = None) -> list:
         # Models with control flow import without dataflow blocks (the importer cannot open
         # one around an If); the passes rewrite dataflow blocks, so form them around the Ifs.
         relax.transform.ConvertToDataflow(),
+        TeCallsToOps(),
         ConvTransposeToConv(),
     ]
 
