@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -36,104 +35,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
-CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 .,:-/%()"
-
-
-def _rapidocr_models() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("rapidocr_onnxruntime")
-    if spec is None:
-        sys.exit("install the PP-OCR models: pip install --no-deps rapidocr-onnxruntime==1.4.4")
-    return Path(spec.origin).parent / "models"
-
-
-# ---- rendered text data ---------------------------------------------------------------------
-
-def _fonts():
-    from PIL import ImageFont  # noqa: F401
-
-    fonts = sorted(FONT_DIR.glob("DejaVu*.ttf"))
-    if not fonts:
-        sys.exit(f"no DejaVu fonts under {FONT_DIR} (apt-get install fonts-dejavu-core)")
-    return fonts
-
-
-def render_line(rng, fonts):
-    """A cropped text line (H, W, 3) uint8 on a noisy light/dark background."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    text = "".join(rng.choice(list(CHARS), rng.integers(4, 24))).strip() or "TEXT"
-    font = ImageFont.truetype(str(fonts[rng.integers(len(fonts))]), int(rng.integers(18, 40)))
-    dark_on_light = rng.random() < 0.8
-    bg = tuple(int(v) for v in (rng.integers(170, 256, 3) if dark_on_light else rng.integers(0, 90, 3)))
-    fg = tuple(int(v) for v in (rng.integers(0, 80, 3) if dark_on_light else rng.integers(180, 256, 3)))
-    left, top, right, bottom = font.getbbox(text)
-    pad = int(rng.integers(2, 8))
-    img = Image.new("RGB", (right - left + 2 * pad, bottom - top + 2 * pad), bg)
-    ImageDraw.Draw(img).text((pad - left, pad - top), text, font=font, fill=fg)
-    arr = np.asarray(img).astype("float32")
-    arr += rng.normal(0, rng.uniform(0, 12), arr.shape)
-    return np.clip(arr, 0, 255).astype(np.uint8)
-
-
-def cls_input(img: np.ndarray) -> np.ndarray:
-    """PP-OCR angle classifier preprocessing: height 48, width <= 192, (x/255 - 0.5) / 0.5."""
-    from PIL import Image
-
-    h, w = img.shape[:2]
-    new_w = min(192, int(math.ceil(48 * w / h)))
-    resized = np.asarray(Image.fromarray(img).resize((new_w, 48), Image.BILINEAR)).astype("float32")
-    x = (resized / 255.0 - 0.5) / 0.5
-    out = np.zeros((3, 48, 192), "float32")
-    out[:, :, :new_w] = x.transpose(2, 0, 1)
-    return out
-
-
-def cls_data(n: int, seed: int):
-    rng = np.random.default_rng(seed)
-    fonts = _fonts()
-    xs, ys = [], []
-    for i in range(n):
-        img = render_line(rng, fonts)
-        flip = i % 2 == 1
-        if flip:
-            img = img[::-1, ::-1]
-        xs.append(cls_input(np.ascontiguousarray(img)))
-        ys.append(int(flip))
-    return np.stack(xs), np.array(ys)
-
-
-def det_data(n: int, seed: int, size: int = 320):
-    """Pages of rendered text lines, PP-OCR det preprocessing (ImageNet mean/std on x/255)."""
-    rng = np.random.default_rng(seed)
-    fonts = _fonts()
-    mean = np.array([0.485, 0.456, 0.406], "float32").reshape(3, 1, 1)
-    std = np.array([0.229, 0.224, 0.225], "float32").reshape(3, 1, 1)
-    out = []
-    for _ in range(n):
-        base = rng.integers(120, 256, 3).astype("float32")
-        grad = np.linspace(0, rng.uniform(-60, 60), size, dtype="float32")[:, None, None]
-        page = np.clip(base[None, None, :] + grad + rng.normal(0, 6, (size, size, 3)), 0, 255)
-        for _ in range(int(rng.integers(3, 9))):
-            line = render_line(rng, fonts).astype("float32")
-            lh, lw = line.shape[:2]
-            if lw > size or lh > size:
-                line = line[: min(lh, size), : min(lw, size)]
-                lh, lw = line.shape[:2]
-            y, x = int(rng.integers(0, size - lh + 1)), int(rng.integers(0, size - lw + 1))
-            page[y : y + lh, x : x + lw] = line
-        x = (page.transpose(2, 0, 1) / 255.0 - mean) / std
-        out.append(x.astype("float32"))
-    return np.stack(out)
-
-
-def demo_data():
-    data = np.load(REPO / "tvm_compress" / "data" / "fashion_test.npz")
-    calib = (data["calib"].astype("float32") / 255.0)[:, None]
-    test = (data["images"].astype("float32") / 255.0)[:, None]
-    return calib, data["calib_labels"], test, data["labels"]
+from bench_data import (  # noqa: E402  (scripts/ is on sys.path when run as a script)
+    accuracy_vs_reference as _accuracy,
+    cls_data,
+    demo_data,
+    det_data,
+    rapidocr_models as _rapidocr_models,
+)
 
 
 # ---- onnxruntime static int8 ----------------------------------------------------------------
@@ -187,21 +95,6 @@ def ort_median_ms(path, name, x, runs):
 # Pause before timing each engine: the previous one's worker threads spin for a while after a
 # run and take a core from the next on this 2-core machine.
 _SETTLE_S = 0.2
-
-
-def _accuracy(key, f_out, q_out, labels) -> dict:
-    """Agreement of quantized outputs with the float build (and top-1 with labels)."""
-    if key == "det":
-        a, b = q_out > 0.3, f_out > 0.3
-        return {"rel_l2_vs_float": float(np.linalg.norm(q_out - f_out) / np.linalg.norm(f_out)),
-                "text_mask_iou_vs_float": float((a & b).sum() / max((a | b).sum(), 1))}
-    n = len(f_out)
-    fa, qa = f_out.reshape(n, -1).argmax(1), q_out.reshape(n, -1).argmax(1)
-    out = {"same_class_as_float_pct": 100 * float(np.mean(fa == qa))}
-    if labels is not None:
-        out["float_top1_pct"] = 100 * float(np.mean(fa == labels[0]))
-        out["top1_pct"] = 100 * float(np.mean(qa == labels[0]))
-    return out
 
 
 def tvm_outputs(lib: Path, xs):
