@@ -114,7 +114,6 @@ class _Parametrized:
         param_vars = {n: (relax.Var(f"w{k}", relax.TensorType(self.params[n][0].shape, "float32")),
                           relax.Var(f"b{k}", relax.TensorType(self.params[n][1].shape, "float32")))
                       for k, n in enumerate(targets)}
-        self.order = []  # (layer, "x" | "y") of the exposed values, as main returns them
 
         @mutator
         class _Lift(PyExprMutator):
@@ -145,9 +144,9 @@ class _Parametrized:
         if func.attrs is not None and "num_input" in func.attrs:
             func = func.with_attr("num_input", len(func.params))
         lift.builder_.update_func(mod.get_global_var("main"), func)
-        exposed_vars = [v for _, _, v in lift.exposed]
-        self.order = [(n, kind) for n, kind, _ in lift.exposed]
-        self.module, _ = expose(lift.builder_.get(), exposed_vars)
+        self.exposed = lift.exposed  # (layer, "x" | "y", var)
+        self.param_names = [p.name for p in func.params]
+        self.module, self.order = expose(lift.builder_.get(), [v for _, _, v in lift.exposed])
         self.batch = _batch(pruned)
 
     def capture(self, run, name, data, idx, names):
@@ -155,8 +154,16 @@ class _Parametrized:
         extra = [a for n in self.targets for a in self.params[n]]
         outs = _run_all(run, data, idx, names, self.batch, extra)
         n_model = len(outs[0]) - len(self.order)
-        pick = {kind: n_model + k for k, (n, kind) in enumerate(self.order) if n == name}
-        return (np.concatenate([o[pick["x"]] for o in outs]), np.concatenate([o[pick["y"]] for o in outs]))
+        got = {}
+        for layer, kind, var in self.exposed:
+            if layer != name:
+                continue
+            if var.name in self.param_names and not any(v.same_as(var) for v in self.order):
+                got[kind] = np.concatenate([data.inputs[var.name][idx]])  # a model input
+            else:
+                k = next(i for i, v in enumerate(self.order) if v.same_as(var))
+                got[kind] = np.concatenate([o[n_model + k] for o in outs])
+        return got["x"], got["y"]
 
 
 def _batch(mod) -> int:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
+import numpy as np
 import tvm
 from tvm import relax
 
@@ -105,7 +106,8 @@ def compile(  # noqa: A001  (the product's verb)
         inputs = verify.random_inputs(prepared.inputs, seed=0)
         input_source = "random (seed 0)"
 
-    env = PassEnv(inputs=list(prepared.inputs), facts=family.facts(profile), log=log)
+    env = PassEnv(inputs=list(prepared.inputs), facts=family.facts(profile), log=log,
+                  measure=lambda m, xs: measure_on_target(m, xs, profile, rpc))
     # Builds (and so checks) every pass config before any work.
     flow_pass = relax.get_pipeline(
         pipeline.PIPELINE, target=profile, passes=names, configs=pass_configs, env=env,
@@ -186,6 +188,27 @@ def compile(  # noqa: A001  (the product's verb)
     if report is not None:
         write_json(report, rep)
     return rep
+
+
+def measure_on_target(mod: tvm.IRModule, inputs, profile: TargetProfile, rpc=None,
+                      repeat: int = 30) -> Optional[float]:
+    """Median ms of ``mod``'s main built like the model (kernel hooks, default schedules) and
+    run where ``profile`` runs; None where that says nothing of the target's speed."""
+    import tempfile
+
+    family = get_family(profile.family)
+    if rpc is None and not (family.can_run(profile)[0] and family.latency_is_meaningful(profile)):
+        return None
+    flow = tvm.transform.Sequential([pipeline.Lower(profile), pipeline.Schedule(profile)])
+    executable = tvm.compile(flow(mod), profile.tvm_target())
+    with tempfile.TemporaryDirectory(prefix="tvmc-measure-") as tmp:
+        lib = Path(tmp) / "candidate.so"
+        family.export(executable, lib, profile)
+        if rpc is not None:
+            times = remote.run_remote(rpc, family, lib, inputs, repeat=repeat).times_ms
+        else:
+            times = family.run(profile, lib, inputs, repeat=repeat, warmup=3).times_ms
+    return float(np.median(times)) if times else None
 
 
 def _stage_line(name: str, profile: TargetProfile, tvm_target) -> Optional[str]:
