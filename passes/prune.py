@@ -17,11 +17,15 @@ reconstructs each consumer's weights by least squares on calibration activations
 calibration samples before and after recovery.
 
 ``block``: 1x1 convolutions and dense layers with constant weights lose their smallest blocks
-(``block`` rows x columns, by L2 norm) until ``ratio`` of each weight is zero. The weights stay
-dense in the IR, marked in the module attribute ``SPARSE_ATTR``; a target family whose kernel
-hooks offer block-sparse kernels turns them into BSR kernels with the pattern baked in, where
-they measure faster, and reports the decision. Elsewhere the zeros stay dense (no speed-up,
-and the report says so).
+(``block`` rows x columns, by L2 norm; default: the target's ``PassEnv.facts.sparse_block``)
+until ``ratio`` of each weight is zero. The weights stay dense in the IR; the layers are marked
+in the module attribute ``SPARSE_LAYERS_ATTR``. Each layer is built alone both ways for the
+target (``PassEnv.measure``: tuned like the model) and timed; only where the sparse kernel
+measured at least ``min_speedup`` times faster is it marked ``"kernel": "sparse"``, and the
+target's sparse kernel hook then runs it from BSR storage. ``min_speedup`` 0 makes every
+eligible layer sparse unmeasured; where the target cannot be timed here (emulated boards
+without ``--rpc``), layers stay dense unless forced that way. The report gives each layer's
+sparsity, kernel and both times.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from tvm_compress.errors import PassOptionError
 from tvm_compress.layers import layer_name, op_kind
 from tvm_compress.pass_registry import PassEnv, PassPreset, register_pass
 from tvm_compress.relax_utils import const_value, copy_module, is_constant, relax_functions, tensor_shape
+from tvm_compress.specs import SPARSE_LAYERS_ATTR
 
 from ._channel_groups import ChannelGroups, Producer, positions, prune
 from ._prune_recover import recover
@@ -46,9 +51,6 @@ from ._prune_recover import recover
 KINDS = ("channel", "block")
 CRITERIA = ("l1", "l2", "bn-scale")
 RECOVERY = ("none", "bn", "lstsq")
-# Module attribute naming the block-sparse candidates: {layer: {"block": [r, c], "sparsity": s,
-# "min_speedup": m}} (JSON); read by the targets' sparse kernel hook.
-SPARSE_ATTR = "tvm_compress.sparse"
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ class PruneConfig(CalibDataConfig):
     criterion: ``l1``, ``l2`` or ``bn-scale`` (channel ranking).
     recover: ``none``, ``bn`` or ``lstsq`` (channel kind; needs ``calib``).
     min_speedup: a block-sparse layer runs sparse only where its kernel measured at least this
-        much faster than the dense one.
+        much faster than the dense one (0: sparse wherever the kernels can, unmeasured).
     """
 
     kind: str = "channel"
@@ -85,8 +87,8 @@ class PruneConfig(CalibDataConfig):
             raise PassOptionError(f"--prune-recover must be one of {', '.join(RECOVERY)}, got {self.recover!r}")
         if self.block is not None and (len(self.block) != 2 or min(int(v) for v in self.block) < 1):
             raise PassOptionError(f"--prune-block must be RxC with R, C >= 1, got {self.block!r}")
-        if float(self.min_speedup) <= 0:
-            raise PassOptionError(f"--prune-min-speedup must be > 0, got {self.min_speedup}")
+        if float(self.min_speedup) < 0:
+            raise PassOptionError(f"--prune-min-speedup must be >= 0, got {self.min_speedup}")
         if self.recover != "none" and self.kind != "channel":
             raise PassOptionError("--prune-recover applies to --prune-kind channel")
 
@@ -216,23 +218,66 @@ class Prune:
     # -- block-sparse ---------------------------------------------------------------------------
     def _blocks(self, mod: tvm.IRModule) -> tvm.IRModule:
         cfg, env = self.config, self.env
-        block = tuple(int(v) for v in cfg.block) if cfg.block else (max(1, int(env.facts.vector_lanes)), 1)
+        if env.facts.sparse_block is None:
+            raise PassOptionError(
+                f"--prune-kind block: target {env.facts.target or '?'} has no block-sparse kernels "
+                "(use --prune-kind channel)")
+        block = tuple(int(v) for v in (cfg.block or env.facts.sparse_block))
         out = copy_module(mod)
-        marks, rows, names = {}, [], []
+        found = []
         for gv, func in relax_functions(mod):
-            new_func, found = _BlockPruner(block, cfg).run(out, func)
+            new_func, layers = _BlockPruner(block, cfg).run(out, func)
             out[gv] = new_func
-            for name, rec in found:
-                names.append(name)
-                rows.append(rec)
-                if "sparsity" in rec:
-                    marks[name] = {"block": list(block), "sparsity": rec["sparsity"],
-                                   "min_speedup": float(cfg.min_speedup)}
-        self._check_names(names)
-        env.log(f"prune: {len(marks)} of {len(rows)} 1x1-conv/dense layers block-sparse "
-                f"({block[0]}x{block[1]} blocks)")
-        env.report["prune"] = {"kind": "block", "block": list(block), "layers": rows}
-        return out.with_attr(SPARSE_ATTR, json.dumps(marks)) if marks else out
+            found += layers
+        self._check_names([name for name, _, _ in found])
+        marks, rows = {}, []
+        for name, rec, call in found:
+            rows.append(rec)
+            if call is not None:
+                rec.update(self._decide(name, call, block, rec["sparsity"]))
+                if rec["kernel"] == "dense":  # the zeros stay stored and multiplied
+                    rec["macs"][1], rec["weight_bytes"][1] = rec["macs"][0], rec["weight_bytes"][0]
+                marks[name] = {"block": list(block), "sparsity": rec["sparsity"], "kernel": rec["kernel"]}
+        n_sparse = sum(1 for m in marks.values() if m["kernel"] == "sparse")
+        env.log(f"prune: {len(marks)} of {len(rows)} 1x1-conv/dense layers block-pruned "
+                f"({block[0]}x{block[1]} blocks), {n_sparse} run sparse kernels")
+        env.report["prune"] = {"kind": "block", "block": list(block), "min_speedup": float(cfg.min_speedup),
+                               "layers": rows}
+        return out.with_attr(SPARSE_LAYERS_ATTR, json.dumps(marks)) if marks else out
+
+    def _decide(self, name: str, call: relax.Call, block, sparsity: float) -> dict:
+        """Which kernel runs the layer: its sparse kernel timed against the dense one, alone."""
+        cfg, env = self.config, self.env
+        if float(cfg.min_speedup) == 0:
+            return {"kernel": "sparse", "reason": "forced (--prune-min-speedup 0), not measured"}
+        dense_mod = _single_layer(call)
+        mark = {name: {"block": list(block), "sparsity": sparsity, "kernel": "sparse"}}
+        x = np.random.default_rng(0).standard_normal(tensor_shape(call.args[0])).astype("float32")
+        times = env.measure([dense_mod, dense_mod.with_attr(SPARSE_LAYERS_ATTR, json.dumps(mark))], [x])
+        if times is None:
+            return {"kernel": "dense", "reason": "not measured (the target cannot be timed here: "
+                    "use --rpc, or --prune-min-speedup 0 to force sparse kernels)"}
+        dense_ms, sparse_ms = times
+        speedup = dense_ms / sparse_ms if sparse_ms > 0 else float("inf")
+        rec = {"dense_ms": round(dense_ms, 4), "sparse_ms": round(sparse_ms, 4), "speedup": round(speedup, 3)}
+        if speedup >= float(cfg.min_speedup):
+            rec.update(kernel="sparse", reason=f"sparse kernel measured {speedup:.2f}x faster")
+        else:
+            rec.update(kernel="dense", reason=f"sparse kernel measured {speedup:.2f}x, below "
+                       f"--prune-min-speedup {cfg.min_speedup:g}")
+        env.log(f"prune: {name}: {rec['kernel']} (dense {dense_ms:.3f} ms, sparse {sparse_ms:.3f} ms)")
+        return rec
+
+
+def _single_layer(call: relax.Call) -> tvm.IRModule:
+    """A module whose main runs only ``call`` (its constant weight kept) on a fresh input."""
+    x = relax.Var("x", relax.TensorType(tensor_shape(call.args[0]), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit_output(relax.Call(call.op, [x, *call.args[1:]], call.attrs, call.ty_args, call.span))
+        bb.emit_func_output(y)
+    return bb.get()
 
 
 def _layer_rows(func, groups: ChannelGroups, keep) -> List[dict]:
@@ -281,7 +326,7 @@ class _BlockPruner:
                 rec = outer._layer(call, len(found))
                 if rec is None:
                     return call
-                found.append(rec[:2])
+                found.append(rec)
                 return rec[2] if rec[2] is not None else call
 
         return _Zero(mod).visit_expr(func), found
@@ -292,8 +337,10 @@ class _BlockPruner:
             return None
         w = const_value(call.args[1])
         name = layer_name(call) or f"{kind}_{index}"
-        if kind == "conv2d" and (w.ndim != 4 or w.shape[2:] != (1, 1) or int(call.attrs.groups) != 1):
-            return None
+        if kind == "conv2d" and (w.ndim != 4 or w.shape[2:] != (1, 1) or int(call.attrs.groups) != 1
+                                 or any(int(v) != 1 for v in (*call.attrs.strides, *call.attrs.dilation))
+                                 or any(int(v) != 0 for v in call.attrs.padding)):
+            return None  # the sparse kernels take stride-1 unpadded 1x1 convolutions
         if kind == "matmul" and w.ndim != 2:
             return None
         # As [out, in]: conv OI11 -> OI; matmul [K, N] -> [N, K].
@@ -308,7 +355,12 @@ class _BlockPruner:
                 f"{w2.shape[1]} in)")
         pruned, sparsity = zero_blocks(w2, (r, c), float(ratio))
         new_w = pruned.reshape(w.shape) if kind == "conv2d" else np.ascontiguousarray(pruned.T)
-        rec = {"name": name, "op": kind, "shape_out_in": list(w2.shape), "sparsity": sparsity}
+        kept = int(np.count_nonzero(np.any(pruned.reshape(w2.shape[0] // r, r, w2.shape[1] // c, c) != 0,
+                                           axis=(1, 3)))) * r * c
+        uses = int(np.prod(tensor_shape(call))) // w2.shape[0]  # output pixels / batch rows
+        rec = {"name": name, "op": kind, "shape_out_in": list(w2.shape), "sparsity": sparsity,
+               "params": [int(w2.size), kept], "macs": [uses * int(w2.size), uses * kept],
+               "weight_bytes": [int(w2.size) * 4, kept * 4]}
         new_call = relax.Call(call.op, [call.args[0], relax.const(new_w)], call.attrs, call.ty_args, call.span)
         return name, rec, new_call
 

@@ -15,11 +15,12 @@ import numpy as np
 from .base import RunResult, TargetFamily, TargetProfile, register_family
 from .cpu_schedule import cpu_default_schedule
 from .int8_hook import INT8_DOT
+from .sparse_hook import BLOCK_SPARSE
 
 
 class _ArmFamily(TargetFamily):
     arch = ""
-    kernel_hooks = (INT8_DOT,)
+    kernel_hooks = (INT8_DOT, BLOCK_SPARSE)
 
     def tvm_target(self, profile: TargetProfile):
         spec = dict(profile.target)

@@ -19,7 +19,8 @@ _log = logging.getLogger("tvm_compress")
 
 
 def _marked_block(sch: s_tir.Schedule):
-    root = sch.get_sblock("root")
+    # The root block is "root", except in a function that is one extern op (named after it).
+    root = sch.get_sblock(sch.mod["main"].body.block.name_hint)
     for block in sch.get_child_blocks(root):
         if KERNEL_ATTR in sch.get(block).annotations:
             return block

@@ -17,6 +17,7 @@ from tvm_compress.errors import TargetError
 from .base import RunResult, TargetFamily, TargetProfile, register_family
 from .cpu_schedule import cpu_default_schedule
 from .int8_hook import INT8_DOT
+from .sparse_hook import BLOCK_SPARSE
 from .local import run_in_process
 
 
@@ -28,7 +29,7 @@ def host_cpu() -> str:
 @register_family
 class X86Family(TargetFamily):
     name = "x86"
-    kernel_hooks = (INT8_DOT,)
+    kernel_hooks = (INT8_DOT, BLOCK_SPARSE)
 
     def tvm_target(self, profile: TargetProfile) -> tvm.target.Target:
         spec = dict(profile.target)

@@ -25,7 +25,7 @@ quiet = lambda m: None  # noqa: E731
 
 
 def _env(lanes=4):
-    return PassEnv(facts=TargetFacts(vector_lanes=lanes), log=quiet)
+    return PassEnv(facts=TargetFacts(vector_lanes=lanes, sparse_block=(lanes, 1)), log=quiet)
 
 
 @I.ir_module

@@ -107,7 +107,7 @@ def compile(  # noqa: A001  (the product's verb)
         input_source = "random (seed 0)"
 
     env = PassEnv(inputs=list(prepared.inputs), facts=family.facts(profile), log=log,
-                  measure=lambda m, xs: measure_on_target(m, xs, profile, rpc))
+                  measure=lambda m, xs: measure_on_target(m, xs, profile, rpc, trials=tune_trials))
     # Builds (and so checks) every pass config before any work.
     flow_pass = relax.get_pipeline(
         pipeline.PIPELINE, target=profile, passes=names, configs=pass_configs, env=env,
@@ -190,25 +190,33 @@ def compile(  # noqa: A001  (the product's verb)
     return rep
 
 
-def measure_on_target(mod: tvm.IRModule, inputs, profile: TargetProfile, rpc=None,
-                      repeat: int = 30) -> Optional[float]:
-    """Median ms of ``mod``'s main built like the model (kernel hooks, default schedules) and
-    run where ``profile`` runs; None where that says nothing of the target's speed."""
+def measure_on_target(mods: Sequence[tvm.IRModule], inputs, profile: TargetProfile, rpc=None,
+                      rounds: int = 5, repeat: int = 10, trials: int = 0) -> Optional[list]:
+    """Median ms of each module's main built like the model (kernel hooks; tuned with
+    ``trials``, records cached per module; default schedules) and run where ``profile`` runs,
+    the candidates timed in turn for ``rounds`` rounds; None where that says nothing of the
+    target's speed."""
     import tempfile
 
     family = get_family(profile.family)
     if rpc is None and not (family.can_run(profile)[0] and family.latency_is_meaningful(profile)):
         return None
-    flow = tvm.transform.Sequential([pipeline.Lower(profile), pipeline.Schedule(profile)])
-    executable = tvm.compile(flow(mod), profile.tvm_target())
+    runner = remote.tuning_runner(rpc) if rpc else None
+    flow = tvm.transform.Sequential([pipeline.Lower(profile), pipeline.Schedule(profile, trials, runner=runner)])
+    times: list = [[] for _ in mods]
     with tempfile.TemporaryDirectory(prefix="tvmc-measure-") as tmp:
-        lib = Path(tmp) / "candidate.so"
-        family.export(executable, lib, profile)
-        if rpc is not None:
-            times = remote.run_remote(rpc, family, lib, inputs, repeat=repeat).times_ms
-        else:
-            times = family.run(profile, lib, inputs, repeat=repeat, warmup=3).times_ms
-    return float(np.median(times)) if times else None
+        libs = []
+        for k, mod in enumerate(mods):
+            libs.append(Path(tmp) / f"candidate{k}.so")
+            family.export(tvm.compile(flow(mod), profile.tvm_target()), libs[-1], profile)
+        for r in range(rounds):
+            for k in [(r + j) % len(libs) for j in range(len(libs))]:  # order rotated each round
+                if rpc is not None:
+                    run = remote.run_remote(rpc, family, libs[k], inputs, repeat=repeat)
+                else:
+                    run = family.run(profile, libs[k], inputs, repeat=repeat, warmup=2)
+                times[k] += list(run.times_ms)
+    return [float(np.median(t)) for t in times]
 
 
 def _stage_line(name: str, profile: TargetProfile, tvm_target) -> Optional[str]:

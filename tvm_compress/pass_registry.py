@@ -19,9 +19,9 @@ from .errors import PassOptionError, lookup
 from .specs import InputSpec, TargetFacts
 
 
-# (module, its main's inputs) -> median milliseconds of main on the target, or None where the
-# target cannot be timed here (emulated, no device).
-MeasureFn = Callable[[tvm.IRModule, List[Any]], Optional[float]]
+# (candidate modules, their main's inputs) -> median milliseconds of each main on the target,
+# or None where the target cannot be timed here (emulated, no device).
+MeasureFn = Callable[[Sequence[tvm.IRModule], List[Any]], Optional[List[float]]]
 
 
 @dataclass
@@ -29,10 +29,11 @@ class PassEnv:
     """What a preset may need beyond its config: the model's inputs, the target's facts, a log,
     and a way to time candidate kernels on the target.
 
-    ``measure(module, inputs)`` builds a small Relax module the way the compile flow builds the
-    model for the target (its kernel hooks included, default schedules) and times its ``main``
-    where the target runs (here, or a board over RPC); None when it cannot be timed (emulated
-    targets, no measuring at all). Passes decide between variants of a layer with it.
+    ``measure(modules, inputs)`` builds small Relax modules (variants of one layer) the way the
+    compile flow builds the model for the target (its kernel hooks, its tuning budget) and times
+    their ``main`` where the target runs (here, or a board over RPC), in interleaved rounds so
+    that load on the machine slows all alike; None when it cannot time them (emulated targets,
+    no measuring at all). Passes decide between variants of a layer with it.
     ``report`` is a dict the preset fills with what the user should see in REPORT.json under
     the preset's name (per-layer choices, errors, fallbacks ...).
     """
@@ -41,7 +42,7 @@ class PassEnv:
     facts: TargetFacts = field(default_factory=TargetFacts)
     log: Callable[[str], None] = lambda msg: None
     report: Dict[str, Any] = field(default_factory=dict)
-    measure: MeasureFn = lambda mod, inputs: None
+    measure: MeasureFn = lambda mods, inputs: None
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,8 @@ class TargetFacts:
         ``pmaddwd``, ``sdot``), or None for the generic int8 kernels.
     int8_act_dtypes: activation dtypes those kernels take.
     vector_popcount: the ISA counts bits in vector registers (NEON ``cnt``, AVX-512 VPOPCNTDQ).
+    sparse_block: (rows, columns) of the blocks the target's block-sparse float kernels take by
+        default, or None when the target has no such kernels.
     features: the preset's feature table as written.
     """
 
@@ -41,4 +43,22 @@ class TargetFacts:
     int8_dot: Optional[str] = None
     int8_act_dtypes: Tuple[str, ...] = ("int8", "uint8")
     vector_popcount: bool = False
+    sparse_block: Optional[Tuple[int, int]] = None
     features: Dict[str, Any] = field(default_factory=dict)
+
+
+# Module attribute (JSON) naming the layers whose constant weights are block sparse:
+# {layer: {"block": [r, c], "sparsity": s, "kernel": "sparse" | "dense", ...}}. The pruning pass
+# writes it; a target's sparse kernel hook runs the "sparse" ones with its kernels; other passes
+# leave those layers in float32.
+SPARSE_LAYERS_ATTR = "tvm_compress.sparse"
+
+
+def sparse_layers(mod) -> Dict[str, Dict[str, Any]]:
+    """The block-sparse layer marks of ``mod`` (an IRModule), {} when none."""
+    import json
+
+    attrs = getattr(mod, "attrs", None)
+    if attrs is None or SPARSE_LAYERS_ATTR not in attrs:
+        return {}
+    return json.loads(str(attrs[SPARSE_LAYERS_ATTR]))
