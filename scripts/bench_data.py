@@ -41,6 +41,11 @@ def fonts():
 
 def render_line(rng, font_files):
     """A cropped text line (H, W, 3) uint8 on a noisy light/dark background."""
+    return render_text_line(rng, font_files)[0]
+
+
+def render_text_line(rng, font_files):
+    """``render_line``'s image and the text it shows."""
     from PIL import Image, ImageDraw, ImageFont
 
     text = "".join(rng.choice(list(CHARS), rng.integers(4, 24))).strip() or "TEXT"
@@ -54,7 +59,7 @@ def render_line(rng, font_files):
     ImageDraw.Draw(img).text((pad - left, pad - top), text, font=font, fill=fg)
     arr = np.asarray(img).astype("float32")
     arr += rng.normal(0, rng.uniform(0, 12), arr.shape)
-    return np.clip(arr, 0, 255).astype(np.uint8)
+    return np.clip(arr, 0, 255).astype(np.uint8), text
 
 
 def cls_input(img: np.ndarray) -> np.ndarray:
@@ -82,6 +87,51 @@ def cls_data(n: int, seed: int):
         xs.append(cls_input(np.ascontiguousarray(img)))
         ys.append(int(flip))
     return np.stack(xs), np.array(ys)
+
+
+def rec_input(img: np.ndarray, width: int = 320) -> np.ndarray:
+    """PP-OCRv4 recognizer preprocessing: height 48, width <= ``width``, (x/255 - 0.5) / 0.5."""
+    from PIL import Image
+
+    h, w = img.shape[:2]
+    new_w = min(width, int(math.ceil(48 * w / h)))
+    resized = np.asarray(Image.fromarray(img).resize((new_w, 48), Image.BILINEAR)).astype("float32")
+    out = np.zeros((3, 48, width), "float32")
+    out[:, :, :new_w] = ((resized / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)
+    return out
+
+
+def rec_data(n: int, seed: int):
+    """Rendered text lines for the recognizer and their texts."""
+    rng = np.random.default_rng(seed)
+    font_files = fonts()
+    xs, texts = [], []
+    for _ in range(n):
+        img, text = render_text_line(rng, font_files)
+        xs.append(rec_input(img))
+        texts.append(text)
+    return np.stack(xs), texts
+
+
+def rec_charset(model_path) -> list:
+    """The recognizer's CTC classes: blank, the characters in its metadata, space."""
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(model_path), load_external_data=False).metadata_props}
+    return ["", *meta["character"].splitlines(), " "]
+
+
+def ctc_decode(probs: np.ndarray, charset) -> list:
+    """Greedy CTC: per time step the best class, repeats merged, blanks dropped."""
+    out = []
+    for seq in probs.argmax(-1).reshape(len(probs), -1):
+        chars, prev = [], -1
+        for k in seq:
+            if k != prev and k != 0:
+                chars.append(charset[k])
+            prev = k
+        out.append("".join(chars))
+    return out
 
 
 def det_data(n: int, seed: int, size: int = 320):

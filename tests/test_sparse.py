@@ -4,7 +4,6 @@ sparse-or-dense decision, the pruned library against onnxruntime on the same zer
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import onnx
