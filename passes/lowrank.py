@@ -50,7 +50,7 @@ _MAX_ROWS = 32768
 
 @dataclass(frozen=True)
 class LowRankConfig(CalibDataConfig):
-    """energy: spectral energy kept, in (0, 1] (default 0.9 when neither ratio nor rank is
+    """energy: spectral energy kept, in (0, 1] (default 0.99 when neither ratio nor rank is
     given); ratio: parameters of the split over the original's, in (0, 1); rank: a fixed rank;
     method: ``svd``, ``whitened`` or ``auto`` (whitened when calibration data is given);
     conv: ``channel`` or ``tucker2``; skip: layers left alone (names); min_speedup: the split
@@ -129,7 +129,7 @@ def _rank(s: np.ndarray, cfg: LowRankConfig, params_full: int, params_per_rank: 
             raise PassOptionError(
                 f"--lowrank-ratio {cfg.ratio} leaves a rank < 1 for a layer of {params_full} parameters")
     else:
-        energy = 0.9 if cfg.energy is None else float(cfg.energy)
+        energy = 0.99 if cfg.energy is None else float(cfg.energy)
         cum = np.cumsum(s.astype(np.float64) ** 2)
         r = int(np.searchsorted(cum, energy * cum[-1] * (1 - 1e-12)) + 1)
     return _round_rank(r, lanes, limit)
@@ -409,7 +409,7 @@ def _apply(mod, splits: Dict[str, tuple]):
 
 def add_arguments(group) -> None:
     group.add_argument("--lowrank-energy", dest="lowrank_energy", type=float, metavar="E",
-                       help="spectral energy kept per layer, in (0, 1] (default 0.9)")
+                       help="spectral energy kept per layer, in (0, 1] (default 0.99)")
     group.add_argument("--lowrank-ratio", dest="lowrank_ratio", type=float, metavar="R",
                        help="parameters of the split over the original's, per layer, in (0, 1)")
     group.add_argument("--lowrank-rank", dest="lowrank_rank", type=int, metavar="N",
@@ -423,7 +423,8 @@ def add_arguments(group) -> None:
                        type=lambda t: tuple(v.strip() for v in t.split(",") if v.strip()),
                        help="layers left whole, comma-separated names")
     group.add_argument("--lowrank-min-speedup", dest="lowrank_min_speedup", type=float, metavar="S",
-                       help="split a layer only where its kernels measure S times faster (default 1.05)")
+                       help="split a layer only where its kernels measure S times faster (default 1.05; "
+                            "0: split every candidate, unmeasured)")
 
 
 def _config_from_args(args):

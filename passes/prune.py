@@ -421,7 +421,8 @@ def add_arguments(group) -> None:
                        help="repair without training, on --calib data: bn (per-channel statistics) "
                             "or lstsq (least-squares weights of the next layers); default none")
     group.add_argument("--prune-min-speedup", dest="prune_min_speedup", type=float, metavar="S",
-                       help="block kind: a layer runs sparse only where measured S times faster (default 1.1)")
+                       help="block kind: a layer runs sparse only where measured S times faster than dense "
+                            "(default 1.1; 0: sparse wherever possible, unmeasured)")
 
 
 def _config_from_args(args):

@@ -152,6 +152,7 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
 
 def _quiet_console_logs() -> None:
     """MetaSchedule prints every round to stdout; keep that in its log files only."""
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     for name, logger in list(logging.Logger.manager.loggerDict.items()):
         if name.startswith("tvm.s_tir.meta_schedule") and isinstance(logger, logging.Logger):
             for handler in logger.handlers:
@@ -217,6 +218,9 @@ def _tune_locked(mod, target, trials, work_dir, log, runner) -> TuningSummary:
     ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
     for handler in [h for h in ms_logger.handlers if h.get_name() is None]:
         ms_logger.removeHandler(handler)
+    # Its console handler takes this logger's level when the loggers are (re)created: WARNING
+    # keeps "Logging directory: ..." and every round out of the terminal (they stay in the files).
+    ms_logger.setLevel(logging.WARNING)
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
         tasks, str(work_dir), seed=0
     )
