@@ -4,6 +4,7 @@
     python scripts/bench_lowrank.py dense [--trials 128] [--target x86-avx2]
     python scripts/bench_lowrank.py error [--models demo,rec] [--ranks 8,16,32,64]
     python scripts/bench_lowrank.py models [--models demo,rec] [--energies 0.9,0.95,0.98,0.99]
+    python scripts/bench_lowrank.py speed [--models demo] [--energy 0.99] [--trials 64]
 
 ``dense``: batch-1 dense layers ``x @ W`` against their split ``(x @ A) @ B`` at 50 % of the
 parameters (rank rounded to the target's lanes), both built for ``--target`` the way the compile
@@ -19,6 +20,10 @@ OUT/lowrank_error.png.
 each energy with the whitened method on calibration data (every candidate split, unmeasured:
 ``min_speedup 0``), built for the host without tuning (numbers, not speed): accuracy, params and
 MACs of the split layers before/after.
+
+``speed``: the float model and ``lowrank`` (whitened at ``--energy``, the pass deciding per layer
+by timing on the target) compiled by ``tvm_compress.compile`` with the same trial budget, then
+timed in this process in interleaved rounds (``bench_prune.py``'s timing loop).
 """
 
 from __future__ import annotations
@@ -229,9 +234,50 @@ def models(args, log):
                   f"{r['model_macs'][1] / r['model_macs'][0]:.2f}x |")
 
 
+def speed(args, log):
+    import tvm_compress
+    from bench_prune import _time_interleaved
+
+    out = Path(args.out)
+    results = {}
+    for key in args.models:
+        path, name, shape = _models()[key]
+        calib, test, _ = _data(key, 8)
+        calib_file = out / f"{key}_calib.npz"
+        np.savez(calib_file, **{name: calib})
+        variants = {"float": ([], {}),
+                    "lowrank": (["lowrank"], {"lowrank": {"energy": args.energy, "calib": str(calib_file)}})}
+        libs, reps = {}, {}
+        for label, (passes, cfgs) in variants.items():
+            libs[label] = out / f"{key}_{label}.so"
+            t0 = time.monotonic()
+            reps[label] = tvm_compress.compile(path, libs[label], target=args.target, passes=passes,
+                                               pass_configs=cfgs, input_shapes={name: shape},
+                                               tune_trials=args.trials, bench_runs=5, log=lambda m: None)
+            log(f"{key} {label}: built in {time.monotonic() - t0:.0f} s")
+        times = _time_interleaved(libs, test[:1], args.rounds, 20)
+        split = [r for r in reps["lowrank"]["pass_reports"]["lowrank"]["layers"] if r.get("split")]
+        results[key] = {
+            "float_ms": float(np.median(times["float"])), "lowrank_ms": float(np.median(times["lowrank"])),
+            "speedup": float(np.median([a / b for a, b in zip(times["float"], times["lowrank"])])),
+            "split_layers": [r["name"] for r in split],
+            "split_params": [sum(r["params"] for r in split), sum(r["params_split"] for r in split)],
+            "macs": [reps["lowrank"]["macs_before"], reps["lowrank"]["macs_after"]],
+            "max_rel_err": reps["lowrank"]["max_rel_err"]}
+        log(json.dumps(results[key]))
+    (out / "lowrank_speed.json").write_text(json.dumps(results, indent=1))
+    print(f"\n{args.target}, {args.trials} trials per build, energy {args.energy}\n")
+    print("| model | float ms | lowrank ms | speed-up | layers split | their params | model MACs |")
+    print("|---|---|---|---|---|---|---|")
+    for key, r in results.items():
+        print(f"| {key} | {r['float_ms']:.3f} | {r['lowrank_ms']:.3f} | {r['speedup']:.2f}x | {len(r['split_layers'])} | "
+              f"{r['split_params'][0] / max(r['split_params'][1], 1):.2f}x fewer | {r['macs'][1] / r['macs'][0]:.2f}x |")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("part", choices=("dense", "error", "models"))
+    ap.add_argument("part", choices=("dense", "error", "models", "speed"))
+    ap.add_argument("--energy", type=float, default=0.99, help="speed: the energy kept")
     ap.add_argument("--models", default="demo,rec")
     ap.add_argument("--ranks", default="8,16,32,64")
     ap.add_argument("--energies", default="0.9,0.95,0.98,0.99")
@@ -248,7 +294,7 @@ def main(argv=None):
     import tvm_compress  # noqa: F401  (thread count before TVM's pool starts)
 
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    {"dense": dense, "error": error, "models": models}[args.part](args, log)
+    {"dense": dense, "error": error, "models": models, "speed": speed}[args.part](args, log)
 
 
 if __name__ == "__main__":
