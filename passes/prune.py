@@ -323,13 +323,23 @@ class _BlockPruner:
         class _Zero(PyExprMutator):
             def visit_call_(self, call):
                 call = super().visit_call_(call)
-                rec = outer._layer(call, len(found))
+                if errors:
+                    return call
+                try:
+                    rec = outer._layer(call, len(found))
+                except PassOptionError as err:  # raised after the visit: the builder must finish
+                    errors.append(err)
+                    return call
                 if rec is None:
                     return call
                 found.append(rec)
                 return rec[2] if rec[2] is not None else call
 
-        return _Zero(mod).visit_expr(func), found
+        errors: List[PassOptionError] = []
+        new_func = _Zero(mod).visit_expr(func)
+        if errors:
+            raise errors[0]
+        return new_func, found
 
     def _layer(self, call, index):
         kind = op_kind(call)
@@ -349,6 +359,14 @@ class _BlockPruner:
             return name, {"name": name, "op": kind, "reason": "in --prune-skip"}, None
         ratio = dict(self.cfg.layers).get(name, self.cfg.ratio)
         r, c = self.block
+        pixels = int(np.prod(tensor_shape(call)[2:])) if kind == "conv2d" else None
+        if pixels is not None and pixels < max(r, 2):
+            return name, {"name": name, "op": kind, "reason": f"{pixels} output pixels: too few for the "
+                          "sparse kernel's pixel vectors"}, None
+        if (w2.shape[0] % r or w2.shape[1] % c) and not self.cfg.block:
+            # the target's default block: layers it does not fit stay as they are
+            return name, {"name": name, "op": kind, "reason": f"the default {r}x{c} block does not divide "
+                          f"its {w2.shape[0]}x{w2.shape[1]} weight"}, None
         if w2.shape[0] % r or w2.shape[1] % c:
             raise PassOptionError(
                 f"--prune-block {r}x{c} does not divide layer {name}'s weight ({w2.shape[0]} out x "

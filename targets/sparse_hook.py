@@ -23,7 +23,7 @@ from tvm.relax.dpl import is_const
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from tvm_compress.layers import layer_name, with_layer
-from tvm_compress.relax_utils import const_value
+from tvm_compress.relax_utils import const_value, tensor_shape
 from tvm_compress.specs import sparse_layers
 
 from .base import KernelHook
@@ -75,11 +75,14 @@ def weight_2d(call: relax.Call) -> Optional[np.ndarray]:
     return None
 
 
-def why_dense(call: relax.Call, block: Tuple[int, int]) -> Optional[str]:
+def why_dense(call: relax.Call, block: Tuple[int, int], lanes: int = 1) -> Optional[str]:
     """Why the sparse kernels cannot run this layer with ``block`` (None: they can)."""
     w = weight_2d(call)
     if w is None:
         return "not a stride-1 unpadded 1x1 conv or a matmul with a float32 constant weight"
+    pixels = int(np.prod(tensor_shape(call.args[0])[2:])) if call.op.same_as(_CONV2D) else lanes
+    if pixels < max(lanes, 2):  # the conv kernel vectorizes along pixels
+        return f"{pixels} pixels: fewer than one vector"
     r, c = block
     if w.shape[0] % r or w.shape[1] % c:
         return f"block {r}x{c} does not divide the {w.shape[0]}x{w.shape[1]} weight"
@@ -104,7 +107,7 @@ class _Sparsify(PyExprMutator):
         if mark is None or mark.get("kernel") != "sparse":
             return call
         block = tuple(int(v) for v in mark["block"])
-        reason = why_dense(call, block)
+        reason = why_dense(call, block, self.isa.lanes)
         if reason is not None:
             _log.warning("sparse: layer %s stays dense (%s)", name, reason)
             return call
