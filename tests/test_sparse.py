@@ -211,3 +211,15 @@ def test_block_kind_needs_target_kernels(sparse_model):
     with pytest.raises(errors.TvmCompressError, match="target cuda has no block-sparse kernels") as err:
         Prune(PruneConfig(kind="block", ratio=0.5), env)(tvm_compress.load_onnx(sparse_model))
     assert "\n" not in str(err.value)
+
+
+def test_default_block_that_does_not_fit_leaves_the_layer_dense(sparse_model):
+    """The target's default block skips layers it does not divide (a given --prune-block errors)."""
+    env = PassEnv(facts=TargetFacts(vector_lanes=5, sparse_block=(5, 1)), log=quiet,
+                  measure=lambda mods, inputs: [1.0, 0.5])
+    mod = Prune(PruneConfig(kind="block", ratio=0.5), env)(tvm_compress.load_onnx(sparse_model))
+    rows = env.report["prune"]["layers"]
+    assert rows and all("does not divide" in r["reason"] and "kernel" not in r for r in rows)
+    assert sparse_layers(mod) == {}
+    with pytest.raises(errors.TvmCompressError, match="--prune-block 5x1 does not divide"):
+        Prune(PruneConfig(kind="block", ratio=0.5, block=(5, 1)), env)(tvm_compress.load_onnx(sparse_model))
