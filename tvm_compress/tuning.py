@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import contextlib
 import logging
+import sys
 
 import tvm
 from tvm.ir.utils import derived_object
@@ -264,5 +266,24 @@ def _tune_locked(mod, target, trials, work_dir, log, runner) -> TuningSummary:
 
 
 def apply_database(mod: tvm.IRModule, target: tvm.target.Target, work_dir: Path) -> tvm.IRModule:
-    with target:
+    # TVM's C++ side announces "Creating JSONDatabase ..." on stderr: into the tuning logs with it.
+    with _stderr_into(Path(work_dir) / "logs" / "apply_database.log"), target:
         return tvm.relax.transform.MetaScheduleApplyDatabase(str(work_dir))(mod)
+
+
+@contextlib.contextmanager
+def _stderr_into(path: Path):
+    """Send what native code writes to file descriptor 2 to ``path`` for the duration."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(path, "ab") as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
