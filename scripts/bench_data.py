@@ -165,6 +165,17 @@ def demo_data():
     return calib, data["calib_labels"], test, data["labels"]
 
 
+def host_outputs(mod, xs):
+    """``mod``'s main on each sample of ``xs`` (one at a time, batch 1) in a host build."""
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(tvm.compile(mod, tvm.target.Target({"kind": "llvm"})), tvm.cpu())
+    outs = []
+    for x in xs:
+        res = vm["main"](tvm.runtime.tensor(np.ascontiguousarray(x[None])))
+        outs.append((res if hasattr(res, "numpy") else res[0]).numpy())
+    return np.concatenate(outs)
 
 
 def accuracy_vs_reference(key, ref_out, out, labels) -> dict:

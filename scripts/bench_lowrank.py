@@ -39,7 +39,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench_data import ctc_decode, demo_data, rapidocr_models, rec_charset, rec_data  # noqa: E402
+from bench_data import ctc_decode, demo_data, host_outputs, rapidocr_models, rec_charset, rec_data  # noqa: E402
 
 DENSE = [(1024, 1024), (512, 2048), (2048, 512)]
 
@@ -58,18 +58,6 @@ def _data(key, n_eval):
     calib, _ = rec_data(32, seed=1)
     test, texts = rec_data(n_eval, seed=2)
     return calib, test, texts
-
-
-def _host_outputs(mod, xs):
-    import tvm
-    from tvm import relax
-
-    vm = relax.VirtualMachine(tvm.compile(mod, tvm.target.Target({"kind": "llvm"})), tvm.cpu())
-    outs = []
-    for x in xs:
-        res = vm["main"](tvm.runtime.tensor(np.ascontiguousarray(x[None])))
-        outs.append((res if hasattr(res, "numpy") else res[0]).numpy())
-    return np.concatenate(outs)
 
 
 def _score(key, out, labels, charset=None) -> float:
@@ -205,7 +193,7 @@ def models(args, log):
         calib_file = out / f"{key}_calib.npz"
         np.savez(calib_file, **{name: calib})
         base = tvm_compress.load_onnx(path, {name: shape})
-        float_score = _score(key, _host_outputs(base, test), labels, charset)
+        float_score = _score(key, host_outputs(base, test), labels, charset)
         rows = []
         for energy in args.energies:
             t0 = time.monotonic()
@@ -216,7 +204,7 @@ def models(args, log):
             after = sum(r["params_split"] for r in split)
             macs = (sum(r["macs"] for r in layer_stats(base).values()),
                     sum(r["macs"] for r in layer_stats(mod).values()))
-            score = _score(key, _host_outputs(mod, test), labels, charset)
+            score = _score(key, host_outputs(mod, test), labels, charset)
             rows.append({"energy": energy, "score": score, "split_layers": len(split),
                          "split_params_before": before, "split_params_after": after,
                          "model_macs": list(macs)})

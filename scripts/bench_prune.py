@@ -32,7 +32,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench_data import accuracy_vs_reference, cls_data, demo_data, det_data, rapidocr_models  # noqa: E402
+from bench_data import accuracy_vs_reference, cls_data, demo_data, det_data, host_outputs, rapidocr_models  # noqa: E402
 
 RECOVERY = ("none", "bn", "lstsq")
 
@@ -57,18 +57,6 @@ def _data(key, n_eval):
     return det_data(24, seed=1), det_data(max(8, n_eval // 25), seed=2), None
 
 
-def _host_outputs(mod, xs):
-    import tvm
-    from tvm import relax
-
-    vm = relax.VirtualMachine(tvm.compile(mod, tvm.target.Target({"kind": "llvm"})), tvm.cpu())
-    outs = []
-    for x in xs:
-        res = vm["main"](tvm.runtime.tensor(np.ascontiguousarray(x[None])))
-        outs.append((res if hasattr(res, "numpy") else res[0]).numpy())
-    return np.concatenate(outs)
-
-
 def _score(key, ref, out, labels):
     acc = accuracy_vs_reference(key, ref, out, (labels, None) if labels is not None else None)
     return acc["text_mask_iou_vs_float"] if key == "det" else acc["top1_pct"]
@@ -90,7 +78,7 @@ def curves(args, log):
         calib_file = out / f"{key}_calib.npz"
         np.savez(calib_file, **{name: calib})
         base = tvm_compress.load_onnx(path, {name: shape})
-        ref = _host_outputs(base, test)
+        ref = host_outputs(base, test)
         metric = "text-mask IoU vs float" if key == "det" else "top-1 %"
         rows = []
         for ratio in args.ratios:
@@ -102,7 +90,7 @@ def curves(args, log):
                 mod = Prune(cfg, env)(base)
                 stats = tvm_compress.layers.layer_stats(mod)
                 macs = sum(r["macs"] for r in stats.values())
-                score = _score(key, ref, _host_outputs(mod, test), labels)
+                score = _score(key, ref, host_outputs(mod, test), labels)
                 rec = env.report["prune"].get("recovery", {})
                 rows.append({"ratio": ratio, "recover": method, "score": score, "macs": macs,
                              "error_before": rec.get("output_error_before"),
