@@ -7,6 +7,7 @@ Every pass is a plain ``tvm.transform.module_pass`` over a Relax IRModule and co
 
 from .calibrate import Calibrate, CalibrateConfig
 from .conv_transpose_to_conv import ConvTransposeToConv
+from .fold import Fold, FoldConfig
 from .lowrank import LowRank, LowRankConfig
 from .prune import Prune, PruneConfig
 from .quantize import Quantize, QuantizeConfig
@@ -18,6 +19,8 @@ __all__ = [
     "Calibrate",
     "CalibrateConfig",
     "ConvTransposeToConv",
+    "Fold",
+    "FoldConfig",
     "LowRank",
     "LowRankConfig",
     "Prune",

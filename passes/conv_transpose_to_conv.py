@@ -23,11 +23,11 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from tvm_compress.layers import with_layer
-from tvm_compress.relax_utils import const_value, emit_like, is_constant
+from tvm_compress.relax_utils import const_value, emit_like, is_constant, tensor_shape
+
+from ._affine import BATCH_NORM, Step, arith_step, batch_norm_step
 
 _CONV2D_TRANSPOSE = tvm.ir.Op.get("relax.nn.conv2d_transpose")
-_ADD, _SUBTRACT, _MULTIPLY, _DIVIDE = (tvm.ir.Op.get(f"relax.{n}") for n in ("add", "subtract", "multiply", "divide"))
-_BATCH_NORM = tvm.ir.Op.get("relax.nn.batch_norm")
 # Element-wise activations (they commute with depth-to-space).
 _ACTIVATIONS = [tvm.ir.Op.get(f"relax.{n}") for n in ("nn.relu", "sigmoid", "nn.silu", "tanh")]
 
@@ -53,21 +53,6 @@ def _rewritable(call) -> bool:
     )
 
 
-def _channel_vector(expr, channels: int, flat: bool = False):
-    """A constant that broadcasts per channel over NCHW data (``flat``: a [C] parameter, as
-    batch norm takes), as a float64 vector (else None)."""
-    if not is_constant(expr):
-        return None
-    value = const_value(expr)
-    if flat:
-        return value.astype(np.float64) if value.shape == (channels,) else None
-    if value.size == 1:
-        return np.full(channels, float(value.reshape(())), np.float64)
-    if value.shape in ((1, channels, 1, 1), (channels, 1, 1)):
-        return value.reshape(channels).astype(np.float64)
-    return None
-
-
 class _Chain:
     """The per-channel affine ops and one activation after a transposed convolution, folded:
     ``act(y * scale + shift)``. They commute with depth-to-space, so they go before it, where
@@ -80,45 +65,26 @@ class _Chain:
         self.act = None
         self.vars = []  # bindings folded away; the last one's var now names the result
 
-    def absorb(self, value, var, bindings, users) -> bool:
-        c = len(self.scale)
+    def absorb(self, value, var, prev, shape, bindings, users) -> bool:
+        """Fold ``value`` (bound to ``var``, reading ``prev`` of ``shape``) into the chain."""
         if not isinstance(value, relax.Call) or self.act is not None:
             return False
-        op, args = value.op, value.args
-        if op.same_as(_ADD) or op.same_as(_SUBTRACT) or op.same_as(_MULTIPLY) or op.same_as(_DIVIDE):
-            k = _channel_vector(args[1], c)
-            if k is None and not op.same_as(_SUBTRACT) and not op.same_as(_DIVIDE):
-                k = _channel_vector(args[0], c)
-            if k is None:
-                return False
-            if op.same_as(_ADD):
-                self.shift = self.shift + k
-            elif op.same_as(_SUBTRACT):
-                self.shift = self.shift - k
-            elif op.same_as(_MULTIPLY):
-                self.scale, self.shift = self.scale * k, self.shift * k
-            else:
-                self.scale, self.shift = self.scale / k, self.shift / k
-        elif op.same_as(_BATCH_NORM):
-            params = [_channel_vector(a, c, flat=True) for a in args[1:]]
-            # The normalized value (item 0) must have one reader; the running statistics
-            # (items 1, 2, which the importer binds) none.
-            items = [(u, bindings.get(u)) for u in users.get(var, [])]
-            main = [u for u, v in items if isinstance(v, relax.TupleGetItem) and v.index == 0]
-            rest_unused = all(isinstance(v, relax.TupleGetItem) and not users.get(u)
-                              for u, v in items if u not in main)
-            if any(p is None for p in params) or int(value.attrs.axis) != 1 or len(main) != 1 or not rest_unused:
-                return False
-            gamma, beta, mean, variance = params
-            gamma = gamma if value.attrs.scale else np.ones(c)
-            beta = beta if value.attrs.center else np.zeros(c)
-            k = gamma / np.sqrt(variance + float(value.attrs.epsilon))
-            self.scale, self.shift = self.scale * k, (self.shift - mean) * k + beta
-            self.vars.extend(u for u, _ in items if u not in main)  # the unused statistics go too
-            self.vars.append(var)
-            var = main[0]  # the TupleGetItem binding is folded too
-        elif any(op.same_as(a) for a in _ACTIVATIONS):
-            self.act = op
+        step = arith_step(value, prev, shape, 1) or batch_norm_step(value, shape[1], 1, len(shape))
+        if isinstance(step, Step):
+            if value.op.same_as(BATCH_NORM):
+                # The normalized value (item 0) must have one reader; the running statistics
+                # (items 1, 2, which the importer binds) none.
+                items = [(u, bindings.get(u)) for u in users.get(var, [])]
+                main = [u for u, v in items if isinstance(v, relax.TupleGetItem) and v.index == 0]
+                if len(main) != 1 or not all(isinstance(v, relax.TupleGetItem) and not users.get(u)
+                                             for u, v in items if u not in main):
+                    return False
+                self.vars.extend(u for u, _ in items if u not in main)  # the unused statistics go too
+                self.vars.append(var)
+                var = main[0]  # the TupleGetItem binding is folded too
+            self.scale, self.shift = self.scale * step.scale, self.shift * step.scale + step.shift
+        elif step is None and any(value.op.same_as(a) for a in _ACTIVATIONS):
+            self.act = value.op
         else:
             return False
         self.vars.append(var)
@@ -141,13 +107,14 @@ class _Rewriter(PyExprMutator):
 
     def _chain(self, var, channels: int) -> _Chain:
         chain = _Chain(channels)
+        shape = tensor_shape(var)
         while True:
             users = self.users.get(var, [])
             # Only a value nothing else reads can be folded (dataflow vars: no uses outside).
             if len(users) != 1 or not isinstance(var, relax.DataflowVar):
                 return chain
             nxt = users[0]
-            if not chain.absorb(self.bindings.get(nxt), nxt, self.bindings, self.users):
+            if not chain.absorb(self.bindings.get(nxt), nxt, var, shape, self.bindings, self.users):
                 return chain
             var = chain.vars[-1]
 

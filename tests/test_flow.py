@@ -199,7 +199,7 @@ def test_report_counts_stored_bytes_and_macs_per_layer(demo_model, tmp_path):
     assert 0.24 < rep["weight_bytes_after"] / rep["weight_bytes_before"] < 0.27
     q = rep["pass_reports"]["quantize"]
     assert {r["name"] for r in q["layer_stats"]} == set(layers) and q["seconds"] > 0
-    assert [s["name"] for s in rep["stages"]] == ["quantize", "lower", "schedule"]
+    assert [s["name"] for s in rep["stages"]] == ["fold", "quantize", "lower", "schedule"]
 
 
 def test_a_subcommand_is_one_registered_module(monkeypatch, capsys):

@@ -244,7 +244,7 @@ def test_lowrank_composes_with_prune_and_quantize(mixed_model, tmp_path):
         path, tmp_path / "plq.so", target="x86-avx2", passes="prune,lowrank,quantize",
         pass_configs={"prune": {"ratio": 0.25}, "lowrank": {"energy": 0.9, "min_speedup": 0},
                       "quantize": {"calib": str(calib)}}, bench_runs=1, log=quiet)
-    assert [s["name"] for s in rep["stages"]][:3] == ["prune", "lowrank", "quantize"]
+    assert [s["name"] for s in rep["stages"]][:4] == ["fold", "prune", "lowrank", "quantize"]
     quant = rep["pass_reports"]["quantize"]["layers"]
     assert sum(1 for l in quant if l["name"] == "/fc1/Gemm") == 2  # both factors quantized
     assert rep["verified"] and rep["kernel_check"]["failed"] == {}

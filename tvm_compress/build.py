@@ -67,6 +67,7 @@ def compile(  # noqa: A001  (the product's verb)
     bench_runs: int = 50,
     rpc: Optional["remote.RemoteSpec"] = None,
     check_kernels: bool = True,
+    fold: bool = True,
     log: LogFn = print,
 ) -> Dict[str, Any]:
     """Compile ``model`` for ``target`` into ``output`` (.so) and return the report dict.
@@ -76,6 +77,9 @@ def compile(  # noqa: A001  (the product's verb)
 
     ``check_kernels``: run every scheduled kernel alone with pre-filled outputs against its
     unscheduled form (``kernel_check``) before the library is written.
+
+    ``fold``: run the exact ``fold`` pass first (constant per-channel ops into the layers'
+    weights and biases) unless ``passes`` already names it.
     """
     t_start = time.monotonic()
     profile = _resolve_target(target)
@@ -83,6 +87,8 @@ def compile(  # noqa: A001  (the product's verb)
     family.check_toolchain(profile)
     tvm_target = profile.tvm_target()
     names = parse_pass_list(passes)
+    if fold and "fold" not in names:
+        names = parse_pass_list(["fold", *names])
     if tune_trials < 0:
         raise TargetError(f"--tune-trials must be >= 0, got {tune_trials}")
     if rpc is not None:

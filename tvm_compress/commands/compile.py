@@ -21,6 +21,9 @@ def add_arguments(c: argparse.ArgumentParser) -> None:
         metavar="LIST",
         help=f"comma-separated compression passes, in order; available: {', '.join(pass_names()) or 'none'}",
     )
+    c.add_argument("--fold", action=argparse.BooleanOptionalAction, default=True,
+                   help="fold constant per-channel mul/add/sub/div and batch norm into the conv/matmul "
+                   "next to them before the other passes (exact; default: on)")
     c.add_argument("--verify-input", metavar="FILE.npz", help="arrays named after the inputs")
     c.add_argument("--tune-trials", type=int, default=0, metavar="N",
                    help="MetaSchedule trials spread over all tasks (0: default schedules)")
@@ -42,12 +45,17 @@ def add_arguments(c: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from tvm_compress.build import compile as compile_model
+    from tvm_compress.errors import PassOptionError
     from tvm_compress.pass_registry import config_from_args, get_preset, parse_pass_list
     from tvm_compress.targets import load_target_files
 
     if args.targets_file:
         load_target_files(args.targets_file)
     names = parse_pass_list(args.passes)
+    if "fold" in names and not args.fold:
+        raise PassOptionError("--no-fold contradicts --passes fold")
+    if args.fold and "fold" not in names:
+        names = parse_pass_list(["fold", *names])
     configs = {n: config_from_args(get_preset(n), args) for n in names}
     rep = compile_model(
         args.model,
@@ -62,6 +70,7 @@ def run(args) -> int:
         bench_runs=args.bench_runs,
         rpc=rpc_spec(args),
         check_kernels=args.check_kernels,
+        fold=args.fold,
         log=log_fn(args.quiet),
     )
     if not args.quiet:

@@ -1,0 +1,107 @@
+"""Per-channel affine steps: which element-wise ops with a constant are ``v * scale + shift``
+with one (scale, shift) per channel of ``v``. Shared by ``fold`` and ``conv_transpose_to_conv``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from tvm_compress.relax_utils import const_value, is_constant
+
+ADD, SUBTRACT, MULTIPLY, DIVIDE = (tvm.ir.Op.get(f"relax.{n}") for n in ("add", "subtract", "multiply", "divide"))
+BATCH_NORM = tvm.ir.Op.get("relax.nn.batch_norm")
+_ARITH = {"add": ADD, "sub": SUBTRACT, "mul": MULTIPLY, "div": DIVIDE}
+
+
+@dataclass
+class Step:
+    """``v * scale + shift``, one value per channel (float64)."""
+
+    op: str
+    scale: np.ndarray
+    shift: np.ndarray
+
+
+@dataclass
+class Refusal:
+    """An element-wise op with a constant that does not fold exactly, and why."""
+
+    op: str
+    reason: str
+
+
+def op_name(call) -> Optional[str]:
+    """``add`` / ``sub`` / ``mul`` / ``div`` for the four arithmetic ops, else None."""
+    if not isinstance(call, relax.Call):
+        return None
+    return next((n for n, op in _ARITH.items() if call.op.same_as(op)), None)
+
+
+def channel_vector(expr, shape: Sequence[int], axis: int) -> Union[np.ndarray, str]:
+    """The constant ``expr`` as one float64 value per channel (``axis``) of a tensor of
+    ``shape`` it broadcasts against, or the reason it is not one."""
+    if not is_constant(expr):
+        return "not a constant"
+    value = const_value(expr)
+    if value.dtype.kind != "f":
+        return f"a {value.dtype} constant"
+    rank, channels = len(shape), int(shape[axis])
+    if value.ndim > rank:
+        return "the constant broadcasts the tensor to more dimensions"
+    dims = (1,) * (rank - value.ndim) + tuple(value.shape)
+    for i, d in enumerate(dims):
+        if i != axis % rank and d != 1:
+            return f"the constant varies along axis {i}, not per channel (shape {tuple(value.shape)})"
+    if dims[axis % rank] not in (1, channels):
+        return f"the constant has shape {tuple(value.shape)}"
+    return np.broadcast_to(value.reshape(-1).astype(np.float64), (channels,)).copy()
+
+
+def arith_step(call, var, shape: Sequence[int], axis: int) -> Union[Step, Refusal, None]:
+    """The affine step ``call`` applies to ``var`` (one of its arguments; the other a
+    constant), a refusal, or None when ``call`` is no such op (e.g. its other argument is a
+    tensor, or it divides a constant by ``var``)."""
+    name = op_name(call)
+    if name is None or len(call.args) != 2:
+        return None
+    a, b = call.args
+    first = a.same_as(var)
+    other = b if first else a
+    if not (first or b.same_as(var)) or not is_constant(other):
+        return None
+    if name == "div" and not first:
+        return None  # k / v is not affine in v
+    k = channel_vector(other, shape, axis)
+    if isinstance(k, str):
+        return Refusal(name, k)
+    ones, zeros = np.ones_like(k), np.zeros_like(k)
+    if name == "add":
+        return Step(name, ones, k)
+    if name == "sub":
+        return Step(name, ones, -k) if first else Step(name, -ones, k)
+    if name == "mul":
+        return Step(name, k, zeros)
+    if not np.all(k != 0):
+        return Refusal(name, "divides by zero in some channel")
+    return Step(name, 1.0 / k, zeros)
+
+
+def batch_norm_step(call, channels: int, axis: int, rank: int) -> Union[Step, Refusal, None]:
+    """Inference batch norm over ``axis`` with constant parameters as an affine step."""
+    if not (isinstance(call, relax.Call) and call.op.same_as(BATCH_NORM)):
+        return None
+    if int(call.attrs.axis) % rank != axis % rank:
+        return Refusal("batch_norm", "normalizes another axis than the channels")
+    params = [channel_vector(p, [channels], 0) for p in call.args[1:5]]
+    if any(isinstance(p, str) for p in params) or any(not is_constant(p) or len(p.ty.shape) != 1
+                                                      for p in call.args[1:5]):
+        return Refusal("batch_norm", "its parameters are not constant per-channel vectors")
+    gamma, beta, mean, var = params
+    gamma = gamma if call.attrs.scale else np.ones(channels)
+    beta = beta if call.attrs.center else np.zeros(channels)
+    k = gamma / np.sqrt(var + float(call.attrs.epsilon))
+    return Step("batch_norm", k, beta - mean * k)
