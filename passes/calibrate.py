@@ -34,6 +34,7 @@ from tvm_compress.relax_utils import copy_module, relax_functions
 
 from . import _quant_common as qc
 from tvm_compress.calib_data import Preprocess, load_calibration
+from tvm_compress.console import Progress
 from ._host import flatten, host_run, rebuild, with_outputs
 from ._quant_stats import ACT_DTYPES, METHODS, Observer, qparams, weight_qparams
 
@@ -306,7 +307,7 @@ class Calibrate:
             what = "histograms" if hist else "ranges"
             for feed, idx in data.batches(batch):
                 if seen and seen % step < batch:
-                    self.log(f"quantize: calibration {what}: {seen}/{data.count} samples")
+                    self.log(Progress(f"quantize: calibration {what}: {seen}/{data.count} samples"))
                 outs = run(*[feed[n] for n in names])
                 model_out, observed = outs[0], outs[1]
                 for pid, arr in zip(ids, observed):

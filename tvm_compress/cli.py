@@ -12,9 +12,16 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from .console import default_log_path, native_output
 from .errors import TvmCompressError
 
 PROG = "tvm-compress"
+
+
+def _log_hint(command: str) -> str:
+    path = str(default_log_path(command))
+    home = os.path.expanduser("~")
+    return "~" + path[len(home):] if path.startswith(home + os.sep) else path
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -30,6 +37,9 @@ def _build_parser() -> argparse.ArgumentParser:
     for command in commands():
         p = sub.add_parser(command.name, help=command.help)
         command.add_arguments(p)
+        p.add_argument("--verbose", action="store_true",
+                       help="also show TVM's native messages and Python warnings (by default they go to "
+                       f"{_log_hint(command.name)})")
         p.set_defaults(handler=command.run)
     return parser
 
@@ -38,7 +48,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.handler(args)
+        with native_output(default_log_path(args.command), verbose=args.verbose):
+            return args.handler(args)
     except TvmCompressError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return err.exit_code

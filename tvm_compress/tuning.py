@@ -34,6 +34,7 @@ from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
 from . import _fast_inspect
 from .cache import cache_root
 from .errors import TargetError
+from .console import Progress
 
 LogFn = Callable[[str], None]
 
@@ -146,10 +147,10 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
         elapsed = time.monotonic() - self.start
         left = max(self.total - self.done, 0)
         eta = elapsed / self.done * left if self.done else 0.0
-        self.log(
+        self.log(Progress(
             f"tuning: {min(self.done, self.total)}/{self.total} trials "
             f"(task {task_id}), {elapsed:.0f}s elapsed, ETA {eta:.0f}s"
-        )
+        ))
 
 
 def _quiet_console_logs() -> None:

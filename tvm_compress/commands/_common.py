@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def log_fn(quiet: bool):
-    if quiet:
-        return lambda msg: None
-    return lambda msg: print(msg, file=sys.stderr, flush=True)
+    from tvm_compress.console import Console
+
+    return Console(quiet)
 
 
 def shapes(args) -> dict:
