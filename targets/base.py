@@ -161,6 +161,10 @@ class TargetFamily:
         """Run the Relax ``function`` of an exported library here, on ``inputs``."""
         raise TargetError(f"target {profile.name!r}: {self.can_run(profile)[1]}")
 
+    def local_device(self, profile: TargetProfile):
+        """The device this family's libraries run on here (when ``can_run``)."""
+        return tvm.cpu(0)
+
     def remote_device(self, session):
         """The device to run on in an RPC session to a board of this family."""
         return session.cpu(0)

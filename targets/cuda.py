@@ -90,8 +90,11 @@ class CudaFamily(TargetFamily):
         ok, why = self.can_run(profile)
         if not ok:
             raise TargetError(why)
-        outputs, times = run_in_process(lib_path, tvm.cuda(0), inputs, repeat, warmup, function)
+        outputs, times = run_in_process(lib_path, self.local_device(profile), inputs, repeat, warmup, function)
         return RunResult(outputs, times, f"cuda:{tvm.cuda(0).device_name}")
+
+    def local_device(self, profile: TargetProfile):
+        return tvm.cuda(0)
 
     def remote_device(self, session):
         return session.cuda(0)

@@ -47,7 +47,7 @@ class X86Family(TargetFamily):
         ok, why = self.can_run(profile)
         if not ok:
             raise TargetError(why)
-        outputs, times = run_in_process(lib_path, tvm.cpu(), inputs, repeat, warmup, function)
+        outputs, times = run_in_process(lib_path, self.local_device(profile), inputs, repeat, warmup, function)
         return RunResult(outputs, times, "native")
 
     def default_schedule(self, profile: TargetProfile):

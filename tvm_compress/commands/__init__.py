@@ -12,7 +12,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable, Dict, List
 
-_BUILTIN = ("compile", "run", "inspect", "targets", "demo")
+_BUILTIN = ("compile", "bench", "run", "inspect", "targets", "demo")
 
 
 @dataclass(frozen=True)
