@@ -1,25 +1,26 @@
-"""``tvm-compress demo``: the bundled Fashion-MNIST CNN, compiled, verified and measured.
+"""``tvm-compress demo``: a small ``bench`` of the bundled Fashion-MNIST CNN.
 
-Compiles the model for this x86 CPU with a short tuning budget (float, plus every lossy
-preset that is registered, e.g. int8), then prints top-1 accuracy of each compiled library on
-the bundled test images next to onnxruntime's, and latency next to onnxruntime's.
+Compiles the model for this x86 CPU (short tuning budget) and for aarch64 (verified under qemu),
+without compression and with every lossy preset that is registered (int8, pruning, low-rank),
+then reports top-1 on the bundled test images, latency and size next to onnxruntime fp32 and
+int8, as ``bench`` does (tables, ``report.json``, PNG plots in the output folder).
 """
 
 from __future__ import annotations
 
-import time
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 
 
 from . import verify
-from .build import compile as compile_model
+from .bench import PassSet, run_bench
 from .pass_registry import get_preset, pass_names
 
 DEMO_TRIALS = 128
+DEMO_TARGETS = ("x86", "aarch64")
 INPUT_SHAPE = (1, 1, 28, 28)
 
 
@@ -54,53 +55,15 @@ def _top1_ort(model_path: Path, images: np.ndarray, labels: np.ndarray) -> float
     return float((logits.argmax(1) == labels).mean())
 
 
-def run_demo(out_dir: Path, tune_trials: Optional[int] = None, log: Callable[[str], None] = print) -> List[dict]:
+def run_demo(out_dir: Path, tune_trials: Optional[int] = None, log: Callable[[str], None] = print,
+             targets: Sequence[str] = DEMO_TARGETS, verbose: bool = False) -> dict:
+    """``bench`` of the bundled model: x86 and aarch64, no compression and every lossy preset
+    (calibrated on the bundled training-split images, scored on the test images)."""
     files = demo_files()
-    trials = DEMO_TRIALS if tune_trials is None else tune_trials
-    out_dir.mkdir(parents=True, exist_ok=True)
-    images, labels = demo_images("test")
-    verify_file = out_dir / "verify_input.npz"
-    np.savez(verify_file, input=images[:1])
-    # Lossy presets calibrate on the bundled training-split images (never the test images).
-    variants = [("float32", [])] + [(n, [n]) for n in pass_names() if get_preset(n).lossy]
-    configs = {n: {"calib": str(files["data"])} for _, ps in variants for n in ps}
-    rows = []
-    ort_top1 = _top1_ort(files["model"], images, labels)
-    for label, passes in variants:
-        lib = out_dir / f"fashion_{label}_x86.so"
-        log(f"demo: compiling {label} for x86 ({trials} tuning trials)")
-        t0 = time.monotonic()
-        rep = compile_model(
-            files["model"], lib, target="x86", passes=passes,
-            pass_configs={n: configs[n] for n in passes},
-            input_shapes={"input": INPUT_SHAPE}, verify_input=verify_file,
-            tune_trials=trials, report=out_dir / f"fashion_{label}_x86.report.json", log=log,
-        )
-        rows.append({
-            "variant": label,
-            "target": "x86",
-            "top1": _top1_tvm(lib, images, labels),
-            "top1_onnxruntime": ort_top1,
-            "latency_ms": rep["latency_ms"]["median"],
-            "onnxruntime_ms": rep["onnxruntime_latency_ms"]["median"],
-            "weight_bytes": rep["weight_bytes_after"],
-            "artifact_bytes": rep["artifact_bytes"],
-            "max_rel_err": rep["max_rel_err"],
-            "seconds": time.monotonic() - t0,
-        })
-    _print_table(rows, len(labels), trials)
-    return rows
-
-
-def _print_table(rows: List[dict], n: int, trials: int) -> None:
-    print(f"\nFashion-MNIST CNN, {n} bundled test images, x86 ({trials} tuning trials per variant)")
-    head = f"{'variant':10s} {'target':7s} {'top-1':>7s} {'ORT top-1':>9s} {'ms':>8s} {'ORT ms':>8s} {'ratio':>6s} {'weights B':>10s} {'.so B':>9s}"
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        print(
-            f"{r['variant']:10s} {r['target']:7s} {r['top1'] * 100:6.2f}% {r['top1_onnxruntime'] * 100:8.2f}% "
-            f"{r['latency_ms']:8.3f} {r['onnxruntime_ms']:8.3f} {r['onnxruntime_ms'] / r['latency_ms']:5.2f}x "
-            f"{r['weight_bytes']:>10d} {r['artifact_bytes']:>9d}"
-        )
-    print("ratio = onnxruntime time / ours (above 1: ours is faster); both measured now, same input.")
+    data = str(files["data"])
+    sets = [PassSet("none", ())] + [PassSet(n, (n,)) for n in pass_names() if get_preset(n).lossy]
+    return run_bench(
+        files["model"], out_dir, targets=list(targets), pass_sets=sets, input_shapes={"input": INPUT_SHAPE},
+        calib=f"{data}:calib", eval_data=f"{data}:images",
+        tune_trials=DEMO_TRIALS if tune_trials is None else tune_trials, verbose=verbose, log=log,
+    )
