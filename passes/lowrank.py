@@ -34,6 +34,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from tvm_compress.calib_data import CalibDataConfig, load_calibration
+from tvm_compress.console import Progress
 from tvm_compress.errors import PassOptionError
 from tvm_compress.layers import layer_name, op_kind, with_layer
 from tvm_compress.pass_registry import PassEnv, PassPreset, register_pass
@@ -320,6 +321,7 @@ class LowRank:
             row["split"], row["reason"] = False, "the split has no fewer MACs"
             return row, None
         x = np.random.default_rng(0).standard_normal(in_shape).astype("float32")
+        env.log(Progress(f"lowrank: timing {layer.name}, whole vs split, on the target"))
         times = env.measure([_single(layer, None), _single(layer, factors)], [x])
         if times is not None:
             orig_ms, split_ms = times

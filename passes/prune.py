@@ -39,6 +39,7 @@ import tvm
 from tvm import relax
 
 from tvm_compress.calib_data import CalibDataConfig, load_calibration
+from tvm_compress.console import Progress
 from tvm_compress.errors import PassOptionError
 from tvm_compress.layers import layer_name, op_kind
 from tvm_compress.pass_registry import PassEnv, PassPreset, register_pass
@@ -253,6 +254,7 @@ class Prune:
         dense_mod = _single_layer(call)
         mark = {name: {"block": list(block), "sparsity": sparsity, "kernel": "sparse"}}
         x = np.random.default_rng(0).standard_normal(tensor_shape(call.args[0])).astype("float32")
+        env.log(Progress(f"prune: timing {name}, dense vs sparse kernel, on the target"))
         times = env.measure([dense_mod, dense_mod.with_attr(SPARSE_LAYERS_ATTR, json.dumps(mark))], [x])
         if times is None:
             return {"kernel": "dense", "reason": "not measured (the target cannot be timed here: "

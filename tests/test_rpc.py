@@ -69,3 +69,19 @@ def test_unknown_key_one_line_error(dense_model, tmp_path, tracker, capsys):
 def test_bad_tracker_arguments(text, key):
     with pytest.raises(errors.RemoteError):
         parse_tracker(text, key)
+
+
+@pytest.mark.slow
+def test_bench_times_rpc_targets_on_the_board_and_the_rest_here(dense_model, tmp_path, tracker):
+    from tvm_compress.bench import run_bench
+
+    rep = run_bench(dense_model, tmp_path / "out", targets=["x86-avx2", "x86"], pass_sets="none",
+                    rpc=tracker, rpc_targets=["x86"], rounds=1, plots=False, log=quiet)
+    rows = {r["target"]: r for r in rep["rows"]}
+    board, here = rows["x86"], rows["x86-avx2"]
+    assert board["on_board"] and board["timing"]["where"] == f"ran rpc x86-local@127.0.0.1:{tracker.port}"
+    assert board["timing"]["runs"] == 50 and "timed on the board" in board["timing_note"]
+    assert not here["on_board"] and here["timing"]["rounds"] == 1 and "speedup_vs_onnxruntime_fp32" in here["timing"]
+    with pytest.raises(errors.TvmCompressError, match="--rpc-targets: rpi4 not in --targets"):
+        run_bench(dense_model, tmp_path / "bad", targets=["x86"], pass_sets="none", rpc=tracker,
+                  rpc_targets=["rpi4"], log=quiet)

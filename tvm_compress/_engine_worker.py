@@ -7,7 +7,7 @@ answers are JSON lines on a copy of the original stdout, which itself goes to st
 log) so that native prints cannot break the protocol.
 
 Requests: ``{"op": "load", "kind": "tvm"|"ort", "path": ..., "target": NAME, "inputs": NPZ}``,
-``{"op": "time", "runs": N}``, ``{"op": "outputs", "data": NPZ, "out": NPZ}`` (each sample of
+``{"op": "time", "runs": N, "warmup": W}``, ``{"op": "outputs", "data": NPZ, "out": NPZ}`` (each sample of
 the arrays, batch 1; outputs stacked), ``{"op": "profile", "runs": N}`` (per-kernel ms, TVM only),
 ``{"op": "quit"}``.
 """
@@ -119,6 +119,9 @@ def serve() -> None:
                 engine.sync()
                 res = {"warm_ms": (time.perf_counter() - t0) * 1e3 / 3}
             elif op == "time":
+                for _ in range(int(req.get("warmup", 0))):  # threads asleep since the last turn
+                    engine.call(args)
+                engine.sync()
                 times = []
                 for _ in range(int(req["runs"])):
                     engine.sync()

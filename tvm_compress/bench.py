@@ -91,6 +91,7 @@ def run_bench(
     eval_data: Optional[str] = None,
     tune_trials: int = 0,
     rpc=None,
+    rpc_targets: Optional[Sequence[str]] = None,
     rounds: int = 10,
     fold: bool = True,
     plots: bool = True,
@@ -98,7 +99,10 @@ def run_bench(
     log: LogFn = print,
 ) -> Dict[str, Any]:
     """Compile, verify and time ``model`` for every target x pass set; write the report files
-    under ``out_dir`` and return the report dict."""
+    under ``out_dir`` and return the report dict.
+
+    ``rpc``: boards over a tracker, for ``rpc_targets`` (default: every target that does not run
+    natively here); their builds are tuned, verified and timed on the board by ``compile``."""
     from .build import compile as compile_model
     from .loader import prepare_onnx
 
@@ -108,6 +112,14 @@ def run_bench(
     profiles = [get_target(t) for t in targets]  # unknown names: one line, before any work
     if len({p.name for p in profiles}) != len(profiles):
         raise PassOptionError("--targets: a target is given twice")
+    if rpc_targets is not None:
+        unknown = sorted(set(rpc_targets) - {p.name for p in profiles})
+        if unknown:
+            raise PassOptionError(f"--rpc-targets: {', '.join(unknown)} not in --targets")
+        if rpc is None:
+            raise PassOptionError("--rpc-targets needs --rpc-tracker HOST:PORT")
+    on_board = {p.name for p in profiles if rpc is not None and (
+        p.name in rpc_targets if rpc_targets is not None else not _runs_here(p))}
     if rounds < 1:
         raise PassOptionError(f"--rounds must be >= 1, got {rounds}")
     if tune_trials < 0:
@@ -137,7 +149,8 @@ def run_bench(
             row_file = out / "rows" / f"{key}.json"
             fp = _fingerprint(prepared.sha256, profile.target, profile.features, ps.passes,
                               {n: configs[n] for n in ps.passes}, tune_trials, fold,
-                              {s.name: s.shape for s in specs}, str(rpc))
+                              {s.name: s.shape for s in specs},
+                              str(rpc) if profile.name in on_board else None)
             done = _load_json(row_file)
             if done and done.get("fingerprint") == fp and done["status"] == "ok" and lib.exists():
                 progress.finish(key, "done before, kept", resumed=True)
@@ -145,7 +158,8 @@ def run_bench(
                 continue
             progress.start(key)
             row = {"key": key, "target": profile.name, "pass_set": ps.label, "passes": list(ps.passes),
-                   "fingerprint": fp, "log": str(out / "logs" / f"{key}.log")}
+                   "fingerprint": fp, "log": str(out / "logs" / f"{key}.log"),
+                   "on_board": profile.name in on_board}
             t0 = time.monotonic()
             (out / "logs" / f"{key}.log").unlink(missing_ok=True)
             try:
@@ -155,7 +169,8 @@ def run_bench(
                         prepared.path, lib, target=profile, passes=list(ps.passes),
                         pass_configs={n: configs[n] for n in ps.passes}, input_shapes=input_shapes,
                         verify_input=verify_file, tune_trials=tune_trials,
-                        report=out / "rows" / f"{key}.report.json", bench_runs=10, rpc=rpc, fold=fold,
+                        report=out / "rows" / f"{key}.report.json", bench_runs=50, fold=fold,
+                        rpc=rpc if profile.name in on_board else None,
                         log=progress.sub(row_log),
                     )
                 row.update(_row_fields(rep, lib))
@@ -172,7 +187,7 @@ def run_bench(
             rows.append(row)
 
     baselines = _baselines(prepared, out, configs, calib, log)
-    engines = _engines(rows, baselines, profiles)
+    engines = _engines([r for r in rows if r["target"] not in on_board], baselines, profiles)
     timing, accuracy, kernels = _measure(engines, specs, out, evalset, rounds, log)
     report = _assemble(prepared, rows, baselines, engines, timing, accuracy, kernels, evalset,
                        rounds, tune_trials, profiles)
@@ -292,6 +307,10 @@ def _baselines(prepared, out: Path, configs, calib: Optional[str], log: LogFn) -
     """onnxruntime fp32 (the model as given) and static int8 (QDQ, per-channel int8 weights,
     uint8 activations) calibrated on the data the quantize pass uses."""
     base = {ORT_FP32: {"path": str(prepared.path), "note": "the model as given, 2 threads"}}
+    if prepared.upgraded is not None:  # onnxruntime cannot run the file's opset
+        upgraded = out / "baselines" / "model_upgraded_opset.onnx"
+        upgraded.write_bytes(prepared.upgraded)
+        base[ORT_FP32] = {"path": str(upgraded), "note": "the model upgraded to a newer opset, 2 threads"}
     spec = calib or next((getattr(c, "calib", None) for c in configs.values() if getattr(c, "calib", None)), None)
     if spec is None:
         base[ORT_INT8] = {"path": None, "note": "not built: needs calibration data (--calib)"}
@@ -355,17 +374,18 @@ class _Engine:
     target: Optional[str] = None
 
 
+def _runs_here(profile) -> bool:
+    family = get_family(profile.family)
+    return family.can_run(profile)[0] and family.latency_is_meaningful(profile)
+
+
 def _engines(rows, baselines, profiles) -> List[_Engine]:
     """What runs here for real: baselines and libraries of targets that run natively."""
     by_name = {p.name: p for p in profiles}
     engines = [_Engine(n, "ort", b["path"]) for n, b in baselines.items() if b["path"]]
     for row in rows:
-        if row["status"] != "ok":
-            continue
-        profile = by_name[row["target"]]
-        family = get_family(profile.family)
-        if family.can_run(profile)[0] and family.latency_is_meaningful(profile):
-            engines.append(_Engine(row["key"], "tvm", row["library"], profile.name))
+        if row["status"] == "ok" and _runs_here(by_name[row["target"]]):
+            engines.append(_Engine(row["key"], "tvm", row["library"], row["target"]))
     return engines
 
 
@@ -444,7 +464,12 @@ def _measure(engines: List[_Engine], specs, out: Path, evalset, rounds: int, log
                     accuracy[name] = {"error": _one_line(err)}
             accuracy = _accuracy(accuracy, evalset)
         live = list(workers.values())
-        runs = {w.engine.name: _runs_per_round(w) for w in live}
+        runs = {}
+        for w in live:
+            for other in live:
+                if other is not w:
+                    other.wait_idle()
+            runs[w.engine.name] = _runs_per_round(w)
         times: Dict[str, List[List[float]]] = {w.engine.name: [] for w in live}
         for r in range(rounds):
             log(Progress(f"bench: timing round {r + 1}/{rounds} ({len(live)} engines, each in its own process)"))
@@ -454,7 +479,8 @@ def _measure(engines: List[_Engine], specs, out: Path, evalset, rounds: int, log
                     if other is not w:
                         other.wait_idle()
                 try:
-                    times[w.engine.name].append(w.ask({"op": "time", "runs": runs[w.engine.name]})["times_ms"])
+                    times[w.engine.name].append(
+                        w.ask({"op": "time", "runs": runs[w.engine.name], "warmup": 3})["times_ms"])
                 except Exception as err:  # noqa: BLE001
                     timing[w.engine.name] = {"error": _one_line(err)}
                     live = [x for x in live if x is not w]
@@ -478,7 +504,7 @@ def _measure(engines: List[_Engine], specs, out: Path, evalset, rounds: int, log
 
 def _runs_per_round(w: _Worker) -> int:
     """About 0.2 s of runs per round (at least 5, at most 200)."""
-    ms = max(w.ask({"op": "time", "runs": 3})["times_ms"][-1], 1e-3)
+    ms = max(float(np.median(w.ask({"op": "time", "runs": 5, "warmup": 3})["times_ms"])), 1e-3)
     return int(min(200, max(5, 200.0 / ms)))
 
 
@@ -540,7 +566,10 @@ def _assemble(prepared, rows, baselines, engines, timing, accuracy, kernels, eva
     for row in rows:
         row["timing"] = timing.get(row["key"])
         row["accuracy"] = accuracy.get(row["key"])
-        if row["status"] == "ok" and row["timing"] is None:
+        if row["status"] == "ok" and row["timing"] is None and row.get("latency_ms") and row.get("on_board"):
+            row["timing"] = {**row["latency_ms"], "where": row["verify_status"]}
+            row["timing_note"] = "timed on the board by compile (consecutive runs, not in the rounds)"
+        elif row["status"] == "ok" and row["timing"] is None:
             profile = get_target(row["target"])
             family = get_family(profile.family)
             ok, why = family.can_run(profile)
@@ -559,7 +588,8 @@ def _assemble(prepared, rows, baselines, engines, timing, accuracy, kernels, eva
             f"each engine in its own process (TVM: Relax VM, {os.environ.get('TVM_NUM_THREADS', '?')} "
             "threads; onnxruntime: 2 intra-op threads), warmed up with 3 runs, then "
             f"{rounds} rounds taking turns in rotated order, about 0.2 s of batch-1 runs per engine "
-            "per round; an engine starts only when the others' threads have gone idle. Medians, "
+            "per round after 3 untimed runs; an engine starts only when the others' threads have "
+            "gone idle. Medians, "
             "p10/p90 over all runs; ratios are the median over rounds of the per-round ratio."
         ),
         "noisy": noisy,

@@ -13,6 +13,8 @@ def _ms(t: Optional[dict]) -> str:
         return "-"
     if "error" in t:
         return f"error: {t['error']}"
+    if "p10" not in t:  # timed on a board by compile
+        return f"{t['median']:.3f} (p90 {t['p90']:.3f})"
     return f"{t['median']:.3f} ({t['p10']:.3f}-{t['p90']:.3f})"
 
 
@@ -88,7 +90,7 @@ def _timed(rep) -> List[Tuple[str, str, dict]]:
     out = [(n, "onnxruntime", b["timing"]) for n, b in rep["baselines"].items()
            if b.get("timing") and "median" in b["timing"]]
     out += [(f"{r['target']} {r['pass_set']}", r["target"], r["timing"]) for r in rep["rows"]
-            if r.get("timing") and "median" in r["timing"]]
+            if r.get("timing") and "p10" in r["timing"]]
     return out
 
 
@@ -156,7 +158,8 @@ def plots(rep: Dict[str, Any], out: Path) -> Tuple[List[str], Dict[str, Any]]:
         pts, names = [], []
         for name, e, t in entries:
             q = quality(e)
-            x = (t or {}).get("median") if xkey == "latency" else e.get("weight_bytes_after")
+            x = ((t or {}).get("median") if "p10" in (t or {}) else None) if xkey == "latency" \
+                else e.get("weight_bytes_after")
             if q is None or x is None:
                 continue
             pts.append((float(x), float(q)))

@@ -43,10 +43,11 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--targets-file", action="append", metavar="TOML", help="extra target presets")
 
 
-def add_rpc_args(p: argparse.ArgumentParser) -> None:
+def add_rpc_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("boards over TVM RPC")
     g.add_argument("--rpc-tracker", metavar="HOST:PORT", help="TVM RPC tracker the boards registered with")
     g.add_argument("--rpc-key", metavar="KEY", help="device key of the boards (with --rpc-tracker)")
+    return g
 
 
 def rpc_spec(args):

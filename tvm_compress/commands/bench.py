@@ -33,7 +33,10 @@ def add_arguments(b: argparse.ArgumentParser) -> None:
                    help="timing rounds, engines taking turns (default 10)")
     b.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     b.add_argument("--quiet", action="store_true", help="no progress output")
-    add_rpc_args(b)
+    g = add_rpc_args(b)
+    g.add_argument("--rpc-targets", metavar="LIST",
+                   help="targets built for, verified and timed on the boards (default: every target "
+                   "that does not run natively here)")
     readers = [n for n in pass_names() if get_preset(n).reads_calibration]
     add_calib_arguments(b.add_argument_group(
         f"calibration data (for {', '.join(readers)} and onnxruntime's static int8 baseline)"))
@@ -57,7 +60,8 @@ def run(args) -> int:
         args.model, args.out_dir,
         targets=[t.strip() for t in args.targets.split(",") if t.strip()],
         pass_sets=sets, input_shapes=shapes(args), pass_configs=configs, calib=args.calib,
-        eval_data=args.eval, tune_trials=args.tune_trials, rpc=rpc_spec(args), rounds=args.rounds,
+        eval_data=args.eval, tune_trials=args.tune_trials, rpc=rpc_spec(args),
+        rpc_targets=[t for t in args.rpc_targets.split(",") if t] if args.rpc_targets else None, rounds=args.rounds,
         fold=args.fold, plots=not args.no_plots, verbose=args.verbose, log=log,
     )
     log.done()
