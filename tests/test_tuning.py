@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import tvm_compress
@@ -36,3 +38,16 @@ def test_budget_reaches_every_task(conv_model, tmp_path):
     workloads = (work / "database_workload.json").read_text().strip().splitlines()
     assert len(workloads) == tasks
     assert any(line.startswith("tuning:") and "ETA" in line for line in log)
+
+
+def test_a_corrupted_cache_is_set_aside_and_tuning_starts_over(dense_model, tmp_path):
+    """A database line that is not JSON (a full disk, a cut copy) must not stop later compiles."""
+    logs = []
+    rep = tvm_compress.compile(dense_model, tmp_path / "a.so", tune_trials=2, bench_runs=1, log=lambda m: None)
+    work = Path(rep["tuning"]["work_dir"])
+    with open(work / "database_tuning_record.json", "a") as f:
+        f.write('[0, [["garbage\n')
+    rep = tvm_compress.compile(dense_model, tmp_path / "b.so", tune_trials=2, bench_runs=1, log=logs.append)
+    assert any("are corrupted; moved to" in m for m in logs)
+    assert rep["tuning"]["new_trials"] == 2 and rep["verified"]
+    assert list(work.parent.glob(f"{work.name}.corrupt-*"))

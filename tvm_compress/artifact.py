@@ -33,6 +33,12 @@ def run(
         arrays = [np.asarray(inputs[s.name], dtype=s.dtype, order="C") for s in specs]
     else:
         arrays = [np.asarray(x, order="C") for x in inputs]
+    if len(arrays) != len(specs):
+        raise DataError(f"{len(arrays)} input arrays for a library with {len(specs)} inputs")
+    for spec, arr in zip(specs, arrays):
+        if tuple(arr.shape) != tuple(spec.shape) or str(arr.dtype) != spec.dtype:
+            raise DataError(f"input {spec.name!r}: got {list(arr.shape)} {arr.dtype}, the library takes "
+                            f"{list(spec.shape)} {spec.dtype}")
     profile = get_target(manifest["target"])
     family = get_family(profile.family)
     if rpc is not None:

@@ -111,6 +111,8 @@ def compile(  # noqa: A001  (the product's verb)
     else:
         inputs = verify.random_inputs(prepared.inputs, seed=0)
         input_source = "random (seed 0)"
+    # The reference first: a model onnxruntime cannot run is refused before any long work.
+    refs = verify.ort_run(prepared.reference, prepared.inputs, inputs)
 
     env = PassEnv(inputs=list(prepared.inputs), facts=family.facts(profile), log=log,
                   measure=lambda m, xs: measure_on_target(m, xs, profile, rpc, trials=tune_trials))
@@ -151,7 +153,7 @@ def compile(  # noqa: A001  (the product's verb)
         if calls:
             kernel_report = _check_kernels(family, profile, tmp_lib, lowered, calls, inputs, rpc, log)
         record = _verify_and_time(
-            family, profile, tmp_lib, prepared, inputs, bench_runs,
+            family, profile, tmp_lib, prepared, inputs, refs, bench_runs,
             lossy=any(get_preset(n).lossy for n in names), log=log, rpc=rpc,
         )
         artifact_bytes = tmp_lib.stat().st_size
@@ -273,8 +275,8 @@ def _check_kernels(family, profile, lib_path, lowered, calls, inputs, rpc, log):
     return res.as_dict()
 
 
-def _verify_and_time(family, profile, lib_path, prepared: PreparedModel, inputs, bench_runs, lossy, log, rpc=None):
-    refs = verify.ort_run(prepared.path, prepared.inputs, inputs)
+def _verify_and_time(family, profile, lib_path, prepared: PreparedModel, inputs, refs, bench_runs, lossy, log,
+                     rpc=None):
     ok, why = (True, "") if rpc else family.can_run(profile)
     if not ok:
         log(f"verify: {why}")
@@ -309,10 +311,10 @@ def _verify_and_time(family, profile, lib_path, prepared: PreparedModel, inputs,
         "latency_ms": None,
         "onnxruntime_latency_ms": None,
     }
-    if meaningful:
+    if meaningful and bench_runs > 0:
         rec["latency_ms"] = verify.latency_stats(result.times_ms)
         rec["onnxruntime_latency_ms"] = verify.latency_stats(
-            verify.ort_latency(prepared.path, prepared.inputs, inputs, repeat=bench_runs)
+            verify.ort_latency(prepared.reference, prepared.inputs, inputs, repeat=bench_runs)
         )
         log(
             f"latency: median {rec['latency_ms']['median']:.3f} ms "

@@ -22,6 +22,13 @@ def check_writable(path: str | os.PathLike) -> Path:
         raise OutputError(f"cannot write {path}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise OutputError(f"cannot write {path}: directory {parent} is not writable")
+    # Access bits are not the whole story (root, /proc, read-only mounts): create a file there.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.stem}.probe-", dir=parent)
+    except OSError as err:
+        raise OutputError(f"cannot write {path}: {err.strerror or err}") from None
+    os.close(fd)
+    os.unlink(probe)
     return path
 
 

@@ -8,13 +8,15 @@ onnxruntime's basic graph optimizations; list unsupported ops all at once; then
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
@@ -38,6 +40,13 @@ class PreparedModel:
     outputs: List[OutputSpec]
     folded: bool = True
     notes: List[str] = field(default_factory=list)
+    # The model upgraded to a newer opset when onnxruntime cannot run the file's own opset.
+    upgraded: Optional[bytes] = None
+
+    @property
+    def reference(self) -> Union[str, bytes]:
+        """What onnxruntime (the numerical reference) loads: the file, or its upgraded bytes."""
+        return self.upgraded if self.upgraded is not None else str(self.path)
 
     def shape_dict(self) -> Dict[str, tuple]:
         return {i.name: i.shape for i in self.inputs}
@@ -48,12 +57,15 @@ class PreparedModel:
         from tvm.relax.frontend.onnx import from_onnx
 
         try:
-            mod = from_onnx(
-                self.model,
-                shape_dict={k: list(v) for k, v in self.shape_dict().items()},
-                dtype_dict={i.name: i.dtype for i in self.inputs},
-                keep_params_in_input=False,
-            )
+            # The importer prints "Error converting operator ..." to stdout before raising: the
+            # one-line error below says it.
+            with contextlib.redirect_stdout(io.StringIO()):
+                mod = from_onnx(
+                    self.model,
+                    shape_dict={k: list(v) for k, v in self.shape_dict().items()},
+                    dtype_dict={i.name: i.dtype for i in self.inputs},
+                    keep_params_in_input=False,
+                )
         except Exception as err:  # the importer raises many kinds; keep one line
             msg = str(err).strip().splitlines()
             raise ModelError(
@@ -169,8 +181,37 @@ def _fix_input_shapes(model: onnx.ModelProto, given: Dict[str, tuple], path: Pat
         ttype.ClearField("shape")
         for v in shape:
             ttype.shape.dim.add().dim_value = int(v)
-        specs.append(InputSpec(inp.name, tuple(int(v) for v in shape), _dtype_name(ttype.elem_type)))
+        spec = InputSpec(inp.name, tuple(int(v) for v in shape), _dtype_name(ttype.elem_type))
+        _check_input_size(spec)
+        specs.append(spec)
     return specs
+
+
+def _check_input_size(spec: InputSpec) -> None:
+    """An input that cannot fit in memory (one copy of it is made for verification, more while
+    running) is refused before anything is allocated."""
+    import numpy as np
+
+    try:
+        item = np.dtype(spec.dtype).itemsize
+    except TypeError:
+        item = 4
+    nbytes = int(np.prod([int(d) for d in spec.shape], dtype=object)) * item
+    total = _memory_bytes()
+    if nbytes > total // 4:
+        raise ShapeError(
+            f"input {spec.name!r} of shape {list(spec.shape)} {spec.dtype} needs {nbytes / 2**30:.1f} GiB, "
+            f"more than a quarter of this machine's {total / 2**30:.0f} GiB memory"
+        )
+
+
+def _memory_bytes() -> int:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+    except Exception:  # noqa: BLE001  (psutil is a dependency; stay usable without it)
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 def _fold_with_ort(model: onnx.ModelProto) -> Optional[onnx.ModelProto]:
@@ -225,8 +266,10 @@ def prepare_onnx(
 ) -> PreparedModel:
     path = Path(path)
     original = read_onnx(path)
+    original, upgraded_from = _upgrade_old_opset(original, path)
     model = onnx.ModelProto()
     model.CopyFrom(original)
+    _initializers_are_not_inputs(model)
     given = {k: tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}
     inputs = _fix_input_shapes(model, given, path)
     # Output / intermediate shapes may still name the old symbolic dims: let inference redo them.
@@ -234,6 +277,9 @@ def prepare_onnx(
     for out in model.graph.output:
         out.type.tensor_type.ClearField("shape")
     notes = []
+    if upgraded_from is not None:
+        notes.append(f"upgraded from ONNX opset {upgraded_from} to {UPGRADE_OPSET} with onnx's version "
+                     f"converter (onnxruntime, the reference, runs opset >= {MIN_ORT_OPSET})")
     folded = False
     if fold:
         result = _fold_with_ort(model)
@@ -241,6 +287,11 @@ def prepare_onnx(
             notes.append("onnxruntime could not load the model; shape subgraphs were not folded")
         else:
             model, folded = result, True
+            # Folding may list its constants as inputs (old IR versions): only the real ones stay.
+            real = {spec.name for spec in inputs}
+            keep = [i for i in model.graph.input if i.name in real]
+            del model.graph.input[:]
+            model.graph.input.extend(keep)
     try:
         model = onnx.shape_inference.infer_shapes(model)
     except Exception:
@@ -252,7 +303,51 @@ def prepare_onnx(
         shape = tuple(d.dim_value for d in tt.shape.dim) if tt.HasField("shape") else None
         outputs.append(OutputSpec(out.name, shape, _dtype_name(tt.elem_type) if tt.elem_type else "float32"))
     return PreparedModel(path=path, sha256=file_sha256(path), model=model, original=original,
-                         inputs=inputs, outputs=outputs, folded=folded, notes=notes)
+                         inputs=inputs, outputs=outputs, folded=folded, notes=notes,
+                         upgraded=original.SerializeToString() if upgraded_from is not None else None)
+
+
+def _initializers_are_not_inputs(model: onnx.ModelProto) -> None:
+    """Old exporters (IR version 3) list every weight as a graph input too; onnxruntime then uses
+    the initializer unless fed, but the Relax importer makes each one a parameter of ``main``.
+    Weights are weights: drop them from the inputs (IR >= 4 allows that)."""
+    inits = {i.name for i in model.graph.initializer}
+    if not any(i.name in inits for i in model.graph.input):
+        return
+    keep = [i for i in model.graph.input if i.name not in inits]
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
+    model.ir_version = max(model.ir_version, 4)
+
+
+MIN_ORT_OPSET = 7  # the oldest default-domain opset onnxruntime implements
+UPGRADE_OPSET = 13
+
+
+def _upgrade_old_opset(model: onnx.ModelProto, path: Path):
+    """(model, None), or (the model converted to ``UPGRADE_OPSET``, its old opset) when its
+    default-domain opset is older than onnxruntime runs."""
+    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if version is None or version >= MIN_ORT_OPSET:
+        return model, None
+    from onnx import version_converter
+
+    plain = onnx.ModelProto()
+    plain.CopyFrom(model)
+    _initializers_are_not_inputs(plain)  # the converter trips over weights listed as inputs
+    try:
+        upgraded = version_converter.convert_version(plain, UPGRADE_OPSET)
+        # The converter keeps the old IR version, which the new opset does not allow.
+        upgraded.ir_version = max(upgraded.ir_version, helper.find_min_ir_version_for(
+            [o for o in upgraded.opset_import if o.domain in ("", "ai.onnx")]))
+        onnx.checker.check_model(upgraded)
+    except Exception as err:  # noqa: BLE001  (the converter raises many kinds)
+        lines = str(err).strip().splitlines()
+        raise ModelError(
+            f"{path} uses ONNX opset {version}; onnxruntime (the reference) runs opset >= {MIN_ORT_OPSET} "
+            f"and onnx's version converter could not upgrade it ({lines[-1] if lines else type(err).__name__})"
+        ) from None
+    return upgraded, version
 
 
 def load_onnx(path: str | os.PathLike, input_shapes: Optional[ShapeMap] = None):

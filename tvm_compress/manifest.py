@@ -4,6 +4,7 @@ the library, tuning summary)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -45,20 +46,42 @@ def make_manifest(prepared, profile, tvm_target, passes: List[str], library_sha2
     if check_function:
         # Relax function that runs each scheduled kernel on caller-given buffers (kernel_check)
         data["check_function"] = check_function
+    data["manifest_sha256"] = _content_sha256(data)
     return data
 
 
-def load_manifest(lib_path: str | os.PathLike) -> dict:
+def _content_sha256(data: dict) -> str:
+    body = {k: v for k, v in data.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def load_manifest(lib_path: str | os.PathLike, check_library: bool = True) -> dict:
+    """The manifest beside ``lib_path``, checked: its own checksum (an edited manifest would
+    describe another library) and, with ``check_library``, the library's sha256 against it
+    (loading a shared library runs its code: an altered or truncated one is never loaded). These
+    catch accidents and naive tampering, not someone who rewrites both files."""
     lib_path = Path(lib_path)
     if not lib_path.exists():
         raise ModelError(f"library not found: {lib_path}")
     mpath = manifest_path(lib_path)
     try:
-        return json.loads(mpath.read_text())
+        data = json.loads(mpath.read_text())
     except FileNotFoundError:
         raise ModelError(f"{lib_path}: manifest {mpath} not found (was it built by tvm-compress?)") from None
-    except ValueError:
+    except (ValueError, UnicodeDecodeError):
         raise ModelError(f"{lib_path}: manifest {mpath} is not valid JSON") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT or "library_sha256" not in data:
+        raise ModelError(f"{lib_path}: {mpath} is not a tvm-compress manifest")
+    if "manifest_sha256" in data and data["manifest_sha256"] != _content_sha256(data):
+        raise ModelError(f"{lib_path}: manifest {mpath} was edited after the build (its checksum does not "
+                         "match); rebuild the library")
+    if check_library:
+        from .loader import file_sha256
+
+        if file_sha256(lib_path) != data["library_sha256"]:
+            raise ModelError(f"{lib_path}: the library does not match its manifest's sha256 (altered, "
+                             "truncated or replaced); refusing to load it")
+    return data
 
 
 def input_specs(manifest: dict) -> List[InputSpec]:

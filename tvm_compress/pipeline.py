@@ -95,6 +95,7 @@ class Schedule:
             # Hand-scheduled kernels first: tuning and the default schedules then skip them.
             mod = tvm.transform.Sequential(family.kernel_schedules(profile))(mod)
         if trials > 0:
+            tuning.check_database(work_dir, log)
             runner = self.runner or family.tuning_runner(profile)
             if runner is None:
                 # Records from an earlier run (or another machine) still apply; no new trials.

@@ -167,6 +167,41 @@ def _meta_path(work_dir: Path) -> Path:
     return work_dir / "tvm_compress_tuning.json"
 
 
+DATABASE_FILES = ("database_workload.json", "database_tuning_record.json")
+
+
+def check_database(work_dir: Path, log: LogFn = lambda m: None) -> bool:
+    """True when ``work_dir``'s records are readable. A corrupted database (a line that is not
+    JSON: a disk filled up, a copy cut short, an edit) would stop every later compile of the
+    model; it is moved aside (``<dir>.corrupt-<time>``) with a warning, and tuning starts over."""
+    if not work_dir.is_dir():
+        return True
+    with open(work_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # not while another compile appends to it
+        bad = _first_bad_line(work_dir)
+        if bad is None:
+            return True
+        aside = work_dir.with_name(f"{work_dir.name}.corrupt-{int(time.time())}")
+        os.rename(work_dir, aside)
+    log(f"tuning: warning: cached records {bad} are corrupted; moved to {aside}, tuning again")
+    return False
+
+
+def _first_bad_line(work_dir: Path) -> Optional[str]:
+    for name in DATABASE_FILES:
+        path = work_dir / name
+        if not path.exists():
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                for k, line in enumerate(f, 1):
+                    if line.strip():
+                        json.loads(line)
+        except (ValueError, UnicodeDecodeError):
+            return f"{path} (line {k})"
+    return None
+
+
 def cached_trials(work_dir: Path) -> int:
     try:
         return int(json.loads(_meta_path(work_dir).read_text())["trials"])
