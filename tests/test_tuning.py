@@ -51,3 +51,14 @@ def test_a_corrupted_cache_is_set_aside_and_tuning_starts_over(dense_model, tmp_
     assert any("are corrupted; moved to" in m for m in logs)
     assert rep["tuning"]["new_trials"] == 2 and rep["verified"]
     assert list(work.parent.glob(f"{work.name}.corrupt-*"))
+
+
+def test_a_record_cut_off_by_a_killed_compile_is_dropped_and_the_rest_reused(dense_model, tmp_path):
+    rep = tvm_compress.compile(dense_model, tmp_path / "a.so", tune_trials=2, bench_runs=1, log=lambda m: None)
+    work = Path(rep["tuning"]["work_dir"])
+    with open(work / "database_tuning_record.json", "a") as f:
+        f.write('[0, [[["GetSBlock", [], ["matm')  # no newline: the process died mid-write
+    logs = []
+    rep = tvm_compress.compile(dense_model, tmp_path / "b.so", tune_trials=2, bench_runs=1, log=logs.append)
+    assert any("dropped an unfinished last record" in m for m in logs)
+    assert rep["tuning"]["new_trials"] == 0 and rep["tuning"]["cached_trials"] == 2 and rep["verified"]

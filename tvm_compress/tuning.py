@@ -178,6 +178,9 @@ def check_database(work_dir: Path, log: LogFn = lambda m: None) -> bool:
         return True
     with open(work_dir / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # not while another compile appends to it
+        for name in DATABASE_FILES:
+            if _drop_cut_last_line(work_dir / name):
+                log(f"tuning: dropped an unfinished last record of {work_dir / name} (a compile was stopped)")
         bad = _first_bad_line(work_dir)
         if bad is None:
             return True
@@ -185,6 +188,19 @@ def check_database(work_dir: Path, log: LogFn = lambda m: None) -> bool:
         os.rename(work_dir, aside)
     log(f"tuning: warning: cached records {bad} are corrupted; moved to {aside}, tuning again")
     return False
+
+
+def _drop_cut_last_line(path: Path) -> bool:
+    """A compile killed while appending leaves a last line without its newline: cut it off."""
+    try:
+        with open(path, "rb+") as f:
+            data = f.read()
+            if not data or data.endswith(b"\n"):
+                return False
+            f.truncate(data.rfind(b"\n") + 1)
+            return True
+    except FileNotFoundError:
+        return False
 
 
 def _first_bad_line(work_dir: Path) -> Optional[str]:
