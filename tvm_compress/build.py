@@ -25,7 +25,7 @@ from .fileutil import atomic_path, check_writable, write_json
 from .layers import layer_stats, totals, weight_stats
 from .loader import PreparedModel, file_sha256, prepare_onnx
 from .manifest import make_manifest, manifest_path
-from .pass_registry import PassEnv, get_preset, parse_pass_list
+from .pass_registry import PassEnv, get_preset, make_config, parse_pass_list
 
 LogFn = Callable[[str], None]
 
@@ -160,6 +160,12 @@ def compile(  # noqa: A001  (the product's verb)
         manifest_data = make_manifest(
             prepared, profile, tvm_target, names, file_sha256(tmp_lib), output, tuning_summary,
             kernel_check.CHECK_FUNCTION if calls else None,
+            build_options={
+                "pass_configs": {n: _as_dict(make_config(get_preset(n), (pass_configs or {}).get(n))) for n in names},
+                "tune_trials": tune_trials, "fold": fold, "check_kernels": check_kernels,
+                "input_shapes": {i.name: list(i.shape) for i in prepared.inputs},
+                "verify_input": input_source,
+            },
         )
     try:
         write_json(manifest, manifest_data)
@@ -196,6 +202,13 @@ def compile(  # noqa: A001  (the product's verb)
     if report is not None:
         write_json(report, rep)
     return rep
+
+
+def _as_dict(config) -> dict:
+    """A pass config as JSON-able fields (tuples as lists)."""
+    import dataclasses
+
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
 
 
 def measure_on_target(mods: Sequence[tvm.IRModule], inputs, profile: TargetProfile, rpc=None,

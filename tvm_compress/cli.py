@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from typing import Optional, Sequence
 
 from .console import default_log_path, native_output
@@ -47,6 +49,14 @@ def _build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
+    interrupted = []
+
+    def on_sigint(signum, frame):
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    # Ctrl-C inside a TVM callback comes back as a TVM RuntimeError: remember that it happened.
+    old = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() else None
     try:
         with native_output(default_log_path(args.command), verbose=args.verbose):
             return args.handler(args)
@@ -57,6 +67,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001  (one line, never a traceback, unless asked)
+        if interrupted:
+            print(f"{PROG}: interrupted", file=sys.stderr)
+            return 130
         if os.environ.get("TVM_COMPRESS_DEBUG"):
             raise
         first = str(err).strip().splitlines()
@@ -66,6 +79,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGINT, old)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ def manifest_path(lib_path: str | os.PathLike) -> Path:
 
 
 def make_manifest(prepared, profile, tvm_target, passes: List[str], library_sha256: str,
-                  final_path: Path, tuning: Optional[dict], check_function: Optional[str]) -> Dict[str, Any]:
+                  final_path: Path, tuning: Optional[dict], check_function: Optional[str],
+                  build_options: Optional[dict] = None) -> Dict[str, Any]:
     data = {
         "format": FORMAT,
         "library": Path(final_path).name,
@@ -39,6 +40,10 @@ def make_manifest(prepared, profile, tvm_target, passes: List[str], library_sha2
         "tvm_target": json.loads(str(tvm_target)),
         "passes": list(passes),
         "tvm_version": tvm.__version__,
+        # Everything else a rebuild needs: the same inputs, options and tuning records give a
+        # byte-identical library (tests/test_hostile.py).
+        "versions": _versions(),
+        "build_options": build_options or {},
         "source_model": str(prepared.path),
         "source_sha256": prepared.sha256,
         "tuning": tuning,
@@ -48,6 +53,18 @@ def make_manifest(prepared, profile, tvm_target, passes: List[str], library_sha2
         data["check_function"] = check_function
     data["manifest_sha256"] = _content_sha256(data)
     return data
+
+
+def _versions() -> Dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for dist in ("tvm-compress", "apache-tvm", "apache-tvm-ffi", "onnx", "onnxruntime", "numpy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
 
 
 def _content_sha256(data: dict) -> str:

@@ -219,10 +219,18 @@ def _first_bad_line(work_dir: Path) -> Optional[str]:
 
 
 def cached_trials(work_dir: Path) -> int:
+    """Trials already measured: the budget a finished run reached, or the records a stopped run
+    left (one line per measured candidate)."""
     try:
-        return int(json.loads(_meta_path(work_dir).read_text())["trials"])
+        finished = int(json.loads(_meta_path(work_dir).read_text())["trials"])
     except (OSError, ValueError, KeyError):
-        return 0
+        finished = 0
+    try:
+        with open(work_dir / "database_tuning_record.json", "rb") as f:
+            records = sum(1 for line in f if line.strip())
+    except OSError:
+        records = 0
+    return max(finished, records)
 
 
 def tune(
