@@ -120,3 +120,67 @@ def test_nan_where_onnxruntime_gives_nan_verifies(tmp_path):
     assert rep["within_float_tolerance"]
     out = tvm_compress.run(tmp_path / "s.so", {name: x}).outputs[0]
     assert np.isnan(out[0, 0]) and out[2, 3] == 2.0
+
+
+def _model(graph, opset=17, extra_opsets=()):
+    from onnx import helper
+
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), *extra_opsets])
+    m.ir_version = 8
+    return m
+
+
+def _hostile_models():
+    """(name, model, words of the one-line error): models a checker or a loader must refuse."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    g = lambda nodes, inputs=(x,), inits=(): helper.make_graph(nodes, "g", list(inputs), [y], initializer=list(inits))  # noqa: E731
+    escape = numpy_helper.from_array(np.ones((4, 4), np.float32), "W")
+    escape.ClearField("raw_data")
+    escape.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", "../../../../etc/passwd"), ("offset", "0"), ("length", "64")):
+        entry = escape.external_data.add()
+        entry.key, entry.value = k, v
+    huge_init = TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[10**6, 10**6])
+    big = helper.make_tensor_value_info("x", TensorProto.FLOAT, [10**6, 10**6])
+    return [
+        ("cycle", _model(g([helper.make_node("Relu", ["z"], ["w"]), helper.make_node("Add", ["x", "w"], ["z"]),
+                            helper.make_node("Identity", ["z"], ["y"])])), "topologically sorted"),
+        ("undefined input", _model(g([helper.make_node("Add", ["x", "nope"], ["y"])])), "'nope'"),
+        ("missing initializer", _model(g([helper.make_node("MatMul", ["x", "W"], ["y"])])), "'W'"),
+        ("duplicate names", _model(g([helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Neg", ["x"], ["y"])])),
+         "single static assignment"),
+        ("10^12-element input", _model(g([helper.make_node("Relu", ["x"], ["y"])], inputs=[big])), "3725.3 GiB"),
+        ("10^12-element initializer", _model(g([helper.make_node("MatMul", ["x", "W"], ["y"])], inits=[huge_init])),
+         "ONNX checker"),
+        ("future opset", _model(g([helper.make_node("Relu", ["x"], ["y"])]), opset=99), "uses ONNX opset 99"),
+        ("unknown domain", _model(g([helper.make_node("Foo", ["x"], ["y"], domain="com.evil")]),
+                                  extra_opsets=[helper.make_opsetid("com.evil", 1)]), "unsupported ONNX ops: Foo"),
+        ("external data outside the folder", _model(g([helper.make_node("MatMul", ["x", "W"], ["y"])], inits=[escape])),
+         "points outside the directory"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(9))
+def test_hostile_onnx_is_refused_in_one_line(tmp_path, capsys, case):
+    name, model, words = _hostile_models()[case]
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    _one_line_error(capsys, ["compile", path, "-o", tmp_path / "out.so"], words)
+    assert not (tmp_path / "out.so").exists()
+
+
+def test_a_very_deep_graph_compiles(tmp_path):
+    from onnx import TensorProto, helper
+
+    import tvm_compress
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    nodes = [helper.make_node("Relu" if i % 2 else "Neg", ["x" if i == 0 else f"t{i - 1}"], [f"t{i}" if i < 2999 else "y"])
+             for i in range(3000)]
+    onnx.save(_model(helper.make_graph(nodes, "g", [x], [y])), str(tmp_path / "deep.onnx"))
+    rep = tvm_compress.compile(tmp_path / "deep.onnx", tmp_path / "deep.so", bench_runs=0, log=lambda m: None)
+    assert rep["within_float_tolerance"]

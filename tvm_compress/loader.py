@@ -122,17 +122,27 @@ def read_onnx(path: str | os.PathLike) -> onnx.ModelProto:
     if path.is_dir():
         raise ModelError(f"model path is a directory, not an ONNX file: {path}")
     try:
+        # External weights are read only from inside the model's folder (onnx refuses "../").
         model = onnx.load(str(path))
-    except Exception as err:  # DecodeError, RuntimeError, ...
-        raise ModelError(f"{path} is not a valid ONNX model ({type(err).__name__})") from None
+    except Exception as err:  # DecodeError, RuntimeError, ValidationError ...
+        raise ModelError(f"{path} is not a valid ONNX model ({type(err).__name__}: {_one_line(err, 200)})") from None
     if not model.graph.node:
         raise ModelError(f"{path} is not a valid ONNX model (no graph nodes; truncated or not ONNX?)")
+    newest = onnx.defs.onnx_opset_version()
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx") and op.version > newest:
+            raise ModelError(f"{path} uses ONNX opset {op.version}; the newest this onnx ({onnx.__version__}) "
+                             f"knows is {newest}")
     try:
         onnx.checker.check_model(model)
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f"{path} fails the ONNX checker (truncated?): {first}") from None
+        raise ModelError(f"{path} fails the ONNX checker: {_one_line(err)}") from None
     return model
+
+
+def _one_line(err: Exception, limit: int = 300) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _dtype_name(elem_type: int) -> str:

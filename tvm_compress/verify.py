@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .errors import DataError, VerificationError
+from .errors import DataError, ModelError, VerificationError
 from .specs import InputSpec
 
 # A float pipeline (no lossy pass) must match onnxruntime within FLOAT_REL_TOL of each output's
@@ -89,7 +89,7 @@ def ort_session(model: str | os.PathLike | bytes, threads: int = 2):
     try:
         return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
     except Exception as err:  # noqa: BLE001  (onnxruntime's own exception types)
-        raise VerificationError(f"onnxruntime, the reference, cannot load the model: {_ort_reason(err)}") from None
+        raise ModelError(f"onnxruntime, the reference, cannot load the model: {_ort_reason(err)}") from None
 
 
 def _ort_reason(err: Exception) -> str:
