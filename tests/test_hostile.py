@@ -184,3 +184,10 @@ def test_a_very_deep_graph_compiles(tmp_path):
     onnx.save(_model(helper.make_graph(nodes, "g", [x], [y])), str(tmp_path / "deep.onnx"))
     rep = tvm_compress.compile(tmp_path / "deep.onnx", tmp_path / "deep.so", bench_runs=0, log=lambda m: None)
     assert rep["within_float_tolerance"]
+
+
+def test_a_model_larger_than_memory_allows_is_refused_before_loading(dense_model, tmp_path, capsys, monkeypatch):
+    import tvm_compress.loader as loader
+
+    monkeypatch.setattr(loader, "_memory_bytes", lambda: 3 * 1024)  # a 3 KiB machine
+    _one_line_error(capsys, ["compile", dense_model, "-o", tmp_path / "m.so"], "too large to load")

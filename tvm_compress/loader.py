@@ -121,6 +121,10 @@ def read_onnx(path: str | os.PathLike) -> onnx.ModelProto:
         raise ModelError(f"model file not found: {path}")
     if path.is_dir():
         raise ModelError(f"model path is a directory, not an ONNX file: {path}")
+    size, total = path.stat().st_size, _memory_bytes()
+    if size > total // 3:  # loading takes a copy or two of it: refuse before reading a byte
+        raise ModelError(f"{path} is {size / 2**30:.1f} GiB; too large to load with this machine's "
+                         f"{total / 2**30:.0f} GiB memory")
     try:
         # External weights are read only from inside the model's folder (onnx refuses "../").
         model = onnx.load(str(path))
