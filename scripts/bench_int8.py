@@ -61,19 +61,12 @@ def ort_int8_variants(prepared_path: Path, out: Path, input_name: str, calib: np
 
 
 def ort_int8(prepared_path: Path, out_path: Path, input_name: str, calib: np.ndarray, act=None) -> Path:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import QuantType
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(calib)
+    from tvm_compress.bench import ort_static_int8
 
-        def get_next(self):
-            x = next(self.it, None)
-            return None if x is None else {input_name: x[None]}
-
-    quantize_static(str(prepared_path), str(out_path), Reader(), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=act or QuantType.QInt8, weight_type=QuantType.QInt8)
-    return out_path
+    return ort_static_int8(prepared_path, out_path, {input_name: calib},
+                           activations="uint8" if act == QuantType.QUInt8 else "int8")
 
 
 def ort_outputs(path, name, xs):

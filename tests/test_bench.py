@@ -116,6 +116,15 @@ def test_bench_rerun_resumes_finished_rows(bench_run):
     assert all(r["timing"] for r in after if r["target"] == "x86-avx2")  # timed again, in this run
 
 
+def test_a_resumed_library_that_no_longer_matches_its_manifest_is_rebuilt(bench_run):
+    out, args, _ = bench_run
+    lib = out / "rows" / "x86-avx2--none.so"
+    lib.write_bytes(lib.read_bytes()[:-16])  # altered after the first run: never loaded
+    proc = _cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("done before, kept") == 3 and "[1/4] x86-avx2--none: ok" in proc.stderr
+
+
 def test_a_failing_combination_is_recorded_and_the_rest_completes(conv_model, tmp_path):
     out = tmp_path / "out"
     proc = _cli("bench", conv_model, "-o", out, "--targets", "x86-avx2", "--passes", "none,lowrank",
@@ -123,7 +132,9 @@ def test_a_failing_combination_is_recorded_and_the_rest_completes(conv_model, tm
     assert proc.returncode == 4
     rows = {r["pass_set"]: r for r in json.loads((out / "report.json").read_text())["rows"]}
     assert rows["lowrank"]["status"] == "failed" and "no layer named 'nope'" in rows["lowrank"]["error"]
-    assert rows["none"]["status"] == "ok" and rows["none"]["timing"]["median"] > 0
+    engines_log = (out / "logs" / "engines.log").read_text(errors="replace")[-2000:]
+    assert rows["none"]["status"] == "ok" and rows["none"]["timing"].get("median", 0) > 0, \
+        (rows["none"]["timing"], engines_log)
     assert "**failed**" in (out / "report.md").read_text()
     assert "FAILED: lowrank: no layer named 'nope'" in proc.stdout
     assert "Traceback" not in proc.stderr

@@ -146,13 +146,13 @@ def run_bench(
         for ps in sets:
             key = _row_key(profile.name, ps)
             lib = out / "rows" / f"{key}.so"
-            row_file = out / "rows" / f"{key}.json"
+            row_file = out / "rows" / f"{key}.row.json"  # (f"{key}.json" is the library's manifest)
             fp = _fingerprint(prepared.sha256, profile.target, profile.features, ps.passes,
                               {n: configs[n] for n in ps.passes}, tune_trials, fold,
                               {s.name: s.shape for s in specs},
                               str(rpc) if profile.name in on_board else None)
             done = _load_json(row_file)
-            if done and done.get("fingerprint") == fp and done["status"] == "ok" and lib.exists():
+            if done and done.get("fingerprint") == fp and done["status"] == "ok" and _intact(lib):
                 progress.finish(key, "done before, kept", resumed=True)
                 rows.append(done)
                 continue
@@ -225,6 +225,17 @@ def _configs(sets: Sequence[PassSet], given: Mapping[str, Any], calib: Optional[
             cfg = dataclasses.replace(cfg, calib=calib)
         out[name] = cfg
     return out
+
+
+def _intact(lib: Path) -> bool:
+    """The library is there and matches its manifest (it is loaded, so its code runs)."""
+    from .manifest import load_manifest
+
+    try:
+        load_manifest(lib)
+        return True
+    except TvmCompressError:
+        return False
 
 
 def _load_json(path: Path) -> Optional[dict]:
@@ -333,35 +344,45 @@ def _baselines(prepared, out: Path, configs, calib: Optional[str], log: LogFn) -
 
 def _ort_int8(prepared, spec: str, path: Path, samples: int = 64) -> None:
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     from .calib_data import Preprocess, load_calibration
 
-    specs = prepared.inputs
-    data = load_calibration(spec, [(s.name, s.shape, s.dtype) for s in specs], Preprocess(), limit=samples,
-                            log=lambda m: None, who="onnxruntime int8")
+    data = load_calibration(spec, [(s.name, s.shape, s.dtype) for s in prepared.inputs], Preprocess(),
+                            limit=samples, log=lambda m: None, who="onnxruntime int8")
     fixed = path.with_name("model_fixed_shapes.onnx")
     onnx.save(prepared.model, str(fixed))
+    ort_static_int8(fixed, path, data.inputs)
+
+
+def ort_static_int8(model: str | os.PathLike, out: str | os.PathLike, calib: Mapping[str, np.ndarray],
+                    activations: str = "uint8") -> Path:
+    """onnxruntime's static int8 of ``model`` (QDQ, per-channel int8 weights, ``uint8`` or
+    ``int8`` activations), calibrated one sample at a time on ``calib`` (input name -> N x ...),
+    written to ``out`` (atomically). The baseline ``bench`` compares with."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    names = list(calib)
+    count = len(calib[names[0]])
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            n = len(data.inputs[specs[0].name])
-            self.it = iter(range(n))
+            self.it = iter(range(count))
 
         def get_next(self):
             k = next(self.it, None)
-            return None if k is None else {s.name: data.inputs[s.name][k : k + 1] for s in specs}
+            return None if k is None else {n: np.asarray(calib[n][k : k + 1]) for n in names}
 
-    tmp = path.with_suffix(".part.onnx")
+    out = Path(out)
+    act = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[activations]
     # onnxruntime's quantizer logs advice on the root logger; it belongs in the log, not the terminal
     logging.disable(logging.WARNING)
     try:
-        with native_output(path.with_suffix(".log")):
-            quantize_static(str(fixed), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        with atomic_path(out) as tmp, native_output(out.with_suffix(".log")):
+            quantize_static(str(model), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=act, weight_type=QuantType.QInt8)
     finally:
         logging.disable(logging.NOTSET)
-    os.replace(tmp, path)
+    return out
 
 
 # ---- engines and measurement ----------------------------------------------------------------

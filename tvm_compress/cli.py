@@ -49,13 +49,18 @@ def _build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
-    interrupted = []
-
     def on_sigint(signum, frame):
-        interrupted.append(signum)
-        raise KeyboardInterrupt
+        # Unwinding a KeyboardInterrupt through TVM's C++ frames (tuning callbacks, its thread
+        # pool) came back as a TVM RuntimeError, or once as a segfault: leave at once instead.
+        # Outputs are only ever renamed into place complete, so removing the temporary ones
+        # being written is all the cleaning there is; a tuning record cut short is dropped by
+        # the next compile.
+        from .fileutil import remove_in_progress
 
-    # Ctrl-C inside a TVM callback comes back as a TVM RuntimeError: remember that it happened.
+        remove_in_progress()
+        print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
+        os._exit(130)
+
     old = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() else None
     try:
         with native_output(default_log_path(args.command), verbose=args.verbose):
@@ -67,9 +72,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001  (one line, never a traceback, unless asked)
-        if interrupted:
-            print(f"{PROG}: interrupted", file=sys.stderr)
-            return 130
         if os.environ.get("TVM_COMPRESS_DEBUG"):
             raise
         first = str(err).strip().splitlines()

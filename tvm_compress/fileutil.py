@@ -40,6 +40,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent or ".")
     os.close(fd)
     tmp_path = Path(tmp)
+    IN_PROGRESS.add(tmp_path)
     try:
         yield tmp_path
         umask = os.umask(0)
@@ -52,6 +53,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+    finally:
+        IN_PROGRESS.discard(tmp_path)
+
+
+# Temporary outputs being written now: what an abrupt exit (Ctrl-C) must remove.
+IN_PROGRESS: set = set()
+
+
+def remove_in_progress() -> None:
+    for path in list(IN_PROGRESS):
+        with contextlib.suppress(OSError):
+            path.unlink()
+    IN_PROGRESS.clear()
 
 
 def write_json(path: str | os.PathLike, data: dict) -> None:
