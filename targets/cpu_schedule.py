@@ -182,6 +182,6 @@ class CPUFallback(CPUScheduleRule):
 
 def cpu_default_schedule():
     """The passes CPU families run on kernels that have no tuning records."""
-    from tvm.s_tir import dlight as dl
+    from .default_schedule import ResilientDefaultSchedule
 
-    return [dl.ApplyDefaultSchedule(CPUFallback())]
+    return [ResilientDefaultSchedule(CPUFallback())]

@@ -19,6 +19,7 @@ from tvm_compress import _fast_inspect
 from tvm_compress.errors import TargetError
 
 from .base import RunResult, TargetFamily, TargetProfile, register_family
+from .default_schedule import ResilientDefaultSchedule
 from .local import run_in_process
 from .x86 import host_cpu
 
@@ -30,6 +31,12 @@ def _gpu_here() -> bool:
         return bool(tvm.cuda(0).exist)
     except Exception:  # no driver / no runtime: treat as no GPU
         return False
+
+
+# Limits every GPU since sm_50 has (48 KiB is the static shared memory a block gets without
+# opting in): the GPU schedules ask for them, and warn on every build when they are missing.
+_DEVICE_LIMITS = {"max_shared_memory_per_block": 49152, "max_threads_per_block": 1024,
+                  "thread_warp_size": 32, "registers_per_block": 65536}
 
 
 @register_family
@@ -46,6 +53,8 @@ class CudaFamily(TargetFamily):
             spec["arch"] = (
                 "sm_" + tvm.cuda(0).compute_version.replace(".", "") if _gpu_here() else _DEFAULT_ARCH
             )
+        for key, value in _DEVICE_LIMITS.items():  # a preset may set its own
+            spec.setdefault(key, value)
         host = dict(spec.get("host") or {"kind": "llvm"})
         if host.get("kind") == "llvm" and "mtriple" not in host and host.get("mcpu") in (None, "auto"):
             host["mcpu"] = host_cpu()
@@ -70,7 +79,7 @@ class CudaFamily(TargetFamily):
 
     def default_schedule(self, profile: TargetProfile):
         return [
-            dl.ApplyDefaultSchedule(
+            ResilientDefaultSchedule(
                 dl.gpu.Matmul(),
                 dl.gpu.GEMV(),
                 dl.gpu.Reduction(),

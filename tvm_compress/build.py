@@ -134,6 +134,7 @@ def compile(  # noqa: A001  (the product's verb)
         mod = flow_pass(mod)
     compressed = next((s["after"] for s in reversed(flow.stages) if "after" in s), before)
     tuning_summary = pipeline.tuning_summary(mod)
+    fallbacks = _schedule_fallbacks(mod, profile, tvm_target, log)
     lowered = flow.lowered
 
     calls, kernel_report = [], None
@@ -195,6 +196,7 @@ def compile(  # noqa: A001  (the product's verb)
         **record,
         "tuning": tuning_summary or {"trials": 0, "new_trials": 0, "seconds": 0.0},
         "kernel_check": kernel_report,
+        "schedule_fallbacks": fallbacks,
         "stages": [{"name": s["name"], "seconds": s["seconds"]} for s in flow.stages],
         "pass_reports": _pass_reports(env.report, flow.stages),
         "seconds": round(time.monotonic() - t_start, 2),
@@ -238,6 +240,22 @@ def measure_on_target(mods: Sequence[tvm.IRModule], inputs, profile: TargetProfi
                     run = family.run(profile, libs[k], inputs, repeat=repeat, warmup=2)
                 times[k] += list(run.times_ms)
     return [float(np.median(t)) for t in times]
+
+
+def _schedule_fallbacks(mod, profile: TargetProfile, tvm_target, log) -> list:
+    """Kernels whose first default-schedule rules raised: said, reported; a GPU kernel no rule
+    could schedule ends the build in one line (it would not be bound to threads)."""
+    from tvm_compress.targets.default_schedule import schedule_fallbacks
+
+    fallbacks = schedule_fallbacks(mod)
+    for fb in fallbacks:
+        first = fb["failed"][0]
+        if fb["used"] is None and tvm_target.kind.name != "llvm":
+            raise TargetError(f"{profile.name}: no schedule rule could schedule kernel {fb['kernel']} "
+                              f"({first['rule']}: {first['error']})")
+        log(f"schedule: kernel {fb['kernel']}: {first['rule']} failed ({first['error']}); "
+            f"scheduled by {fb['used'] or 'none (plain loops)'}")
+    return fallbacks
 
 
 def _stage_line(name: str, profile: TargetProfile, tvm_target) -> Optional[str]:

@@ -1,0 +1,71 @@
+"""Default schedules that survive a rule failing on one kernel.
+
+dlight's ``ApplyDefaultSchedule`` lets an exception from any rule on any kernel end the whole
+build (a published PaddleOCR detector lost its CUDA library to "There are some consumers of the
+cache-write stage that are not properly inlined" in ``gpu.Matmul``). Here each kernel tries the
+rules in order; a rule that raises is skipped for that kernel and the next one tried (the last is
+the family's generic fallback). The kernels that needed this are listed in the module attribute
+``FALLBACKS_ATTR`` (JSON) for the compile report. Runs where the family's default schedule runs:
+after tuning, on kernels nothing scheduled yet.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import List
+
+import tvm
+from tvm import tirx
+from tvm.target import Target
+
+FALLBACKS_ATTR = "tvm_compress.schedule_fallbacks"
+
+
+def _one_line(err: Exception) -> str:
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+    return f"{type(err).__name__}: {lines[-1] if lines else ''}"
+
+
+@tvm.transform.module_pass(opt_level=0, name="ResilientDefaultSchedule")
+class ResilientDefaultSchedule:
+    """Schedule every unscheduled kernel with the first rule that applies without raising."""
+
+    def __init__(self, *rules):
+        self.rules = list(rules)
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        fallbacks: List[dict] = json.loads(str(mod.attrs[FALLBACKS_ATTR])) if (
+            mod.attrs is not None and FALLBACKS_ATTR in mod.attrs) else []
+        updated = {}
+        for gvar, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc) or (func.attrs is not None and func.attrs.get("tirx.is_scheduled")):
+                continue
+            target = Target(func.attrs["target"]) if func.attrs is not None and "target" in func.attrs \
+                else Target.current(allow_none=False)
+            failed = []
+            for rule in self.rules:
+                try:
+                    space = rule.apply(func, target, False)
+                except Exception as err:  # noqa: BLE001  (the rule's bug: try the next one)
+                    failed.append({"rule": type(rule).__name__, "error": _one_line(err)})
+                    continue
+                if space is None:
+                    continue
+                sch = space if not isinstance(space, list) else space[0]
+                updated[gvar] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+                if failed:
+                    fallbacks.append({"kernel": gvar.name_hint, "failed": failed, "used": type(rule).__name__})
+                break
+            else:
+                if failed:  # no rule could: left as it is (a CPU runs it; a GPU build says so)
+                    fallbacks.append({"kernel": gvar.name_hint, "failed": failed, "used": None})
+        for gvar, func in updated.items():
+            mod[gvar] = func
+        return mod.with_attr(FALLBACKS_ATTR, json.dumps(fallbacks)) if fallbacks else mod
+
+
+def schedule_fallbacks(mod: tvm.IRModule) -> List[dict]:
+    """The kernels ``ResilientDefaultSchedule`` scheduled with a later rule (or none)."""
+    if mod.attrs is None or FALLBACKS_ATTR not in mod.attrs:
+        return []
+    return json.loads(str(mod.attrs[FALLBACKS_ATTR]))
