@@ -5,6 +5,7 @@ Every pass is a plain ``tvm.transform.module_pass`` over a Relax IRModule and co
 ``--passes``) with ``tvm_compress.pass_registry``.
 """
 
+from .binary import Binary, BinaryConfig
 from .calibrate import Calibrate, CalibrateConfig
 from .conv_transpose_to_conv import ConvTransposeToConv
 from .fold import Fold, FoldConfig
@@ -16,6 +17,8 @@ from .quantize_realize import QuantizeRealize, QuantizeRealizeConfig
 from .te_calls_to_ops import TeCallsToOps
 
 __all__ = [
+    "Binary",
+    "BinaryConfig",
     "Calibrate",
     "CalibrateConfig",
     "ConvTransposeToConv",

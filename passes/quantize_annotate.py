@@ -35,7 +35,7 @@ from tvm_compress.errors import PassOptionError
 from tvm_compress import relax_utils as ru
 from tvm_compress.layers import layer_name, with_layer
 from tvm_compress.relax_utils import relax_functions
-from tvm_compress.specs import sparse_layers
+from tvm_compress.specs import binary_layers, sparse_layers
 
 from . import _quant_common as qc
 
@@ -212,11 +212,13 @@ class _Annotator(PyExprMutator):
             self.set_var_remap(binding.var, obs)
 
 
-def _apply_skips(layers: List[_Layer], config: QuantizeAnnotateConfig, sparse=()) -> None:
+def _apply_skips(layers: List[_Layer], config: QuantizeAnnotateConfig, sparse=(), binary=()) -> None:
     names = {layer.name: layer for layer in layers}
     for layer in layers:
         if layer.name in sparse:
             layer.status, layer.reason = "float", "block-sparse (the sparse kernels are float32)"
+        if layer.name in binary:
+            layer.status, layer.reason = "float", "binary (1-bit kernels)"
     for item in config.skip:
         if isinstance(item, int) or (isinstance(item, str) and item.isdigit()):
             idx = int(item)
@@ -255,7 +257,7 @@ class QuantizeAnnotate:
             per_func.append((gv, func, found))
             layers += found
         sparse = {n for n, m in sparse_layers(mod).items() if m.get("kernel") == "sparse"}
-        _apply_skips(layers, self.config, sparse)
+        _apply_skips(layers, self.config, sparse, set(binary_layers(mod)))
 
         # Points are numbered in graph order of the observed tensors (params first), function
         # by function.

@@ -15,12 +15,13 @@ import numpy as np
 from .base import RunResult, TargetFamily, TargetProfile, register_family
 from .cpu_schedule import cpu_default_schedule
 from .int8_hook import INT8_DOT
+from .binary_hook import BINARY
 from .sparse_hook import BLOCK_SPARSE
 
 
 class _ArmFamily(TargetFamily):
     arch = ""
-    kernel_hooks = (INT8_DOT, BLOCK_SPARSE)
+    kernel_hooks = (INT8_DOT, BLOCK_SPARSE, BINARY)
 
     def tvm_target(self, profile: TargetProfile):
         spec = dict(profile.target)

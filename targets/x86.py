@@ -17,6 +17,7 @@ from tvm_compress.errors import TargetError
 from .base import RunResult, TargetFamily, TargetProfile, register_family
 from .cpu_schedule import cpu_default_schedule
 from .int8_hook import INT8_DOT
+from .binary_hook import BINARY
 from .sparse_hook import BLOCK_SPARSE
 from .local import run_in_process
 
@@ -29,7 +30,7 @@ def host_cpu() -> str:
 @register_family
 class X86Family(TargetFamily):
     name = "x86"
-    kernel_hooks = (INT8_DOT, BLOCK_SPARSE)
+    kernel_hooks = (INT8_DOT, BLOCK_SPARSE, BINARY)
 
     def tvm_target(self, profile: TargetProfile) -> tvm.target.Target:
         spec = dict(profile.target)

@@ -135,6 +135,7 @@ def compile(  # noqa: A001  (the product's verb)
     compressed = next((s["after"] for s in reversed(flow.stages) if "after" in s), before)
     tuning_summary = pipeline.tuning_summary(mod)
     fallbacks = _schedule_fallbacks(mod, profile, tvm_target, log)
+    binary = _binary_kernels(mod, log)
     lowered = flow.lowered
 
     calls, kernel_report = [], None
@@ -197,6 +198,7 @@ def compile(  # noqa: A001  (the product's verb)
         "tuning": tuning_summary or {"trials": 0, "new_trials": 0, "seconds": 0.0},
         "kernel_check": kernel_report,
         "schedule_fallbacks": fallbacks,
+        "binary_kernels": binary,
         "stages": [{"name": s["name"], "seconds": s["seconds"]} for s in flow.stages],
         "pass_reports": _pass_reports(env.report, flow.stages),
         "seconds": round(time.monotonic() - t_start, 2),
@@ -240,6 +242,19 @@ def measure_on_target(mods: Sequence[tvm.IRModule], inputs, profile: TargetProfi
                     run = family.run(profile, libs[k], inputs, repeat=repeat, warmup=2)
                 times[k] += list(run.times_ms)
     return [float(np.median(t)) for t in times]
+
+
+def _binary_kernels(mod, log) -> dict:
+    """What the target's binary kernel hook made of each binary layer ({}: none)."""
+    from tvm_compress.targets.binary_hook import binary_kernels
+
+    layers = binary_kernels(mod)
+    if layers:
+        xnor = sum(1 for r in layers.values() if r["kernel"] == "xnor-popcount")
+        chains = sum(1 for r in layers.values() if r.get("output", "").startswith("bit-packed"))
+        log(f"binary: {xnor} of {len(layers)} layers on XNOR/popcount kernels, {chains} fused chains "
+            f"(bit-packed output)")
+    return layers
 
 
 def _schedule_fallbacks(mod, profile: TargetProfile, tvm_target, log) -> list:

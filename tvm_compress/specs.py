@@ -35,6 +35,7 @@ class TargetFacts:
     vector_popcount: the ISA counts bits in vector registers (NEON ``cnt``, AVX-512 VPOPCNTDQ).
     sparse_block: (rows, columns) of the blocks the target's block-sparse float kernels take by
         default, or None when the target has no such kernels.
+    binary_kernels: the target runs binary layers on bit-packed XNOR/popcount kernels.
     features: the preset's feature table as written.
     """
 
@@ -44,6 +45,7 @@ class TargetFacts:
     int8_act_dtypes: Tuple[str, ...] = ("int8", "uint8")
     vector_popcount: bool = False
     sparse_block: Optional[Tuple[int, int]] = None
+    binary_kernels: bool = False
     features: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -62,3 +64,21 @@ def sparse_layers(mod) -> Dict[str, Dict[str, Any]]:
     if attrs is None or SPARSE_LAYERS_ATTR not in attrs:
         return {}
     return json.loads(str(attrs[SPARSE_LAYERS_ATTR]))
+
+
+# Module attribute (JSON) naming the layers the binary pass made binary: {layer: {"activations":
+# "binary" | "float"}}. Their weights are ``alpha * sign`` constants (one alpha per output
+# channel); "binary" layers read a sign. A target's binary kernel hook runs them on bit-packed
+# XNOR/popcount kernels ("float": 1-bit weights unpacked for a float kernel); without one they
+# run as the float computation they equal.
+BINARY_LAYERS_ATTR = "tvm_compress.binary"
+
+
+def binary_layers(mod) -> Dict[str, Dict[str, Any]]:
+    """The binary layer marks of ``mod`` (an IRModule), {} when none."""
+    import json
+
+    attrs = getattr(mod, "attrs", None)
+    if attrs is None or BINARY_LAYERS_ATTR not in attrs:
+        return {}
+    return json.loads(str(attrs[BINARY_LAYERS_ATTR]))
