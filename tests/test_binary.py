@@ -276,20 +276,29 @@ def test_binary_network_on_x86_equals_onnxruntime(bnn_model, tmp_path):
         np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
 
 
+def _asm(model, profile) -> str:
+    """Assembly of ``model`` binarized (auto) and built for ``profile``."""
+    from tvm_compress import pipeline
+
+    env = PassEnv(facts=tvm_compress.targets.get_family(profile.family).facts(profile))
+    mod = Binary(BinaryConfig(), env)(tvm_compress.prepare_onnx(model).to_relax())
+    scheduled = pipeline.Schedule(profile)(pipeline.Lower(profile)(mod))
+    (llvm_mod,) = [m for m in tvm.compile(scheduled, profile.tvm_target()).mod.imports if m.kind == "llvm"]
+    return llvm_mod.inspect_source("s")
+
+
+@pytest.mark.parametrize("mcpu, instruction", [("haswell", r"\bvpshufb\b"), ("icelake-server", r"\bvpopcntd\b")])
+def test_x86_counts_bits_with_byte_tables_on_avx2_and_vpopcntd_on_avx512(bnn_model, mcpu, instruction):
+    profile = get_target("x86-avx2")
+    profile = profile.with_target({**profile.target, "mcpu": mcpu})
+    assert re.search(instruction, _asm(bnn_model, profile))
+
+
 @pytest.mark.parametrize("target, arch, instruction", [("aarch64", "aarch64", r"\bcnt\s+v\d+\.(8|16)b"),
                                                         ("armv7", "armv7", r"\bvcnt\.8\b")])
 def test_binary_network_arm_builds_match_under_qemu_and_count_bits_in_vectors(
         bnn_model, target, arch, instruction, tmp_path):
-    from tvm_compress import pipeline
-
-    profile = get_target(target)
-    prepared = tvm_compress.prepare_onnx(bnn_model)
-    env = PassEnv(facts=tvm_compress.targets.get_family(profile.family).facts(profile))
-    mod = Binary(BinaryConfig(), env)(prepared.to_relax())
-    scheduled = pipeline.Schedule(profile)(pipeline.Lower(profile)(mod))
-    executable = tvm.compile(scheduled, profile.tvm_target())
-    (llvm_mod,) = [m for m in executable.mod.imports if m.kind == "llvm"]
-    assert re.search(instruction, llvm_mod.inspect_source("s"))
+    assert re.search(instruction, _asm(bnn_model, get_target(target)))
 
     ok, why = qemu.can_run(arch)
     if not ok:
