@@ -64,6 +64,8 @@ class PruneConfig(CalibDataConfig):
     recover: ``none``, ``bn`` or ``lstsq`` (channel kind; needs ``calib``).
     min_speedup: a block-sparse layer runs sparse only where its kernel measured at least this
         much faster than the dense one (0: sparse wherever the kernels can, unmeasured).
+    max_blocks: kept blocks the sparse kernels of one model may bake in (compile time grows by
+        about 7 ms per block); layers past it, those saving least per block first, stay dense.
     """
 
     kind: str = "channel"
@@ -74,6 +76,7 @@ class PruneConfig(CalibDataConfig):
     criterion: str = "l1"
     recover: str = "none"
     min_speedup: float = 1.1
+    max_blocks: int = 10000
     eval_samples: int = 64
 
     def __post_init__(self):
@@ -88,6 +91,8 @@ class PruneConfig(CalibDataConfig):
             raise PassOptionError(f"--prune-recover must be one of {', '.join(RECOVERY)}, got {self.recover!r}")
         if self.block is not None and (len(self.block) != 2 or min(int(v) for v in self.block) < 1):
             raise PassOptionError(f"--prune-block must be RxC with R, C >= 1, got {self.block!r}")
+        if int(self.max_blocks) < 0:
+            raise PassOptionError(f"--prune-max-blocks must be >= 0, got {self.max_blocks}")
         if float(self.min_speedup) < 0:
             raise PassOptionError(f"--prune-min-speedup must be >= 0, got {self.min_speedup}")
         if self.recover != "none" and self.kind != "channel":
@@ -232,10 +237,11 @@ class Prune:
             found += layers
         self._check_names([name for name, _, _ in found])
         marks, rows = {}, []
+        over = self._over_budget(found, block)
         for name, rec, call in found:
             rows.append(rec)
             if call is not None:
-                rec.update(self._decide(name, call, block, rec["sparsity"]))
+                rec.update(over.get(name) or self._decide(name, call, block, rec["sparsity"]))
                 if rec["kernel"] == "dense":  # the zeros stay stored and multiplied
                     rec["macs"][1], rec["weight_bytes"][1] = rec["macs"][0], rec["weight_bytes"][0]
                 marks[name] = {"block": list(block), "sparsity": rec["sparsity"], "kernel": rec["kernel"]}
@@ -243,8 +249,30 @@ class Prune:
         env.log(f"prune: {len(marks)} of {len(rows)} 1x1-conv/dense layers block-pruned "
                 f"({block[0]}x{block[1]} blocks), {n_sparse} run sparse kernels")
         env.report["prune"] = {"kind": "block", "block": list(block), "min_speedup": float(cfg.min_speedup),
-                               "layers": rows}
+                               "max_blocks": int(cfg.max_blocks), "layers": rows}
         return out.with_attr(SPARSE_LAYERS_ATTR, json.dumps(marks)) if marks else out
+
+    def _over_budget(self, found, block) -> dict:
+        """Layers left dense so that the kept blocks baked into sparse kernels stay within
+        ``max_blocks``: every block of a layer saves as many multiply-adds as the layer has output
+        pixels (batch rows), so layers with the most pixels get their kernels first."""
+        budget = int(self.config.max_blocks)
+        per_block = block[0] * block[1]
+        candidates = sorted((rec for _, rec, call in found if call is not None),
+                            key=lambda rec: -rec["macs"][0] // max(1, rec["params"][0]))
+        used, over = 0, {}
+        for rec in candidates:
+            blocks = rec["params"][1] // per_block
+            if used + blocks <= budget:
+                used += blocks
+                continue
+            over[rec["name"]] = {"kernel": "dense", "reason": (
+                f"compile budget: {blocks} kept blocks would pass --prune-max-blocks {budget} "
+                f"({used} already baked into layers saving more per block)")}
+        if over:
+            self.env.log(f"prune: {len(over)} layers stay dense to keep the sparse kernels within "
+                         f"{budget} blocks (--prune-max-blocks)")
+        return over
 
     def _decide(self, name: str, call: relax.Call, block, sparsity: float) -> dict:
         """Which kernel runs the layer: its sparse kernel timed against the dense one, alone."""
@@ -440,6 +468,9 @@ def add_arguments(group) -> None:
     group.add_argument("--prune-recover", dest="prune_recover", choices=RECOVERY,
                        help="repair without training, on --calib data: bn (per-channel statistics) "
                             "or lstsq (least-squares weights of the next layers); default none")
+    group.add_argument("--prune-max-blocks", dest="prune_max_blocks", type=int, metavar="N",
+                       help="block kind: kept blocks the model's sparse kernels may bake in (default 10000; "
+                            "compile time grows by about 7 ms per block)")
     group.add_argument("--prune-min-speedup", dest="prune_min_speedup", type=float, metavar="S",
                        help="block kind: a layer runs sparse only where measured S times faster than dense "
                             "(default 1.1; 0: sparse wherever possible, unmeasured)")
@@ -450,7 +481,7 @@ def _config_from_args(args):
 
     values = vars(args)
     own = {f"prune_{f}": f for f in ("kind", "ratio", "layers", "block", "criterion", "skip", "recover",
-                                      "min_speedup")}
+                                      "min_speedup", "max_blocks")}
     shared = {f: f for f in ("calib", "calib_samples", "calib_size", "calib_mean", "calib_std",
                              "calib_layout", "calib_bgr")}
     options = {field: values[dest] for dest, field in {**own, **shared}.items() if values.get(dest) is not None}

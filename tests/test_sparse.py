@@ -223,3 +223,21 @@ def test_default_block_that_does_not_fit_leaves_the_layer_dense(sparse_model):
     assert sparse_layers(mod) == {}
     with pytest.raises(errors.TvmCompressError, match="--prune-block 5x1 does not divide"):
         Prune(PruneConfig(kind="block", ratio=0.5, block=(5, 1)), env)(tvm_compress.load_onnx(sparse_model))
+
+
+def test_compile_budget_gives_kernels_to_the_layers_saving_most_per_block(sparse_model):
+    """At 8x1 blocks and 75 %: pw1 16 and pw2 32 kept blocks over 144 pixels each, fc1 64 and
+    fc2 16 over one batch row: a budget of 48 blocks goes to the two convolutions, unmeasured
+    beyond it."""
+    measured = []
+    env = PassEnv(facts=TargetFacts(vector_lanes=8, sparse_block=(8, 1)), log=quiet,
+                  measure=lambda mods, inputs: measured.append(1) or [1.0, 0.5])
+    mod = Prune(PruneConfig(kind="block", ratio=0.75, max_blocks=48), env)(tvm_compress.load_onnx(sparse_model))
+    rows = {r["name"]: r for r in env.report["prune"]["layers"]}
+    assert {n for n, r in rows.items() if r.get("kernel") == "sparse"} == {"/pw1/Conv", "/pw2/Conv"}
+    for name in ("/fc1/Gemm", "/fc2/Gemm"):
+        assert rows[name]["kernel"] == "dense" and "--prune-max-blocks 48" in rows[name]["reason"]
+    assert len(measured) == 2 and env.report["prune"]["max_blocks"] == 48
+    assert {n for n, m in sparse_layers(mod).items() if m["kernel"] == "sparse"} == {"/pw1/Conv", "/pw2/Conv"}
+    with pytest.raises(errors.TvmCompressError, match="--prune-max-blocks must be >= 0"):
+        PruneConfig(kind="block", max_blocks=-1)
