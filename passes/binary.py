@@ -7,8 +7,9 @@ in float) and must run where the layers' weights are constants.
 Each chosen layer's weight becomes ``alpha * sign(W)``, one ``alpha`` per output channel
 (mean ``|W|``, the L2-closest binary weight, as in XNOR-Net); a layer whose weight already has
 that form (a binarized network's) is unchanged. Binary activations: the layer reads
-``sign(x)``; a layer that does not already read a sign gets one (post-training binarization,
-which costs accuracy: see docs/binary.md). With ``weights_only`` (BWN) activations stay float.
+``sign(x)``; a layer that does not already read a sign gets ``binarize_activation`` (+1 where
+``x >= 0``, else -1: unlike ``Sign``, a 0 becomes +1, as in the packed kernels) (post-training
+binarization, which costs accuracy: see docs/binary.md). With ``weights_only`` (BWN) activations stay float.
 The pass writes the module attribute ``BINARY_LAYERS_ATTR``; the target's binary kernel hook
 runs those layers on bit-packed XNOR/popcount kernels and fuses binary chains (see
 ``tvm_compress.targets.binary_hook``). A target without the hook runs the float computation
@@ -109,6 +110,14 @@ def _packed_bytes(call) -> Tuple[int, int]:
     return w.nbytes, 4 * (taps * -(-c // _WORD) * o + o)
 
 
+def binarize_activation(x: relax.Expr) -> relax.Expr:
+    """+1 where ``x >= 0``, else -1: a sign whose zero is +1, as a packed bit holds it (ONNX
+    ``Sign`` gives 0 for 0, common after a ReLU), so the float computation and the kernels agree."""
+    dtype = str(x.ty.dtype)
+    return relax.op.where(relax.op.greater_equal(x, relax.const(0, dtype)),
+                          relax.const(1, dtype), relax.const(-1, dtype))
+
+
 @mutator
 class _Rewrite(PyExprMutator):
     def __init__(self, mod, plans: Dict[relax.Var, dict]):
@@ -123,7 +132,7 @@ class _Rewrite(PyExprMutator):
         call = binding.value
         x = self.visit_expr(call.args[0])
         if plan["add_sign"]:
-            x = self.builder_.emit(relax.op.sign(x))
+            x = self.builder_.emit(binarize_activation(x))
         new = relax.Call(call.op, [x, relax.const(plan["weight"])], call.attrs, call.ty_args, call.span)
         self.set_var_remap(binding.var, emit_like(self.builder_, binding.var, new))
 

@@ -32,7 +32,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from tvm_compress.layers import OP_CONV2D, OP_MATMUL, layer_name, with_layer
 from tvm_compress.relax_utils import const_value, emit_like, is_constant, relax_functions, tensor_shape
-from tvm_compress.specs import binary_layers
+from tvm_compress.specs import binary_layers, json_attr
 
 from .base import KernelHook
 from .binary_kernels import (
@@ -166,7 +166,8 @@ class _Binarize(PyExprMutator):
         super().__init__(mod)
         self.marks = marks
         self.graph = _Graph(func)
-        self.done: Dict[str, dict] = {}
+        self.done: Dict[str, dict] = {}  # layer -> what it became (or why it stays float)
+        self.count = 0  # layers rewritten
         self.packed: Dict[relax.Var, relax.Var] = {}  # sign var -> its packed form, made upstream
         self.chains: Dict[relax.Var, Tuple[relax.Var, np.ndarray, np.ndarray]] = {}  # conv var -> chain
         self._plan()
@@ -177,7 +178,11 @@ class _Binarize(PyExprMutator):
             return None, None
         name = layer_name(call)
         mark = self.marks.get(name) if name else None
-        if mark is None or why_not(call) is not None:
+        if mark is None:
+            return None, None
+        reason = why_not(call)
+        if reason is not None:
+            self.done[name] = {"kernel": f"float (the kernels cannot take it: {reason})"}
             return None, None
         return call, mark
 
@@ -231,6 +236,7 @@ class _Binarize(PyExprMutator):
             record.update(kernel="float (1-bit weights unpacked at run time)")
             self.set_var_remap(binding.var, emit_like(bb, binding.var, new))
             self.done[name] = record
+            self.count += 1
             return
         xp, how = self._packed_input(call.args[0], call)
         record.update(kernel="xnor-popcount", input=how)
@@ -262,6 +268,7 @@ class _Binarize(PyExprMutator):
         y = relax.op.multiply(relax.op.astype(dot, "float32"), relax.const(alpha.reshape(a_shape).astype("float32")))
         self.set_var_remap(binding.var, emit_like(bb, binding.var, y))
         self.done[name] = record
+        self.count += 1
 
 
 @tvm.transform.module_pass(opt_level=0, name="BinaryLayers")
@@ -273,16 +280,18 @@ class BinaryLayers:
         if not marks:
             return mod
         done: Dict[str, dict] = {}
+        rewritten = 0
         for gv, func in relax_functions(mod):
             rewriter = _Binarize(mod, func, marks)
             new = rewriter.visit_expr(func)
-            if rewriter.done:
+            done.update(rewriter.done)
+            if rewriter.count:
+                rewritten += rewriter.count
                 rewriter.builder_.update_func(gv, relax.analysis.remove_all_unused(new))
                 mod = rewriter.builder_.get()
-                done.update(rewriter.done)
         for name in marks:
-            done.setdefault(name, {"kernel": "float (the kernels cannot take this layer)"})
-        if done:
+            done.setdefault(name, {"kernel": "float (the kernels cannot take it)"})
+        if rewritten:
             # a fused chain leaves its producer's int32 kernel unused: not compiled
             mod = relax.transform.DeadCodeElimination()(mod)
         return mod.with_attr(BINARY_KERNELS_ATTR, json.dumps(done, sort_keys=True))
@@ -311,10 +320,7 @@ class ScheduleBinary:
 
 def binary_kernels(mod) -> Dict[str, dict]:
     """What ``BinaryLayers`` made of each marked layer ({} when it did not run)."""
-    attrs = getattr(mod, "attrs", None)
-    if attrs is None or BINARY_KERNELS_ATTR not in attrs:
-        return {}
-    return json.loads(str(attrs[BINARY_KERNELS_ATTR]))
+    return json_attr(mod, BINARY_KERNELS_ATTR, {})
 
 
 class BinaryKernels(KernelHook):

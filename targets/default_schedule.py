@@ -18,6 +18,8 @@ import tvm
 from tvm import tirx
 from tvm.target import Target
 
+from tvm_compress.specs import json_attr
+
 FALLBACKS_ATTR = "tvm_compress.schedule_fallbacks"
 
 
@@ -34,8 +36,7 @@ class ResilientDefaultSchedule:
         self.rules = list(rules)
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        fallbacks: List[dict] = json.loads(str(mod.attrs[FALLBACKS_ATTR])) if (
-            mod.attrs is not None and FALLBACKS_ATTR in mod.attrs) else []
+        fallbacks: List[dict] = list(schedule_fallbacks(mod))
         updated = {}
         for gvar, func in mod.functions_items():
             if not isinstance(func, tirx.PrimFunc) or (func.attrs is not None and func.attrs.get("tirx.is_scheduled")):
@@ -66,6 +67,4 @@ class ResilientDefaultSchedule:
 
 def schedule_fallbacks(mod: tvm.IRModule) -> List[dict]:
     """The kernels ``ResilientDefaultSchedule`` scheduled with a later rule (or none)."""
-    if mod.attrs is None or FALLBACKS_ATTR not in mod.attrs:
-        return []
-    return json.loads(str(mod.attrs[FALLBACKS_ATTR]))
+    return json_attr(mod, FALLBACKS_ATTR, [])

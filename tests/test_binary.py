@@ -152,7 +152,8 @@ def test_post_training_binarization_structure():
         return with_layer(relax.op.nn.conv2d(x, relax.const(w), padding=1), "conv")
 
     def expected(bb, x):
-        s = bb.emit(relax.op.sign(x))
+        s = bb.emit(relax.op.where(relax.op.greater_equal(x, relax.const(0, F32)),
+                                   relax.const(1, F32), relax.const(-1, F32)))
         return with_layer(relax.op.nn.conv2d(s, relax.const(wb), padding=1), "conv")
 
     after, report = _binary(_module((1, 3, 6, 6), before), layers="all")
@@ -363,3 +364,18 @@ def test_trained_binary_network_predicts_like_torch_on_the_full_test_set(tmp_pat
     assert not np.any(differ & ~torch_ref["near_tie"]), np.nonzero(differ)[0][:10]
     assert differ.sum() <= 10
     assert (preds == labels).mean() >= 0.85
+
+
+def test_a_layer_the_kernels_cannot_take_keeps_the_float_computation_and_says_why():
+    from tvm_compress.targets.binary_hook import BinaryLayers, binary_kernels
+
+    w = np.where(np.random.default_rng(2).standard_normal((4, 2, 3, 3)) >= 0, 0.5, -0.5).astype(F32)
+
+    def body(bb, x):
+        s = bb.emit(relax.op.sign(x))
+        return with_layer(relax.op.nn.conv2d(s, relax.const(w), padding=1, groups=2), "grouped")
+
+    marked, _ = _binary(_module((1, 4, 5, 5), body))
+    after = BinaryLayers()(marked)
+    assert binary_kernels(after) == {"grouped": {"kernel": "float (the kernels cannot take it: 2 groups)"}}
+    tvm.ir.assert_structural_equal(after["main"], marked["main"])

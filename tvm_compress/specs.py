@@ -56,14 +56,20 @@ class TargetFacts:
 SPARSE_LAYERS_ATTR = "tvm_compress.sparse"
 
 
-def sparse_layers(mod) -> Dict[str, Dict[str, Any]]:
-    """The block-sparse layer marks of ``mod`` (an IRModule), {} when none."""
+def json_attr(mod, key: str, default: Any = None) -> Any:
+    """The JSON module attribute ``key`` of ``mod`` (an IRModule), decoded; ``default`` when
+    absent. Passes and kernel hooks leave their marks and reports this way."""
     import json
 
     attrs = getattr(mod, "attrs", None)
-    if attrs is None or SPARSE_LAYERS_ATTR not in attrs:
-        return {}
-    return json.loads(str(attrs[SPARSE_LAYERS_ATTR]))
+    if attrs is None or key not in attrs:
+        return default
+    return json.loads(str(attrs[key]))
+
+
+def sparse_layers(mod) -> Dict[str, Dict[str, Any]]:
+    """The block-sparse layer marks of ``mod`` (an IRModule), {} when none."""
+    return json_attr(mod, SPARSE_LAYERS_ATTR, {})
 
 
 # Module attribute (JSON) naming the layers the binary pass made binary: {layer: {"activations":
@@ -76,9 +82,4 @@ BINARY_LAYERS_ATTR = "tvm_compress.binary"
 
 def binary_layers(mod) -> Dict[str, Dict[str, Any]]:
     """The binary layer marks of ``mod`` (an IRModule), {} when none."""
-    import json
-
-    attrs = getattr(mod, "attrs", None)
-    if attrs is None or BINARY_LAYERS_ATTR not in attrs:
-        return {}
-    return json.loads(str(attrs[BINARY_LAYERS_ATTR]))
+    return json_attr(mod, BINARY_LAYERS_ATTR, {})
