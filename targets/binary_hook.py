@@ -119,11 +119,9 @@ class _Graph:
         for v in _free_output_vars(func):
             self.users.setdefault(v, []).append(None)
 
-    def call(self, var, op=None) -> Optional[relax.Call]:
+    def call(self, var) -> Optional[relax.Call]:
         value = self.value.get(var)
-        if isinstance(value, relax.Call) and (op is None or value.op.same_as(op)):
-            return value
-        return None
+        return value if isinstance(value, relax.Call) else None
 
 
 def _free_output_vars(func) -> List[relax.Var]:

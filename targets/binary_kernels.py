@@ -28,6 +28,8 @@ from typing import List, Optional, Tuple
 import numpy as np
 from tvm import s_tir, te, tirx
 
+from .sparse_kernels import _root  # the root block of the function a schedule works on
+
 WORD = 32
 # Set on the TE ops (the blocks ``create_prim_func`` makes): "pack", "conv", "conv_packed", "dense".
 BINARY_ATTR = "tvm_compress.binary"
@@ -197,10 +199,6 @@ def unpack_weight(wp: te.Tensor, alpha: te.Tensor, shape, conv: bool) -> te.Tens
 
 def _kind(sch: s_tir.Schedule, block) -> Optional[str]:
     return sch.get(block).annotations.get(BINARY_ATTR)
-
-
-def _root(sch: s_tir.Schedule):
-    return sch.get_sblock(sch.mod["main"].body.block.name_hint)
 
 
 def find_binary_blocks(sch: s_tir.Schedule) -> List:
