@@ -14,6 +14,12 @@ channel) and one bias add. Before a layer ``x``: ``x * k``, ``x / k`` and batch 
 channel fold into ``W`` along its input channels (a zero pad stays zero); a shift (``x + k``)
 only where the layer pads nothing, since the pad would not see it.
 
+After ``quantize`` (``--passes quantize,fold``) the same chains fold into the int8 layers'
+rescale: ``astype(acc) * m`` (``quantize_realize``'s int32 -> float step, ``m`` = input scale x
+weight scale per output channel) followed by ``* k`` / ``+ k`` ... becomes ``astype(acc) * (m *
+s) + bias`` with one bias add (the zero-point correction included); the int8 weights stay as
+quantized. Ops before an int8 layer are not folded (its input is quantized first).
+
 Refused, with the reason in the report (``pass_reports.fold.refused``): constants that vary over
 other axes than the channels (onnxruntime #12498 folded such a constant as if per channel), a
 shift before a zero-padded or transposed convolution, division by a zero. Values read by more
@@ -35,7 +41,10 @@ from tvm_compress.layers import LAYER_OPS, OP_CONV1D, OP_CONV2D, OP_CONV2D_T, OP
 from tvm_compress.pass_registry import PassEnv, PassPreset, register_pass
 from tvm_compress.relax_utils import const_value, emit_like, is_constant, relax_functions, tensor_shape
 
-from ._affine import Refusal, Step, arith_step, batch_norm_step
+
+from ._affine import MULTIPLY, Refusal, Step, arith_step, batch_norm_step, channel_vector
+
+_ASTYPE = tvm.ir.Op.get("relax.astype")
 
 
 @dataclass(frozen=True)
@@ -48,11 +57,14 @@ class FoldConfig:
 class _Layer:
     """A layer's weight as ``[O, I, taps...]`` (float64), with where its channels are."""
 
+    int8 = False
+
     def __init__(self, call: relax.Call):
         self.call = call
         self.name = layer_name(call) or next(k for op, k in LAYER_OPS.items() if call.op.same_as(op))
         w = const_value(call.args[1])
         self.dtype = w.dtype
+        self.vector_bias = call.op.same_as(OP_MATMUL)
         if call.op.same_as(OP_MATMUL):
             self.perm = (1, 0)
             self.groups, self.in_axis, self.out_axis = 1, -1, -1
@@ -89,6 +101,46 @@ class _Layer:
         w = w * s_out.reshape(-1, 1, *taps)
         bias = contrib * s_out + t_out
         return w.transpose(np.argsort(self.perm)).astype(self.dtype), bias
+
+
+class _Int8Layer:
+    """The rescale ``astype(acc) * m`` of a realized int8 layer (``acc``: conv2d or matmul of
+    an integer constant weight into int32): what follows it folds into ``m``."""
+
+    int8 = True
+    no_shift_in = None
+    in_axis, in_shape = 0, (1,)  # nothing before it folds: its input is quantized first
+
+    def __init__(self, call: relax.Call, acc: relax.Call, m: np.ndarray, axis: int):
+        self.call, self.m, self.out_axis = call, m, axis
+        self.vector_bias = acc.op.same_as(OP_MATMUL)
+        self.name = layer_name(call) or layer_name(acc) or ("matmul" if self.vector_bias else "conv2d")
+        self.dtype = const_value(call.args[1]).dtype
+
+    def fold(self, s_in, t_in, s_out, t_out) -> Tuple[np.ndarray, np.ndarray]:
+        """The rescale of ``(astype(acc) * m) * s_out + t_out`` and its bias [O]."""
+        dims = [1] * len(self.call.ty.shape)
+        dims[self.out_axis] = len(self.m)
+        m = self.m * s_out
+        return m.reshape([len(m)] if self.vector_bias else dims).astype(self.dtype), t_out
+
+
+def _as_int8_layer(call, bindings) -> Optional[_Int8Layer]:
+    if not (isinstance(call, relax.Call) and call.op.same_as(MULTIPLY) and is_constant(call.args[1])
+            and str(call.ty.dtype).startswith("float")):
+        return None
+    cast = bindings.get(call.args[0])
+    acc = bindings.get(cast.args[0]) if isinstance(cast, relax.Call) and cast.op.same_as(_ASTYPE) else None
+    if not (isinstance(acc, relax.Call) and (acc.op.same_as(OP_CONV2D) or acc.op.same_as(OP_MATMUL))
+            and is_constant(acc.args[1]) and str(acc.args[1].ty.dtype) in ("int8", "uint8")
+            and str(acc.ty.dtype) == "int32"):
+        return None
+    shape = _shape(call)
+    if shape is None:
+        return None
+    axis = -1 if acc.op.same_as(OP_MATMUL) else str(acc.attrs.out_layout or acc.attrs.data_layout).index("C")
+    m = channel_vector(call.args[1], shape, axis)
+    return None if isinstance(m, str) else _Int8Layer(call, acc, m, axis)
 
 
 def _as_layer(call) -> Optional[_Layer]:
@@ -153,7 +205,7 @@ def _plans(block, skip) -> Dict[relax.Var, _Plan]:
     users = relax.analysis.udchain(block)
     plans: Dict[relax.Var, _Plan] = {}
     for b in block.bindings:
-        layer = _as_layer(b.value)
+        layer = _as_layer(b.value) or _as_int8_layer(b.value, bindings)
         out_shape = _shape(b.var)
         if layer is None or out_shape is None or layer.name in skip:
             continue
@@ -261,7 +313,7 @@ class _Folder(PyExprMutator):
             y = bb.emit(y, plan.var.name)
             dims = [1] * len(out_shape)
             dims[layer.out_axis] = len(bias)
-            shape = [len(bias)] if call.op.same_as(OP_MATMUL) else dims
+            shape = [len(bias)] if layer.vector_bias else dims
             y = relax.op.add(y, relax.const(bias.reshape(shape).astype(str(plan.var.ty.dtype))))
         new = emit_like(bb, plan.result, y)
         self.set_var_remap(plan.result, new)
@@ -305,13 +357,16 @@ class Fold:
         # Each folded layer keeps (at most) one bias add.
         removed = ops - sum(1 for p in folder.done if p.after or np.any(p.t_out != 0) or np.any(p.t_in != 0))
         self.env.report["fold"] = {
-            "layers": [{"name": p.layer.name, "before": p.before, "after": p.after} for p in folder.done],
+            "layers": [{"name": p.layer.name, "before": p.before, "after": p.after,
+                        "into": "int8 rescale" if p.layer.int8 else "weights"} for p in folder.done],
             "ops_folded": ops,
             "ops_removed": removed,
             "refused": [{"layer": n, "op": r.op, "reason": r.reason} for n, r in folder.refused],
         }
         refused = f"; {len(folder.refused)} refused (see the report)" if folder.refused else ""
-        self.env.log(f"fold: {ops} constant ops folded into {len(folder.done)} layers{refused}")
+        int8 = sum(p.layer.int8 for p in folder.done)
+        int8 = f" ({int8} into int8 rescales)" if int8 else ""
+        self.env.log(f"fold: {ops} constant ops folded into {len(folder.done)} layers{int8}{refused}")
         return folder.builder_.get() if folder.done else mod
 
 
@@ -344,7 +399,7 @@ PRESET = register_pass(
         make=Fold,
         add_arguments=add_arguments,
         config_from_args=_config_from_args,
-        runs_before=("prune", "lowrank", "quantize"),
+        runs_before=("prune", "lowrank"),
         order_reason="the compression passes should see the folded weights",
     )
 )

@@ -85,7 +85,8 @@ class Quantize:
     """Annotate -> Calibrate -> Realize, or Realize alone for a model that is already QDQ.
 
     Needs: a float Relax module from the importer (layers named by ``tvm_compress.layers``);
-    runs after the float rewrites (pruning, low-rank, folding) and before lowering. Target
+    runs after the float rewrites (pruning, low-rank, and by default folding; a ``fold`` named
+    after it folds into the int8 rescales) and before lowering. Target
     facts come from ``env.facts``: int8 activations only when the target's int8 kernels take
     no uint8."""
 
@@ -177,7 +178,7 @@ PRESET = register_pass(
         add_arguments=add_arguments,
         lossy=True,
         reads_calibration=True,
-        runs_after=("fold", "prune", "lowrank"),
+        runs_after=("prune", "lowrank"),  # fold: before (into weights) or after (into int8 rescales)
         order_reason="quantization is calibrated on the float model the other rewrites leave",
     )
 )

@@ -177,6 +177,49 @@ def test_a_value_read_twice_is_not_folded():
     tvm.ir.assert_structural_equal(_fold(mod)[0], mod)
 
 
+def _int8_conv(bb, x, wq, m, tail):
+    """The realized int8 layer ``quantize_realize`` emits: int32 conv, cast, rescale ``m``."""
+    q = bb.emit(relax.op.quantize(x, relax.const(np.float32(0.05)), relax.const(np.uint8(128)), out_dtype="uint8"))
+    q = bb.emit(relax.op.nn.pad(q, [0, 0, 0, 0, 1, 1, 1, 1], pad_value=128.0))
+    acc = bb.emit(relax.op.nn.conv2d(q, relax.const(wq), out_dtype="int32"))
+    y = bb.emit(relax.op.astype(acc, F32))
+    return tail(bb, bb.emit(relax.op.multiply(y, relax.const(m))))
+
+
+def test_after_quantize_the_chain_folds_into_the_int8_rescale_and_one_bias():
+    """Zero-point correction, bias, scale and shift after an int8 conv: one rescale, one add;
+    the int8 weights stay as quantized."""
+    rng = np.random.default_rng(8)
+    wq = rng.integers(-127, 128, (4, 3, 3, 3)).astype("int8")
+    m = rng.uniform(1e-4, 1e-3, (1, 4, 1, 1)).astype(F32)
+    corr, b = (rng.standard_normal((1, 4, 1, 1)).astype(F32) for _ in range(2))
+    s = rng.uniform(-2, 2, (4, 1, 1)).astype(F32)
+
+    def before(bb, y):
+        y = bb.emit(relax.op.add(y, relax.const(corr)))
+        y = bb.emit(relax.op.add(y, relax.const(b)))
+        y = bb.emit(relax.op.multiply(y, relax.const(s)))
+        return relax.op.nn.relu(bb.emit(relax.op.subtract(y, relax.const(np.float32(0.5)))))
+
+    s64 = s.reshape(4).astype(np.float64)
+    m_exp = (m.reshape(4).astype(np.float64) * s64).reshape(1, 4, 1, 1).astype(F32)
+    t = corr.reshape(4).astype(np.float64) + b.reshape(4).astype(np.float64)
+    b_exp = (t * s64 - 0.5).reshape(1, 4, 1, 1).astype(F32)
+
+    def expected(bb, y):
+        return relax.op.nn.relu(bb.emit(relax.op.add(y, relax.const(b_exp))))
+
+    mod = _module((1, 3, 6, 6), lambda bb, x: _int8_conv(bb, x, wq, m, before))
+    after, report = _fold(mod)
+    tvm.ir.assert_structural_equal(after, _module((1, 3, 6, 6), lambda bb, x: _int8_conv(bb, x, wq, m_exp, expected)))
+    assert report["layers"] == [{"name": "conv2d", "before": [], "after": ["add", "add", "mul", "sub"],
+                                 "into": "int8 rescale"}]
+    assert report["ops_removed"] == 3 and foldable_left(after) == []
+    x = rng.uniform(-3, 3, (1, 3, 6, 6)).astype(F32)
+    ref = _run(mod, x)
+    np.testing.assert_allclose(_run(after, x), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
 def _torch_bn_model(path):
     """A torch model exported with its batch norms unfused (no constant folding at export)."""
     torch = pytest.importorskip("torch")
@@ -239,13 +282,42 @@ def test_compile_folds_by_default_and_no_fold_turns_it_off(tmp_path):
             assert rep["pass_reports"]["fold"]["ops_removed"] > 0
 
 
+def test_quantize_then_fold_folds_into_int8_rescales_and_keeps_the_int8_outputs(tmp_path):
+    """``--passes quantize,fold``: the unfused batch norms and scales after the int8 layers fold
+    into their rescales; the int8 model computes the same numbers as before the fold."""
+    from tvm_compress import load_onnx
+    from tvm_compress.cli import main
+    from tvm_compress.pass_registry import get_preset, make_config
+    from tvm_compress.specs import InputSpec
+
+    path = _torch_bn_model(tmp_path / "bn.onnx")
+    quantize = get_preset("quantize")
+    env = PassEnv(inputs=[InputSpec("x", (1, 3, 6, 6), F32)])
+    q = quantize.make(make_config(quantize, {"calib": "random"}), env)(load_onnx(path, {"x": (1, 3, 6, 6)}))
+    left = foldable_left(q)
+    assert left and all(not f["before"] for f in left)
+    after, report = _fold(q)
+    assert foldable_left(after) == [] and report["layers"]
+    assert {r["into"] for r in report["layers"]} == {"int8 rescale"} and report["ops_removed"] > 0
+    x = np.random.default_rng(9).uniform(-1, 1, (1, 3, 6, 6)).astype(F32)
+    ref = _run(q, x)
+    assert np.abs(_run(after, x) - ref).max() <= 1e-5 * np.abs(ref).max()
+
+    rep_path = tmp_path / "rep.json"
+    assert main(["compile", str(path), "-o", str(tmp_path / "q.so"), "--target", "x86-avx2", "--passes",
+                 "quantize,fold", "--calib", "random", "--report", str(rep_path), "--quiet"]) == 0
+    rep = json.loads(rep_path.read_text())
+    assert rep["passes"] == ["quantize", "fold"]
+    assert [r["into"] for r in rep["pass_reports"]["fold"]["layers"]] == [r["into"] for r in report["layers"]]
+
+
 def test_bad_fold_options_give_one_line_errors(tmp_path, capsys):
     from tvm_compress.cli import main
 
     model = "tvm_compress/data/fashion_cnn.onnx"
     assert main(["compile", model, "-o", str(tmp_path / "a.so"), "--fold-skip", "nope",
                  "--input-shape", "input=1,1,28,28"]) != 0
-    assert main(["compile", model, "-o", str(tmp_path / "b.so"), "--passes", "quantize,fold"]) != 0
+    assert main(["compile", model, "-o", str(tmp_path / "b.so"), "--passes", "prune,fold"]) != 0
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tvm-compress: error")]
-    assert len(err) == 2 and "no layer named 'nope'" in err[0] and "fold must come before quantize" in err[1]
+    assert len(err) == 2 and "no layer named 'nope'" in err[0] and "fold must come before prune" in err[1]
     assert not list(tmp_path.iterdir())
