@@ -62,3 +62,54 @@ def test_a_record_cut_off_by_a_killed_compile_is_dropped_and_the_rest_reused(den
     rep = tvm_compress.compile(dense_model, tmp_path / "b.so", tune_trials=2, bench_runs=1, log=logs.append)
     assert any("dropped an unfinished last record" in m for m in logs)
     assert rep["tuning"]["new_trials"] == 0 and rep["tuning"]["cached_trials"] == 2 and rep["verified"]
+
+
+def test_rounds_follow_the_budget_per_task():
+    from tvm_compress.tuning import GRADIENT_MIN_TRIALS_PER_TASK, _rounds
+
+    few = GRADIENT_MIN_TRIALS_PER_TASK * 10 - 1
+    assert _rounds(few, 10, "auto") == ("round-robin", 16, 16)
+    assert _rounds(few + 1, 10, "auto") == ("gradient", 8, few + 1)  # first rounds: half the budget
+    assert _rounds(8, 10, "round-robin") == ("round-robin", 1, 1)
+    assert _rounds(8, 10, "gradient") == ("gradient", 1, 8)
+    with pytest.raises(tvm_compress.errors.TargetError, match="scheduler must be one of"):
+        from tvm_compress.tuning import tune
+        tune(None, None, 1, Path("."), scheduler="fastest")
+
+
+def test_gradient_scheduler_spends_the_trials_where_the_time_is(tmp_path):
+    """A big matmul next to a tiny add: after one round each, the gradient scheduler gives the
+    rest of the budget to the matmul; progress shows the model estimate falling."""
+    import json
+
+    import numpy as np
+    from tvm import relax
+
+    from tvm_compress.pipeline import Lower, Schedule
+    from tvm_compress.targets import get_target
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 512), "float32"))
+    v = relax.Var("v", relax.TensorType((1, 4), "float32"))
+    w = np.random.default_rng(0).standard_normal((512, 512)).astype("float32")
+    with bb.function("main", [x, v]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.relu(relax.op.matmul(x, relax.const(w))))
+            z = bb.emit(relax.op.add(v, relax.const(np.ones((1, 4), "float32"))))
+            out = bb.emit_output(relax.Tuple([y, z]))
+        bb.emit_func_output(out)
+    profile = get_target("x86")
+    log = []
+    mod = Schedule(profile, 16, tmp_path / "db", scheduler="gradient", log=log.append)(Lower(profile)(bb.get()))
+    summary = json.loads(str(mod.attrs["tvm_compress.tuning"]))
+    assert summary["scheduler"] == "gradient" and summary["tasks"] == 2
+    from tvm.s_tir import meta_schedule as ms
+
+    records = ms.database.JSONDatabase(work_dir=str(tmp_path / "db")).get_all_tuning_records()
+    big = ["512" in str(r.workload.mod) for r in records]  # the matmul's [512, 512] weight
+    per_task = {"matmul": sum(big), "add": len(big) - sum(big)}
+    # a first round of 4 each (the add has fewer distinct schedules), then all to the matmul
+    # (round-robin would stop the matmul at 8); the last round may overshoot the budget
+    assert 1 <= per_task["add"] <= 4 and per_task["matmul"] >= 16 - per_task["add"], per_task
+    assert summary["estimate_ms"] <= summary["first_estimate_ms"]
+    assert any("model estimate" in str(line) for line in log)

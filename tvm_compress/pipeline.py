@@ -70,11 +70,13 @@ class Lower:
 class Schedule:
     """Hand schedules, then tuning records (``trials`` > 0), then default schedules.
 
-    ``runner`` measures candidates (e.g. an RPC runner for boards); default: the family's."""
+    ``runner`` measures candidates (e.g. an RPC runner for boards); default: the family's.
+    ``scheduler``: how the trials are spread over the tasks (``tuning.SCHEDULERS``)."""
 
     def __init__(self, profile: TargetProfile, trials: int = 0, work_dir: Optional[Path] = None,
-                 runner=None, log: LogFn = lambda m: None):
+                 runner=None, log: LogFn = lambda m: None, scheduler: str = "auto"):
         self.profile = profile
+        self.scheduler = scheduler
         self.trials = trials
         self.work_dir = work_dir
         self.runner = runner
@@ -102,7 +104,8 @@ class Schedule:
                 log(f"tuning: no way to measure {profile.name} here; using cached records only")
                 trials = min(trials, tuning.cached_trials(work_dir))
             if trials > 0:
-                summary = tuning.tune(mod, target, trials, work_dir, log=log, runner=runner)
+                summary = tuning.tune(mod, target, trials, work_dir, log=log, runner=runner,
+                                      scheduler=self.scheduler)
                 mod = tuning.apply_database(mod, target, work_dir)
         with target:
             mod = tvm.transform.Sequential(family.default_schedule(profile))(mod)

@@ -3,9 +3,14 @@
 Two local fixes over a plain ``tune_relax`` call:
 - worker processes start with ``_fast_inspect.install`` as initializer (a minute per worker
   otherwise, paid again for every builder batch);
-- the trial budget is spread over all tasks: MetaSchedule hands out trials in rounds of
-  ``num_trials_per_iter`` per task, so a budget below ``tasks x 64`` would otherwise leave most
-  tasks on naive loops, which then dominate latency.
+- the trial budget goes where the model's time is: after one short round per task (so no
+  task stays on its untuned schedule), MetaSchedule's gradient scheduler (Ansor's) gives the
+  next round to the task with the largest expected gain, weight x best time per round, with
+  rounds small enough (``num_trials_per_iter``) that at least half the budget is handed out
+  that way. ``scheduler="round-robin"`` spreads the budget evenly instead.
+
+Progress lines show the model's estimated latency as it falls: the sum over tasks of (times the
+task runs per inference) x (its best measured time).
 """
 
 from __future__ import annotations
@@ -50,6 +55,12 @@ def database_dir(mod: tvm.IRModule, target: tvm.target.Target, root: Optional[Pa
     return Path(root or cache_root()) / "tuning" / key.hexdigest()[:24]
 
 
+SCHEDULERS = ("auto", "gradient", "round-robin")
+# Below this many trials per task the gradient scheduler's first rounds are too small to find
+# anything (measured: docs/benchmarks.md, "Tuning schedulers"); "auto" then spreads evenly.
+GRADIENT_MIN_TRIALS_PER_TASK = 16
+
+
 @dataclass
 class TuningSummary:
     requested_trials: int
@@ -59,9 +70,16 @@ class TuningSummary:
     seconds: float
     work_dir: str
     failed_trials: int = 0
+    scheduler: str = ""
+    # The model latency estimate (ms) once every task had a round, and at the end.
+    first_estimate_ms: Optional[float] = None
+    estimate_ms: Optional[float] = None
 
     def as_dict(self) -> dict:
         return {
+            "scheduler": self.scheduler,
+            "first_estimate_ms": self.first_estimate_ms,
+            "estimate_ms": self.estimate_ms,
             "failed_trials": self.failed_trials,
             "trials": self.requested_trials,
             "new_trials": self.new_trials,
@@ -124,32 +142,51 @@ class _PersistentBuilder(PyBuilder):
 
 @derived_object
 class _Progress(ms.measure_callback.PyMeasureCallback):
-    """Prints trials done / budget and an ETA after each measured batch."""
+    """Prints trials done / budget, the model latency estimate and an ETA after each measured
+    batch. ``weights``: how often each task's kernel runs per inference."""
 
-    def __init__(self, total: int, log: LogFn):
+    def __init__(self, total: int, weights, log: LogFn):
         super().__init__()
         self.total = total
+        self.weights = [float(getattr(w, "value", w)) for w in weights]
+        self.best: dict = {}  # task id -> best median time (s)
+        self.first_estimate: Optional[float] = None
         self.done = 0
         self.failed = 0
         self.first_error = ""
         self.log = log
         self.start = time.monotonic()
 
+    def estimate_ms(self) -> Optional[float]:
+        """Sum of weight x best time over the tasks, once each has a measurement."""
+        if len(self.best) < len(self.weights):
+            return None
+        return 1e3 * sum(self.weights[i] * t for i, t in self.best.items())
+
     def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
         self.done += len(measure_candidates)
         for b, r in zip(builder_results, runner_results):
             err = b.error_msg or r.error_msg
+            times = sorted(float(getattr(t, "value", t)) for t in (r.run_secs or []))
             # A failed measurement is recorded as 1e10 s; count it, keep the first reason.
-            if err or not r.run_secs or min(float(getattr(t, "value", t)) for t in r.run_secs) >= 1e9:
+            if err or not times or times[0] >= 1e9:
                 self.failed += 1
                 if not self.first_error:
                     self.first_error = (str(err or "run time 1e10 s").strip().splitlines() or [""])[-1]
+                continue
+            median = times[len(times) // 2]
+            self.best[task_id] = min(self.best.get(task_id, median), median)
+        estimate = self.estimate_ms()
+        if estimate is not None and self.first_estimate is None:
+            self.first_estimate = estimate
         elapsed = time.monotonic() - self.start
         left = max(self.total - self.done, 0)
         eta = elapsed / self.done * left if self.done else 0.0
+        model = (f"model estimate {estimate:.3g} ms" if estimate is not None
+                 else f"{len(self.best)}/{len(self.weights)} tasks measured")
         self.log(Progress(
-            f"tuning: {min(self.done, self.total)}/{self.total} trials "
-            f"(task {task_id}), {elapsed:.0f}s elapsed, ETA {eta:.0f}s"
+            f"tuning: {min(self.done, self.total)}/{self.total} trials, {model}, "
+            f"{elapsed:.0f}s elapsed, ETA {eta:.0f}s"
         ))
 
 
@@ -240,16 +277,21 @@ def tune(
     work_dir: Path,
     log: LogFn = lambda m: None,
     runner: ms.runner.Runner | None = None,
+    scheduler: str = "auto",
 ) -> TuningSummary:
     """Tune ``mod`` (legalized and fused Relax) until ``work_dir`` holds ``trials`` trials.
 
     Records already in ``work_dir`` count: asking again for the same budget runs nothing.
+    ``scheduler``: ``gradient`` (trials where the model's time is), ``round-robin`` (evenly),
+    or ``auto``: gradient from ``GRADIENT_MIN_TRIALS_PER_TASK`` trials per task, else even.
     """
+    if scheduler not in SCHEDULERS:
+        raise TargetError(f"tuning scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
     work_dir.mkdir(parents=True, exist_ok=True)
     # Two compiles of the same (model, target) must not append to one database at once.
     with open(work_dir / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return _tune_locked(mod, target, trials, work_dir, log, runner)
+        return _tune_locked(mod, target, trials, work_dir, log, runner, scheduler)
 
 
 def _is_scheduled(mod: tvm.IRModule) -> bool:
@@ -258,7 +300,25 @@ def _is_scheduled(mod: tvm.IRModule) -> bool:
     )
 
 
-def _tune_locked(mod, target, trials, work_dir, log, runner) -> TuningSummary:
+def _rounds(todo: int, tasks: int, scheduler: str):
+    """(scheduler, trials per round, most trials per task) for a budget of ``todo`` over ``tasks``."""
+    if scheduler == "auto":
+        scheduler = "gradient" if todo >= GRADIENT_MIN_TRIALS_PER_TASK * tasks else "round-robin"
+    if scheduler == "round-robin":
+        per_task = max(1, math.ceil(todo / tasks))
+        # Rounds no larger than a task's share, so the scheduler reaches every task.
+        return scheduler, min(64, per_task), per_task
+    # The first round of every task takes at most half the budget; the rest follows the gradient.
+    return scheduler, max(1, min(64, todo // (2 * tasks))), todo
+
+
+def _search(per_iter: int) -> ms.search_strategy.EvolutionarySearch:
+    """Evolutionary search sized to the round: MetaSchedule evolves 512 candidates per round
+    whatever the round's size (about 10 s on 2 cores); rounds of a few trials need fewer."""
+    return ms.search_strategy.EvolutionarySearch(population_size=max(128, min(512, 32 * per_iter)))
+
+
+def _tune_locked(mod, target, trials, work_dir, log, runner, scheduler) -> TuningSummary:
     start = time.monotonic()
     done = cached_trials(work_dir)
     # Kernels scheduled by hand (tensorized int8, ``tirx.is_scheduled``) are not tuned.
@@ -268,13 +328,9 @@ def _tune_locked(mod, target, trials, work_dir, log, runner) -> TuningSummary:
         log(f"tuning: reusing {done} cached trials from {work_dir}")
         return TuningSummary(trials, 0, done, len(tasks), time.monotonic() - start, str(work_dir))
 
-    per_task = max(1, math.ceil(todo / len(tasks)))
-    # Rounds no larger than a task's share, so the scheduler reaches every task.
-    per_iter = min(64, per_task)
-    log(
-        f"tuning: {todo} trials over {len(tasks)} tasks "
-        f"(<= {per_task} per task, {per_iter} per round), work dir {work_dir}"
-    )
+    scheduler, per_iter, per_task = _rounds(todo, len(tasks), scheduler)
+    share = "by latency share" if scheduler == "gradient" else f"<= {per_task} per task"
+    log(f"tuning: {todo} trials over {len(tasks)} tasks ({share}, {per_iter} per round), work dir {work_dir}")
     # MetaSchedule re-creates its loggers from the names of the handlers already attached; a
     # handler without a name (added by a host application, e.g. pytest's capture) breaks that.
     ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
@@ -284,10 +340,10 @@ def _tune_locked(mod, target, trials, work_dir, log, runner) -> TuningSummary:
     # keeps "Logging directory: ..." and every round out of the terminal (they stay in the files).
     ms_logger.setLevel(logging.WARNING)
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        tasks, str(work_dir), seed=0
+        tasks, str(work_dir), strategy=_search(per_iter), seed=0
     )
     _quiet_console_logs()
-    progress = _Progress(todo, log)
+    progress = _Progress(todo, weights, log)
     builder = _PersistentBuilder(max_workers=os.cpu_count() or 1)
     if runner is None:
         runner = ms.runner.LocalRunner(initializer=_fast_inspect.install)
@@ -306,7 +362,7 @@ def _tune_locked(mod, target, trials, work_dir, log, runner) -> TuningSummary:
                 *ms.measure_callback.MeasureCallback.create("default"),
                 progress,
             ],
-            task_scheduler="round-robin",
+            task_scheduler=ms.task_scheduler.create(scheduler, **({"seed": 0} if scheduler == "gradient" else {})),
         )
     finally:
         builder.shutdown()
@@ -320,9 +376,12 @@ def _tune_locked(mod, target, trials, work_dir, log, runner) -> TuningSummary:
     if progress.failed:
         log(f"tuning: {progress.failed} of {progress.done} measurements failed (first: {progress.first_error})")
     _meta_path(work_dir).write_text(json.dumps({"trials": trials, "tasks": len(tasks)}))
-    return TuningSummary(
-        trials, todo, done, len(tasks), time.monotonic() - start, str(work_dir), progress.failed
-    )
+    summary = TuningSummary(trials, todo, done, len(tasks), time.monotonic() - start, str(work_dir),
+                            progress.failed, scheduler, progress.first_estimate, progress.estimate_ms())
+    if summary.estimate_ms is not None:
+        log(f"tuning: model estimate {summary.first_estimate_ms:.3g} ms after the first round of every task, "
+            f"{summary.estimate_ms:.3g} ms at the end")
+    return summary
 
 
 def apply_database(mod: tvm.IRModule, target: tvm.target.Target, work_dir: Path) -> tvm.IRModule:

@@ -1,0 +1,166 @@
+#!/usr/bin/env python
+"""Per-layer times: our compiled float model against onnxruntime's profile of the same layers.
+
+Each conv / Gemm / MatMul node of the ONNX model (graph order) is matched to the TVM kernel
+that first reads a weight of its shape (the conv with its fused epilogue) and to onnxruntime's
+node of the same name (its fused Conv+activation, NCHWc Conv ...). TVM kernels are timed one by
+one with TVM's time evaluator, in the compiled library, on the buffers of a real run;
+onnxruntime's times are the medians of its profiler's per-node events over the runs. Both sides
+also get totals, including what is not a layer (onnxruntime's layout reorders, our pools and
+element-wise kernels).
+
+    python scripts/bench_layers.py --model det --trials 0 --runs 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cpu import MODELS  # noqa: E402
+from bench_int8 import _kernel_calls, _time_call  # noqa: E402
+
+import tvm_compress  # noqa: E402
+
+LAYER_TYPES = ("Conv", "Gemm", "MatMul")
+# What onnxruntime fuses into a conv (its NCHWc conv names the fused node after the last output).
+EPILOGUE_TYPES = ("Relu", "Clip", "Add", "Sigmoid", "HardSigmoid", "LeakyRelu", "BatchNormalization")
+
+
+def onnx_layers(prepared_model: onnx.ModelProto) -> list:
+    """(name, op type, weight shape, names onnxruntime may give its node) of every layer with a
+    constant weight, graph order."""
+    graph = prepared_model.graph
+    inits = {i.name: numpy_helper.to_array(i).shape for i in graph.initializer}
+    readers = defaultdict(list)
+    for n in graph.node:
+        for t in n.input:
+            readers[t].append(n)
+    layers = []
+    for n in graph.node:
+        if n.op_type not in LAYER_TYPES or len(n.input) < 2 or n.input[1] not in inits:
+            continue
+        names, out = {n.name, n.output[0]}, n.output[0]
+        while len(readers[out]) == 1 and readers[out][0].op_type in EPILOGUE_TYPES:
+            out = readers[out][0].output[0]
+            names.add(out)
+        layers.append((n.name, n.op_type, tuple(inits[n.input[1]]), names))
+    return layers
+
+
+def _ort_key(node_name: str) -> str:
+    name = node_name[len("fused "):] if node_name.startswith("fused ") else node_name
+    return name[: -len("_nchwc")] if name.endswith("_nchwc") else name
+
+
+def ort_profile(model_bytes: bytes, feed: dict, runs: int) -> dict:
+    """Node name -> median ms per run (onnxruntime, 2 threads, all optimizations)."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = 2, 1
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(Path(tmp) / "ort")
+        sess = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+        for _ in range(5):
+            sess.run(None, feed)
+        events = json.loads(Path(sess.end_profiling()).read_text())  # the warm-up only
+        opts.profile_file_prefix = str(Path(tmp) / "ort2")
+        sess = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+        for _ in range(runs + 5):
+            sess.run(None, feed)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    per_node = defaultdict(list)
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            per_node[e["name"][: -len("_kernel_time")]].append(e["dur"] / 1e3)
+    # drop the first runs (warm-up) of each node
+    return {k: float(np.median(v[5:] if len(v) > 5 else v)) for k, v in per_node.items()}
+
+
+def tvm_kernels(lib: Path, x: np.ndarray) -> list:
+    calls = _kernel_calls(lib, x)
+    return [(name, [tuple(a.shape) for a in args], _time_call((owner, name, args), number=20, repeat=5))
+            for owner, name, args in calls]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=sorted(MODELS), default="det")
+    ap.add_argument("--trials", type=int, default=0, help="tuning budget of our build (cached records reused)")
+    ap.add_argument("--target", default="x86")
+    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--out-dir", default="bench-out/layers")
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args(argv)
+
+    get_path, shapes = MODELS[args.model]
+    path = get_path()
+    prepared = tvm_compress.prepare_onnx(path, shapes)
+    layers = onnx_layers(prepared.model)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lib = out / f"{args.model}-{args.target}-{args.trials}.so"
+    print(f"{args.model}: compiling ({args.trials} tuning trials)", flush=True)
+    tvm_compress.compile(path, lib, target=args.target, input_shapes=shapes, tune_trials=args.trials,
+                         bench_runs=3, log=lambda m: None)
+    x = np.random.default_rng(0).random(prepared.inputs[0].shape, dtype=np.float32)
+    print(f"{args.model}: timing {len(layers)} layers", flush=True)
+    ort_ms = ort_profile(prepared.model.SerializeToString(), {prepared.inputs[0].name: x}, args.runs)
+    kernels = tvm_kernels(lib, x)
+
+    rows, used, k = [], set(), 0
+    ort_by_key = {_ort_key(n): t for n, t in ort_ms.items()}
+    for name, op, wshape, keys in layers:
+        shapes = {wshape, wshape[::-1]} if len(wshape) == 2 else {wshape}  # matmul weights are [K, N]
+        j = next((i for i in range(k, len(kernels)) if shapes & set(kernels[i][1][1:])), None)
+        ort = next((ort_by_key[key] for key in keys if key in ort_by_key), None)
+        if j is not None:
+            used.add(j)
+            k = j + 1
+        tvm_t = kernels[j][2] if j is not None else None
+        rows.append({"layer": name, "op": op, "weight": list(wshape), "tvm_ms": tvm_t, "ort_ms": ort,
+                     "ratio": tvm_t / ort if tvm_t and ort else None})
+    tvm_total = sum(t for _, _, t in kernels)
+    tvm_other = sum(t for i, (_, _, t) in enumerate(kernels) if i not in used)
+    ort_total = sum(ort_ms.values())
+    ort_other = ort_total - sum(r["ort_ms"] for r in rows if r["ort_ms"])
+
+    print(f"\n{args.model} ({args.target}, {args.trials} trials): per layer, ms\n")
+    print("| # | layer | weight | ours | onnxruntime | ours / ort |")
+    print("|---:|---|---|---:|---:|---:|")
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for i, r in enumerate(rows):
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+        print(f"| {i} | {r['layer']} | {'x'.join(map(str, r['weight']))} | {fmt(r['tvm_ms'])} | "
+              f"{fmt(r['ort_ms'])} | {ratio} |")
+    print(f"| | layers matched on both sides | | {sum(r['tvm_ms'] or 0 for r in rows if r['ort_ms']):.3f} | "
+          f"{sum(r['ort_ms'] or 0 for r in rows if r['tvm_ms']):.3f} | |")
+    print(f"| | everything else (pools, element-wise, layout reorders, resizes ...) | | {tvm_other:.3f} | "
+          f"{ort_other:.3f} | |")
+    print(f"| | sum of kernel / node times | | {tvm_total:.3f} | {ort_total:.3f} | "
+          f"{tvm_total / ort_total:.2f}x |")
+    worst = sorted((r for r in rows if r["ratio"]), key=lambda r: r["tvm_ms"] - r["ort_ms"], reverse=True)[:8]
+    print("\nLargest gaps (ours - onnxruntime, ms): " +
+          ", ".join(f"{r['layer']} {r['tvm_ms'] - r['ort_ms']:+.3f}" for r in worst))
+    unmatched = [r["layer"] for r in rows if r["ratio"] is None]
+    if unmatched:
+        print(f"Not matched on one side ({len(unmatched)}): {', '.join(unmatched[:10])}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "tvm_total_ms": tvm_total, "ort_total_ms": ort_total,
+                                               "tvm_other_ms": tvm_other, "ort_other_ms": ort_other}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
