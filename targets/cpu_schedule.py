@@ -5,7 +5,8 @@ vectors) and dlight's CPU rules, which only cover GEMV and row reductions (and w
 naive on the demo model). This dlight rule does what any hand schedule starts with, per block:
 inline pads and elementwise ops, put spatial loops outside reductions, accumulate the innermost
 output row in a small local tile that LLVM keeps in vector registers, vectorize it, and run the
-outer spatial loops in parallel. Numbers: docs/benchmarks.md.
+outer spatial loops in parallel. Kernels without a reduction (pads, element-wise) keep their
+rows: parallel over the outer loops, the innermost loop vectorized. Numbers: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -146,6 +147,16 @@ class CPUFallback(CPUScheduleRule):
                 _parallelize(sch, [*s_loops[:-1], outer], 4 * cores)
                 reductions.append((block, r_loops[0], outer))
                 tiles[info.name] = outer
+            elif len(s_loops) > 1 and _extent(sch, s_loops[-1]) is not None:
+                # Rows stay rows: fusing every loop would put a div/mod per element into the
+                # index (a pad of a 160x160 map: most of the conv's time). A row whose length
+                # no vector width divides (a pad to 82) is left to LLVM's loop vectorizer.
+                rows = s_loops[:-1]
+                if width is not None and _extent(sch, s_loops[-1]) > width:
+                    outer, inner = sch.split(s_loops[-1], factors=[None, width])
+                    sch.vectorize(inner)
+                    rows.append(outer)
+                _parallelize(sch, rows, 4 * cores)
             else:
                 fused = sch.fuse(*s_loops) if len(s_loops) > 1 else s_loops[0]
                 ext = _extent(sch, fused)

@@ -60,6 +60,37 @@ def test_odd_length_elementwise_is_parallel_not_vectorized():
     assert not tvm.tirx.ForKind.VECTORIZED in kinds
 
 
+def _loops(func) -> list:
+    import tvm_ffi
+
+    loops = []
+    tvm_ffi.structural_walk(func.body, [(tvm.tirx.For, lambda n: loops.append((int(n.extent), n.kind)))],
+                            order="pre")
+    return loops
+
+
+def test_padding_keeps_its_rows_and_computes_the_pad():
+    """A pad (the input of a padded depthwise conv) runs row by row: parallel over channels,
+    the row vectorized (162 = 18 x 9) or left to LLVM (82), never one loop over the flattened
+    tensor (a div/mod per element made such pads most of a depthwise conv's time)."""
+    from tvm import te, topi
+
+    target = get_target("x86").tvm_target()
+    for width, vector in ((160, 9), (80, None)):
+        a = te.placeholder((1, 16, width, width), "float32", name="a")
+        func = te.create_prim_func([a, topi.nn.pad(a, [0, 0, 1, 1], [0, 0, 1, 1])])
+        sch = CPUFallback().apply(func, target, False)
+        loops = _loops(sch.mod["main"])
+        assert all(ext <= width + 2 for ext, _ in loops), loops  # no flattened loop
+        assert loops[0] == (16, tvm.tirx.ForKind.PARALLEL), loops
+        assert loops[-1] == ((vector, tvm.tirx.ForKind.VECTORIZED) if vector else
+                             (width + 2, tvm.tirx.ForKind.SERIAL)), loops
+        x = np.random.default_rng(width).standard_normal((1, 16, width, width)).astype("float32")
+        out = tvm.runtime.tensor(np.full((1, 16, width + 2, width + 2), np.nan, "float32"))
+        tvm.compile(sch.mod, target)(tvm.runtime.tensor(x), out)
+        np.testing.assert_array_equal(out.numpy(), np.pad(x, [(0, 0), (0, 0), (1, 1), (1, 1)]))
+
+
 def test_default_schedule_emits_neon_fmla_on_aarch64(demo_model):
     """Through our pipeline (lowering + default CPU schedule), aarch64 float kernels use NEON
     vector FMA; untuned naive loops do not (see tests/test_qemu_runner.py)."""
