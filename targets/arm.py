@@ -46,7 +46,7 @@ class _ArmFamily(TargetFamily):
         return False
 
     def default_schedule(self, profile: TargetProfile):
-        return cpu_default_schedule()
+        return cpu_default_schedule(self.vector_lanes(profile))
 
     def vector_lanes(self, profile: TargetProfile) -> int:
         return 4  # NEON: 128-bit registers

@@ -3,9 +3,9 @@
 TVM 0.27 offers two things for untuned CPU code: LegalizeOps' naive loop nests (one thread, no
 vectors) and dlight's CPU rules, which only cover GEMV and row reductions (and were slower than
 naive on the demo model). This dlight rule does what any hand schedule starts with, per block:
-inline pads and elementwise ops, put spatial loops outside reductions, accumulate the innermost
-output row in a small local tile that LLVM keeps in vector registers, vectorize it, and run the
-outer spatial loops in parallel. Kernels without a reduction (pads, element-wise) keep their
+inline pads and elementwise ops, put spatial loops outside reductions, accumulate a tile of
+several output rows (output channels of a conv, up to 8 vector registers) in a local buffer
+that LLVM keeps in registers, vectorize its rows, and run the outer spatial loops in parallel. Kernels without a reduction (pads, element-wise) keep their
 rows: parallel over the outer loops, the innermost loop vectorized. Numbers: docs/benchmarks.md.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import List, Optional
 
 import tvm.sym
+import tvm_ffi
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
@@ -32,6 +33,9 @@ def _extent(sch: s_tir.Schedule, loop) -> Optional[int]:
 def _vector_width(extent: Optional[int]) -> Optional[int]:
     if extent is None:
         return None
+    for w in (_MAX_WIDTH, 8):  # whole registers first (40 -> 8, not 10)
+        if extent % w == 0 and extent >= w:
+            return w
     for w in range(min(_MAX_WIDTH, extent), _MIN_WIDTH - 1, -1):
         if extent % w == 0:
             return w
@@ -82,10 +86,11 @@ def _inline(sch: s_tir.Schedule, infos):
     return infos
 
 
-def _parallelize(sch: s_tir.Schedule, loops: list, min_chunks: int) -> None:
-    """Fuse leading loops until there are ``min_chunks`` iterations, then mark them parallel."""
+def _parallelize(sch: s_tir.Schedule, loops: list, min_chunks: int):
+    """Fuse leading loops until there are ``min_chunks`` iterations, then mark them parallel.
+    (the parallel loop or None, how many of ``loops`` it took)."""
     if not loops:
-        return
+        return None, 0
     take, total = [], 1
     for loop in loops:
         ext = _extent(sch, loop)
@@ -96,15 +101,58 @@ def _parallelize(sch: s_tir.Schedule, loops: list, min_chunks: int) -> None:
         if total >= min_chunks:
             break
     if not take or total < 2:
-        return
-    sch.parallel(sch.fuse(*take) if len(take) > 1 else take[0])
+        return None, 0
+    par = sch.fuse(*take) if len(take) > 1 else take[0]
+    sch.parallel(par)
+    return par, len(take)
+
+
+# Output rows accumulated at once: one FMA chain per vector register is bound by the FMA's
+# latency (4 cycles) where two units could each start one per cycle. At most _ACCUMULATORS
+# vector registers of accumulators, so that loads and broadcasts fit beside them (AVX2 and
+# armv7 NEON have 16 registers).
+_ROWS = (8, 4, 2)
+_ACCUMULATORS = 8
+
+
+def _block_rows(sch: s_tir.Schedule, block, loops: list, max_rows: int):
+    """Split one spatial loop around the vectorized row so that the register tile holds several
+    rows: the innermost loop that the block's largest input does not depend on (an output
+    channel of a conv, whose rows all read the same input vector) and that a factor in
+    ``_ROWS`` divides. (loops outside the tile, [the tile's row loop]); ``loops`` unchanged
+    when none qualifies."""
+    stmt = sch.get(block)
+    data = max(stmt.reads, key=lambda r: _elements(r.source), default=None)
+    used: list = []
+    for rng in data.region if data is not None else []:
+        tvm_ffi.structural_walk(rng.min, [(tirx.Var, used.append)], order="post")
+    spatial = [iv.var for iv in stmt.iter_vars if iv.iter_type == tirx.IterVar.DataPar]
+    for i in range(len(loops) - 2, -1, -1):  # the last loop is the row itself
+        ext = _extent(sch, loops[i])
+        factor = next((f for f in _ROWS if f <= max_rows and ext is not None and ext >= 2 * f and ext % f == 0),
+                      None)
+        if factor is None or i >= len(spatial) or any(v.same_as(spatial[i]) for v in used):
+            continue
+        outer, rows = sch.split(loops[i], factors=[None, factor])
+        return [*loops[:i], outer, *loops[i + 1:]], [rows]
+    return loops, []
+
+
+def _elements(buf) -> int:
+    n = 1
+    for d in buf.shape:
+        n *= int(d) if isinstance(d, tirx.IntImm) else 1
+    return n
 
 
 class CPUFallback(CPUScheduleRule):
-    """Parallel outer spatial loops, vectorized register tile on the innermost spatial loop."""
+    """Parallel outer spatial loops, vectorized register tile on the innermost spatial loop.
 
-    def __init__(self, num_cores: int = 2):
+    ``lanes``: float32 lanes of one vector register (sizes the tile's rows)."""
+
+    def __init__(self, num_cores: int = 2, lanes: int = 16):
         self.num_cores = num_cores
+        self.lanes = lanes
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
@@ -143,10 +191,16 @@ class CPUFallback(CPUScheduleRule):
                     reductions.append((block, r_loops[0], None))
                     continue
                 outer, inner = sch.split(s_loops[-1], factors=[None, width])
-                sch.reorder(*s_loops[:-1], outer, *r_loops, inner)
-                _parallelize(sch, [*s_loops[:-1], outer], 4 * cores)
-                reductions.append((block, r_loops[0], outer))
-                tiles[info.name] = outer
+                per_row = -(-width // self.lanes)  # vector registers per row
+                rows, block_inner = _block_rows(sch, block, [*s_loops[:-1], outer], _ACCUMULATORS // per_row)
+                sch.reorder(*rows, *r_loops, *block_inner, inner)
+                for loop in block_inner:
+                    sch.unroll(loop)
+                par, taken = _parallelize(sch, rows, 4 * cores)
+                # A fuse that took the tile loop leaves the fused loop as the tile's.
+                tile = par if taken == len(rows) else rows[-1]
+                reductions.append((block, r_loops[0], tile))
+                tiles[info.name] = tile
             elif len(s_loops) > 1 and _extent(sch, s_loops[-1]) is not None:
                 # Rows stay rows: fusing every loop would put a div/mod per element into the
                 # index (a pad of a 160x160 map: most of the conv's time). A row whose length
@@ -191,8 +245,9 @@ class CPUFallback(CPUScheduleRule):
         return sch
 
 
-def cpu_default_schedule():
-    """The passes CPU families run on kernels that have no tuning records."""
+def cpu_default_schedule(lanes: int = 16):
+    """The passes CPU families run on kernels that have no tuning records; ``lanes``: float32
+    lanes of the target's vector registers."""
     from .default_schedule import ResilientDefaultSchedule
 
-    return [ResilientDefaultSchedule(CPUFallback())]
+    return [ResilientDefaultSchedule(CPUFallback(lanes=lanes))]

@@ -52,7 +52,7 @@ class X86Family(TargetFamily):
         return RunResult(outputs, times, "native")
 
     def default_schedule(self, profile: TargetProfile):
-        return cpu_default_schedule()
+        return cpu_default_schedule(self.vector_lanes(profile))
 
     def vector_lanes(self, profile: TargetProfile) -> int:
         target = self.tvm_target(profile)

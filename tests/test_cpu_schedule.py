@@ -91,6 +91,41 @@ def test_padding_keeps_its_rows_and_computes_the_pad():
         np.testing.assert_array_equal(out.numpy(), np.pad(x, [(0, 0), (0, 0), (1, 1), (1, 1)]))
 
 
+def test_conv_tile_holds_several_output_channels_and_dense_stays_scheduled():
+    """The register tile of a conv holds 8 output channels x one vector row (the input vector is
+    loaded once for 8 FMA chains); a batch-1 dense, whose only loop outside the row is the
+    tile's own, is still scheduled (parallel + vectorized), and both compute the same numbers."""
+    from tvm import te, topi
+
+    target = get_target("x86").tvm_target()
+    rng = np.random.default_rng(3)
+    x = te.placeholder((1, 24, 6, 32), "float32", name="x")
+    w = te.placeholder((32, 24, 1, 1), "float32", name="w")
+    conv = te.create_prim_func([x, w, topi.nn.conv2d_nchw(x, w, 1, 0, 1)])
+    a = te.placeholder((1, 64), "float32", name="a")
+    b = te.placeholder((256, 64), "float32", name="b")
+    dense = te.create_prim_func([a, b, topi.nn.dense(a, b)])
+    for func, shapes, ref in (
+        (conv, [(1, 24, 6, 32), (32, 24, 1, 1), (1, 32, 6, 32)],
+         lambda xv, wv: np.einsum("nchw,oc->nohw", xv, wv[:, :, 0, 0])),
+        (dense, [(1, 64), (256, 64), (1, 256)], lambda av, bv: av @ bv.T),
+    ):
+        sch = CPUFallback().apply(func, target, False)
+        assert sch is not None
+        loops = _loops(sch.mod["main"])
+        kinds = {k for _, k in loops}
+        assert tvm.tirx.ForKind.PARALLEL in kinds and tvm.tirx.ForKind.VECTORIZED in kinds, loops
+        if func is conv:
+            assert (8, tvm.tirx.ForKind.UNROLLED) in loops, loops
+            # 8-lane registers (AVX2): 4 rows of two registers keep 8 accumulators
+            avx2 = _loops(CPUFallback(lanes=8).apply(func, target, False).mod["main"])
+            assert (4, tvm.tirx.ForKind.UNROLLED) in avx2 and (8, tvm.tirx.ForKind.UNROLLED) not in avx2
+        args = [rng.standard_normal(shape).astype("float32") for shape in shapes[:2]]
+        out = tvm.runtime.tensor(np.full(shapes[2], np.nan, "float32"))
+        tvm.compile(sch.mod, target)(*(tvm.runtime.tensor(v) for v in args), out)
+        np.testing.assert_allclose(out.numpy(), ref(*args), rtol=1e-5, atol=1e-4)
+
+
 def test_default_schedule_emits_neon_fmla_on_aarch64(demo_model):
     """Through our pipeline (lowering + default CPU schedule), aarch64 float kernels use NEON
     vector FMA; untuned naive loops do not (see tests/test_qemu_runner.py)."""

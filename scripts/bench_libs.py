@@ -1,0 +1,70 @@
+#!/usr/bin/env python
+"""Time compiled libraries of one model against onnxruntime fp32, each engine in its own process.
+
+The libraries can come from different commits (e.g. a default-schedule change: build the
+"before" library at the previous commit, the "after" one at this). Every engine runs in a
+process of its own (``tvm-compress bench``'s engine workers: no two thread pools share one),
+and the engines take turns, ``--runs`` calls each per round, waiting for the previous one's
+threads to go idle first.
+
+    python scripts/bench_libs.py --model det before=det_before.so after=det_after.so --rounds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cpu import MODELS  # noqa: E402
+
+import tvm_compress  # noqa: E402
+from tvm_compress.bench import _Engine, _Worker  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=sorted(MODELS), default="det")
+    ap.add_argument("libs", nargs="+", metavar="NAME=LIB.so")
+    ap.add_argument("--target", default="x86")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--runs", type=int, default=20, help="calls per engine per round")
+    args = ap.parse_args(argv)
+
+    get_path, shapes = MODELS[args.model]
+    path = get_path()
+    prepared = tvm_compress.prepare_onnx(path, shapes)
+    x = np.random.default_rng(0).random(prepared.inputs[0].shape, dtype=np.float32)
+    engines = [_Engine("onnxruntime fp32 (2 threads)", "ort", str(path))]
+    engines += [_Engine(n, "tvm", str(Path(p).resolve()), args.target)
+                for n, p in (lib.split("=", 1) for lib in args.libs)]
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs = Path(tmp, "inputs.npz")
+        np.savez(inputs, **{prepared.inputs[0].name: x})
+        workers = [_Worker(e, inputs, Path(tmp, "engines.log")) for e in engines]
+        times = {e.name: [] for e in engines}
+        try:
+            for _ in range(args.rounds):
+                for w in workers:
+                    for other in workers:
+                        other.wait_idle()
+                    times[w.engine.name] += w.ask({"op": "time", "runs": args.runs, "warmup": 3})["times_ms"]
+        finally:
+            for w in workers:
+                w.close()
+    ort = float(np.median(times[engines[0].name]))
+    print(f"\n{args.model}, {args.rounds} rounds x {args.runs} calls per engine\n")
+    print("| engine | median ms | p90 ms | time / onnxruntime |")
+    print("|---|---:|---:|---:|")
+    for name, ts in times.items():
+        med = float(np.median(ts))
+        print(f"| {name} | {med:.3f} | {float(np.percentile(ts, 90)):.3f} | {med / ort:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
