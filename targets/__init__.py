@@ -31,6 +31,7 @@ from .base import (
 _PRESET_DIR = Path(__file__).with_name("presets")
 _REGISTRY: Dict[str, TargetProfile] = {}
 _LOADED_FILES: List[str] = []
+_BUILTIN_LOADED: List[bool] = []  # one element once the package presets are in _REGISTRY
 
 
 def _load_file(path: Path) -> None:
@@ -60,6 +61,7 @@ def _load_file(path: Path) -> None:
 
 def load_target_files(paths: Iterable[str | os.PathLike]) -> None:
     """Add (or override) presets from user TOML files."""
+    _ensure_loaded()  # the built-in presets first, so a user file does not stand in for them
     for p in paths:
         if str(p) not in _LOADED_FILES:
             _load_file(Path(p))
@@ -67,8 +69,9 @@ def load_target_files(paths: Iterable[str | os.PathLike]) -> None:
 
 
 def _ensure_loaded() -> None:
-    if _REGISTRY:
+    if _BUILTIN_LOADED:
         return
+    _BUILTIN_LOADED.append(True)
     for path in sorted(_PRESET_DIR.glob("*.toml")):
         _load_file(path)
     extra = os.environ.get("TVM_COMPRESS_TARGETS", "")
