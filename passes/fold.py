@@ -41,7 +41,6 @@ from tvm_compress.layers import LAYER_OPS, OP_CONV1D, OP_CONV2D, OP_CONV2D_T, OP
 from tvm_compress.pass_registry import PassEnv, PassPreset, register_pass
 from tvm_compress.relax_utils import const_value, emit_like, is_constant, relax_functions, tensor_shape
 
-
 from ._affine import MULTIPLY, Refusal, Step, arith_step, batch_norm_step, channel_vector
 
 _ASTYPE = tvm.ir.Op.get("relax.astype")

@@ -5,8 +5,9 @@ vectors) and dlight's CPU rules, which only cover GEMV and row reductions (and w
 naive on the demo model). This dlight rule does what any hand schedule starts with, per block:
 inline pads and elementwise ops, put spatial loops outside reductions, accumulate a tile of
 several output rows (output channels of a conv, up to 8 vector registers) in a local buffer
-that LLVM keeps in registers, vectorize its rows, and run the outer spatial loops in parallel. Kernels without a reduction (pads, element-wise) keep their
-rows: parallel over the outer loops, the innermost loop vectorized. Numbers: docs/benchmarks.md.
+that LLVM keeps in registers, vectorize its rows, and run the outer spatial loops in parallel.
+Kernels without a reduction (pads, element-wise) keep their rows: parallel over the outer
+loops, the innermost loop vectorized. Numbers: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -170,7 +171,6 @@ class CPUFallback(CPUScheduleRule):
         if infos is None:
             return None
         infos = _inline(sch, infos)
-        tiles = {}
         cores = int(target.attrs.get("num-cores", self.num_cores) or self.num_cores)
         reductions: List[tuple] = []
         for info in infos:
@@ -200,7 +200,6 @@ class CPUFallback(CPUScheduleRule):
                 # A fuse that took the tile loop leaves the fused loop as the tile's.
                 tile = par if taken == len(rows) else rows[-1]
                 reductions.append((block, r_loops[0], tile))
-                tiles[info.name] = tile
             elif len(s_loops) > 1 and _extent(sch, s_loops[-1]) is not None:
                 # Rows stay rows: fusing every loop would put a div/mod per element into the
                 # index (a pad of a 160x160 map: most of the conv's time). A row whose length
