@@ -112,31 +112,41 @@ def _parallelize(sch: s_tir.Schedule, loops: list, min_chunks: int):
 # latency (4 cycles) where two units could each start one per cycle. At most _ACCUMULATORS
 # vector registers of accumulators, so that loads and broadcasts fit beside them (AVX2 and
 # armv7 NEON have 16 registers).
-_ROWS = (8, 4, 2)
 _ACCUMULATORS = 8
 
 
 def _block_rows(sch: s_tir.Schedule, block, loops: list, max_rows: int):
     """Split one spatial loop around the vectorized row so that the register tile holds several
-    rows: the innermost loop that the block's largest input does not depend on (an output
-    channel of a conv, whose rows all read the same input vector) and that a factor in
-    ``_ROWS`` divides. (loops outside the tile, [the tile's row loop]); ``loops`` unchanged
-    when none qualifies."""
+    rows that share one vector load: an input whose innermost index follows the vectorized
+    loop (a conv's input row) is loaded once per reduction step and feeds one FMA per row, the
+    rows being the innermost spatial loop that input does not depend on (output channels) and
+    that a factor from ``max_rows`` down to 2 divides. Not simply the largest input: a 1x1
+    conv's weight (384x384) outweighs its 10x10 map, and rows taken from the map's lines
+    shared only a broadcast scalar (2.6x slower). (loops outside the tile, [the tile's row
+    loop]); ``loops`` unchanged when none qualifies."""
     stmt = sch.get(block)
-    data = max(stmt.reads, key=lambda r: _elements(r.source), default=None)
-    used: list = []
-    for rng in data.region if data is not None else []:
-        tvm_ffi.structural_walk(rng.min, [(tirx.Var, used.append)], order="post")
     spatial = [iv.var for iv in stmt.iter_vars if iv.iter_type == tirx.IterVar.DataPar]
-    for i in range(len(loops) - 2, -1, -1):  # the last loop is the row itself
-        ext = _extent(sch, loops[i])
-        factor = next((f for f in _ROWS if f <= max_rows and ext is not None and ext >= 2 * f and ext % f == 0),
-                      None)
-        if factor is None or i >= len(spatial) or any(v.same_as(spatial[i]) for v in used):
-            continue
-        outer, rows = sch.split(loops[i], factors=[None, factor])
-        return [*loops[:i], outer, *loops[i + 1:]], [rows]
+    reads = sorted(stmt.reads, key=lambda r: -_elements(r.source))
+    vector = [r for r in reads if r.region and _uses(r.region[-1].min, spatial[-1])] or reads[:1]
+    for data in vector:
+        used: list = []
+        for rng in data.region:
+            tvm_ffi.structural_walk(rng.min, [(tirx.Var, used.append)], order="post")
+        for i in range(len(loops) - 2, -1, -1):  # the last loop is the row itself
+            ext = _extent(sch, loops[i])
+            factor = next((f for f in range(max_rows, 1, -1) if ext is not None and ext >= f and ext % f == 0),
+                          None)
+            if factor is None or i >= len(spatial) or any(v.same_as(spatial[i]) for v in used):
+                continue
+            outer, rows = sch.split(loops[i], factors=[None, factor])
+            return [*loops[:i], outer, *loops[i + 1:]], [rows]
     return loops, []
+
+
+def _uses(expr, var) -> bool:
+    found: list = []
+    tvm_ffi.structural_walk(expr, [(tirx.Var, found.append)], order="post")
+    return any(v.same_as(var) for v in found)
 
 
 def _elements(buf) -> int:

@@ -126,6 +126,26 @@ def test_conv_tile_holds_several_output_channels_and_dense_stays_scheduled():
         np.testing.assert_allclose(out.numpy(), ref(*args), rtol=1e-5, atol=1e-4)
 
 
+def test_rows_share_the_input_vector_even_when_the_weight_is_larger():
+    """A 1x1 conv on a small map whose weight outweighs its input (the detector's 384x384 convs
+    on 10x10): the tile's rows are still output channels, which share the loaded input row,
+    not the map's lines, which would share only a broadcast weight scalar."""
+    from tvm import te, topi
+
+    target = get_target("x86").tvm_target()
+    x = te.placeholder((1, 96, 6, 16), "float32", name="x")
+    w = te.placeholder((192, 96, 1, 1), "float32", name="w")  # 18432 weights > 9216 inputs
+    func = te.create_prim_func([x, w, topi.nn.conv2d_nchw(x, w, 1, 0, 1)])
+    sch = CPUFallback().apply(func, target, False)
+    loops = _loops(sch.mod["main"])
+    assert {n for n, kind in loops if kind == tvm.tirx.ForKind.UNROLLED} == {8}, loops
+    rng = np.random.default_rng(4)
+    xv, wv = rng.standard_normal((1, 96, 6, 16)).astype("float32"), rng.standard_normal((192, 96, 1, 1)).astype("float32")
+    out = tvm.runtime.tensor(np.full((1, 192, 6, 16), np.nan, "float32"))
+    tvm.compile(sch.mod, target)(tvm.runtime.tensor(xv), tvm.runtime.tensor(wv), out)
+    np.testing.assert_allclose(out.numpy(), np.einsum("nchw,oc->nohw", xv, wv[:, :, 0, 0]), rtol=1e-5, atol=1e-4)
+
+
 def test_default_schedule_emits_neon_fmla_on_aarch64(demo_model):
     """Through our pipeline (lowering + default CPU schedule), aarch64 float kernels use NEON
     vector FMA; untuned naive loops do not (see tests/test_qemu_runner.py)."""
