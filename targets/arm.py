@@ -17,11 +17,12 @@ from .cpu_schedule import cpu_default_schedule
 from .int8_hook import INT8_DOT
 from .binary_hook import BINARY
 from .sparse_hook import BLOCK_SPARSE
+from .channels_last import CHANNELS_LAST
 
 
 class _ArmFamily(TargetFamily):
     arch = ""
-    kernel_hooks = (INT8_DOT, BLOCK_SPARSE, BINARY)
+    kernel_hooks = (INT8_DOT, BLOCK_SPARSE, BINARY, CHANNELS_LAST)
 
     def tvm_target(self, profile: TargetProfile):
         spec = dict(profile.target)

@@ -31,11 +31,18 @@ def _extent(sch: s_tir.Schedule, loop) -> Optional[int]:
     return int(ext) if isinstance(ext, tirx.IntImm) else None
 
 
-def _vector_width(extent: Optional[int]) -> Optional[int]:
+def vector_width(extent: Optional[int], lanes: int = _MAX_WIDTH) -> Optional[int]:
+    """Width of the vectorized innermost loop: whole registers of ``lanes`` first (40 -> 8
+    lanes, not 10), else the widest divisor that fits one register (20 -> 10 on 16 lanes, 5
+    on 8: a 10-wide row on 8-lane AVX2 spills into a second, mostly empty register and was
+    up to 12x slower), else any divisor down to _MIN_WIDTH."""
     if extent is None:
         return None
-    for w in (_MAX_WIDTH, 8):  # whole registers first (40 -> 8, not 10)
+    for w in (_MAX_WIDTH, 8):
         if extent % w == 0 and extent >= w:
+            return w
+    for w in range(min(lanes, extent), _MIN_WIDTH - 1, -1):
+        if extent % w == 0:
             return w
     for w in range(min(_MAX_WIDTH, extent), _MIN_WIDTH - 1, -1):
         if extent % w == 0:
@@ -193,7 +200,7 @@ class CPUFallback(CPUScheduleRule):
             r_loops = [l for l, k in zip(loops, kinds) if k == "R"]
             if not s_loops:
                 continue
-            width = _vector_width(_extent(sch, s_loops[-1]))
+            width = vector_width(_extent(sch, s_loops[-1]), self.lanes)
             if r_loops:
                 if width is None:
                     sch.reorder(*s_loops, *r_loops)
@@ -223,7 +230,7 @@ class CPUFallback(CPUScheduleRule):
             else:
                 fused = sch.fuse(*s_loops) if len(s_loops) > 1 else s_loops[0]
                 ext = _extent(sch, fused)
-                w = _vector_width(ext)
+                w = vector_width(ext, self.lanes)
                 if w is not None and ext > w:
                     outer, inner = sch.split(fused, factors=[None, w])
                     sch.parallel(outer)

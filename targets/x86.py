@@ -19,6 +19,7 @@ from .cpu_schedule import cpu_default_schedule
 from .int8_hook import INT8_DOT
 from .binary_hook import BINARY
 from .sparse_hook import BLOCK_SPARSE
+from .channels_last import CHANNELS_LAST
 from .local import run_in_process
 
 
@@ -30,7 +31,7 @@ def host_cpu() -> str:
 @register_family
 class X86Family(TargetFamily):
     name = "x86"
-    kernel_hooks = (INT8_DOT, BLOCK_SPARSE, BINARY)
+    kernel_hooks = (INT8_DOT, BLOCK_SPARSE, BINARY, CHANNELS_LAST)
 
     def tvm_target(self, profile: TargetProfile) -> tvm.target.Target:
         spec = dict(profile.target)

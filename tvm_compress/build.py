@@ -136,6 +136,7 @@ def compile(  # noqa: A001  (the product's verb)
     tuning_summary = pipeline.tuning_summary(mod)
     fallbacks = _schedule_fallbacks(mod, profile, tvm_target, log)
     binary = _binary_kernels(mod, log)
+    layout = _conv_layout(mod, log)
     lowered = flow.lowered
 
     calls, kernel_report = [], None
@@ -199,6 +200,7 @@ def compile(  # noqa: A001  (the product's verb)
         "kernel_check": kernel_report,
         "schedule_fallbacks": fallbacks,
         "binary_kernels": binary,
+        "conv_layout": layout,
         "stages": [{"name": s["name"], "seconds": s["seconds"]} for s in flow.stages],
         "pass_reports": _pass_reports(env.report, flow.stages),
         "seconds": round(time.monotonic() - t_start, 2),
@@ -255,6 +257,20 @@ def _binary_kernels(mod, log) -> dict:
         log(f"binary: {xnor} of {len(layers)} layers on XNOR/popcount kernels, {chains} fused chains "
             f"(bit-packed output)")
     return layers
+
+
+def _conv_layout(mod, log) -> dict:
+    """The float convs' layout the CPU family chose ({}: no float conv, or not a CPU target)."""
+    from tvm_compress.targets.channels_last import conv_layout
+
+    info = conv_layout(mod)
+    if info.get("layout") == "NHWC":
+        kept = f", {info['nchw_convs']} kept NCHW" if info["nchw_convs"] else ""
+        log(f"layout: {info['nhwc_convs']} convs channels-last (NHWC){kept}; "
+            f"estimated {info['estimated_gain']:.2f}x from vector use")
+    elif info:
+        log(f"layout: convs stay NCHW ({info['reason']})")
+    return info
 
 
 def _schedule_fallbacks(mod, profile: TargetProfile, tvm_target, log) -> list:

@@ -1,0 +1,216 @@
+"""Float convolutions in channels-last layout (NHWC), a kernel hook of the CPU families.
+
+A CPU kernel vectorizes its innermost loop. In NCHW that is a row of the feature map: a 10x10
+map gives vectors of 10, a stride-2 depthwise conv loads every other float, and a 1x1 conv
+loads one strided row per input channel. In NHWC the innermost loop is the channels: whole
+vectors at any map size and stride, the weights' output channels loaded once per input
+channel and shared by several output pixels (the default schedule's register tile), the
+pattern onnxruntime's and XNNPACK's float kernels use. Numbers: docs/benchmarks.md.
+
+``ChannelsLast`` runs before legalization, after the other hooks' rewrites (their int8, sparse
+and binary kernels keep their own layouts: a module with any of them, or with an integer
+convolution, is left alone). It hands the layout to Relax's ``ConvertLayout``, which moves
+element-wise ops, pools, resizes and concats to NHWC with their convs and converts back only
+where an op needs NCHW (reshape, the model's outputs). Two rewrites first, or ``ConvertLayout``
+would convert the activation back to NCHW and forth around each such op: constants of one
+element in element-wise ops become scalars (it cannot give a shape-(1,) constant a 4-d layout;
+104 of them in the PP-OCRv4 detector's learnable affine blocks), and ``clip`` becomes
+``maximum``/``minimum`` (hard-sigmoid / hard-swish). The weights' transposes fold into
+constants at legalization.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import tvm
+from tvm import relax, tirx
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from tvm_compress.layers import with_layer
+from tvm_compress.relax_utils import const_value, copy_module, is_constant
+from tvm_compress.specs import json_attr
+
+from .base import KernelHook
+from .cpu_schedule import vector_width
+
+_OP_CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
+_OP_CALL_TIR = tvm.ir.Op.get("relax.call_tir")
+_OP_CLIP = tvm.ir.Op.get("relax.clip")
+_ELEMENTWISE = tuple(tvm.ir.Op.get(f"relax.{n}") for n in ("add", "subtract", "multiply", "divide",
+                                                            "maximum", "minimum", "power"))
+LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
+LAYOUT_ATTR = "tvm_compress.conv_layout"
+# The layout conversions at the model's edges and around ops that need NCHW cost time too.
+MIN_GAIN = 1.2
+KEEP_NCHW = 1.5
+
+
+@mutator
+class _ScalarConstants(PyExprMutator):
+    """One-element constants of element-wise ops -> 0-d constants (same values, any layout);
+    ``clip``, which ``ConvertLayout`` does not move, -> ``minimum(maximum(x, lo), hi)``."""
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if call.op.same_as(_OP_CLIP) and all(isinstance(a, (tirx.IntImm, tirx.FloatImm)) for a in call.args[1:]):
+            dtype = call.args[0].ty.dtype
+            lo, hi = (relax.const(float(a.value), dtype) for a in call.args[1:])
+            return relax.op.minimum(self.builder_.emit(relax.op.maximum(call.args[0], lo)), hi)
+        if not any(call.op.same_as(op) for op in _ELEMENTWISE):
+            return call
+        args = [relax.const(const_value(a).reshape(()))
+                if is_constant(a) and len(a.value.shape) > 0 and const_value(a).size == 1 else a
+                for a in call.args]
+        return relax.Call(call.op, args, call.attrs, call.ty_args, call.span)
+
+
+def _lane_use(extent: int, lanes: int, strided: bool = False) -> float:
+    """Fraction of the vector units' lanes doing useful work when the innermost loop has
+    ``extent`` iterations, vectorized as the default schedule does (``vector_width``). A row
+    that is not a whole number of registers costs one more masked op on AVX-512 (16 lanes),
+    and one op per power-of-two piece elsewhere (7 floats on AVX2: 4 + 2 + 1)."""
+    width = vector_width(extent, lanes) or 1
+    full, rest = divmod(width, lanes)
+    ops = full + (0 if rest == 0 else 1 if lanes >= 16 else bin(rest).count("1"))
+    use = width / (ops * lanes)
+    # A strided row is gathered lane by lane: a stride-2 depthwise conv measured 3.6x slower
+    # in NCHW than in NHWC (docs/benchmarks.md).
+    return use / 4 if strided else use
+
+
+def _convs(func: relax.Function):
+    """(float NCHW conv2d calls, whether anything else rules the rewrite out)."""
+    convs, other = [], []
+
+    def visit(expr):
+        if not isinstance(expr, relax.Call):
+            return
+        if expr.op.same_as(_OP_CALL_TIR):
+            other.append(expr)
+        elif expr.op.same_as(_OP_CONV2D):
+            ok = expr.args[0].ty.dtype == "float32" and expr.attrs.data_layout == "NCHW"
+            (convs if ok else other).append(expr)
+
+    relax.analysis.post_order_visit(func, visit)
+    return convs, bool(other)
+
+
+def _keeps_nchw(out_nchw, stride_w: int, lanes: int) -> bool:
+    """A conv whose output rows fill the vectors much better than its channels (24 channels
+    of 160-wide maps) stays NCHW, between two transposes."""
+    return _lane_use(out_nchw[3], lanes, strided=stride_w > 1) >= KEEP_NCHW * _lane_use(out_nchw[1], lanes)
+
+
+def channels_last_gain(func: relax.Function, lanes: int) -> float:
+    """Estimated time of the function's convs in NCHW over their time after the rewrite (MACs
+    divided by the lanes each layout keeps busy); 0 when the rewrite does not apply."""
+    convs, other = _convs(func)
+    if not convs or other:
+        return 0.0
+    nchw = mixed = 0.0
+    for call in convs:
+        out = [int(d) for d in call.ty.shape]
+        weight = [int(d) for d in call.args[1].ty.shape]
+        macs = float(np.prod(out) * np.prod(weight[1:]))
+        stride_w = int(call.attrs.strides[1])
+        nchw += macs / _lane_use(out[3], lanes, strided=stride_w > 1)
+        mixed += macs / max(_lane_use(out[3], lanes, strided=stride_w > 1), _lane_use(out[1], lanes)) \
+            if _keeps_nchw(out, stride_w, lanes) else macs / _lane_use(out[1], lanes)
+    return nchw / mixed
+
+
+@mutator
+class _BackToNCHW(PyExprMutator):
+    """NHWC convs that ``_keeps_nchw`` -> transpose, NCHW conv, transpose."""
+
+    def __init__(self, mod, lanes: int):
+        super().__init__(mod)
+        self.lanes = lanes
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if not call.op.same_as(_OP_CONV2D) or call.attrs.data_layout != "NHWC" or call.attrs.kernel_layout != "HWIO":
+            return call
+        n, h, w, c = (int(d) for d in call.ty.shape)
+        if not _keeps_nchw((n, c, h, w), int(call.attrs.strides[1]), self.lanes):
+            return call
+        x = self.builder_.emit(relax.op.permute_dims(call.args[0], [0, 3, 1, 2]))
+        weight = self.builder_.emit(relax.op.permute_dims(call.args[1], [3, 2, 0, 1]))
+        a = call.attrs
+        conv = self.builder_.emit(with_layer(relax.op.nn.conv2d(
+            x, weight, strides=a.strides, padding=a.padding, dilation=a.dilation, groups=a.groups,
+            out_dtype=a.out_dtype or None), call))
+        return relax.op.permute_dims(conv, [0, 2, 3, 1])
+
+
+@tvm.transform.module_pass(opt_level=0, name="ChannelsLast")
+class ChannelsLast:
+    """Float NCHW conv2d (and the ops around them) -> NHWC with HWIO weights, in functions
+    whose convs are estimated ``min_gain`` times faster so (``channels_last_gain``) for
+    vectors of ``lanes`` float32. What it decided: module attribute ``LAYOUT_ATTR``."""
+
+    def __init__(self, lanes: int, min_gain: float = MIN_GAIN):
+        self.lanes = lanes
+        self.min_gain = min_gain
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        gains = {gv: channels_last_gain(f, self.lanes) for gv, f in mod.functions_items()
+                 if isinstance(f, relax.Function)}
+        names = [gv for gv, g in gains.items() if g >= self.min_gain]
+        gain = max(gains.values(), default=0.0)
+        if not names:
+            if not gain:
+                return mod
+            why = f"channels-last estimated {gain:.2f}x, below {self.min_gain}x"
+            return mod.with_attr(LAYOUT_ATTR, json.dumps({"layout": "NCHW", "estimated_gain": round(gain, 3),
+                                                          "reason": why}))
+        try:
+            converted = copy_module(mod)
+            for gv in names:
+                converted[gv] = _ScalarConstants().visit_expr(converted[gv])
+            # ConvertLayout runs on every function: take back only the chosen ones.
+            converted = relax.transform.ConvertLayout(LAYOUTS)(converted)
+            out = copy_module(mod)
+            for gv in names:
+                out[gv] = _BackToNCHW(converted, self.lanes).visit_expr(converted[gv])
+            out = relax.transform.Normalize()(out)
+        except Exception as err:  # noqa: BLE001  (an op ConvertLayout cannot move: stays NCHW)
+            why = f"channels-last rewrite failed ({type(err).__name__}); kept NCHW"
+            return mod.with_attr(LAYOUT_ATTR, json.dumps({"layout": "NCHW", "estimated_gain": round(gain, 3),
+                                                          "reason": why}))
+        layouts = [c.attrs.data_layout for gv in names for c in _calls(out[gv], _OP_CONV2D)]
+        info = {"layout": "NHWC", "estimated_gain": round(gain, 3), "nhwc_convs": layouts.count("NHWC"),
+                "nchw_convs": layouts.count("NCHW")}
+        return out.with_attr(LAYOUT_ATTR, json.dumps(info))
+
+
+def _calls(func, op) -> list:
+    found = []
+    relax.analysis.post_order_visit(
+        func, lambda e: found.append(e) if isinstance(e, relax.Call) and e.op.same_as(op) else None)
+    return found
+
+
+def conv_layout(mod: tvm.IRModule) -> dict:
+    """What ``ChannelsLast`` decided for the module ({}: it had no float conv to decide on)."""
+    return json_attr(mod, LAYOUT_ATTR, {})
+
+
+class ChannelsLastKernels(KernelHook):
+    """On unless a preset sets ``features.channels_last = false``."""
+
+    name = "channels_last"
+    feature = "channels_last"
+
+    def enabled(self, profile):
+        return bool(profile.features.get(self.feature, True))
+
+    def rewrites(self, profile):
+        from .base import get_family
+
+        return [ChannelsLast(get_family(profile.family).vector_lanes(profile))]
+
+
+CHANNELS_LAST = ChannelsLastKernels()
