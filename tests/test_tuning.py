@@ -103,6 +103,7 @@ def test_gradient_scheduler_spends_the_trials_where_the_time_is(tmp_path):
     mod = Schedule(profile, 16, tmp_path / "db", scheduler="gradient", log=log.append)(Lower(profile)(bb.get()))
     summary = json.loads(str(mod.attrs["tvm_compress.tuning"]))
     assert summary["scheduler"] == "gradient" and summary["tasks"] == 2
+    import tvm_ffi
     from tvm.s_tir import meta_schedule as ms
 
     records = ms.database.JSONDatabase(work_dir=str(tmp_path / "db")).get_all_tuning_records()
@@ -113,3 +114,41 @@ def test_gradient_scheduler_spends_the_trials_where_the_time_is(tmp_path):
     assert 1 <= per_task["add"] <= 4 and per_task["matmul"] >= 16 - per_task["add"], per_task
     assert summary["estimate_ms"] <= summary["first_estimate_ms"]
     assert any("model estimate" in str(line) for line in log)
+
+
+def test_default_schedules_are_the_first_records_so_tuning_never_ends_slower(dense_model, tmp_path):
+    """Every task's default schedule is measured and recorded before the search (even with a
+    budget of 1 trial), so each kernel's best record is at worst that default schedule, whose
+    trace replays to exactly what ``--tune-trials 0`` builds; the records are not counted as
+    trials. (MetaScheduleApplyDatabase takes each kernel's fastest
+    record, so the default one competes with the search's.)"""
+    import tvm
+    import tvm_ffi
+    from tvm.s_tir import meta_schedule as ms
+
+    from tvm_compress import tuning
+    from tvm_compress.pipeline import lowering_passes
+    from tvm_compress.targets import get_target
+    from tvm_compress.targets.cpu_schedule import CPUFallback
+
+    target = get_target("x86").tvm_target()
+    mod = tvm_compress.prepare_onnx(dense_model).to_relax()
+    with target:
+        mod = tvm.transform.Sequential(lowering_passes())(mod)
+    rule = CPUFallback()
+    tasks = ms.relax_integration.extract_tasks(mod, target)
+    work = tmp_path / "db"
+    summary = tuning.tune(mod, target, 1, work, seed_rules=[rule])
+    assert summary.new_trials == 1 and tuning.cached_trials(work) == 1
+    database = ms.database.JSONDatabase(work_dir=str(work))
+    for task in tasks:
+        workload = database.commit_workload(task.mod)
+        records = database.get_top_k(workload, 1000)
+        default = rule.apply(task.mod["main"], target, False).mod
+        replayed = []
+        for rec in records:
+            sch = tvm.s_tir.Schedule(task.mod)
+            rec.trace.apply_to_schedule(sch, remove_postproc=False)
+            replayed.append(sch.mod)
+        seeds = [r for r, m in zip(records, replayed) if tvm_ffi.structural_equal(m["main"], default["main"])]
+        assert seeds and all(0 < float(t) < 1 for t in seeds[0].run_secs), task.task_name  # measured for real

@@ -104,8 +104,9 @@ class Schedule:
                 log(f"tuning: no way to measure {profile.name} here; using cached records only")
                 trials = min(trials, tuning.cached_trials(work_dir))
             if trials > 0:
+                rules = [r for p in family.default_schedule(profile) for r in getattr(p, "rules", [])]
                 summary = tuning.tune(mod, target, trials, work_dir, log=log, runner=runner,
-                                      scheduler=self.scheduler)
+                                      scheduler=self.scheduler, seed_rules=rules)
                 mod = tuning.apply_database(mod, target, work_dir)
         with target:
             mod = tvm.transform.Sequential(family.default_schedule(profile))(mod)

@@ -23,7 +23,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import contextlib
 import logging
@@ -204,6 +204,18 @@ def _meta_path(work_dir: Path) -> Path:
     return work_dir / "tvm_compress_tuning.json"
 
 
+def _seeds_path(work_dir: Path) -> Path:
+    return work_dir / "tvm_compress_seeds.json"
+
+
+def _seeded(work_dir: Path) -> int:
+    """Records that are default schedules (``_seed_default_schedules``), not trials."""
+    try:
+        return int(json.loads(_seeds_path(work_dir).read_text())["seeded"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
 DATABASE_FILES = ("database_workload.json", "database_tuning_record.json")
 
 
@@ -267,7 +279,7 @@ def cached_trials(work_dir: Path) -> int:
             records = sum(1 for line in f if line.strip())
     except OSError:
         records = 0
-    return max(finished, records)
+    return max(finished, records - _seeded(work_dir))
 
 
 def tune(
@@ -278,8 +290,14 @@ def tune(
     log: LogFn = lambda m: None,
     runner: ms.runner.Runner | None = None,
     scheduler: str = "auto",
+    seed_rules: Sequence = (),
 ) -> TuningSummary:
     """Tune ``mod`` (legalized and fused Relax) until ``work_dir`` holds ``trials`` trials.
+
+    ``seed_rules``: the family's default-schedule rules. Each task's default schedule is
+    measured first and recorded as a trial, so a kernel whose search finds nothing faster keeps
+    it (a small budget must not end slower than ``--tune-trials 0``) and the search starts
+    from it.
 
     Records already in ``work_dir`` count: asking again for the same budget runs nothing.
     ``scheduler``: ``gradient`` (trials where the model's time is), ``round-robin`` (evenly),
@@ -291,7 +309,7 @@ def tune(
     # Two compiles of the same (model, target) must not append to one database at once.
     with open(work_dir / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return _tune_locked(mod, target, trials, work_dir, log, runner, scheduler)
+        return _tune_locked(mod, target, trials, work_dir, log, runner, scheduler, seed_rules)
 
 
 def _is_scheduled(mod: tvm.IRModule) -> bool:
@@ -318,7 +336,51 @@ def _search(per_iter: int) -> ms.search_strategy.EvolutionarySearch:
     return ms.search_strategy.EvolutionarySearch(population_size=max(128, min(512, 32 * per_iter)))
 
 
-def _tune_locked(mod, target, trials, work_dir, log, runner, scheduler) -> TuningSummary:
+_DEVICE_NAMES = {1: "cpu", 2: "cuda"}  # DLDeviceType -> the runner's device name
+
+
+def _seed_default_schedules(contexts, target, work_dir: Path, builder, runner, rules, progress) -> int:
+    """Measure each task's default schedule and commit it as a tuning record (tasks that have
+    records already are skipped). How many were recorded."""
+    database = ms.database.JSONDatabase(work_dir=str(work_dir))
+    todo = []
+    for task_id, ctx in enumerate(contexts):
+        if database.has_workload(ctx.mod):
+            continue
+        func = ctx.mod["main"]
+        for rule in rules:
+            try:
+                sch = rule.apply(func, target, False)
+            except Exception:  # noqa: BLE001  (no seed from a rule that fails here)
+                continue
+            if sch is not None:
+                sch = sch[0] if isinstance(sch, list) else sch
+                todo.append((task_id, ctx, sch, ms.arg_info.ArgInfo.from_prim_func(func)))
+                break
+    if not todo:
+        return 0
+    built = builder.build([ms.builder.BuilderInput(sch.mod, target) for _, _, sch, _ in todo])
+    device = _DEVICE_NAMES.get(int(target.get_target_device_type()), target.kind.name)
+    inputs = [(entry, ms.runner.RunnerInput(b.artifact_path, device, entry[3]))
+              for entry, b in zip(todo, built) if b.error_msg is None]
+    futures = runner.run([r for _, r in inputs])
+    seeded = 0
+    for ((task_id, ctx, sch, args_info), _), future in zip(inputs, futures):
+        result = future.result()
+        times = [float(getattr(t, "value", t)) for t in (result.run_secs or [])]
+        if result.error_msg or not times or min(times) >= 1e9:
+            continue
+        workload = database.commit_workload(ctx.mod)
+        database.commit_tuning_record(ms.database.TuningRecord(
+            sch.trace, workload, run_secs=[tvm.runtime.convert(t) for t in times], target=target,
+            args_info=args_info))
+        times.sort()
+        progress.best[task_id] = times[len(times) // 2]
+        seeded += 1
+    return seeded
+
+
+def _tune_locked(mod, target, trials, work_dir, log, runner, scheduler, seed_rules=()) -> TuningSummary:
     start = time.monotonic()
     done = cached_trials(work_dir)
     # Kernels scheduled by hand (tensorized int8, ``tirx.is_scheduled``) are not tuned.
@@ -349,6 +411,11 @@ def _tune_locked(mod, target, trials, work_dir, log, runner, scheduler) -> Tunin
         runner = ms.runner.LocalRunner(initializer=_fast_inspect.install)
     _fast_inspect.install()
     try:
+        if seed_rules:
+            seeded = _seed_default_schedules(contexts, target, work_dir, builder, runner, seed_rules, progress)
+            if seeded:
+                _seeds_path(work_dir).write_text(json.dumps({"seeded": _seeded(work_dir) + seeded}))
+                log(f"tuning: default schedules of {seeded} tasks measured and recorded as the first trials")
         ms.tune.tune_tasks(
             tasks=contexts,
             task_weights=weights,
