@@ -103,7 +103,6 @@ def test_gradient_scheduler_spends_the_trials_where_the_time_is(tmp_path):
     mod = Schedule(profile, 16, tmp_path / "db", scheduler="gradient", log=log.append)(Lower(profile)(bb.get()))
     summary = json.loads(str(mod.attrs["tvm_compress.tuning"]))
     assert summary["scheduler"] == "gradient" and summary["tasks"] == 2
-    import tvm_ffi
     from tvm.s_tir import meta_schedule as ms
 
     records = ms.database.JSONDatabase(work_dir=str(tmp_path / "db")).get_all_tuning_records()
