@@ -146,7 +146,7 @@ def test_a_preset_can_turn_it_off():
 
 def test_kernels_of_other_hooks_keep_the_module_nchw():
     """A module with a call_tir (int8 / sparse / binary kernels) is left alone."""
-    from tvm import te, topi
+    from tvm import topi
 
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((1, 32, 5, 5), "float32"))
@@ -160,7 +160,6 @@ def test_kernels_of_other_hooks_keep_the_module_nchw():
     mod = bb.get()
     assert channels_last_gain(mod["main"], 16) == 0.0
     tvm.ir.assert_structural_equal(ChannelsLast(lanes=16)(mod), mod)
-    del te
 
 
 def test_library_matches_onnxruntime(mobile_onnx, tmp_path):
