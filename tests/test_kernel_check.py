@@ -228,7 +228,7 @@ def test_reads_within_tells_pad_and_concat_from_elementwise_tails(models):
 
 
 def test_compare_output_finds_unwritten_and_wrong_elements():
-    ref = np.arange(6, dtype=np.float32).reshape(2, 3)
+    ref = np.random.default_rng(3).standard_normal((2, 3)).astype(np.float32)
     fills = kernel_check.fill_values(np.float32)
     good = [ref.copy(), ref.copy()]
     assert kernel_check.compare_output(good, fills, ref) is None
@@ -245,6 +245,27 @@ def test_compare_output_finds_unwritten_and_wrong_elements():
     runs = [ref_nan.copy(), ref_nan.copy()]
     runs[1][0, 1] = fills[1]
     assert "never written" in kernel_check.compare_output(runs, fills, ref_nan)
+
+
+def test_a_dequantized_output_may_be_one_step_off_like_an_integer_one():
+    """A float kernel ending in quantize -> dequantize (a layer kept float between int8 ones):
+    a contracted multiply-add can move a value across a rounding tie, one quantization step."""
+    rng = np.random.default_rng(0)
+    scale = np.float32(0.558)
+    ref = ((rng.integers(0, 256, (4, 64)) - 3) * scale).astype(np.float32)
+    fills = kernel_check.fill_values(np.float32)
+    assert kernel_check.grid_step(ref) == pytest.approx(scale, rel=1e-5)
+    one, two = ref.copy(), ref.copy()
+    one[1, 5] += scale
+    two[1, 5] += 2 * scale
+    assert kernel_check.compare_output([one, one.copy()], fills, ref) is None
+    assert "1 of 256 output elements differ" in kernel_check.compare_output([two, two.copy()], fills, ref)
+    # An output off the grid gets no such allowance: the same error is caught.
+    plain = rng.standard_normal((4, 64)).astype(np.float32)
+    assert kernel_check.grid_step(plain) == 0.0
+    bad = plain.copy()
+    bad[1, 5] += scale
+    assert "differ" in kernel_check.compare_output([bad, bad.copy()], fills, plain)
 
 
 @pytest.mark.parametrize("dtype", ["int8", "uint8", "int32", "bool"])
