@@ -68,40 +68,48 @@ def _desc(kernel: DotKernel):
     return desc
 
 
-@T.prim_func(s_tir=True)
-def _pmaddwd_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-    A = T.match_buffer(a, (2,), "int16", offset_factor=1)
-    B = T.match_buffer(b, (8, 2), "int8", offset_factor=1)
-    C = T.match_buffer(c, (8,), "int32", offset_factor=1)
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
-        T.writes(C[0:8])
-        # The (a0, a1) int16 pair is one int32: broadcast it, multiply-add pairs with B.
-        pair = T.reinterpret(A.vload([0], dtype="int16x2"), dtype="int32")
-        C[T.ramp(T.int32(0), 1, 8)] = C[T.ramp(T.int32(0), 1, 8)] + T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
-            T.reinterpret(T.broadcast(pair, 8), dtype="int16x16"),
-            T.cast(B.vload([0, 0], dtype="int8x16"), "int16x16"),
-            dtype="int32x8",
-        )
+def _pmaddwd_impl():
+    # Parsed when first registered: TVMScript parsing costs the CLI's start-up ~0.2 s per kernel.
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (2,), "int16", offset_factor=1)
+        B = T.match_buffer(b, (8, 2), "int8", offset_factor=1)
+        C = T.match_buffer(c, (8,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:2], B[0:8, 0:2])
+            T.writes(C[0:8])
+            # The (a0, a1) int16 pair is one int32: broadcast it, multiply-add pairs with B.
+            pair = T.reinterpret(A.vload([0], dtype="int16x2"), dtype="int32")
+            C[T.ramp(T.int32(0), 1, 8)] = C[T.ramp(T.int32(0), 1, 8)] + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                T.reinterpret(T.broadcast(pair, 8), dtype="int16x16"),
+                T.cast(B.vload([0, 0], dtype="int8x16"), "int16x16"),
+                dtype="int32x8",
+            )
+
+    return impl
 
 
-@T.prim_func(s_tir=True)
-def _sdot_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-    A = T.match_buffer(a, (4,), "int8", offset_factor=1)
-    B = T.match_buffer(b, (4, 4), "int8", offset_factor=1)
-    C = T.match_buffer(c, (4,), "int32", offset_factor=1)
-    with T.sblock("root"):
-        T.reads(C[0:4], A[0:4], B[0:4, 0:4])
-        T.writes(C[0:4])
-        quad = T.reinterpret(A.vload([0], dtype="int8x4"), dtype="int32")
-        C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
-            C[T.ramp(T.int32(0), 1, 4)],
-            B.vload([0, 0], dtype="int8x16"),
-            T.reinterpret(T.broadcast(quad, 4), dtype="int8x16"),
-            dtype="int32x4",
-        )
+def _sdot_impl():
+    # Parsed when first registered: TVMScript parsing costs the CLI's start-up ~0.2 s per kernel.
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (4,), "int8", offset_factor=1)
+        B = T.match_buffer(b, (4, 4), "int8", offset_factor=1)
+        C = T.match_buffer(c, (4,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:4], A[0:4], B[0:4, 0:4])
+            T.writes(C[0:4])
+            quad = T.reinterpret(A.vload([0], dtype="int8x4"), dtype="int32")
+            C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
+                C[T.ramp(T.int32(0), 1, 4)],
+                B.vload([0, 0], dtype="int8x16"),
+                T.reinterpret(T.broadcast(quad, 4), dtype="int8x16"),
+                dtype="int32x4",
+            )
+
+    return impl
 
 
 def _vpdpbusd(c, a, b):
@@ -111,20 +119,24 @@ def _vpdpbusd(c, a, b):
     )
 
 
-@T.prim_func(s_tir=True)
-def _vpdpbusd_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-    A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
-    B = T.match_buffer(b, (16, 4), "int8", offset_factor=1)
-    C = T.match_buffer(c, (16,), "int32", offset_factor=1)
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-        T.writes(C[0:16])
-        quad = T.reinterpret(A.vload([0], dtype="uint8x4"), dtype="int32")
-        C[T.ramp(T.int32(0), 1, 16)] = _vpdpbusd(
-            C[T.ramp(T.int32(0), 1, 16)],
-            T.reinterpret(T.broadcast(quad, 16), dtype="uint8x64"),
-            B.vload([0, 0], dtype="int8x64"),
-        )
+def _vpdpbusd_impl():
+    # Parsed when first registered: TVMScript parsing costs the CLI's start-up ~0.2 s per kernel.
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
+        B = T.match_buffer(b, (16, 4), "int8", offset_factor=1)
+        C = T.match_buffer(c, (16,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            quad = T.reinterpret(A.vload([0], dtype="uint8x4"), dtype="int32")
+            C[T.ramp(T.int32(0), 1, 16)] = _vpdpbusd(
+                C[T.ramp(T.int32(0), 1, 16)],
+                T.reinterpret(T.broadcast(quad, 16), dtype="uint8x64"),
+                B.vload([0, 0], dtype="int8x64"),
+            )
+
+    return impl
 
 
 KERNELS: Dict[str, DotKernel] = {
@@ -143,5 +155,5 @@ def register() -> None:
     global _registered
     if not _registered:
         for name, kernel in KERNELS.items():
-            s_tir.TensorIntrin.register(kernel.intrin, _desc(kernel), _IMPLS[name], override=True)
+            s_tir.TensorIntrin.register(kernel.intrin, _desc(kernel), _IMPLS[name](), override=True)
         _registered = True
