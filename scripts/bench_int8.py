@@ -177,7 +177,8 @@ def speed_table(float_lib, int8_lib, layers, x, profile):
     f_shapes, q_shapes = [], []
     for layer in layers:
         w = tuple(layer["weight_shape"])
-        f_shapes.append({w})
+        # float convs may run channels-last, their weights then HWIO
+        f_shapes.append({w, (w[2], w[3], w[1], w[0])} if len(w) == 4 else {w})
         packed = {w}
         if dot is not None and len(w) == 4:
             zeros = np.zeros(w, np.int8)
