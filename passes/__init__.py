@@ -7,6 +7,7 @@ Every pass is a plain ``tvm.transform.module_pass`` over a Relax IRModule and co
 
 from .binary import Binary, BinaryConfig
 from .calibrate import Calibrate, CalibrateConfig
+from .conv1d_to_conv2d import Conv1dToConv2d
 from .conv_transpose_to_conv import ConvTransposeToConv
 from .fold import Fold, FoldConfig
 from .lowrank import LowRank, LowRankConfig
@@ -21,6 +22,7 @@ __all__ = [
     "BinaryConfig",
     "Calibrate",
     "CalibrateConfig",
+    "Conv1dToConv2d",
     "ConvTransposeToConv",
     "Fold",
     "FoldConfig",

@@ -1,5 +1,6 @@
 """Per-channel affine steps: which element-wise ops with a constant are ``v * scale + shift``
-with one (scale, shift) per channel of ``v``. Shared by ``fold`` and ``conv_transpose_to_conv``."""
+with one (scale, shift) per channel of ``v``. Shared by ``fold``, ``conv_transpose_to_conv`` and
+``conv1d_to_conv2d`` (the last two fold a layer's affine ops and activation with ``follow_chain``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from tvm_compress.relax_utils import const_value, is_constant
+from tvm_compress.relax_utils import const_value, is_constant, tensor_shape
 
 ADD, SUBTRACT, MULTIPLY, DIVIDE = (tvm.ir.Op.get(f"relax.{n}") for n in ("add", "subtract", "multiply", "divide"))
 BATCH_NORM = tvm.ir.Op.get("relax.nn.batch_norm")
@@ -105,3 +106,59 @@ def batch_norm_step(call, channels: int, axis: int, rank: int) -> Union[Step, Re
     beta = beta if call.attrs.center else np.zeros(channels)
     k = gamma / np.sqrt(var + float(call.attrs.epsilon))
     return Step("batch_norm", k, beta - mean * k)
+
+
+# Element-wise activations a chain may end in (they commute with reshapes of the layout).
+ACTIVATIONS = [tvm.ir.Op.get(f"relax.{n}") for n in ("nn.relu", "sigmoid", "nn.silu", "tanh")]
+
+
+class AffineChain:
+    """The per-channel affine ops and one element-wise activation after a layer, folded:
+    ``act(y * scale + shift)``; the scale can join the layer's weights and the shift become its
+    bias (then quantization fuses them into the convolution's epilogue)."""
+
+    def __init__(self, channels: int):
+        self.scale = np.ones(channels)
+        self.shift = np.zeros(channels)
+        self.act = None
+        self.vars = []  # bindings folded away; the last one's var now names the result
+
+    def absorb(self, value, var, prev, shape, bindings, users) -> bool:
+        """Fold ``value`` (bound to ``var``, reading ``prev`` of ``shape``) into the chain."""
+        if not isinstance(value, relax.Call) or self.act is not None:
+            return False
+        step = arith_step(value, prev, shape, 1) or batch_norm_step(value, shape[1], 1, len(shape))
+        if isinstance(step, Step):
+            if value.op.same_as(BATCH_NORM):
+                # The normalized value (item 0) must have one reader; the running statistics
+                # (items 1, 2, which the importer binds) none.
+                items = [(u, bindings.get(u)) for u in users.get(var, [])]
+                main = [u for u, v in items if isinstance(v, relax.TupleGetItem) and v.index == 0]
+                if len(main) != 1 or not all(isinstance(v, relax.TupleGetItem) and not users.get(u)
+                                             for u, v in items if u not in main):
+                    return False
+                self.vars.extend(u for u, _ in items if u not in main)  # the unused statistics go too
+                self.vars.append(var)
+                var = main[0]  # the TupleGetItem binding is folded too
+            self.scale, self.shift = self.scale * step.scale, self.shift * step.scale + step.shift
+        elif step is None and any(value.op.same_as(a) for a in ACTIVATIONS):
+            self.act = value.op
+        else:
+            return False
+        self.vars.append(var)
+        return True
+
+
+def follow_chain(var, channels: int, bindings, users) -> AffineChain:
+    """The chain of ops after ``var`` (channel axis 1) that ``AffineChain`` can fold; ``bindings``
+    (var -> value) and ``users`` (``relax.analysis.udchain``) of its dataflow block."""
+    chain = AffineChain(channels)
+    shape = tensor_shape(var)
+    while True:
+        nxt = users.get(var, [])
+        # Only a value nothing else reads can be folded (dataflow vars: no uses outside).
+        if len(nxt) != 1 or not isinstance(var, relax.DataflowVar):
+            return chain
+        if not chain.absorb(bindings.get(nxt[0]), nxt[0], var, shape, bindings, users):
+            return chain
+        var = chain.vars[-1]

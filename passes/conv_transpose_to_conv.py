@@ -23,13 +23,11 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from tvm_compress.layers import with_layer
-from tvm_compress.relax_utils import const_value, emit_like, is_constant, tensor_shape
+from tvm_compress.relax_utils import const_value, emit_like, is_constant
 
-from ._affine import BATCH_NORM, Step, arith_step, batch_norm_step
+from ._affine import follow_chain
 
 _CONV2D_TRANSPOSE = tvm.ir.Op.get("relax.nn.conv2d_transpose")
-# Element-wise activations (they commute with depth-to-space).
-_ACTIVATIONS = [tvm.ir.Op.get(f"relax.{n}") for n in ("nn.relu", "sigmoid", "nn.silu", "tanh")]
 
 
 def _ints(values):
@@ -53,44 +51,6 @@ def _rewritable(call) -> bool:
     )
 
 
-class _Chain:
-    """The per-channel affine ops and one activation after a transposed convolution, folded:
-    ``act(y * scale + shift)``. They commute with depth-to-space, so they go before it, where
-    the scale joins the weights and the shift becomes the bias (then quantization fuses them
-    into the convolution's epilogue)."""
-
-    def __init__(self, channels: int):
-        self.scale = np.ones(channels)
-        self.shift = np.zeros(channels)
-        self.act = None
-        self.vars = []  # bindings folded away; the last one's var now names the result
-
-    def absorb(self, value, var, prev, shape, bindings, users) -> bool:
-        """Fold ``value`` (bound to ``var``, reading ``prev`` of ``shape``) into the chain."""
-        if not isinstance(value, relax.Call) or self.act is not None:
-            return False
-        step = arith_step(value, prev, shape, 1) or batch_norm_step(value, shape[1], 1, len(shape))
-        if isinstance(step, Step):
-            if value.op.same_as(BATCH_NORM):
-                # The normalized value (item 0) must have one reader; the running statistics
-                # (items 1, 2, which the importer binds) none.
-                items = [(u, bindings.get(u)) for u in users.get(var, [])]
-                main = [u for u, v in items if isinstance(v, relax.TupleGetItem) and v.index == 0]
-                if len(main) != 1 or not all(isinstance(v, relax.TupleGetItem) and not users.get(u)
-                                             for u, v in items if u not in main):
-                    return False
-                self.vars.extend(u for u, _ in items if u not in main)  # the unused statistics go too
-                self.vars.append(var)
-                var = main[0]  # the TupleGetItem binding is folded too
-            self.scale, self.shift = self.scale * step.scale, self.shift * step.scale + step.shift
-        elif step is None and any(value.op.same_as(a) for a in _ACTIVATIONS):
-            self.act = value.op
-        else:
-            return False
-        self.vars.append(var)
-        return True
-
-
 @mutator
 class _Rewriter(PyExprMutator):
     def __init__(self, mod):
@@ -105,19 +65,6 @@ class _Rewriter(PyExprMutator):
         self.users.update(relax.analysis.udchain(block))
         return super().visit_dataflow_block_(block)
 
-    def _chain(self, var, channels: int) -> _Chain:
-        chain = _Chain(channels)
-        shape = tensor_shape(var)
-        while True:
-            users = self.users.get(var, [])
-            # Only a value nothing else reads can be folded (dataflow vars: no uses outside).
-            if len(users) != 1 or not isinstance(var, relax.DataflowVar):
-                return chain
-            nxt = users[0]
-            if not chain.absorb(self.bindings.get(nxt), nxt, var, shape, self.bindings, self.users):
-                return chain
-            var = chain.vars[-1]
-
     def visit_var_binding_(self, binding):
         if binding.var in self.skip:
             return
@@ -130,7 +77,7 @@ class _Rewriter(PyExprMutator):
         w = const_value(weight)  # [IC, OC, KH, KW]
         ic, oc, kh, kw = w.shape
         n, _, h, wd = (int(d) for d in data.ty.shape)
-        chain = self._chain(binding.var, oc)
+        chain = follow_chain(binding.var, oc, self.bindings, self.users)
         taps = kh * kw
         # Output channel o * KH * KW + i * KW + j holds tap (i, j) of channel o.
         w1x1 = w.reshape(ic, oc * taps).T * np.repeat(chain.scale, taps)[:, None]

@@ -79,7 +79,7 @@ def import_passes(model: Optional[onnx.ModelProto] = None) -> list:
     before any compression pass."""
     from tvm import relax
 
-    from tvm_compress.passes import ConvTransposeToConv, TeCallsToOps
+    from tvm_compress.passes import Conv1dToConv2d, ConvTransposeToConv, TeCallsToOps
 
     from .layers import NameLayers, onnx_layer_names
 
@@ -90,6 +90,7 @@ def import_passes(model: Optional[onnx.ModelProto] = None) -> list:
         relax.transform.ConvertToDataflow(),
         TeCallsToOps(),
         ConvTransposeToConv(),
+        Conv1dToConv2d(),
     ]
 
 
