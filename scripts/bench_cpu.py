@@ -41,8 +41,43 @@ def _rapidocr(name: str) -> Path:
     return Path(spec.origin).parent / "models" / name
 
 
+def _kws() -> Path:
+    """A keyword-spotting-like 1-D CNN on 40 x 400 features (seeded random weights): conv, depthwise,
+    pointwise, strided and dilated 1-D convolutions with ReLUs, a mean over time, a dense layer."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    path = Path(__file__).resolve().parents[1] / "out" / "kws1d.onnx"
+    if path.exists():
+        return path
+    rng = np.random.default_rng(0)
+    nodes, inits = [], []
+    x, channels = "x", 40
+    # (out channels, kernel, stride, dilation, groups)
+    for i, (oc, k, s, d, g) in enumerate([(64, 3, 1, 1, 1), (64, 3, 1, 1, 64), (128, 1, 1, 1, 1),
+                                          (128, 5, 2, 1, 1), (128, 3, 1, 2, 1)]):
+        w = (rng.standard_normal((oc, channels // g, k)) / np.sqrt(channels // g * k)).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(rng.standard_normal(oc).astype(np.float32) * 0.1, f"b{i}")]
+        pad = d * (k - 1) // 2
+        nodes += [helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [f"c{i}"], name=f"conv{i}", strides=[s],
+                                   pads=[pad, pad], dilations=[d], group=g),
+                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
+        x, channels = f"r{i}", oc
+    inits.append(numpy_helper.from_array((rng.standard_normal((12, 128)) * 0.1).astype(np.float32), "fw"))
+    inits.append(numpy_helper.from_array(np.zeros(12, np.float32), "fb"))
+    nodes += [helper.make_node("ReduceMean", [x], ["m"], axes=[2], keepdims=0),
+              helper.make_node("Gemm", ["m", "fw", "fb"], ["y"], name="fc", transB=1)]
+    graph = helper.make_graph(nodes, "kws1d", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 40, 400])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 12])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
 MODELS = {
     "demo": (lambda: demo_files()["model"], {"input": (1, 1, 28, 28)}),
+    "kws": (_kws, {"x": (1, 40, 400)}),
     "det": (lambda: _rapidocr("ch_PP-OCRv4_det_infer.onnx"), {"x": (1, 3, 320, 320)}),
     "cls": (lambda: _rapidocr("ch_ppocr_mobile_v2.0_cls_infer.onnx"), {"x": (1, 3, 48, 192)}),
 }
