@@ -80,6 +80,7 @@ MODELS = {
     "kws": (_kws, {"x": (1, 40, 400)}),
     "det": (lambda: _rapidocr("ch_PP-OCRv4_det_infer.onnx"), {"x": (1, 3, 320, 320)}),
     "cls": (lambda: _rapidocr("ch_ppocr_mobile_v2.0_cls_infer.onnx"), {"x": (1, 3, 48, 192)}),
+    "rec": (lambda: _rapidocr("ch_PP-OCRv4_rec_infer.onnx"), {"x": (1, 3, 48, 320)}),
 }
 
 

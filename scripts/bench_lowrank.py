@@ -5,6 +5,7 @@
     python scripts/bench_lowrank.py error [--models demo,rec] [--ranks 8,16,32,64]
     python scripts/bench_lowrank.py models [--models demo,rec] [--energies 0.9,0.95,0.98,0.99]
     python scripts/bench_lowrank.py speed [--models demo] [--energy 0.99] [--trials 64]
+    python scripts/bench_lowrank.py libs --models rec [--eval 200] float=float.so lowrank=lr.so
 
 ``dense``: batch-1 dense layers ``x @ W`` against their split ``(x @ A) @ B`` at 50 % of the
 parameters (rank rounded to the target's lanes), both built for ``--target`` the way the compile
@@ -262,9 +263,26 @@ def speed(args, log):
               f"{r['split_params'][0] / max(r['split_params'][1], 1):.2f}x fewer | {r['macs'][1] / r['macs'][0]:.2f}x |")
 
 
+def libs(args, log):
+    """The task metric of compiled libraries of one model on its evaluation set (``--eval``
+    samples; writes that model's calibration set to OUT/KEY_calib.npz for the compile)."""
+    import tvm_compress
+
+    key = args.models[0]
+    path, name, _ = _models()[key]
+    calib, test, labels = _data(key, args.eval)
+    np.savez(Path(args.out) / f"{key}_calib.npz", **{name: calib})
+    charset = rec_charset(path) if key == "rec" else None
+    for spec in args.libs:
+        tag, _, lib = spec.partition("=")
+        out = np.concatenate([tvm_compress.run(lib, {name: x[None]}).outputs[0] for x in test])
+        print(f"{tag}: {_score(key, out, labels, charset):.1f} on {len(test)} samples ({lib})")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("part", choices=("dense", "error", "models", "speed"))
+    ap.add_argument("part", choices=("dense", "error", "models", "speed", "libs"))
+    ap.add_argument("libs", nargs="*", metavar="NAME=LIB.so", help="libs: the compiled libraries")
     ap.add_argument("--energy", type=float, default=0.99, help="speed: the energy kept")
     ap.add_argument("--models", default="demo,rec")
     ap.add_argument("--ranks", default="8,16,32,64")
@@ -274,7 +292,7 @@ def main(argv=None):
     ap.add_argument("--eval", type=int, default=200)
     ap.add_argument("--target", default="x86-avx2")
     ap.add_argument("--out", default=str(REPO / "out" / "bench_lowrank"))
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     args.models = [m for m in args.models.split(",") if m]
     args.ranks = [int(v) for v in args.ranks.split(",")]
     args.energies = [float(v) for v in args.energies.split(",")]
@@ -282,7 +300,7 @@ def main(argv=None):
     import tvm_compress  # noqa: F401  (thread count before TVM's pool starts)
 
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    {"dense": dense, "error": error, "models": models, "speed": speed}[args.part](args, log)
+    {"dense": dense, "error": error, "models": models, "speed": speed, "libs": libs}[args.part](args, log)
 
 
 if __name__ == "__main__":
