@@ -31,6 +31,7 @@ import sys
 
 import tvm
 from tvm.ir.utils import derived_object
+from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
 from tvm.s_tir.meta_schedule.builder import local_builder as _lb
@@ -342,6 +343,8 @@ _DEVICE_NAMES = {1: "cpu", 2: "cuda"}  # DLDeviceType -> the runner's device nam
 def _seed_default_schedules(contexts, target, work_dir: Path, builder, runner, rules, progress) -> int:
     """Measure each task's default schedule and commit it as a tuning record (tasks that have
     records already are skipped). How many were recorded."""
+    if not rules:
+        return 0
     database = ms.database.JSONDatabase(work_dir=str(work_dir))
     todo = []
     for task_id, ctx in enumerate(contexts):
@@ -355,8 +358,13 @@ def _seed_default_schedules(contexts, target, work_dir: Path, builder, runner, r
                 continue
             if sch is not None:
                 sch = sch[0] if isinstance(sch, list) else sch
-                todo.append((task_id, ctx, sch, ms.arg_info.ArgInfo.from_prim_func(func)))
                 break
+        else:
+            # No rule schedules it: the default build leaves the kernel as it is, so that is
+            # the record to beat (else one random trial, e.g. a softmax recomputing its row
+            # sums per element, 3 s, was all the database had for it).
+            sch = s_tir.Schedule(func)
+        todo.append((task_id, ctx, sch, ms.arg_info.ArgInfo.from_prim_func(func)))
     if not todo:
         return 0
     built = builder.build([ms.builder.BuilderInput(sch.mod, target) for _, _, sch, _ in todo])
