@@ -147,3 +147,41 @@ def _default_schedules_are_recorded(model, work: Path):
             if tvm_ffi.structural_equal(sch.mod["main"], default["main"]):
                 seeds.append(rec)
         assert seeds and all(0 < float(v) < 1 for v in seeds[0].run_secs), task.task_name  # measured
+
+
+def test_a_kernel_no_default_rule_schedules_is_seeded_as_it_is(tmp_path):
+    """A softmax matches no default rule: its seed record is the kernel left as it is (what
+    ``--tune-trials 0`` builds), so a small budget cannot leave a random trial as its only
+    record (a PP-OCRv4 recognizer build once kept one that ran 3 s a call)."""
+    import numpy as np
+    import tvm
+    import tvm_ffi
+    from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
+
+    from tvm_compress.pipeline import Lower, Schedule
+    from tvm_compress.targets import get_target
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((40, 97), "float32"))
+    w = np.random.default_rng(0).standard_normal((97, 97)).astype("float32")
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.matmul(x, relax.const(w)))
+            out = bb.emit_output(relax.op.nn.softmax(y, axis=-1))
+        bb.emit_func_output(out)
+    profile = get_target("x86")
+    Schedule(profile, 2, tmp_path / "db", scheduler="round-robin")(Lower(profile)(bb.get()))
+    database = ms.database.JSONDatabase(work_dir=str(tmp_path / "db"))
+    softmax = [r.workload for r in database.get_all_tuning_records()
+               if len(r.workload.mod["main"].params) == 2]  # the matmul has 3
+    assert softmax, "no record for the softmax task"
+    # What the build may apply: the top records (an invalid record would be left out here).
+    unscheduled = tvm.s_tir.Schedule(softmax[0].mod)
+    as_is = []
+    for rec in database.get_top_k(softmax[0], 100):
+        sch = tvm.s_tir.Schedule(softmax[0].mod)
+        rec.trace.apply_to_schedule(sch, remove_postproc=False)
+        if tvm_ffi.structural_equal(sch.mod, unscheduled.mod):
+            as_is.append(rec)
+    assert as_is and 0 < min(float(t) for t in as_is[0].run_secs) < 1  # measured, not a failure

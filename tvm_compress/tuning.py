@@ -362,8 +362,11 @@ def _seed_default_schedules(contexts, target, work_dir: Path, builder, runner, r
         else:
             # No rule schedules it: the default build leaves the kernel as it is, so that is
             # the record to beat (else one random trial, e.g. a softmax recomputing its row
-            # sums per element, 3 s, was all the database had for it).
+            # sums per element, 3 s, was all the database had for it). A record whose trace has
+            # no instruction is never returned (``TuningRecord::IsValid``): one lookup that
+            # changes nothing makes it count.
             sch = s_tir.Schedule(func)
+            sch.get_sblock("root", func_name="main")
         todo.append((task_id, ctx, sch, ms.arg_info.ArgInfo.from_prim_func(func)))
     if not todo:
         return 0
