@@ -120,6 +120,8 @@ def _parallelize(sch: s_tir.Schedule, loops: list, min_chunks: int):
 # vector registers of accumulators, so that loads and broadcasts fit beside them (AVX2 and
 # armv7 NEON have 16 registers).
 _ACCUMULATORS = 8
+# Starting the thread pool costs microseconds: row kernels writing fewer elements stay naive.
+_PARALLEL_MIN_ELEMS = 1 << 15
 
 
 def _block_rows(sch: s_tir.Schedule, block, loops: list, max_rows: int):
@@ -177,10 +179,44 @@ class CPUFallback(CPUScheduleRule):
             return None
         if func.attrs is not None and func.attrs.get("tirx.is_scheduled", False):
             return None
-        try:
-            return self._schedule(func, target)
-        except Exception:  # noqa: BLE001  (a block this rule does not understand stays naive)
+        for schedule in (self._schedule, self._schedule_rows):
+            try:
+                sch = schedule(func, target)
+            except Exception:  # noqa: BLE001  (a block this rule does not understand stays naive)
+                continue
+            if sch is not None:
+                return sch
+        return None
+
+    def _schedule_rows(self, func, target):
+        """Kernels of several blocks that reduce along rows (softmax, layer norm, a mean over
+        the last axis), which the tiles above do not take: every block runs under the last
+        block's outer loops, in parallel over rows; spatial blocks vectorize their row. Blocks
+        stay blocks: an exponential inlined into both the sum and the division would be
+        computed twice."""
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None or len(infos) < 2 or infos[-1].is_reduction():
             return None
+        loops = sch.get_loops(infos[-1].block_rv)
+        if len(loops) < 2 or any(k != "S" for k in infos[-1].dom_kind()):
+            return None
+        if _elements(sch.get(infos[-1].block_rv).writes[0].source) < _PARALLEL_MIN_ELEMS:
+            return None  # measured no faster than the naive loops when it cannot go parallel
+        cores = int(target.attrs.get("num-cores", self.num_cores) or self.num_cores)
+        row, _ = _parallelize(sch, loops[:-1], 4 * cores)
+        if row is None:
+            return None
+        for info in reversed(infos[:-1]):
+            sch.compute_at(info.block_rv, row, preserve_unit_loops=True)
+        for info in infos:
+            if info.is_reduction():
+                continue
+            row = sch.get_loops(info.block_rv)[-1]
+            width = vector_width(_extent(sch, row), self.lanes)
+            if width is not None:
+                sch.vectorize(sch.split(row, factors=[None, width])[1])
+        return sch
 
     def _schedule(self, func, target):
         sch = s_tir.Schedule(func)

@@ -160,3 +160,39 @@ def test_default_schedule_emits_neon_fmla_on_aarch64(demo_model):
     (llvm_mod,) = [m for m in ex.mod.imports if m.kind == "llvm"]
     asm = llvm_mod.inspect_source("s")
     assert len(re.findall(r"\bfmla\s+v\d+\.4s", asm)) > 10
+
+
+def test_a_large_softmax_runs_in_parallel_over_rows_with_each_stage_once():
+    """A softmax (PP-OCRv4's 6625-class CTC head: 40 rows) matches no tile: it runs in parallel
+    over rows, each stage under the row loop, the exponential kept as its own stage (inlined
+    into the sum and the division it would be computed twice), and it computes the softmax.
+    A small one (10 x 97) stays naive: starting threads costs more than it."""
+    from tvm import te, topi
+
+    target = get_target("x86").tvm_target()
+    for rows, cols, scheduled in ((40, 6625, True), (10, 97, False)):
+        a = te.placeholder((rows, cols), "float32", name="a")
+        func = te.create_prim_func([a, topi.nn.softmax(a, axis=-1)])
+        sch = CPUFallback().apply(func, target, False)
+        assert (sch is not None) == scheduled
+        if sch is None:
+            continue
+        loops = _loops(sch.mod["main"])
+        assert loops[0] == (rows, tvm.tirx.ForKind.PARALLEL), loops
+        assert tvm.tirx.ForKind.VECTORIZED in {k for _, k in loops}
+        assert [r.name_hint for r in _stage_blocks(sch.mod["main"])] == \
+            ["T_softmax_maxelem", "T_softmax_exp", "T_softmax_expsum", "T_softmax_norm"]
+        x = np.random.default_rng(rows).standard_normal((rows, cols)).astype("float32") * 4
+        out = tvm.runtime.tensor(np.full((rows, cols), np.nan, "float32"))
+        tvm.compile(sch.mod, target)(tvm.runtime.tensor(x), out)
+        e = np.exp(x.astype("float64") - x.max(-1, keepdims=True))
+        # a float32 sum of 6625 terms in order: relative error up to ~1e-4 (the naive kernel's too)
+        np.testing.assert_allclose(out.numpy(), e / e.sum(-1, keepdims=True), rtol=1e-4, atol=1e-9)
+
+
+def _stage_blocks(func) -> list:
+    import tvm_ffi
+
+    blocks = []
+    tvm_ffi.structural_walk(func.body, [(tvm.s_tir.SBlock, blocks.append)], order="pre")
+    return [b for b in blocks if b.name_hint != "root"]
