@@ -132,7 +132,7 @@ def _block_rows(sch: s_tir.Schedule, block, loops: list, max_rows: int):
     that a factor from ``max_rows`` down to 2 divides. Not simply the largest input: a 1x1
     conv's weight (384x384) outweighs its 10x10 map, and rows taken from the map's lines
     shared only a broadcast scalar (2.6x slower). (loops outside the tile, [the tile's row
-    loop]); ``loops`` unchanged when none qualifies."""
+    loop]); ``loops`` unchanged when nothing can be split."""
     stmt = sch.get(block)
     spatial = [iv.var for iv in stmt.iter_vars if iv.iter_type == tirx.IterVar.DataPar]
     reads = sorted(stmt.reads, key=lambda r: -_elements(r.source))
@@ -149,6 +149,14 @@ def _block_rows(sch: s_tir.Schedule, block, loops: list, max_rows: int):
                 continue
             outer, rows = sch.split(loops[i], factors=[None, factor])
             return [*loops[:i], outer, *loops[i + 1:]], [rows]
+    # None shares the vector load (a batch-1 dense: every loop indexes the weight): several
+    # vectors of the row itself, sharing the broadcast input, still beat one FMA chain
+    # (2048x512 dense: 4x).
+    ext = _extent(sch, loops[-1]) if loops else None
+    factor = next((f for f in range(max_rows, 1, -1) if ext is not None and ext >= f and ext % f == 0), None)
+    if factor is not None:
+        outer, rows = sch.split(loops[-1], factors=[None, factor])
+        return [*loops[:-1], outer], [rows]
     return loops, []
 
 

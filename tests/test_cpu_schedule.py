@@ -94,7 +94,8 @@ def test_padding_keeps_its_rows_and_computes_the_pad():
 def test_conv_tile_holds_several_output_channels_and_dense_stays_scheduled():
     """The register tile of a conv holds 8 output channels x one vector row (the input vector is
     loaded once for 8 FMA chains); a batch-1 dense, whose only loop outside the row is the
-    tile's own, is still scheduled (parallel + vectorized), and both compute the same numbers."""
+    tile's own, is still scheduled (parallel + vectorized, a tile of 8 vectors of its row), and
+    both compute the same numbers."""
     from tvm import te, topi
 
     target = get_target("x86").tvm_target()
@@ -120,6 +121,10 @@ def test_conv_tile_holds_several_output_channels_and_dense_stays_scheduled():
             # 8-lane registers (AVX2): 4 rows of two registers keep 8 accumulators
             avx2 = _loops(CPUFallback(lanes=8).apply(func, target, False).mod["main"])
             assert (4, tvm.tirx.ForKind.UNROLLED) in avx2 and (8, tvm.tirx.ForKind.UNROLLED) not in avx2
+        else:
+            # every loop indexes the weight: the tile is 8 vectors of the output row, sharing
+            # the broadcast input (one FMA chain made a 2048x512 dense 4x slower)
+            assert (8, tvm.tirx.ForKind.UNROLLED) in loops, loops
         args = [rng.standard_normal(shape).astype("float32") for shape in shapes[:2]]
         out = tvm.runtime.tensor(np.full(shapes[2], np.nan, "float32"))
         tvm.compile(sch.mod, target)(*(tvm.runtime.tensor(v) for v in args), out)
