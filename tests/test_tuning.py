@@ -185,3 +185,45 @@ def test_a_kernel_no_default_rule_schedules_is_seeded_as_it_is(tmp_path):
         if tvm_ffi.structural_equal(sch.mod, unscheduled.mod):
             as_is.append(rec)
     assert as_is and 0 < min(float(t) for t in as_is[0].run_secs) < 1  # measured, not a failure
+
+
+def test_a_changed_default_schedule_is_measured_into_cached_records(tmp_path):
+    """Records cached by an older default schedule (a newer tvm-compress since) still get the
+    new default schedule measured and recorded, even when no trial is left to run, so the
+    build can pick it; unchanged, nothing is measured again."""
+    import numpy as np
+    from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
+
+    from tvm_compress.pipeline import Lower
+    from tvm_compress.targets import get_target
+    from tvm_compress.targets.cpu_schedule import CPUFallback
+    from tvm_compress.tuning import tune
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 256), "float32"))
+    w = np.random.default_rng(1).standard_normal((256, 128)).astype("float32")
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.matmul(x, relax.const(w)))
+        bb.emit_func_output(out)
+    profile = get_target("x86")
+    target = profile.tvm_target()
+    low = Lower(profile)(bb.get())
+    work = tmp_path / "db"
+    old, new = CPUFallback(lanes=16), CPUFallback(lanes=4)  # two versions of the default
+    tune(low, target, 2, work, seed_rules=[old])
+    logs = []
+    summary = tune(low, target, 2, work, log=logs.append, seed_rules=[new])
+    assert summary.new_trials == 0 and summary.cached_trials == 2
+    assert any("changed since they were tuned" in m for m in logs), logs
+
+    database = ms.database.JSONDatabase(work_dir=str(work))
+    (record,) = [r for r in database.get_all_tuning_records()][:1]
+    func = record.workload.mod["main"]
+    wanted = str(new.apply(func, target, False).trace.as_json(remove_postproc=False))
+    assert any(str(r.trace.as_json(remove_postproc=False)) == wanted
+               for r in database.get_top_k(record.workload, 100))
+    logs.clear()
+    tune(low, target, 2, work, log=logs.append, seed_rules=[new])
+    assert not any("changed since" in m for m in logs), logs

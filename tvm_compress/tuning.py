@@ -31,7 +31,7 @@ import sys
 
 import tvm
 from tvm.ir.utils import derived_object
-from tvm import s_tir
+from tvm import s_tir, tirx
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
 from tvm.s_tir.meta_schedule.builder import local_builder as _lb
@@ -340,55 +340,72 @@ def _search(per_iter: int) -> ms.search_strategy.EvolutionarySearch:
 _DEVICE_NAMES = {1: "cpu", 2: "cuda"}  # DLDeviceType -> the runner's device name
 
 
-def _seed_default_schedules(contexts, target, work_dir: Path, builder, runner, rules, progress) -> int:
-    """Measure each task's default schedule and commit it as a tuning record (tasks that have
-    records already are skipped). How many were recorded."""
-    if not rules:
-        return 0
-    database = ms.database.JSONDatabase(work_dir=str(work_dir))
-    todo = []
-    for task_id, ctx in enumerate(contexts):
-        if database.has_workload(ctx.mod):
+def _default_schedule(func: tirx.PrimFunc, target, rules) -> s_tir.Schedule:
+    """What the default schedule (``rules``, first that applies) makes of ``func``."""
+    for rule in rules:
+        try:
+            sch = rule.apply(func, target, False)
+        except Exception:  # noqa: BLE001  (no seed from a rule that fails here)
             continue
-        func = ctx.mod["main"]
-        for rule in rules:
-            try:
-                sch = rule.apply(func, target, False)
-            except Exception:  # noqa: BLE001  (no seed from a rule that fails here)
+        if sch is not None:
+            return sch[0] if isinstance(sch, list) else sch
+    # No rule schedules it: the default build leaves the kernel as it is, so that is the record
+    # to beat (else one random trial, e.g. a softmax recomputing its row sums per element, 3 s,
+    # was all the database had for it). A record whose trace has no instruction is never
+    # returned (``TuningRecord::IsValid``): one lookup that changes nothing makes it count.
+    sch = s_tir.Schedule(func)
+    sch.get_sblock("root", func_name="main")
+    return sch
+
+
+def _unrecorded_defaults(mods, target, database, rules) -> list:
+    """(task index, module, default schedule) for each task whose default schedule has no
+    record: new tasks, and tasks whose default schedule changed since their records were made
+    (a newer tvm-compress), so cached trials never hide a better default."""
+    todo = []
+    for task_id, mod in enumerate(mods):
+        sch = _default_schedule(mod["main"], target, rules)
+        if database.has_workload(mod):
+            trace = str(sch.trace.as_json(remove_postproc=False))
+            known = database.get_top_k(database.commit_workload(mod), 1 << 20)
+            if any(str(r.trace.as_json(remove_postproc=False)) == trace for r in known):
                 continue
-            if sch is not None:
-                sch = sch[0] if isinstance(sch, list) else sch
-                break
-        else:
-            # No rule schedules it: the default build leaves the kernel as it is, so that is
-            # the record to beat (else one random trial, e.g. a softmax recomputing its row
-            # sums per element, 3 s, was all the database had for it). A record whose trace has
-            # no instruction is never returned (``TuningRecord::IsValid``): one lookup that
-            # changes nothing makes it count.
-            sch = s_tir.Schedule(func)
-            sch.get_sblock("root", func_name="main")
-        todo.append((task_id, ctx, sch, ms.arg_info.ArgInfo.from_prim_func(func)))
+        todo.append((task_id, mod, sch))
+    return todo
+
+
+def _seed_default_schedules(todo, target, work_dir: Path, builder, runner, best=None) -> int:
+    """Measure the default schedules ``todo`` (``_unrecorded_defaults``) and commit each as a
+    tuning record; ``best``: task index -> median seconds, filled in. How many were recorded."""
     if not todo:
         return 0
-    built = builder.build([ms.builder.BuilderInput(sch.mod, target) for _, _, sch, _ in todo])
+    database = ms.database.JSONDatabase(work_dir=str(work_dir))
+    args = [ms.arg_info.ArgInfo.from_prim_func(mod["main"]) for _, mod, _ in todo]
+    built = builder.build([ms.builder.BuilderInput(sch.mod, target) for _, _, sch in todo])
     device = _DEVICE_NAMES.get(int(target.get_target_device_type()), target.kind.name)
-    inputs = [(entry, ms.runner.RunnerInput(b.artifact_path, device, entry[3]))
-              for entry, b in zip(todo, built) if b.error_msg is None]
-    futures = runner.run([r for _, r in inputs])
+    inputs = [(entry, arg, ms.runner.RunnerInput(b.artifact_path, device, arg))
+              for entry, arg, b in zip(todo, args, built) if b.error_msg is None]
+    futures = runner.run([r for _, _, r in inputs])
     seeded = 0
-    for ((task_id, ctx, sch, args_info), _), future in zip(inputs, futures):
+    for ((task_id, mod, sch), args_info, _), future in zip(inputs, futures):
         result = future.result()
         times = [float(getattr(t, "value", t)) for t in (result.run_secs or [])]
         if result.error_msg or not times or min(times) >= 1e9:
             continue
-        workload = database.commit_workload(ctx.mod)
+        workload = database.commit_workload(mod)
         database.commit_tuning_record(ms.database.TuningRecord(
             sch.trace, workload, run_secs=[tvm.runtime.convert(t) for t in times], target=target,
             args_info=args_info))
-        times.sort()
-        progress.best[task_id] = times[len(times) // 2]
+        if best is not None:
+            times.sort()
+            best[task_id] = times[len(times) // 2]
         seeded += 1
     return seeded
+
+
+def _record_seeds(work_dir: Path, seeded: int) -> None:
+    if seeded:
+        _seeds_path(work_dir).write_text(json.dumps({"seeded": _seeded(work_dir) + seeded}))
 
 
 def _tune_locked(mod, target, trials, work_dir, log, runner, scheduler, seed_rules=()) -> TuningSummary:
@@ -399,6 +416,8 @@ def _tune_locked(mod, target, trials, work_dir, log, runner, scheduler, seed_rul
     todo = trials - done
     if todo <= 0 or not tasks:
         log(f"tuning: reusing {done} cached trials from {work_dir}")
+        if tasks and seed_rules:
+            _refresh_seeds(tasks, target, work_dir, runner, seed_rules, log)
         return TuningSummary(trials, 0, done, len(tasks), time.monotonic() - start, str(work_dir))
 
     scheduler, per_iter, per_task = _rounds(todo, len(tasks), scheduler)
@@ -423,9 +442,11 @@ def _tune_locked(mod, target, trials, work_dir, log, runner, scheduler, seed_rul
     _fast_inspect.install()
     try:
         if seed_rules:
-            seeded = _seed_default_schedules(contexts, target, work_dir, builder, runner, seed_rules, progress)
+            database = ms.database.JSONDatabase(work_dir=str(work_dir))
+            stale = _unrecorded_defaults([c.mod for c in contexts], target, database, seed_rules)
+            seeded = _seed_default_schedules(stale, target, work_dir, builder, runner, progress.best)
+            _record_seeds(work_dir, seeded)
             if seeded:
-                _seeds_path(work_dir).write_text(json.dumps({"seeded": _seeded(work_dir) + seeded}))
                 log(f"tuning: default schedules of {seeded} tasks measured and recorded as the first trials")
         ms.tune.tune_tasks(
             tasks=contexts,
@@ -460,6 +481,27 @@ def _tune_locked(mod, target, trials, work_dir, log, runner, scheduler, seed_rul
         log(f"tuning: model estimate {summary.first_estimate_ms:.3g} ms after the first round of every task, "
             f"{summary.estimate_ms:.3g} ms at the end")
     return summary
+
+
+def _refresh_seeds(tasks, target, work_dir: Path, runner, rules, log: LogFn) -> None:
+    """Cached records, no new trials: still measure the default schedules the database has no
+    record of (changed since the records were made), so the build can pick them."""
+    database = ms.database.JSONDatabase(work_dir=str(work_dir))
+    stale = _unrecorded_defaults([t.dispatched[0] for t in tasks], target, database, rules)
+    if not stale:
+        return
+    builder = _PersistentBuilder(max_workers=os.cpu_count() or 1)
+    if runner is None:
+        runner = ms.runner.LocalRunner(initializer=_fast_inspect.install)
+    _fast_inspect.install()
+    try:
+        seeded = _seed_default_schedules(stale, target, work_dir, builder, runner)
+    finally:
+        builder.shutdown()
+        _fast_inspect.uninstall()
+    _record_seeds(work_dir, seeded)
+    if seeded:
+        log(f"tuning: default schedules of {seeded} tasks changed since they were tuned: measured and recorded")
 
 
 def apply_database(mod: tvm.IRModule, target: tvm.target.Target, work_dir: Path) -> tvm.IRModule:
