@@ -125,6 +125,8 @@ def main(argv=None) -> int:
         shapes = {wshape, wshape[::-1]} if len(wshape) == 2 else {wshape}  # matmul weights are [K, N]
         if len(wshape) == 4:  # channels-last convs read HWIO weights
             shapes.add((wshape[2], wshape[3], wshape[1], wshape[0]))
+        if len(wshape) == 2:  # PadDenseColumns widens [K, N] to whole registers
+            shapes |= {(wshape[0], n) for n in range(wshape[1], wshape[1] + 16)}
         j = next((i for i in range(k, len(kernels)) if shapes & set(kernels[i][1][1:])), None)
         ort = next((ort_by_key[key] for key in keys if key in ort_by_key), None)
         if j is not None:

@@ -18,11 +18,12 @@ from .int8_hook import INT8_DOT
 from .binary_hook import BINARY
 from .sparse_hook import BLOCK_SPARSE
 from .channels_last import CHANNELS_LAST
+from .dense_columns import DENSE_COLUMNS
 
 
 class _ArmFamily(TargetFamily):
     arch = ""
-    kernel_hooks = (INT8_DOT, BLOCK_SPARSE, BINARY, CHANNELS_LAST)
+    kernel_hooks = (INT8_DOT, BLOCK_SPARSE, BINARY, CHANNELS_LAST, DENSE_COLUMNS)
 
     def tvm_target(self, profile: TargetProfile):
         spec = dict(profile.target)

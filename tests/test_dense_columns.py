@@ -1,0 +1,99 @@
+"""Dense layers whose width is no whole number of vectors get zero columns up to one
+(``PadDenseColumns``, a kernel hook of the CPU families): the rewrite as a Before/Expected pair,
+the layers it leaves alone, and a compiled model against onnxruntime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import tvm
+from onnx import TensorProto, helper, numpy_helper
+from tvm import relax
+from tvm.script import ir as I
+from tvm.script import relax as R
+
+import tvm_compress
+from tvm_compress.targets.dense_columns import PadDenseColumns, padded_columns
+
+quiet = lambda m: None  # noqa: E731
+
+
+@I.ir_module
+class Before:
+    @R.function
+    def main(x: R.Tensor((48, 96), "float32"), w: R.Tensor((96, 1001), "float32"),
+             b: R.Tensor((1001,), "float32")) -> R.Tensor((48, 1001), "float32"):
+        with R.dataflow():
+            y = R.matmul(x, w)
+            gv = R.add(y, b)
+            R.output(gv)
+        return gv
+
+
+@I.ir_module
+class Expected:
+    @R.function
+    def main(x: R.Tensor((48, 96), "float32"), w: R.Tensor((96, 1008), "float32"),
+             b: R.Tensor((1001,), "float32")) -> R.Tensor((48, 1001), "float32"):
+        with R.dataflow():
+            wide = R.matmul(x, w)
+            y = R.strided_slice(wide, axes=[1], begin=[0], end=[1001])
+            gv = R.add(y, b)
+            R.output(gv)
+        return gv
+
+
+def _bound(mod, params):
+    return relax.transform.BindParams("main", {k: tvm.runtime.tensor(v) for k, v in params.items()})(mod)
+
+
+def test_a_width_of_no_whole_register_gets_zero_columns_and_a_slice():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((96, 1001)).astype("float32")
+    b = rng.standard_normal(1001).astype("float32")
+    after = PadDenseColumns(16)(_bound(Before, {"w": w, "b": b}))
+    expected = _bound(Expected, {"w": np.pad(w, ((0, 0), (0, 7))), "b": b})
+    tvm.ir.assert_structural_equal(after, expected)
+
+
+def test_widths_it_leaves_alone():
+    assert padded_columns(1001, 16) == 1008 and padded_columns(6625, 8) == 6632
+    assert padded_columns(1024, 16) == 1024  # whole registers already
+    assert padded_columns(8, 16) == 8  # half a register either way
+    # 40 rows: 3.8M MACs, under MIN_MACS: the slice kernel would cost more than it saves
+    rng = np.random.default_rng(1)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((40, 96), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.matmul(x, relax.const(rng.standard_normal((96, 1001)).astype("float32"))))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    assert PadDenseColumns(16)(mod).same_as(mod)
+
+
+@pytest.fixture(scope="module")
+def head_model(tmp_path_factory):
+    """A classifier head as exported: MatMul + Add to 1001 classes, then Softmax."""
+    rng = np.random.default_rng(2)
+    path = tmp_path_factory.mktemp("models") / "head.onnx"
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Add", ["y", "b"], ["z"]),
+         helper.make_node("Softmax", ["z"], ["p"], axis=-1)],
+        "head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 48, 96])],
+        [helper.make_tensor_value_info("p", TensorProto.FLOAT, [1, 48, 1001])],
+        [numpy_helper.from_array(rng.standard_normal((96, 1001)).astype("float32") * 0.2, "w"),
+         numpy_helper.from_array(rng.standard_normal(1001).astype("float32"), "b")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+@pytest.mark.parametrize("target", ["x86", "x86-avx2"])
+def test_padded_head_matches_onnxruntime(head_model, tmp_path, target):
+    rep = tvm_compress.compile(head_model, tmp_path / "head.so", target=target, bench_runs=1, log=quiet)
+    assert rep["verified"] and rep["max_rel_err"] < 1e-4, rep["max_rel_err"]
+    # the stored weight is the padded one (bytes as stored)
+    assert rep["weight_bytes_after"] == (96 * 1008 + 1001) * 4
