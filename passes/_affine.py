@@ -11,7 +11,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from tvm_compress.relax_utils import const_value, is_constant, tensor_shape
+from tvm_compress.relax_utils import const_value, emit_like, is_constant, tensor_shape
 
 ADD, SUBTRACT, MULTIPLY, DIVIDE = (tvm.ir.Op.get(f"relax.{n}") for n in ("add", "subtract", "multiply", "divide"))
 BATCH_NORM = tvm.ir.Op.get("relax.nn.batch_norm")
@@ -162,3 +162,46 @@ def follow_chain(var, channels: int, bindings, users) -> AffineChain:
         if not chain.absorb(bindings.get(nxt[0]), nxt[0], var, shape, bindings, users):
             return chain
         var = chain.vars[-1]
+
+
+class ChainRewrite:
+    """What the layer rewriters that take a layer's affine chain along (``conv1d_to_conv2d``,
+    ``conv_transpose_to_conv``) share, mixed into their ``PyExprMutator``: the bindings and
+    users ``follow_chain`` reads, the chain's ops to drop, and the chain's bias and activation
+    after the new layer."""
+
+    def init_chain(self) -> None:
+        self.count = 0
+        self.bindings = {}
+        self.users = {}
+        self.skip = set()
+
+    def track_block(self, block) -> None:
+        self.bindings.update({b.var: b.value for b in block.bindings})
+        self.users.update(relax.analysis.udchain(block))
+
+    def emit_chain(self, y, chain: AffineChain, bias: np.ndarray):
+        """``y`` + ``bias`` (the chain's shift, shaped for ``y``) and the chain's activation."""
+        if chain.shift.any():
+            y = self.builder_.emit(relax.op.add(y, relax.const(bias)))
+        if chain.act is not None:
+            y = self.builder_.emit(relax.Call(chain.act, [y]))
+        return y
+
+    def replace_chain(self, binding, chain: AffineChain, value):
+        """Bind ``value`` in place of the chain's last var (of the same kind: a function output
+        stays one) and drop the chain's ops; that var."""
+        result = chain.vars[-1] if chain.vars else binding.var
+        self.set_var_remap(result, emit_like(self.builder_, result, value))
+        self.skip.update(chain.vars)
+        self.count += 1
+        return result
+
+    def rewrite(self, mod: tvm.IRModule) -> tvm.IRModule:
+        """Every Relax function of ``mod`` through this rewriter; ``mod`` itself when nothing
+        was rewritten."""
+        for gv, func in list(mod.functions.items()):
+            if isinstance(func, relax.Function):
+                new = self.visit_expr(func)
+                self.builder_.update_func(gv, relax.analysis.remove_all_unused(new))
+        return self.builder_.get() if self.count else mod

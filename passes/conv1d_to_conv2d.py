@@ -22,9 +22,9 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from tvm_compress.layers import with_layer
-from tvm_compress.relax_utils import const_value, emit_like, is_constant
+from tvm_compress.relax_utils import const_value, is_constant
 
-from ._affine import follow_chain
+from ._affine import ChainRewrite, follow_chain
 
 _CONV1D = tvm.ir.Op.get("relax.nn.conv1d")
 
@@ -40,19 +40,15 @@ def _rewritable(call) -> bool:
 
 
 @mutator
-class _Rewriter(PyExprMutator):
+class _Rewriter(PyExprMutator, ChainRewrite):
     def __init__(self, mod):
         super().__init__(mod)
-        self.count = 0
-        self.bindings = {}
-        self.users = {}
-        self.skip = set()
+        self.init_chain()
         self.lifted = {}  # a rewritten layer's 3-D result -> its 4-D value
 
     def visit_dataflow_block_(self, block):
         self.lifted = {}  # its 4-D values are this block's dataflow vars
-        self.bindings.update({b.var: b.value for b in block.bindings})
-        self.users.update(relax.analysis.udchain(block))
+        self.track_block(block)
         return super().visit_dataflow_block_(block)
 
     def visit_var_binding_(self, binding):
@@ -79,17 +75,9 @@ class _Rewriter(PyExprMutator):
             x4, relax.const(w4), strides=[1, int(attrs.strides[0])], padding=[0, pad_left, 0, pad_right],
             dilation=[1, int(attrs.dilation[0])], groups=int(attrs.groups),
             out_dtype=out_dtype if str(out_dtype) else None), call))
-        if chain.shift.any():
-            bias = chain.shift.reshape(1, -1, 1, 1).astype(w.dtype)
-            y = bb.emit(relax.op.add(y, relax.const(bias)))
-        if chain.act is not None:
-            y = bb.emit(relax.Call(chain.act, [y]))
-        result = chain.vars[-1] if chain.vars else binding.var
-        # The result keeps the kind of var it replaces (a function output stays one).
-        self.set_var_remap(result, emit_like(bb, result, relax.op.squeeze(y, axis=[2])))
+        y = self.emit_chain(y, chain, chain.shift.reshape(1, -1, 1, 1).astype(w.dtype))
+        result = self.replace_chain(binding, chain, relax.op.squeeze(y, axis=[2]))
         self.lifted[result] = y
-        self.skip.update(chain.vars)
-        self.count += 1
 
 
 def _has_conv1d(mod: tvm.IRModule) -> bool:
@@ -114,9 +102,4 @@ class Conv1dToConv2d:
             return mod
         # The importer reshapes each bias at run time; folded, it is a constant the chain takes.
         mod = relax.transform.FoldConstant()(mod)
-        rewriter = _Rewriter(mod)
-        for gv, func in list(mod.functions.items()):
-            if isinstance(func, relax.Function):
-                new = rewriter.visit_expr(func)
-                rewriter.builder_.update_func(gv, relax.analysis.remove_all_unused(new))
-        return rewriter.builder_.get() if rewriter.count else mod
+        return _Rewriter(mod).rewrite(mod)

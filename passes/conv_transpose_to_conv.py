@@ -23,9 +23,9 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from tvm_compress.layers import with_layer
-from tvm_compress.relax_utils import const_value, emit_like, is_constant
+from tvm_compress.relax_utils import const_value, is_constant
 
-from ._affine import follow_chain
+from ._affine import ChainRewrite, follow_chain
 
 _CONV2D_TRANSPOSE = tvm.ir.Op.get("relax.nn.conv2d_transpose")
 
@@ -52,17 +52,13 @@ def _rewritable(call) -> bool:
 
 
 @mutator
-class _Rewriter(PyExprMutator):
+class _Rewriter(PyExprMutator, ChainRewrite):
     def __init__(self, mod):
         super().__init__(mod)
-        self.count = 0
-        self.bindings = {}
-        self.users = {}
-        self.skip = set()
+        self.init_chain()
 
     def visit_dataflow_block_(self, block):
-        self.bindings.update({b.var: b.value for b in block.bindings})
-        self.users.update(relax.analysis.udchain(block))
+        self.track_block(block)
         return super().visit_dataflow_block_(block)
 
     def visit_var_binding_(self, binding):
@@ -87,19 +83,10 @@ class _Rewriter(PyExprMutator):
         # The 1x1 convolution is the same layer (same name) as the transposed one.
         y = bb.emit(with_layer(relax.op.nn.conv2d(self.visit_expr(data), relax.const(w1x1),
                                                   out_dtype=out_dtype if str(out_dtype) else None), call))
-        if chain.shift.any():
-            bias = np.repeat(chain.shift, taps).reshape(1, oc * taps, 1, 1).astype(w.dtype)
-            y = bb.emit(relax.op.add(y, relax.const(bias)))
-        if chain.act is not None:
-            y = bb.emit(relax.Call(chain.act, [y]))
+        y = self.emit_chain(y, chain, np.repeat(chain.shift, taps).reshape(1, oc * taps, 1, 1).astype(w.dtype))
         y = bb.emit(relax.op.reshape(y, [n, oc, kh, kw, h, wd]))
         y = bb.emit(relax.op.permute_dims(y, [0, 1, 4, 2, 5, 3]))
-        result = chain.vars[-1] if chain.vars else binding.var
-        # The result keeps the kind of var it replaces (a function output stays one).
-        y = emit_like(bb, result, relax.op.reshape(y, [n, oc, h * kh, wd * kw]))
-        self.set_var_remap(result, y)
-        self.skip.update(chain.vars)
-        self.count += 1
+        self.replace_chain(binding, chain, relax.op.reshape(y, [n, oc, h * kh, wd * kw]))
 
 
 @tvm.transform.module_pass(opt_level=0, name="ConvTransposeToConv")
@@ -107,9 +94,4 @@ class ConvTransposeToConv:
     """Rewrite stride-sized transposed convolutions as 1x1 convolutions + depth-to-space."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        rewriter = _Rewriter(mod)
-        for gv, func in list(mod.functions.items()):
-            if isinstance(func, relax.Function):
-                new = rewriter.visit_expr(func)
-                rewriter.builder_.update_func(gv, relax.analysis.remove_all_unused(new))
-        return rewriter.builder_.get() if rewriter.count else mod
+        return _Rewriter(mod).rewrite(mod)
