@@ -141,6 +141,14 @@ def demo_model() -> Path:
     return demo_files()["model"]
 
 
+def bound(mod, params: dict, func: str = "main"):
+    """``mod`` with ``params`` (name -> numpy array) bound as constants of ``func``."""
+    import tvm
+    from tvm import relax
+
+    return relax.transform.BindParams(func, {k: tvm.runtime.tensor(v) for k, v in params.items()})(mod)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

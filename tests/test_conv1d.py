@@ -13,6 +13,7 @@ from tvm.script import ir as I
 from tvm.script import relax as R
 
 import tvm_compress
+from conftest import bound
 from tvm_compress.passes import Conv1dToConv2d
 from tvm_compress.verify import ort_run
 
@@ -52,16 +53,12 @@ class Expected:
         return gv
 
 
-def _bound(mod, params):
-    return relax.transform.BindParams("main", {k: tvm.runtime.tensor(v) for k, v in params.items()})(mod)
-
-
 def test_conv1d_chain_becomes_a_conv2d_chain():
     rng = np.random.default_rng(0)
     w1, w2 = rng.standard_normal((8, 4, 3)).astype("float32"), rng.standard_normal((8, 1, 3)).astype("float32")
     b1 = rng.standard_normal((1, 8, 1)).astype("float32")
-    after = Conv1dToConv2d()(_bound(Before, {"w1": w1, "b1": b1, "w2": w2}))
-    expected = _bound(Expected, {"w1": w1[:, :, None, :], "b1": b1[..., None], "w2": w2[:, :, None, :]})
+    after = Conv1dToConv2d()(bound(Before, {"w1": w1, "b1": b1, "w2": w2}))
+    expected = bound(Expected, {"w1": w1[:, :, None, :], "b1": b1[..., None], "w2": w2[:, :, None, :]})
     tvm.ir.assert_structural_equal(after, expected)
 
 

@@ -14,6 +14,7 @@ from tvm.script import ir as I
 from tvm.script import relax as R
 
 import tvm_compress
+from conftest import bound
 from tvm_compress.targets.dense_columns import PadDenseColumns, padded_columns
 
 quiet = lambda m: None  # noqa: E731
@@ -44,16 +45,12 @@ class Expected:
         return gv
 
 
-def _bound(mod, params):
-    return relax.transform.BindParams("main", {k: tvm.runtime.tensor(v) for k, v in params.items()})(mod)
-
-
 def test_a_width_of_no_whole_register_gets_zero_columns_and_a_slice():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((96, 1001)).astype("float32")
     b = rng.standard_normal(1001).astype("float32")
-    after = PadDenseColumns(16)(_bound(Before, {"w": w, "b": b}))
-    expected = _bound(Expected, {"w": np.pad(w, ((0, 0), (0, 7))), "b": b})
+    after = PadDenseColumns(16)(bound(Before, {"w": w, "b": b}))
+    expected = bound(Expected, {"w": np.pad(w, ((0, 0), (0, 7))), "b": b})
     tvm.ir.assert_structural_equal(after, expected)
 
 
