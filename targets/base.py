@@ -52,8 +52,11 @@ class KernelHook:
     name = ""
     feature: Optional[str] = None
 
+    # A feature on unless a preset sets it false (the float layout hooks), or off unless set.
+    default_on = False
+
     def enabled(self, profile: TargetProfile) -> bool:
-        return self.feature is None or bool(profile.features.get(self.feature))
+        return self.feature is None or bool(profile.features.get(self.feature, self.default_on))
 
     def rewrites(self, profile: TargetProfile) -> List[tvm.transform.Pass]:
         return []

@@ -203,9 +203,7 @@ class ChannelsLastKernels(KernelHook):
 
     name = "channels_last"
     feature = "channels_last"
-
-    def enabled(self, profile):
-        return bool(profile.features.get(self.feature, True))
+    default_on = True
 
     def rewrites(self, profile):
         from .base import get_family

@@ -98,9 +98,7 @@ class DenseColumnsKernels(KernelHook):
 
     name = "dense_columns"
     feature = "pad_dense_columns"
-
-    def enabled(self, profile):
-        return bool(profile.features.get(self.feature, True))
+    default_on = True
 
     def rewrites(self, profile):
         from .base import get_family
