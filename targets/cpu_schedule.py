@@ -120,8 +120,9 @@ def _parallelize(sch: s_tir.Schedule, loops: list, min_chunks: int):
 # vector registers of accumulators, so that loads and broadcasts fit beside them (AVX2 and
 # armv7 NEON have 16 registers).
 _ACCUMULATORS = 8
-# Starting the thread pool costs microseconds: row kernels writing fewer elements stay naive.
-_PARALLEL_MIN_ELEMS = 1 << 15
+# Starting the thread pool costs microseconds: kernels writing fewer elements run serially
+# (row reductions here, the int8 packs).
+PARALLEL_MIN_ELEMS = 1 << 15
 
 
 def _block_rows(sch: s_tir.Schedule, block, loops: list, max_rows: int):
@@ -142,9 +143,7 @@ def _block_rows(sch: s_tir.Schedule, block, loops: list, max_rows: int):
         for rng in data.region:
             tvm_ffi.structural_walk(rng.min, [(tirx.Var, used.append)], order="post")
         for i in range(len(loops) - 2, -1, -1):  # the last loop is the row itself
-            ext = _extent(sch, loops[i])
-            factor = next((f for f in range(max_rows, 1, -1) if ext is not None and ext >= f and ext % f == 0),
-                          None)
+            factor = _row_factor(_extent(sch, loops[i]), max_rows)
             if factor is None or i >= len(spatial) or any(v.same_as(spatial[i]) for v in used):
                 continue
             outer, rows = sch.split(loops[i], factors=[None, factor])
@@ -152,12 +151,16 @@ def _block_rows(sch: s_tir.Schedule, block, loops: list, max_rows: int):
     # None shares the vector load (a batch-1 dense: every loop indexes the weight): several
     # vectors of the row itself, sharing the broadcast input, still beat one FMA chain
     # (2048x512 dense: 4x).
-    ext = _extent(sch, loops[-1]) if loops else None
-    factor = next((f for f in range(max_rows, 1, -1) if ext is not None and ext >= f and ext % f == 0), None)
+    factor = _row_factor(_extent(sch, loops[-1]), max_rows) if loops else None
     if factor is not None:
         outer, rows = sch.split(loops[-1], factors=[None, factor])
         return [*loops[:-1], outer], [rows]
     return loops, []
+
+
+def _row_factor(extent: Optional[int], max_rows: int) -> Optional[int]:
+    """The largest tile row count from ``max_rows`` down to 2 that divides ``extent``."""
+    return next((f for f in range(max_rows, 1, -1) if extent is not None and extent % f == 0 and extent >= f), None)
 
 
 def _uses(expr, var) -> bool:
@@ -209,7 +212,7 @@ class CPUFallback(CPUScheduleRule):
         loops = sch.get_loops(infos[-1].block_rv)
         if len(loops) < 2 or any(k != "S" for k in infos[-1].dom_kind()):
             return None
-        if _elements(sch.get(infos[-1].block_rv).writes[0].source) < _PARALLEL_MIN_ELEMS:
+        if _elements(sch.get(infos[-1].block_rv).writes[0].source) < PARALLEL_MIN_ELEMS:
             return None  # measured no faster than the naive loops when it cannot go parallel
         cores = int(target.attrs.get("num-cores", self.num_cores) or self.num_cores)
         row, _ = _parallelize(sch, loops[:-1], 4 * cores)

@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 from tvm import s_tir, te, tirx
 
-from .cpu_schedule import reads_within
+from .cpu_schedule import PARALLEL_MIN_ELEMS, reads_within
 from .int8_intrin import KERNELS, DotKernel, register
 
 # Block annotation that marks the convolution for ``schedule_packed_conv`` (set by the compute).
@@ -25,8 +25,8 @@ KERNEL_ATTR = "tvm_compress.int8_dot"
 DEPTHWISE_ATTR = "tvm_compress.int8_depthwise"
 PACK_INTERIOR_ATTR = "tvm_compress.pack_interior"
 TILE_ATTR = "tvm_compress.int8_tile"
-# A parallel region costs microseconds to start: small packs and convolutions run serially.
-_PARALLEL_MIN_ELEMS = 1 << 15
+# A parallel region costs microseconds to start: small packs (``PARALLEL_MIN_ELEMS``) and
+# convolutions run serially.
 _PARALLEL_MIN_MACS = 1 << 18
 # Accumulator tiles stay in "global" scope: TVM puts a "global" buffer under 1 KiB on the stack
 # (registers, after LLVM), but serves a "local" one from the workspace pool, an alloc/free pair
@@ -263,7 +263,7 @@ def _schedule_pack(sch: s_tir.Schedule, block, depthwise: bool) -> None:
     pixel's channels for regular convolutions, a row for depthwise ones)."""
     (pack,) = sch.get_producers(block)  # the weight is a parameter: the pack is the one producer
     loops = sch.get_loops(pack)
-    big = np.prod([_extent(sch, l) for l in loops]) >= _PARALLEL_MIN_ELEMS
+    big = np.prod([_extent(sch, l) for l in loops]) >= PARALLEL_MIN_ELEMS
     row_lo, row_hi, col_lo, col_hi = (int(v) for v in sch.get(pack).annotations[PACK_INTERIOR_ATTR])
     # depthwise: (b, c, y, phase, x), parallel over channels; regular: (b, y, x, c, d) over
     # rows. Counted from the innermost loop: a partition puts the outer loops out of reach.
