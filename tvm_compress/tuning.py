@@ -374,12 +374,12 @@ def _unrecorded_defaults(mods, target, database, rules) -> list:
     return todo
 
 
-def _seed_default_schedules(todo, target, work_dir: Path, builder, runner, best=None) -> int:
-    """Measure the default schedules ``todo`` (``_unrecorded_defaults``) and commit each as a
-    tuning record; ``best``: task index -> median seconds, filled in. How many were recorded."""
+def _seed_default_schedules(todo, target, database, work_dir: Path, builder, runner, best=None) -> int:
+    """Measure the default schedules ``todo`` (``_unrecorded_defaults``) and commit each to
+    ``database`` (``work_dir``'s), counted as seeds, not trials; ``best``: task index -> median
+    seconds, filled in. How many were recorded."""
     if not todo:
         return 0
-    database = ms.database.JSONDatabase(work_dir=str(work_dir))
     args = [ms.arg_info.ArgInfo.from_prim_func(mod["main"]) for _, mod, _ in todo]
     built = builder.build([ms.builder.BuilderInput(sch.mod, target) for _, _, sch in todo])
     device = _DEVICE_NAMES.get(int(target.get_target_device_type()), target.kind.name)
@@ -400,12 +400,9 @@ def _seed_default_schedules(todo, target, work_dir: Path, builder, runner, best=
             times.sort()
             best[task_id] = times[len(times) // 2]
         seeded += 1
-    return seeded
-
-
-def _record_seeds(work_dir: Path, seeded: int) -> None:
     if seeded:
         _seeds_path(work_dir).write_text(json.dumps({"seeded": _seeded(work_dir) + seeded}))
+    return seeded
 
 
 def _tune_locked(mod, target, trials, work_dir, log, runner, scheduler, seed_rules=()) -> TuningSummary:
@@ -444,8 +441,7 @@ def _tune_locked(mod, target, trials, work_dir, log, runner, scheduler, seed_rul
         if seed_rules:
             database = ms.database.JSONDatabase(work_dir=str(work_dir))
             stale = _unrecorded_defaults([c.mod for c in contexts], target, database, seed_rules)
-            seeded = _seed_default_schedules(stale, target, work_dir, builder, runner, progress.best)
-            _record_seeds(work_dir, seeded)
+            seeded = _seed_default_schedules(stale, target, database, work_dir, builder, runner, progress.best)
             if seeded:
                 log(f"tuning: default schedules of {seeded} tasks measured and recorded as the first trials")
         ms.tune.tune_tasks(
@@ -495,11 +491,10 @@ def _refresh_seeds(tasks, target, work_dir: Path, runner, rules, log: LogFn) -> 
         runner = ms.runner.LocalRunner(initializer=_fast_inspect.install)
     _fast_inspect.install()
     try:
-        seeded = _seed_default_schedules(stale, target, work_dir, builder, runner)
+        seeded = _seed_default_schedules(stale, target, database, work_dir, builder, runner)
     finally:
         builder.shutdown()
         _fast_inspect.uninstall()
-    _record_seeds(work_dir, seeded)
     if seeded:
         log(f"tuning: default schedules of {seeded} tasks changed since they were tuned: measured and recorded")
 
