@@ -1,12 +1,22 @@
 """Default schedules that survive a rule failing on one kernel.
 
 dlight's ``ApplyDefaultSchedule`` lets an exception from any rule on any kernel end the whole
-build (a published PaddleOCR detector lost its CUDA library to "There are some consumers of the
-cache-write stage that are not properly inlined" in ``gpu.Matmul``). Here each kernel tries the
-rules in order; a rule that raises is skipped for that kernel and the next one tried (the last is
-the family's generic fallback). The kernels that needed this are listed in the module attribute
-``FALLBACKS_ATTR`` (JSON) for the compile report. Runs where the family's default schedule runs:
-after tuning, on kernels nothing scheduled yet.
+build, and a schedule TVM's own lowering rejects ends it later, in ``tvm.compile``. Both happen
+with TVM 0.27's ``gpu.Matmul``:
+
+- a convolution fused with a trailing pad (``conv2d + add + relu + pad``, a newer PaddleOCR
+  detector): "There are some consumers of the cache-write stage that are not properly inlined"
+  (the pad's output is larger than the convolution's, so it cannot be inlined into its write);
+- an int8 convolution or matmul with 128 or more input channels on sm_80 and newer (the int8
+  tensor-core schedule, the PP-OCRv4 detector's int8 build): the schedule is made, then the
+  software-pipeline lowering fails ("Check failed: (it != fragment_info_.end())").
+
+Here each kernel tries the rules in order; a rule that raises, or whose schedule does not lower
+through the target's TIR pipeline (``tvm.tirx.get_tir_pipeline("default")``, no code generation),
+is skipped for that kernel and the next one tried (the last is the family's generic fallback).
+The kernels that needed this are listed in the module attribute ``FALLBACKS_ATTR`` (JSON) for the
+compile report. Runs where the family's default schedule runs: after tuning, on kernels nothing
+scheduled yet.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ class ResilientDefaultSchedule:
 
     def __init__(self, *rules):
         self.rules = list(rules)
+        self.lower, _, _ = tvm.tirx.get_tir_pipeline("default")
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         fallbacks: List[dict] = list(schedule_fallbacks(mod))
@@ -53,7 +64,13 @@ class ResilientDefaultSchedule:
                 if space is None:
                     continue
                 sch = space if not isinstance(space, list) else space[0]
-                updated[gvar] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+                scheduled = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+                try:
+                    self._lowers(gvar, scheduled, target)
+                except Exception as err:  # noqa: BLE001  (a schedule TVM cannot lower: the next rule)
+                    failed.append({"rule": type(rule).__name__, "error": _one_line(err)})
+                    continue
+                updated[gvar] = scheduled
                 if failed:
                     fallbacks.append({"kernel": gvar.name_hint, "failed": failed, "used": type(rule).__name__})
                 break
@@ -63,6 +80,14 @@ class ResilientDefaultSchedule:
         for gvar, func in updated.items():
             mod[gvar] = func
         return mod.with_attr(FALLBACKS_ATTR, json.dumps(fallbacks)) if fallbacks else mod
+
+    def _lowers(self, gvar, func: tirx.PrimFunc, target: Target) -> None:
+        """Raises where ``tvm.compile`` would on this kernel's schedule (TIR passes only)."""
+        host = target.host if target.host is not None else Target({"kind": "llvm"})
+        one = tvm.IRModule({gvar: func.with_attr("global_symbol", gvar.name_hint)})
+        one = tvm.tirx.transform.BindTarget(target.with_host(host))(one)
+        with target:
+            self.lower(one)
 
 
 def schedule_fallbacks(mod: tvm.IRModule) -> List[dict]:

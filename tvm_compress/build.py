@@ -279,13 +279,18 @@ def _schedule_fallbacks(mod, profile: TargetProfile, tvm_target, log) -> list:
     from tvm_compress.targets.default_schedule import schedule_fallbacks
 
     fallbacks = schedule_fallbacks(mod)
+    groups: dict = {}  # one line per (failure, rule used): a model repeats a kernel shape often
     for fb in fallbacks:
         first = fb["failed"][0]
         if fb["used"] is None and tvm_target.kind.name != "llvm":
             raise TargetError(f"{profile.name}: no schedule rule could schedule kernel {fb['kernel']} "
                               f"({first['rule']}: {first['error']})")
-        log(f"schedule: kernel {fb['kernel']}: {first['rule']} failed ({first['error']}); "
-            f"scheduled by {fb['used'] or 'none (plain loops)'}")
+        groups.setdefault((first["rule"], first["error"], fb["used"]), []).append(fb["kernel"])
+    for (rule, error, used), kernels in groups.items():
+        which = f"kernel {kernels[0]}" if len(kernels) == 1 else (
+            f"{len(kernels)} kernels ({', '.join(kernels[:2])}{', ...' if len(kernels) > 2 else ''}; "
+            "all in the report)")
+        log(f"schedule: {which}: {rule} failed ({error}); scheduled by {used or 'none (plain loops)'}")
     return fallbacks
 
 
