@@ -8,6 +8,7 @@ and the engines take turns, ``--runs`` calls each per round, waiting for the pre
 threads to go idle first.
 
     python scripts/bench_libs.py --model det before=det_before.so after=det_after.so --rounds 10
+    python scripts/bench_libs.py --model det --shape 1,3,960,960 det960=det960.so
 """
 
 from __future__ import annotations
@@ -33,9 +34,12 @@ def main(argv=None) -> int:
     ap.add_argument("--target", default="x86")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--runs", type=int, default=20, help="calls per engine per round")
+    ap.add_argument("--shape", help="the input's shape instead of the model's usual one, e.g. 1,3,960,960")
     args = ap.parse_args(argv)
 
     get_path, shapes = MODELS[args.model]
+    if args.shape:
+        shapes = {next(iter(shapes)): tuple(int(d) for d in args.shape.split(","))}
     path = get_path()
     prepared = tvm_compress.prepare_onnx(path, shapes)
     x = np.random.default_rng(0).random(prepared.inputs[0].shape, dtype=np.float32)

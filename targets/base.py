@@ -68,6 +68,13 @@ class KernelHook:
         """``TargetFacts`` fields this hook decides (e.g. the int8 dot kernel)."""
         return {}
 
+    def candidates(self, mod: tvm.IRModule, profile: TargetProfile) -> Dict[str, tvm.IRModule]:
+        """Variants of ``mod`` the hook's own estimate cannot choose between (name -> ``mod``
+        with that choice pinned, for its rewrites to follow). The compile flow times them on
+        the target with default schedules and lowers the fastest; where it cannot time (an
+        emulated target), the estimate decides. {}: the estimate is clear."""
+        return {}
+
 
 @dataclass
 class RunResult:

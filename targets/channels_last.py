@@ -42,9 +42,15 @@ _ELEMENTWISE = tuple(tvm.ir.Op.get(f"relax.{n}") for n in ("add", "subtract", "m
                                                             "maximum", "minimum", "power"))
 LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
 LAYOUT_ATTR = "tvm_compress.conv_layout"
+# A layout the compile flow timed ("NHWC" / "NCHW"): followed instead of the estimate.
+PIN_ATTR = "tvm_compress.conv_layout_pin"
 # The layout conversions at the model's edges and around ops that need NCHW cost time too.
 MIN_GAIN = 1.2
 KEEP_NCHW = 1.5
+# Below MIN_GAIN the estimate is no guide (docs/benchmarks.md: the classifier at 1.11x is 1.24x
+# faster in NCHW, the detector at 960x960, 1.13x, 1.25x faster in NHWC): both layouts are timed
+# where the target can be timed and the convs are worth two more builds.
+MIN_TIMED_MACS = 10_000_000
 
 
 @mutator
@@ -97,6 +103,11 @@ def _convs(func: relax.Function):
     return convs, bool(other)
 
 
+def _macs(conv: relax.Call) -> float:
+    weight = [int(d) for d in conv.args[1].ty.shape]
+    return float(np.prod([int(d) for d in conv.ty.shape]) * np.prod(weight[1:]))
+
+
 def _keeps_nchw(out_nchw, stride_w: int, lanes: int) -> bool:
     """A conv whose output rows fill the vectors much better than its channels (24 channels
     of 160-wide maps) stays NCHW, between two transposes."""
@@ -112,8 +123,7 @@ def channels_last_gain(func: relax.Function, lanes: int) -> float:
     nchw = mixed = 0.0
     for call in convs:
         out = [int(d) for d in call.ty.shape]
-        weight = [int(d) for d in call.args[1].ty.shape]
-        macs = float(np.prod(out) * np.prod(weight[1:]))
+        macs = _macs(call)
         stride_w = int(call.attrs.strides[1])
         nchw += macs / _lane_use(out[3], lanes, strided=stride_w > 1)
         mixed += macs / max(_lane_use(out[3], lanes, strided=stride_w > 1), _lane_use(out[1], lanes)) \
@@ -158,12 +168,15 @@ class ChannelsLast:
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         gains = {gv: channels_last_gain(f, self.lanes) for gv, f in mod.functions_items()
                  if isinstance(f, relax.Function)}
-        names = [gv for gv, g in gains.items() if g >= self.min_gain]
+        pin = str(mod.attrs[PIN_ATTR]) if mod.attrs is not None and PIN_ATTR in mod.attrs else None
+        timed = _timed(mod)
+        names = [gv for gv, g in gains.items() if (g > 0 if pin == "NHWC" else g >= self.min_gain and pin != "NCHW")]
         gain = max(gains.values(), default=0.0)
         if not names:
             if not gain:
                 return mod
-            why = f"channels-last estimated {gain:.2f}x, below {self.min_gain}x"
+            why = (f"timed: {timed}" if pin == "NCHW" and timed else "pinned" if pin == "NCHW"
+                   else f"channels-last estimated {gain:.2f}x, below {self.min_gain}x")
             return mod.with_attr(LAYOUT_ATTR, json.dumps({"layout": "NCHW", "estimated_gain": round(gain, 3),
                                                           "reason": why}))
         try:
@@ -183,7 +196,17 @@ class ChannelsLast:
         layouts = [c.attrs.data_layout for gv in names for c in _calls(out[gv], _OP_CONV2D)]
         info = {"layout": "NHWC", "estimated_gain": round(gain, 3), "nhwc_convs": layouts.count("NHWC"),
                 "nchw_convs": layouts.count("NCHW")}
+        if pin == "NHWC":
+            info["reason"] = f"timed: {timed}" if timed else "pinned"
         return out.with_attr(LAYOUT_ATTR, json.dumps(info))
+
+
+def _timed(mod: tvm.IRModule) -> str:
+    """The compile flow's timing of both layouts, as text ('' when it timed none)."""
+    from tvm_compress.pipeline import measured_choices
+
+    times = measured_choices(mod).get(CHANNELS_LAST_NAME, {}).get("times_ms", {})
+    return ", ".join(f"{k} {v:.3f} ms" for k, v in times.items())
 
 
 def _calls(func, op) -> list:
@@ -198,17 +221,41 @@ def conv_layout(mod: tvm.IRModule) -> dict:
     return json_attr(mod, LAYOUT_ATTR, {})
 
 
+CHANNELS_LAST_NAME = "channels_last"
+
+
 class ChannelsLastKernels(KernelHook):
     """On unless a preset sets ``features.channels_last = false``."""
 
-    name = "channels_last"
+    name = CHANNELS_LAST_NAME
     feature = "channels_last"
     default_on = True
 
     def rewrites(self, profile):
-        from .base import get_family
+        return [ChannelsLast(_lanes(profile))]
 
-        return [ChannelsLast(get_family(profile.family).vector_lanes(profile))]
+    def candidates(self, mod, profile):
+        """Both layouts, when the estimate is below ``MIN_GAIN`` (no guide there) and the float
+        convs have ``MIN_TIMED_MACS`` or more."""
+        if mod.attrs is not None and PIN_ATTR in mod.attrs:
+            return {}
+        funcs = [f for _, f in mod.functions_items() if isinstance(f, relax.Function)]
+        gain = max((channels_last_gain(f, _lanes(profile)) for f in funcs), default=0.0)
+        if not 0 < gain < MIN_GAIN or sum(_conv_macs(f) for f in funcs) < MIN_TIMED_MACS:
+            return {}
+        # The estimate's choice first (below MIN_GAIN: NCHW): the flow keeps it unless NHWC is
+        # clearly faster.
+        return {layout: mod.with_attr(PIN_ATTR, layout) for layout in ("NCHW", "NHWC")}
+
+
+def _lanes(profile) -> int:
+    from .base import get_family
+
+    return get_family(profile.family).vector_lanes(profile)
+
+
+def _conv_macs(func: relax.Function) -> float:
+    return sum(_macs(call) for call in _convs(func)[0])
 
 
 CHANNELS_LAST = ChannelsLastKernels()

@@ -10,7 +10,8 @@ from tvm import relax
 
 import tvm_compress
 from tvm_compress.relax_utils import is_constant
-from tvm_compress.targets.channels_last import MIN_GAIN, ChannelsLast, channels_last_gain, conv_layout
+from tvm_compress.targets.channels_last import (MIN_GAIN, PIN_ATTR, ChannelsLast, _calls, channels_last_gain,
+                                                conv_layout)
 from tvm_compress.verify import ort_run
 
 OP_CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
@@ -189,3 +190,100 @@ def test_aarch64_library_matches_onnxruntime_under_qemu(mobile_onnx, tmp_path):
     report = tvm_compress.compile(mobile_onnx, tmp_path / "m_a64.so", target="aarch64",
                                   input_shapes={"x": (1, 3, 20, 20)}, tune_trials=0, bench_runs=1)
     assert report["verified"] and "qemu" in report["verify_status"], report.get("verify_status")
+
+
+# ---- where the estimate is no guide, the flow times both layouts --------------------------------
+
+def _wide_conv(channels: int = 8, width: int = 96, height: int = 4):
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, channels, height, width), "float32"))
+    w = relax.const(np.random.default_rng(0).standard_normal((channels, channels, 3, 3)).astype("float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            gv = bb.emit_output(relax.op.nn.relu(relax.op.nn.conv2d(x, w, padding=1)))
+        bb.emit_func_output(gv)
+    return bb.get()
+
+
+def test_a_pinned_layout_overrides_the_estimate():
+    mod = _wide_conv(channels=16, width=16)  # rows and channels fill the vectors alike: 1.0x
+    assert channels_last_gain(mod["main"], 16) < MIN_GAIN
+    assert conv_layout(ChannelsLast(lanes=16)(mod))["layout"] == "NCHW"
+    nhwc = ChannelsLast(lanes=16)(mod.with_attr(PIN_ATTR, "NHWC"))
+    assert conv_layout(nhwc)["layout"] == "NHWC" and conv_layout(nhwc)["reason"] == "pinned"
+    assert [c.attrs.data_layout for c in _calls(nhwc["main"], tvm.ir.Op.get("relax.nn.conv2d"))] == ["NHWC"]
+    wide = _wide_conv(channels=64, width=5, height=5)  # estimate well above MIN_GAIN: NHWC on its own
+    assert channels_last_gain(wide["main"], 16) >= MIN_GAIN
+    nchw = ChannelsLast(lanes=16)(wide.with_attr(PIN_ATTR, "NCHW"))
+    assert conv_layout(nchw)["layout"] == "NCHW"
+    tvm.ir.assert_structural_equal(nchw["main"], wide["main"])
+
+
+def test_candidates_only_where_the_estimate_is_unclear_and_the_convs_large():
+    from tvm_compress.targets import get_target
+    from tvm_compress.targets.channels_last import CHANNELS_LAST, MIN_TIMED_MACS
+
+    x86 = get_target("x86")
+    big = _wide_conv(channels=32, width=96, height=48)  # 32 channels, 96-wide rows: 1.0x
+    assert 0 < channels_last_gain(big["main"], 16) < MIN_GAIN
+    assert 32 * 32 * 9 * 96 * 48 >= MIN_TIMED_MACS
+    variants = CHANNELS_LAST.candidates(big, x86)
+    assert [(k, str(v.attrs[PIN_ATTR])) for k, v in variants.items()] == [("NCHW", "NCHW"), ("NHWC", "NHWC")]
+    assert CHANNELS_LAST.candidates(_wide_conv(), x86) == {}  # 0.3M MACs: the estimate decides
+    assert CHANNELS_LAST.candidates(_wide_conv(channels=64, width=5, height=5), x86) == {}  # clear
+    assert CHANNELS_LAST.candidates(big.with_attr(PIN_ATTR, "NCHW"), x86) == {}  # decided
+
+
+@pytest.mark.parametrize("times,chosen", [([1.0, 2.0], "NCHW"), ([2.0, 1.0], "NHWC"),
+                                          ([1.0, 0.95], "NCHW"), (None, "NCHW")])
+def test_lower_times_the_candidates_and_lowers_the_faster(times, chosen, tmp_path, monkeypatch):
+    """``Lower`` with an env: the hook's variants are timed (here by a stand-in clock); a variant
+    replaces the estimate's (NCHW, listed first) only when 10 % faster; where nothing can be
+    timed, the estimate decides. A second build of the same module reuses the timed choice."""
+    from tvm_compress import pipeline
+    from tvm_compress.pass_registry import PassEnv
+    from tvm_compress.specs import InputSpec
+    from tvm_compress.targets import get_target
+
+    monkeypatch.setenv("TVM_COMPRESS_CACHE", str(tmp_path))
+    asked = []
+
+    def clock(mods, inputs):
+        asked.append([str(m.attrs[PIN_ATTR]) for m in mods])
+        assert [x.shape for x in inputs] == [(1, 32, 48, 96)]
+        return times
+
+    env = PassEnv(inputs=[InputSpec("x", (1, 32, 48, 96), "float32")], measure_defaults=clock)
+    lowered = [pipeline.Lower(get_target("x86"), env)(_wide_conv(channels=32, width=96, height=48))
+               for _ in range(2)]
+    layout = conv_layout(lowered[1])
+    assert layout["layout"] == chosen
+    if times is None:
+        assert asked == [["NCHW", "NHWC"]] * 2  # nothing cached: asked again
+        assert pipeline.measured_choices(lowered[1]) == {} and "below" in layout["reason"]
+        return
+    assert asked == [["NCHW", "NHWC"]]  # the second build took the cached choice
+    first, second = (pipeline.measured_choices(m)["channels_last"] for m in lowered)
+    assert first == {"times_ms": {"NCHW": times[0], "NHWC": times[1]}, "chosen": chosen}
+    assert second == {**first, "cached": True}
+    assert layout["reason"].startswith("timed: NCHW ")
+
+
+def test_compile_times_both_layouts_of_an_unclear_model(tmp_path):
+    """End to end on x86: a 32-channel conv on 96-wide maps, timed on this CPU; the library
+    of the faster layout verifies against onnxruntime."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((32, 32, 3, 3)).astype(np.float32) * 0.1, "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+                               helper.make_node("Relu", ["c"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32, 48, 96])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, 48, 96])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "c.onnx"))
+    logs = []
+    rep = tvm_compress.compile(tmp_path / "c.onnx", tmp_path / "c.so", target="x86", bench_runs=0, log=logs.append)
+    assert rep["verified"] and rep["within_float_tolerance"]
+    assert rep["conv_layout"]["reason"].startswith("timed: NCHW ")
+    assert any(line.startswith("channels_last: NCHW ") and "NHWC" in line for line in logs)

@@ -184,6 +184,7 @@ def test_a_very_deep_graph_compiles(tmp_path):
     onnx.save(_model(helper.make_graph(nodes, "g", [x], [y])), str(tmp_path / "deep.onnx"))
     rep = tvm_compress.compile(tmp_path / "deep.onnx", tmp_path / "deep.so", bench_runs=0, log=lambda m: None)
     assert rep["within_float_tolerance"]
+    assert rep["latency_ms"] is None and rep["latency_note"] == "not timed (--bench-runs 0)"
 
 
 def test_a_model_larger_than_memory_allows_is_refused_before_loading(dense_model, tmp_path, capsys, monkeypatch):

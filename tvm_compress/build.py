@@ -115,7 +115,8 @@ def compile(  # noqa: A001  (the product's verb)
     refs = verify.ort_run(prepared.reference, prepared.inputs, inputs)
 
     env = PassEnv(inputs=list(prepared.inputs), facts=family.facts(profile), log=log,
-                  measure=lambda m, xs: measure_on_target(m, xs, profile, rpc, trials=tune_trials))
+                  measure=lambda m, xs: measure_on_target(m, xs, profile, rpc, trials=tune_trials),
+                  measure_defaults=lambda m, xs: measure_on_target(m, xs, profile, rpc))
     # Builds (and so checks) every pass config before any work.
     flow_pass = relax.get_pipeline(
         pipeline.PIPELINE, target=profile, passes=names, configs=pass_configs, env=env,
@@ -266,8 +267,8 @@ def _conv_layout(mod, log) -> dict:
     info = conv_layout(mod)
     if info.get("layout") == "NHWC":
         kept = f", {info['nchw_convs']} kept NCHW" if info["nchw_convs"] else ""
-        log(f"layout: {info['nhwc_convs']} convs channels-last (NHWC){kept}; "
-            f"estimated {info['estimated_gain']:.2f}x from vector use")
+        why = info.get("reason") or f"estimated {info['estimated_gain']:.2f}x from vector use"
+        log(f"layout: {info['nhwc_convs']} convs channels-last (NHWC){kept}; {why}")
     elif info:
         log(f"layout: convs stay NCHW ({info['reason']})")
     return info
@@ -387,6 +388,8 @@ def _verify_and_time(family, profile, lib_path, prepared: PreparedModel, inputs,
             f"latency: median {rec['latency_ms']['median']:.3f} ms "
             f"(onnxruntime {rec['onnxruntime_latency_ms']['median']:.3f} ms, 2 threads)"
         )
-    else:
+    elif not meaningful:
         rec["latency_note"] = f"{result.where}: emulated, not the board's speed (use --rpc-tracker)"
+    else:
+        rec["latency_note"] = "not timed (--bench-runs 0)"
     return rec

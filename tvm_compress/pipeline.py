@@ -8,8 +8,9 @@ compression pass and keeps the lowered module for the kernel check.
 Stages (each a pass of the pipeline's ``Sequential``, named as below):
 
 - one per compression preset, named after it (``quantize`` ...);
-- ``lower``: the target family's kernel rewrites (``TargetFamily.kernel_rewrites``), then
-  Relax -> fused TIR kernels (the part tuning tasks are extracted from);
+- ``lower``: choices a kernel hook leaves to timing (``KernelHook.candidates``, timed with
+  default schedules), the target family's kernel rewrites (``TargetFamily.kernel_rewrites``),
+  then Relax -> fused TIR kernels (the part tuning tasks are extracted from);
 - ``schedule``: the family's hand schedules (``kernel_schedules``), MetaSchedule records (tuned
   when trials > 0, cached per model and target), then the family's default schedules for the
   kernels left. A summary of the tuning goes to the module attribute ``TUNING_ATTR``.
@@ -28,6 +29,8 @@ from tvm import relax
 from tvm_compress.targets import TargetProfile, get_family
 
 from . import tuning
+from .cache import cache_root
+from .fileutil import write_json
 from .pass_registry import PassEnv, make_passes
 from .relax_utils import copy_module
 
@@ -35,6 +38,9 @@ PIPELINE = "tvm_compress"
 LOWER = "lower"
 SCHEDULE = "schedule"
 TUNING_ATTR = "tvm_compress.tuning"
+MEASURED_ATTR = "tvm_compress.measured_choices"
+# How much faster than the hook's estimated choice a timed variant must be to replace it.
+MIN_TIMED_WIN = 1.1
 
 LogFn = Callable[[str], None]
 
@@ -56,14 +62,73 @@ def lowering_passes(profile: Optional[TargetProfile] = None) -> List[tvm.transfo
 
 @tvm.transform.module_pass(opt_level=0, name=LOWER)
 class Lower:
-    """Relax -> fused TIR kernels for ``profile`` (``lowering_passes``)."""
+    """Relax -> fused TIR kernels for ``profile`` (``lowering_passes``).
 
-    def __init__(self, profile: TargetProfile):
+    With ``env`` (its ``measure_defaults`` and inputs), the choices a kernel hook cannot make by
+    estimate (``KernelHook.candidates``) are timed on the target first and the fastest variant is
+    lowered; the times go to the module attribute ``MEASURED_ATTR``."""
+
+    def __init__(self, profile: TargetProfile, env: Optional[PassEnv] = None, log: LogFn = lambda m: None):
         self.profile = profile
+        self.env = env
+        self.log = log
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        if self.env is not None:
+            mod = self._timed_choices(mod)
         with self.profile.tvm_target():
             return tvm.transform.Sequential(lowering_passes(self.profile))(mod)
+
+    def _timed_choices(self, mod: tvm.IRModule) -> tvm.IRModule:
+        measured = measured_choices(mod)
+        for hook in get_family(self.profile.family).hooks(self.profile):
+            variants = hook.candidates(mod, self.profile)
+            if len(variants) < 2:
+                continue
+            # Cached like tuning records: the same model and target get the same choice again.
+            path = cache_root() / "choices" / f"{tuning.measurement_key(mod, self.profile.tvm_target())}-{hook.name}.json"
+            choice = _read_choice(path, variants)
+            if choice is None:
+                choice = self._time(hook.name, variants)
+                if choice is None:  # cannot time here: the hook's estimate decides
+                    continue
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_json(path, choice)
+            names, times = list(choice["times_ms"]), list(choice["times_ms"].values())
+            self.log(f"{hook.name}: " + ", ".join(f"{n} {t:.3f} ms" for n, t in zip(names, times))
+                     + f" -> {choice['chosen']}" + (" (timed by an earlier build)" if choice.get("cached") else ""))
+            measured[hook.name] = choice
+            mod = variants[choice["chosen"]].with_attr(MEASURED_ATTR, json.dumps(measured))
+        return mod
+
+    def _time(self, name: str, variants: Dict[str, tvm.IRModule]) -> Optional[Dict[str, Any]]:
+        from .verify import random_inputs
+
+        self.log(f"{name}: estimate unclear; timing {', '.join(variants)} with default schedules")
+        times = self.env.measure_defaults(list(variants.values()), random_inputs(self.env.inputs, seed=0))
+        if not times:
+            return None
+        names = list(variants)
+        # The first variant is the hook's estimate: another replaces it only when clearly faster,
+        # so that timing noise does not flip a build.
+        best = min(range(len(names)), key=times.__getitem__)
+        chosen = names[best] if times[0] >= MIN_TIMED_WIN * times[best] else names[0]
+        return {"times_ms": dict(zip(names, (round(t, 4) for t in times))), "chosen": chosen}
+
+
+def _read_choice(path: Path, variants: Dict[str, tvm.IRModule]) -> Optional[Dict[str, Any]]:
+    try:
+        choice = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(choice, dict) or choice.get("chosen") not in variants:
+        return None  # a damaged or foreign file: time again
+    return {**choice, "cached": True}
+
+
+def measured_choices(mod: tvm.IRModule) -> Dict[str, Any]:
+    """What ``Lower`` timed: {hook name: {"times_ms": {variant: ms}, "chosen": variant}}."""
+    return json.loads(str(mod.attrs[MEASURED_ATTR])) if mod.attrs and MEASURED_ATTR in mod.attrs else {}
 
 
 @tvm.transform.module_pass(opt_level=0, name=SCHEDULE)
@@ -144,7 +209,7 @@ def tvm_compress_pipeline(
         tvm.transform.Sequential([p], opt_level=0, name=name)
         for name, p in zip(passes, make_passes(passes, configs, env))
     ]
-    stages += [Lower(target),
+    stages += [Lower(target, env, log),
                Schedule(target, trials, Path(work_dir) if work_dir else None, runner, log)]
     return tvm.transform.Sequential(stages, opt_level=0, name=PIPELINE)
 

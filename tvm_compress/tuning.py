@@ -45,15 +45,19 @@ from .console import Progress
 LogFn = Callable[[str], None]
 
 
-def database_dir(mod: tvm.IRModule, target: tvm.target.Target, root: Optional[Path] = None) -> Path:
-    """One work dir per (model after passes, target): records are only valid for both."""
+def measurement_key(mod: tvm.IRModule, target: tvm.target.Target) -> str:
+    """What a measurement of ``mod`` on ``target`` is valid for: the module, the target and the
+    thread pool it ran with (``_threads``; times taken with another pool size mislead)."""
     key = hashlib.sha256()
     key.update(tvm.ir.save_json(mod).encode())
     key.update(str(target).encode())
-    # Measurements depend on the thread pool they ran with (``_threads``); records timed with
-    # another pool size pick the wrong schedules.
     key.update(f"threads={os.environ.get('TVM_NUM_THREADS', '')}".encode())
-    return Path(root or cache_root()) / "tuning" / key.hexdigest()[:24]
+    return key.hexdigest()[:24]
+
+
+def database_dir(mod: tvm.IRModule, target: tvm.target.Target, root: Optional[Path] = None) -> Path:
+    """One work dir per (model after passes, target): records are only valid for both."""
+    return Path(root or cache_root()) / "tuning" / measurement_key(mod, target)
 
 
 SCHEDULERS = ("auto", "gradient", "round-robin")
