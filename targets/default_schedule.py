@@ -83,7 +83,9 @@ class ResilientDefaultSchedule:
 
     def _lowers(self, gvar, func: tirx.PrimFunc, target: Target) -> None:
         """Raises where ``tvm.compile`` would on this kernel's schedule (TIR passes only)."""
-        host = target.host if target.host is not None else Target({"kind": "llvm"})
+        # The host tvm.compile binds: the target's own, a CPU target itself, else plain LLVM.
+        host = target.host if target.host is not None else (
+            target if target.kind.name in ("llvm", "c") else Target({"kind": "llvm"}))
         one = tvm.IRModule({gvar: func.with_attr("global_symbol", gvar.name_hint)})
         one = tvm.tirx.transform.BindTarget(target.with_host(host))(one)
         with target:
