@@ -114,9 +114,10 @@ def compile(  # noqa: A001  (the product's verb)
     # The reference first: a model onnxruntime cannot run is refused before any long work.
     refs = verify.ort_run(prepared.reference, prepared.inputs, inputs)
 
+    timeable = rpc is not None or (family.can_run(profile)[0] and family.latency_is_meaningful(profile))
     env = PassEnv(inputs=list(prepared.inputs), facts=family.facts(profile), log=log,
                   measure=lambda m, xs: measure_on_target(m, xs, profile, rpc, trials=tune_trials),
-                  measure_defaults=lambda m, xs: measure_on_target(m, xs, profile, rpc))
+                  measure_defaults=(lambda m, xs: measure_on_target(m, xs, profile, rpc)) if timeable else None)
     # Builds (and so checks) every pass config before any work.
     flow_pass = relax.get_pipeline(
         pipeline.PIPELINE, target=profile, passes=names, configs=pass_configs, env=env,

@@ -43,8 +43,9 @@ class PassEnv:
     log: Callable[[str], None] = lambda msg: None
     report: Dict[str, Any] = field(default_factory=dict)
     measure: MeasureFn = lambda mods, inputs: None
-    # The same with default schedules only (no tuning): for choices made before tuning.
-    measure_defaults: MeasureFn = lambda mods, inputs: None
+    # The same with default schedules only (no tuning), for choices made before tuning; None
+    # where the target cannot be timed.
+    measure_defaults: Optional[MeasureFn] = None
 
 
 @dataclass(frozen=True)

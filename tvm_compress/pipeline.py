@@ -74,7 +74,7 @@ class Lower:
         self.log = log
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        if self.env is not None:
+        if self.env is not None and self.env.measure_defaults is not None:
             mod = self._timed_choices(mod)
         with self.profile.tvm_target():
             return tvm.transform.Sequential(lowering_passes(self.profile))(mod)
@@ -107,6 +107,7 @@ class Lower:
         self.log(f"{name}: estimate unclear; timing {', '.join(variants)} with default schedules")
         times = self.env.measure_defaults(list(variants.values()), random_inputs(self.env.inputs, seed=0))
         if not times:
+            self.log(f"{name}: could not time them; the estimate decides")
             return None
         names = list(variants)
         # The first variant is the hook's estimate: another replaces it only when clearly faster,
