@@ -55,6 +55,7 @@ def test_bench_writes_every_file_with_a_row_per_combination(bench_run):
     rows = {(r["target"], r["pass_set"]): r for r in rep["rows"]}
     assert set(rows) == {("x86-avx2", "none"), ("x86-avx2", "quantize"), ("aarch64", "none"), ("aarch64", "quantize")}
     assert all(r["status"] == "ok" and Path(r["library"]).exists() for r in rows.values())
+    assert all(r["schedule_fallbacks"] == [] for r in rows.values())  # every default rule applied
     # Host builds are timed against both onnxruntime baselines in the same rounds, and scored.
     for ps in ("none", "quantize"):
         r = rows[("x86-avx2", ps)]
@@ -160,3 +161,16 @@ def test_bench_of_a_missing_model_is_one_line(tmp_path):
     proc = _cli("bench", tmp_path / "nope.onnx", "-o", tmp_path / "out")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "nope.onnx" in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_the_report_notes_kernels_on_a_fallback_schedule(bench_run):
+    """A row whose build had kernels a default rule failed on says so in report.md."""
+    from tvm_compress.bench_report import markdown
+
+    out, _, _ = bench_run
+    rep = json.loads((out / "report.json").read_text())
+    row = next(r for r in rep["rows"] if r["target"] == "x86-avx2" and r["pass_set"] == "none")
+    row["schedule_fallbacks"] = [{"kernel": "fused_conv2d_add_relu_pad", "used": "GeneralReduction",
+                                  "failed": [{"rule": "Matmul", "error": "AssertionError: ..."}]}]
+    lines = [ln for ln in markdown(rep).splitlines() if ln.startswith("| x86-avx2 | none |")]
+    assert len(lines) == 1 and "1 kernel on a fallback schedule" in lines[0]

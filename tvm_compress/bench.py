@@ -259,7 +259,8 @@ def _load_eval(spec: str, specs) -> dict:
 def _row_fields(rep: dict, lib: Path) -> dict:
     keep = ("params_before", "params_after", "macs_before", "macs_after", "weight_bytes_before",
             "weight_bytes_after", "artifact_bytes", "verified", "verify_status", "max_abs_err",
-            "max_rel_err", "within_float_tolerance", "latency_ms", "latency_note", "seconds")
+            "max_rel_err", "within_float_tolerance", "latency_ms", "latency_note", "seconds",
+            "schedule_fallbacks", "conv_layout")
     row = {k: rep.get(k) for k in keep}
     row["library"] = str(lib)
     row["tuning_trials"] = (rep.get("tuning") or {}).get("trials", 0)

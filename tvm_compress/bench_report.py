@@ -64,6 +64,9 @@ def markdown(rep: Dict[str, Any]) -> str:
                          f"{r['error'].replace('|', '/')} |")
             continue
         note = r.get("timing_note") or ""
+        if r.get("schedule_fallbacks"):  # kernels a default rule failed on (names in report.json)
+            k = len(r["schedule_fallbacks"])
+            note = "; ".join(n for n in (note, f"{k} kernel{'s' if k > 1 else ''} on a fallback schedule") if n)
         lines.append(
             f"| {r['target']} | {r['pass_set']} | ok | {_ms(r.get('timing'))} | {_ratio(r.get('timing'), ORT_FP32)} | "
             f"{_ratio(r.get('timing'), ORT_INT8)} | {r['weight_bytes_after']:,} | {r['artifact_bytes']:,} | "
