@@ -37,6 +37,9 @@ from .cpu_schedule import vector_width
 
 _OP_CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _OP_CALL_TIR = tvm.ir.Op.get("relax.call_tir")
+_OP_PERMUTE = tvm.ir.Op.get("relax.permute_dims")
+_OP_RESHAPE = tvm.ir.Op.get("relax.reshape")
+_OP_MATMUL = tvm.ir.Op.get("relax.matmul")
 _OP_CLIP = tvm.ir.Op.get("relax.clip")
 _ELEMENTWISE = tuple(tvm.ir.Op.get(f"relax.{n}") for n in ("add", "subtract", "multiply", "divide",
                                                             "maximum", "minimum", "power"))
@@ -155,6 +158,43 @@ class _BackToNCHW(PyExprMutator):
         return relax.op.permute_dims(conv, [0, 2, 3, 1])
 
 
+@mutator
+class _FlattenIntoWeights(PyExprMutator):
+    """``matmul(reshape(permute_dims(x_nhwc, [0, 3, 1, 2]), [N, C*H*W]), W)`` with a constant
+    ``W`` -> ``matmul(reshape(x_nhwc, [N, H*W*C]), W')``, ``W'`` the rows of ``W`` in HWC order:
+    a classifier's flatten after NHWC convs costs no transpose kernel."""
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if not call.op.same_as(_OP_MATMUL) or len(call.ty.shape) != 2:
+            return call
+        flat = self._bound(call.args[0], _OP_RESHAPE)
+        nchw = self._bound(flat.args[0], _OP_PERMUTE) if flat is not None else None
+        weight = self._constant_2d(call.args[1])
+        if nchw is None or weight is None or [int(a) for a in nchw.attrs.axes] != [0, 3, 1, 2]:
+            return call
+        n, h, w, c = (int(d) for d in nchw.args[0].ty.shape)
+        if [int(d) for d in flat.ty.shape] != [n, c * h * w] or weight.shape[0] != c * h * w:
+            return call
+        rows = np.arange(c * h * w).reshape(c, h, w).transpose(1, 2, 0).reshape(-1)
+        x = self.builder_.emit(relax.op.reshape(nchw.args[0], [n, h * w * c]))
+        return with_layer(relax.op.matmul(x, relax.const(np.ascontiguousarray(weight[rows])),
+                                          out_dtype=call.attrs.out_dtype or None), call)
+
+    def _bound(self, expr, op):
+        value = self.lookup_binding(expr) if isinstance(expr, relax.Var) else None
+        return value if isinstance(value, relax.Call) and value.op.same_as(op) else None
+
+    def _constant_2d(self, expr):
+        """A constant 2-D weight, also behind the ``permute_dims`` the ONNX importer adds for Gemm."""
+        if is_constant(expr):
+            return const_value(expr) if len(expr.ty.shape) == 2 else None
+        turned = self._bound(expr, _OP_PERMUTE)
+        if turned is not None and is_constant(turned.args[0]) and len(turned.args[0].ty.shape) == 2:
+            return const_value(turned.args[0]).T
+        return None
+
+
 @tvm.transform.module_pass(opt_level=0, name="ChannelsLast")
 class ChannelsLast:
     """Float NCHW conv2d (and the ops around them) -> NHWC with HWIO weights, in functions
@@ -187,7 +227,9 @@ class ChannelsLast:
             converted = relax.transform.ConvertLayout(LAYOUTS)(converted)
             out = copy_module(mod)
             for gv in names:
-                out[gv] = _BackToNCHW(converted, self.lanes).visit_expr(converted[gv])
+                func = _BackToNCHW(converted, self.lanes).visit_expr(converted[gv])
+                # The transposes the flatten no longer reads are dropped.
+                out[gv] = relax.analysis.remove_all_unused(_FlattenIntoWeights(converted).visit_expr(func))
             out = relax.transform.Normalize()(out)
         except Exception as err:  # noqa: BLE001  (an op ConvertLayout cannot move: stays NCHW)
             why = f"channels-last rewrite failed ({type(err).__name__}); kept NCHW"

@@ -110,9 +110,43 @@ def test_convs_exchange_nhwc_without_transposes_between_them(mobile_onnx):
                       if c.op.same_as(OP_PERMUTE) and not is_constant(c.args[0])]
         assert all(isinstance(t.args[0], relax.Var) and t.args[0] in list(func.params) for t in transposes), \
             [str(t) for t in transposes]
-    # activation transposes: input, the flatten's reshape, around the NCHW conv, its output
+    # activation transposes: input, around the NCHW conv, its output; the flatten reads NHWC (the
+    # linear layer's rows reordered instead)
     act = [c for c in bindings.values() if isinstance(c, relax.Call) and c.op.same_as(OP_PERMUTE)]
-    assert len(act) == 5, [str(c) for c in act]
+    assert len(act) == 4, [str(c) for c in act]
+
+
+def test_a_flatten_after_nhwc_reorders_the_dense_weight_instead_of_transposing():
+    from tvm_compress.targets.channels_last import _FlattenIntoWeights
+
+    w = np.random.default_rng(0).standard_normal((10, 4 * 3 * 2)).astype("float32")  # [out, C*H*W]
+
+    def module(flatten_nhwc: bool):
+        bb = relax.BlockBuilder()
+        x = relax.Var("x", relax.TensorType((1, 3, 2, 4), "float32"))  # NHWC, C = 4
+        with bb.function("main", [x]):
+            with bb.dataflow():
+                if flatten_nhwc:
+                    rows = np.arange(24).reshape(4, 3, 2).transpose(1, 2, 0).reshape(-1)
+                    flat = bb.emit(relax.op.reshape(x, [1, 24]))
+                    y = bb.emit(relax.op.matmul(flat, relax.const(np.ascontiguousarray(w.T[rows]))))
+                else:
+                    nchw = bb.emit(relax.op.permute_dims(x, [0, 3, 1, 2]))
+                    flat = bb.emit(relax.op.reshape(nchw, [1, 24]))
+                    y = bb.emit(relax.op.matmul(flat, bb.emit(relax.op.permute_dims(relax.const(w), [1, 0]))))
+                gv = bb.emit_output(y)
+            bb.emit_func_output(gv)
+        return bb.get()
+
+    before, expected = module(False), module(True)
+    after = relax.analysis.remove_all_unused(_FlattenIntoWeights(before).visit_expr(before["main"]))
+    tvm.ir.assert_structural_equal(relax.transform.Normalize()(tvm.IRModule({"main": after}))["main"],
+                                   expected["main"])
+    # and the same numbers
+    x = np.random.default_rng(1).standard_normal((1, 3, 2, 4)).astype("float32")
+    got = relax.VirtualMachine(tvm.compile(tvm.IRModule({"main": after}), "llvm"), tvm.cpu())["main"](
+        tvm.runtime.tensor(x)).numpy()
+    np.testing.assert_allclose(got, x.transpose(0, 3, 1, 2).reshape(1, -1) @ w.T, rtol=1e-5, atol=1e-5)
 
 
 def test_wide_rows_and_few_channels_stay_nchw():
