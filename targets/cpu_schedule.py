@@ -94,10 +94,10 @@ def _inline(sch: s_tir.Schedule, infos):
     return infos
 
 
-def _parallelize(sch: s_tir.Schedule, loops: list, min_chunks: int):
+def _parallelize(sch: s_tir.Schedule, loops: list, min_chunks: Optional[int]):
     """Fuse leading loops until there are ``min_chunks`` iterations, then mark them parallel.
-    (the parallel loop or None, how many of ``loops`` it took)."""
-    if not loops:
+    (the parallel loop or None, how many of ``loops`` it took); None: stay serial."""
+    if not loops or min_chunks is None:
         return None, 0
     take, total = [], 1
     for loop in loops:
@@ -167,6 +167,14 @@ def _uses(expr, var) -> bool:
     found: list = []
     tvm_ffi.structural_walk(expr, [(tirx.Var, found.append)], order="post")
     return any(v.same_as(var) for v in found)
+
+
+def _work(sch: s_tir.Schedule, loops) -> int:
+    """Iterations of a block's loop nest (spatial times reduction)."""
+    n = 1
+    for loop in loops:
+        n *= _extent(sch, loop) or 1
+    return n
 
 
 def _elements(buf) -> int:
@@ -243,6 +251,8 @@ class CPUFallback(CPUScheduleRule):
             loops = sch.get_loops(block)
             if len(loops) != len(kinds) or "O" in kinds:
                 continue
+            # A block with little work runs serially: waking the pool costs more than it saves.
+            chunks = 4 * cores if _work(sch, loops) >= PARALLEL_MIN_ELEMS else None
             s_loops = [l for l, k in zip(loops, kinds) if k == "S"]
             r_loops = [l for l, k in zip(loops, kinds) if k == "R"]
             if not s_loops:
@@ -251,7 +261,7 @@ class CPUFallback(CPUScheduleRule):
             if r_loops:
                 if width is None:
                     sch.reorder(*s_loops, *r_loops)
-                    _parallelize(sch, s_loops, 4 * cores)
+                    _parallelize(sch, s_loops, chunks)
                     reductions.append((block, r_loops[0], None))
                     continue
                 outer, inner = sch.split(s_loops[-1], factors=[None, width])
@@ -260,7 +270,7 @@ class CPUFallback(CPUScheduleRule):
                 sch.reorder(*rows, *r_loops, *block_inner, inner)
                 for loop in block_inner:
                     sch.unroll(loop)
-                par, taken = _parallelize(sch, rows, 4 * cores)
+                par, taken = _parallelize(sch, rows, chunks)
                 # A fuse that took the tile loop leaves the fused loop as the tile's.
                 tile = par if taken == len(rows) else rows[-1]
                 reductions.append((block, r_loops[0], tile))
@@ -273,16 +283,17 @@ class CPUFallback(CPUScheduleRule):
                     outer, inner = sch.split(s_loops[-1], factors=[None, width])
                     sch.vectorize(inner)
                     rows.append(outer)
-                _parallelize(sch, rows, 4 * cores)
+                _parallelize(sch, rows, chunks)
             else:
                 fused = sch.fuse(*s_loops) if len(s_loops) > 1 else s_loops[0]
                 ext = _extent(sch, fused)
                 w = vector_width(ext, self.lanes)
                 if w is not None and ext > w:
                     outer, inner = sch.split(fused, factors=[None, w])
-                    sch.parallel(outer)
+                    if chunks is not None:
+                        sch.parallel(outer)
                     sch.vectorize(inner)
-                elif ext is not None and ext > 1:
+                elif ext is not None and ext > 1 and chunks is not None:
                     sch.parallel(fused)
         for block, r_loop, tile_loop in reductions:
             if tile_loop is None:

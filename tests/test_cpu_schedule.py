@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import tvm
 from tvm import relax
 from tvm.s_tir import dlight as dl
@@ -45,19 +46,36 @@ def test_conv_kernels_get_parallel_and_vector_loops(demo_model):
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_odd_length_elementwise_is_parallel_not_vectorized():
+@pytest.mark.parametrize("length,parallel", [(65537, True), (7, False)])
+def test_odd_length_elementwise_is_not_vectorized_and_parallel_only_when_large(length, parallel):
+    """No vector width >= 4 divides a prime length: still scheduled, not vectorized; parallel
+    when there is enough work to pay for waking the thread pool (PARALLEL_MIN_ELEMS)."""
     from tvm import te
 
-    a = te.placeholder((7,), "float32", name="a")
-    b = te.compute((7,), lambda i: a[i] * 2.0, name="b")
+    a = te.placeholder((length,), "float32", name="a")
+    b = te.compute((length,), lambda i: a[i] * 2.0, name="b")
     func = te.create_prim_func([a, b])
     target = get_target("x86").tvm_target()
-    # 7 has no vector width >= 4 dividing it: parallel only, still scheduled.
     sch = CPUFallback().apply(func, target, False)
     assert sch is not None
     kinds = _loop_kinds(sch.mod["main"])
-    assert tvm.tirx.ForKind.PARALLEL in kinds
+    assert (tvm.tirx.ForKind.PARALLEL in kinds) == parallel
     assert not tvm.tirx.ForKind.VECTORIZED in kinds
+
+
+def test_small_kernels_run_serially(demo_model):
+    """The demo model's max-pools and its input transpose write a few thousand elements: no
+    parallel loop (waking the pool cost 0.5 us per kernel, more than their work); its convs
+    stay parallel."""
+    prepared = tvm_compress.prepare_onnx(demo_model, {"input": (1, 1, 28, 28)})
+    target = get_target("x86").tvm_target()
+    with target:
+        sched = dl.ApplyDefaultSchedule(CPUFallback())(
+            tvm.transform.Sequential(lowering_passes(get_target("x86")))(prepared.to_relax()))
+    kinds = {gv.name_hint: _loop_kinds(f) for gv, f in sched.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+    pools = [n for n in kinds if n.startswith("max_pool2d")]
+    assert len(pools) == 3 and all(tvm.tirx.ForKind.PARALLEL not in kinds[n] for n in pools), kinds
+    assert all(tvm.tirx.ForKind.PARALLEL in k for n, k in kinds.items() if "conv2d" in n)
 
 
 def _loops(func) -> list:
@@ -103,13 +121,13 @@ def test_conv_tile_holds_several_output_channels_and_dense_stays_scheduled():
     x = te.placeholder((1, 24, 6, 32), "float32", name="x")
     w = te.placeholder((32, 24, 1, 1), "float32", name="w")
     conv = te.create_prim_func([x, w, topi.nn.conv2d_nchw(x, w, 1, 0, 1)])
-    a = te.placeholder((1, 64), "float32", name="a")
-    b = te.placeholder((256, 64), "float32", name="b")
+    a = te.placeholder((1, 256), "float32", name="a")  # 64K MACs: enough work to go parallel
+    b = te.placeholder((256, 256), "float32", name="b")
     dense = te.create_prim_func([a, b, topi.nn.dense(a, b)])
     for func, shapes, ref in (
         (conv, [(1, 24, 6, 32), (32, 24, 1, 1), (1, 32, 6, 32)],
          lambda xv, wv: np.einsum("nchw,oc->nohw", xv, wv[:, :, 0, 0])),
-        (dense, [(1, 64), (256, 64), (1, 256)], lambda av, bv: av @ bv.T),
+        (dense, [(1, 256), (256, 256), (1, 256)], lambda av, bv: av @ bv.T),
     ):
         sch = CPUFallback().apply(func, target, False)
         assert sch is not None
