@@ -114,7 +114,7 @@ def compile(  # noqa: A001  (the product's verb)
     # The reference first: a model onnxruntime cannot run is refused before any long work.
     refs = verify.ort_run(prepared.reference, prepared.inputs, inputs)
 
-    timeable = rpc is not None or (family.can_run(profile)[0] and family.latency_is_meaningful(profile))
+    timeable = _timeable(family, profile, rpc)
     env = PassEnv(inputs=list(prepared.inputs), facts=family.facts(profile), log=log,
                   measure=lambda m, xs: measure_on_target(m, xs, profile, rpc, trials=tune_trials),
                   measure_defaults=(lambda m, xs: measure_on_target(m, xs, profile, rpc)) if timeable else None)
@@ -219,6 +219,11 @@ def _as_dict(config) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))
 
 
+def _timeable(family, profile: TargetProfile, rpc) -> bool:
+    """Whether a time taken for ``profile`` says something of its speed (here, or over RPC)."""
+    return rpc is not None or (family.can_run(profile)[0] and family.latency_is_meaningful(profile))
+
+
 def measure_on_target(mods: Sequence[tvm.IRModule], inputs, profile: TargetProfile, rpc=None,
                       rounds: int = 5, repeat: int = 10, trials: int = 0) -> Optional[list]:
     """Median ms of each module's main built like the model (kernel hooks; tuned with
@@ -228,7 +233,7 @@ def measure_on_target(mods: Sequence[tvm.IRModule], inputs, profile: TargetProfi
     import tempfile
 
     family = get_family(profile.family)
-    if rpc is None and not (family.can_run(profile)[0] and family.latency_is_meaningful(profile)):
+    if not _timeable(family, profile, rpc):
         return None
     runner = remote.tuning_runner(rpc) if rpc else None
     flow = tvm.transform.Sequential([pipeline.Lower(profile), pipeline.Schedule(profile, trials, runner=runner)])
