@@ -12,6 +12,7 @@ loops, the innermost loop vectorized. Numbers: docs/benchmarks.md.
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional
 
 import tvm.sym
@@ -169,6 +170,52 @@ def _uses(expr, var) -> bool:
     return any(v.same_as(var) for v in found)
 
 
+_CMP = (tirx.LT, tirx.LE, tirx.GT, tirx.GE)
+
+
+def _cut_points(sch: s_tir.Schedule, block) -> List[int]:
+    """Where the innermost index's comparisons with constants change value (a concat along
+    the innermost axis, channels-last: ``c < 24``, ``c < 48``...): between two cuts every
+    element reads the same input."""
+    blk = sch.get(block)
+    if not blk.iter_vars:
+        return []
+    var, extent = blk.iter_vars[-1].var, _extent(sch, sch.get_loops(block)[-1])
+    cuts = set()
+
+    def visit(node):
+        a, b = node.a, node.b
+        flip = isinstance(a, tirx.IntImm) and isinstance(b, tirx.Var)
+        if flip:
+            a, b = b, a
+        if not (isinstance(a, tirx.Var) and a.same_as(var) and isinstance(b, tirx.IntImm)):
+            return
+        # var < c, var >= c: cut at c; var <= c, var > c: at c + 1 (sides swap when flipped).
+        strict_low = isinstance(node, (tirx.LT, tirx.GE)) != flip
+        cuts.add(int(b.value) + (0 if strict_low else 1))
+
+    tvm_ffi.structural_walk(blk.body, [(kind, visit) for kind in _CMP], order="pre")
+    return sorted(c for c in cuts if extent is not None and 0 < c < extent)
+
+
+def _vectorize_pieces(sch: s_tir.Schedule, loop, cuts: List[int], lanes: int) -> bool:
+    """Vectorize ``loop`` in vectors that no cut crosses and split the vectors' loop at the
+    cuts: in each piece the conditions are constant and simplified away (a channels-last
+    concat of 4 x 24 channels: 1.75x faster than vectors that select per lane). False when
+    the cuts leave no vector of 4 or more (a pad's one-column borders)."""
+    extent = _extent(sch, loop)
+    step = math.gcd(extent, *cuts)
+    width = vector_width(step, lanes) if step >= _MIN_WIDTH else None
+    if width is None:
+        return False
+    outer, inner = sch.split(loop, [None, width])
+    sch.vectorize(inner)
+    bounds = [0, *(c // width for c in cuts), extent // width]
+    sizes = [b - a for a, b in zip(bounds, bounds[1:])]
+    sch.loop_partition(outer, [*sizes[:-1], None])
+    return True
+
+
 def _work(sch: s_tir.Schedule, loops) -> int:
     """Iterations of a block's loop nest (spatial times reduction)."""
     n = 1
@@ -279,7 +326,10 @@ class CPUFallback(CPUScheduleRule):
                 # index (a pad of a 160x160 map: most of the conv's time). A row whose length
                 # no vector width divides (a pad to 82) is left to LLVM's loop vectorizer.
                 rows = s_loops[:-1]
-                if width is not None and _extent(sch, s_loops[-1]) > width:
+                cuts = _cut_points(sch, block)
+                if cuts and _vectorize_pieces(sch, s_loops[-1], cuts, self.lanes):
+                    pass
+                elif width is not None and _extent(sch, s_loops[-1]) > width:
                     outer, inner = sch.split(s_loops[-1], factors=[None, width])
                     sch.vectorize(inner)
                     rows.append(outer)

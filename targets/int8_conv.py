@@ -8,6 +8,10 @@ dots, corrected by a per-channel ``comp`` after the sum). The schedule keeps a r
 ``tile_w`` output columns x ``tile_oc`` lane groups in int32 accumulators over the whole
 reduction, then runs the fused epilogue (requantize) on it. Depthwise convolutions use plain
 vectors along output columns instead (see ``packed_depthwise_conv2d``).
+
+Channels-last activations (``Int8ChannelsLast``) use the same kernels with NHWC indexing: the
+pack becomes a contiguous copy of each pixel's channels, the epilogue stores vectors of
+channels, and depthwise kernels vectorize along channels (``_depthwise_nhwc``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ KERNEL_ATTR = "tvm_compress.int8_dot"
 DEPTHWISE_ATTR = "tvm_compress.int8_depthwise"
 PACK_INTERIOR_ATTR = "tvm_compress.pack_interior"
 TILE_ATTR = "tvm_compress.int8_tile"
+# "NHWC" on kernels whose activations are channels-last (``Int8ChannelsLast``); NCHW otherwise.
+LAYOUT_ATTR = "tvm_compress.int8_layout"
 # A parallel region costs microseconds to start: small packs (``PARALLEL_MIN_ELEMS``) and
 # convolutions run serially.
 _PARALLEL_MIN_MACS = 1 << 18
@@ -57,9 +63,19 @@ def _packed_value(value, shift: int, dtype: str):
     return (value.astype("int32") + shift).astype(dtype) if shift else value.astype(dtype)
 
 
-def _compensate(acc: te.Tensor, comp, out_channels: int, out_w: Optional[int] = None) -> te.Tensor:
+def _compensate(acc: te.Tensor, comp, out_channels: int, out_w: Optional[int] = None,
+                layout: str = "NCHW") -> te.Tensor:
     """Subtract the shift's per-channel contribution; crop the padded lanes (channels, or
     columns for depthwise)."""
+    if layout == "NHWC":
+        n, oh, ow, oc = (int(v) for v in acc.shape)
+        out_w = out_w or ow
+        if comp is None and (oc, ow) == (out_channels, out_w):
+            return acc
+        shape = (n, oh, out_w, out_channels)
+        if comp is None:
+            return te.compute(shape, lambda b, y, xx, o: acc[b, y, xx, o], name="int8_conv_crop")
+        return te.compute(shape, lambda b, y, xx, o: acc[b, y, xx, o] - comp[o], name="int8_conv_comp")
     n, _, oh, ow = (int(v) for v in acc.shape)
     out_w = out_w or ow
     if comp is None and (int(acc.shape[1]), ow) == (out_channels, out_w):
@@ -117,12 +133,22 @@ def packed_conv2d(
     padding: Sequence[int],
     dilation: Sequence[int],
     kernel_name: str,
+    layout: str = "NCHW",
 ) -> te.Tensor:
-    """NCHW int8/uint8 x packed int8 -> NCHW int32 (``out_channels`` of them); ``comp``: the
-    shift's correction (``shift_compensation``) when ``kernel.shift(x.dtype)`` is not 0."""
+    """NCHW (or NHWC) int8/uint8 x packed int8 -> int32 in the same layout (``out_channels``
+    of them); ``comp``: the shift's correction (``shift_compensation``) when
+    ``kernel.shift(x.dtype)`` is not 0."""
     kernel = KERNELS[kernel_name]
     shift = kernel.shift(str(x.dtype))
-    n, ic, h, w = (int(v) for v in x.shape)
+    nhwc = layout == "NHWC"
+    if nhwc:
+        n, h, w, ic = (int(v) for v in x.shape)
+    else:
+        n, ic, h, w = (int(v) for v in x.shape)
+
+    def read(b, c, y, xx):
+        return x[b, y, xx, c] if nhwc else x[b, c, y, xx]
+
     ocb, kh, kw, icb, lanes, depth = (int(v) for v in wp.shape)
     (pt, pl, pb, pr), (sh, sw), (dh, dw), (oh, ow) = _geometry(h, w, kh, kw, padding, strides, dilation)
     dt = kernel.packed_dtype
@@ -137,7 +163,7 @@ def packed_conv2d(
         (n, h + pt + pb, cols, icb, depth),
         lambda b, y, xx, c, d: tirx.if_then_else(
             tirx.all(c * depth + d < ic, y >= pt, y < h + pt, xx >= pl, xx < w + pl),
-            _packed_value(x[b, tirx.Min(c * depth + d, ic - 1), y - pt, xx - pl], shift, dt),
+            _packed_value(read(b, tirx.Min(c * depth + d, ic - 1), y - pt, xx - pl), shift, dt),
             tirx.const(shift, dt),
         ),
         name="int8_pack",
@@ -146,23 +172,42 @@ def packed_conv2d(
     ry = te.reduce_axis((0, kh), name="ry")
     rx = te.reduce_axis((0, kw), name="rx")
     rc = te.reduce_axis((0, icb * depth), name="rc")
-    acc = te.compute(
-        (n, ocb * lanes, oh, owp),
-        lambda b, o, y, xx: te.sum(
+
+    def dot(b, o, y, xx):
+        return te.sum(
             xpack[b, y * sh + ry * dh, xx * sw + rx * dw, rc // depth, rc % depth].astype("int32")
             * wp[o // lanes, ry, rx, rc // depth, o % lanes, rc % depth].astype("int32"),
             axis=[ry, rx, rc],
-        ),
-        name="int8_conv",
-        attrs={KERNEL_ATTR: kernel_name, TILE_ATTR: [tile_oc, tile_w]},
-    )
-    return _compensate(acc, comp, out_channels, ow)
+        )
+
+    attrs = {KERNEL_ATTR: kernel_name, TILE_ATTR: [tile_oc, tile_w], LAYOUT_ATTR: layout}
+    if nhwc:
+        acc = te.compute((n, oh, owp, ocb * lanes), lambda b, y, xx, o: dot(b, o, y, xx),
+                         name="int8_conv", attrs=attrs)
+    else:
+        acc = te.compute((n, ocb * lanes, oh, owp), dot, name="int8_conv", attrs=attrs)
+    return _compensate(acc, comp, out_channels, ow, layout)
 
 
-def pack_depthwise_weight(w: np.ndarray, kernel: DotKernel) -> np.ndarray:
+def pack_depthwise_weight(w: np.ndarray, kernel: DotKernel, layout: str = "NCHW") -> np.ndarray:
     """[C, 1, KH, KW] int8 -> [C, KH, KW]: depthwise taps are scalars broadcast over a vector of
-    output columns, so no dot-product layout is needed."""
-    return np.ascontiguousarray(w[:, 0])
+    output columns, so no dot-product layout is needed. NHWC: [KH, KW, C'] int32, C' channels
+    padded to whole vectors (``channel_lanes``): one tap is one vector load."""
+    if layout != "NHWC":
+        return np.ascontiguousarray(w[:, 0])
+    c = w.shape[0]
+    cp = -(-c // channel_lanes(c, kernel.lanes)) * channel_lanes(c, kernel.lanes)
+    return np.ascontiguousarray(np.pad(w[:, 0], ((0, cp - c), (0, 0), (0, 0))).transpose(1, 2, 0).astype(np.int32))
+
+
+def channel_lanes(channels: int, lanes: int) -> int:
+    """int32 lanes of one channel vector of an NHWC depthwise kernel: a whole register when it
+    divides the channels, else half or a quarter of one (24 channels on 16 lanes: vectors of
+    8, no padded channels), else a whole register over channels padded to fit."""
+    for width in (lanes, lanes // 2, lanes // 4):
+        if width >= 4 and channels % width == 0:
+            return width
+    return lanes
 
 
 def packed_depthwise_conv2d(
@@ -172,6 +217,7 @@ def packed_depthwise_conv2d(
     padding: Sequence[int],
     dilation: Sequence[int],
     kernel_name: str,
+    layout: str = "NCHW",
 ) -> te.Tensor:
     """Depthwise NCHW int8/uint8 x [C, KH, KW] int8 -> NCHW int32.
 
@@ -181,6 +227,8 @@ def packed_depthwise_conv2d(
     and the epilogue stores whole rows. Strided convolutions read a column-phase split copy
     of the input (``int8_pack``), so their loads stay contiguous too.
     """
+    if layout == "NHWC":
+        return _depthwise_nhwc(x, wp, strides, padding, dilation, kernel_name)
     kernel = KERNELS[kernel_name]
     n, c, h, w = (int(v) for v in x.shape)
     _, kh, kw = (int(v) for v in wp.shape)
@@ -213,6 +261,43 @@ def packed_depthwise_conv2d(
     return _compensate(acc, None, c, ow)
 
 
+def _depthwise_nhwc(x, wp, strides, padding, dilation, kernel_name):
+    """Depthwise NHWC int8/uint8 x [KH, KW, C'] int32 -> NHWC int32: vectors along channels.
+
+    Each tap is a vector of a pixel's channels times a vector of weights, at any map size and
+    stride (columns of a 10x10 map fill 10 of 16 lanes; 96 channels fill whole registers).
+    The pack pads the borders and the channels to whole vectors, channels innermost in groups
+    of ``channel_lanes``, the regular kernels' pack layout.
+    """
+    kernel = KERNELS[kernel_name]
+    n, h, w, c = (int(v) for v in x.shape)
+    kh, kw, cp = (int(v) for v in wp.shape)
+    cl = channel_lanes(c, kernel.lanes)
+    (pt, pl, pb, pr), (sh, sw), (dh, dw), (oh, ow) = _geometry(h, w, kh, kw, padding, strides, dilation)
+    xpad = te.compute(
+        (n, h + pt + pb, w + pl + pr, cp // cl, cl),
+        lambda b, y, xx, cc, l: tirx.if_then_else(
+            tirx.all(cc * cl + l < c, y >= pt, y < h + pt, xx >= pl, xx < w + pl),
+            x[b, y - pt, xx - pl, tirx.Min(cc * cl + l, c - 1)],
+            tirx.const(0, x.dtype),
+        ),
+        name="int8_pack",
+        attrs={PACK_INTERIOR_ATTR: [pt, h + pt, pl, w + pl]},
+    )
+    ry = te.reduce_axis((0, kh), name="ry")
+    rx = te.reduce_axis((0, kw), name="rx")
+    acc = te.compute(
+        (n, oh, ow, cp),
+        lambda b, y, xx, o: te.sum(
+            xpad[b, y * sh + ry * dh, xx * sw + rx * dw, o // cl, o % cl].astype("int32") * wp[ry, rx, o],
+            axis=[ry, rx],
+        ),
+        name="int8_conv",
+        attrs={KERNEL_ATTR: kernel_name, DEPTHWISE_ATTR: 1, LAYOUT_ATTR: "NHWC", TILE_ATTR: [cl]},
+    )
+    return _compensate(acc, None, c, ow, "NHWC")
+
+
 def _largest_divisor(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
@@ -236,11 +321,34 @@ def _inline_epilogue(sch: s_tir.Schedule, block):
         sch.compute_inline(tail)
         consumers = sch.get_consumers(block)
     if tail is not None:
-        # Other element-wise inputs of the epilogue (e.g. a dequantized residual) into it too.
-        for other in sch.get_producers(tail):
-            if not sch.get(other).same_as(sch.get(block)):
-                sch.compute_inline(other)
+        # Other element-wise inputs of the epilogue (e.g. a dequantized residual, one block per
+        # op when spelled out for the channels-last rewrite) into it too.
+        others = [p for p in sch.get_producers(tail) if not sch.get(p).same_as(sch.get(block))]
+        while others:
+            sch.compute_inline(others[0])
+            others = [p for p in sch.get_producers(tail) if not sch.get(p).same_as(sch.get(block))]
     return tail
+
+
+def _elements(sch: s_tir.Schedule, block) -> int:
+    return int(np.prod([int(v) for v in sch.get(block).writes[0].source.shape]))
+
+
+def _broadcasts(sch: s_tir.Schedule, tail, block) -> bool:
+    """True when the epilogue writes more than the convolution (a squeeze-excite conv on a 1x1
+    map scaling a whole feature map): under the conv's tile loop it would run serially."""
+    return _elements(sch, tail) > _elements(sch, block)
+
+
+def _schedule_alone(sch: s_tir.Schedule, block, lanes: int) -> None:
+    """An element-wise loop nest of its own: parallel over its outer loops when large,
+    vectorized along the innermost."""
+    *outer, inner = sch.get_loops(block)
+    width = next((v for v in (2 * lanes, lanes, lanes // 2, 4) if _extent(sch, inner) % v == 0), None)
+    if width is not None:
+        sch.vectorize(sch.split(inner, [None, width])[1] if _extent(sch, inner) > width else inner)
+    if outer and _elements(sch, block) >= PARALLEL_MIN_ELEMS:
+        sch.parallel(sch.fuse(*outer[:2]) if len(outer) > 1 else outer[0])
 
 
 def _partition(sch: s_tir.Schedule, loop, lo: int, hi: int):
@@ -288,7 +396,8 @@ def _schedule_pack(sch: s_tir.Schedule, block, depthwise: bool) -> None:
 def _finish(sch: s_tir.Schedule, block, parallel_loops, r_first, tile_loops, lane_loop, intrin):
     """Shared tail of both schedules: pack stage, parallel outer loops, then the lane loop
     tensorized with ``intrin`` (or vectorized when None)."""
-    _schedule_pack(sch, block, DEPTHWISE_ATTR in sch.get(block).annotations)
+    annotations = sch.get(block).annotations
+    _schedule_pack(sch, block, DEPTHWISE_ATTR in annotations and not _nhwc(annotations))
     if np.prod([_extent(sch, l) for l in sch.get_loops(block)]) >= _PARALLEL_MIN_MACS:
         sch.parallel(sch.fuse(*parallel_loops))
     if intrin is None:
@@ -301,12 +410,18 @@ def _finish(sch: s_tir.Schedule, block, parallel_loops, r_first, tile_loops, lan
         sch.unroll(loop)
 
 
+def _nhwc(annotations) -> bool:
+    return str(annotations.get(LAYOUT_ATTR, "NCHW")) == "NHWC"
+
+
 def schedule_packed_conv(sch: s_tir.Schedule, block) -> None:
     """Schedule one packed convolution block (and its fused epilogue) in ``sch``."""
     register()
     annotations = sch.get(block).annotations
     kernel = KERNELS[str(annotations[KERNEL_ATTR])]
-    if DEPTHWISE_ATTR in annotations:
+    if DEPTHWISE_ATTR in annotations and _nhwc(annotations):
+        _schedule_depthwise_nhwc(sch, block, kernel)
+    elif DEPTHWISE_ATTR in annotations:
         _schedule_depthwise(sch, block, kernel)
     else:
         _schedule_dense(sch, block, kernel)
@@ -314,7 +429,11 @@ def schedule_packed_conv(sch: s_tir.Schedule, block) -> None:
 
 def _schedule_dense(sch: s_tir.Schedule, block, kernel: DotKernel) -> None:
     lanes, depth = kernel.lanes, kernel.depth
-    n, o, y, x, ry, rx, rc = sch.get_loops(block)
+    nhwc = _nhwc(sch.get(block).annotations)
+    if nhwc:
+        n, y, x, o, ry, rx, rc = sch.get_loops(block)
+    else:
+        n, o, y, x, ry, rx, rc = sch.get_loops(block)
     rc_o, r_inner = sch.split(rc, [None, depth])
     # Register tile: tile_w columns x tile_oc lane groups of int32 accumulators; each
     # activation group is reused tile_oc times, each weight block tile_w times.
@@ -323,7 +442,15 @@ def _schedule_dense(sch: s_tir.Schedule, block, kernel: DotKernel) -> None:
     x_o, x_t = sch.split(x, [None, tile_w])
     sch.reorder(n, o_o, y, x_o, ry, rx, rc_o, x_t, o_t, o_l, r_inner)
     tail = _inline_epilogue(sch, block)
-    if tail is not None:
+    if tail is not None and _broadcasts(sch, tail, block):
+        _schedule_alone(sch, tail, lanes)
+        tail = None
+    if tail is not None and nhwc:
+        # Requantize per register tile, a vector of channels at a time: the NHWC stores are
+        # contiguous along the channels.
+        sch.reverse_compute_at(tail, x_o, preserve_unit_loops=True)
+        _vectorize_channels(sch, tail, lanes)
+    elif tail is not None:
         # Requantize along the output columns: the NCHW stores (and residual loads) are
         # contiguous there. Along the lanes instead, every store is a 16-way scatter: measured
         # 1.1x-4.5x slower per kernel (1x1 and 3x3, 2x96 to 160x160 outputs). Rows whose width
@@ -341,8 +468,9 @@ def _schedule_dense(sch: s_tir.Schedule, block, kernel: DotKernel) -> None:
     else:
         local = sch.cache_write(block, 0, _ACC_SCOPE)
         sch.reverse_compute_at(local, x_o, preserve_unit_loops=True)
-    # Lanes contiguous in the accumulator tile: one vector register holds one call's C.
-    sch.transform_layout(block, ("write", 0), lambda b, c, h, w: (b, c // lanes, h, w, c % lanes))
+    if not nhwc:
+        # Lanes contiguous in the accumulator tile: one vector register holds one call's C.
+        sch.transform_layout(block, ("write", 0), lambda b, c, h, w: (b, c // lanes, h, w, c % lanes))
     _finish(sch, block, (n, o_o, y), ry, (x_t, o_t), o_l, kernel.intrin)
 
 
@@ -363,3 +491,32 @@ def _schedule_depthwise(sch: s_tir.Schedule, block, kernel: DotKernel) -> None:
         local = sch.cache_write(block, 0, _ACC_SCOPE)
         sch.reverse_compute_at(local, x_o, preserve_unit_loops=True)
     _finish(sch, block, (n, c, y), ry, (x_t,), x_l, None)
+
+
+def _vectorize_channels(sch: s_tir.Schedule, tail, lanes: int) -> None:
+    """Vectorize the innermost (channel) loop of an NHWC epilogue in whole vectors of up to
+    ``lanes`` (left scalar when no width from 4 up divides it)."""
+    inner = sch.get_loops(tail)[-1]
+    extent = _extent(sch, inner)
+    width = next((v for v in (lanes, lanes // 2, lanes // 4) if v >= 4 and extent % v == 0), None)
+    if width is not None:
+        sch.vectorize(sch.split(inner, [None, width])[1] if extent > width else inner)
+
+
+def _schedule_depthwise_nhwc(sch: s_tir.Schedule, block, kernel: DotKernel) -> None:
+    (cl,) = (int(v) for v in sch.get(block).annotations[TILE_ATTR])
+    n, y, x, o, ry, rx = sch.get_loops(block)
+    # Register tile: ``tile`` neighbouring output columns x one channel vector; the weight
+    # vector of a tap is loaded once per tile.
+    tile = _largest_divisor(_extent(sch, x), max(1, kernel.max_acc // 2))
+    o_o, o_l = sch.split(o, [None, cl])
+    x_o, x_t = sch.split(x, [None, tile])
+    sch.reorder(n, y, x_o, o_o, ry, rx, x_t, o_l)
+    tail = _inline_epilogue(sch, block)
+    if tail is not None:
+        sch.reverse_compute_at(tail, o_o, preserve_unit_loops=True)
+        _vectorize_channels(sch, tail, cl)
+    else:
+        local = sch.cache_write(block, 0, _ACC_SCOPE)
+        sch.reverse_compute_at(local, o_o, preserve_unit_loops=True)
+    _finish(sch, block, (n, y), ry, (x_t,), o_l, None)

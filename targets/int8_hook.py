@@ -1,7 +1,8 @@
 """The int8 dot-product kernels as a kernel hook of the CPU families.
 
 Turned on by a preset's ``features.int8_dot`` (a kernel name or a preference list): before
-fusion, realized int8 convolutions become packed-weight kernels for the first listed kernel the
+fusion, realized int8 convolutions go channels-last (``Int8ChannelsLast``, unless
+``features.int8_layout`` is ``"NCHW"``) and become packed-weight kernels for the first listed kernel the
 target CPU has (``PackInt8Conv``); after fusion they are tiled and tensorized by hand
 (``ScheduleInt8Conv``), so tuning leaves them alone. Passes learn the kernel from
 ``TargetFacts.int8_dot`` and the activation dtypes it takes from ``int8_act_dtypes``.
@@ -10,6 +11,7 @@ target CPU has (``PackInt8Conv``); after fusion they are tiled and tensorized by
 from __future__ import annotations
 
 from .base import KernelHook
+from .int8_layout import Int8ChannelsLast
 from .int8_pack import PackInt8Conv, target_kernel
 from .int8_schedule import ScheduleInt8Conv
 
@@ -20,7 +22,11 @@ class Int8DotKernels(KernelHook):
 
     def rewrites(self, profile):
         kernel = target_kernel(profile)
-        return [PackInt8Conv(kernel)] if kernel is not None else []
+        if kernel is None:
+            return []
+        # features.int8_layout = "NCHW" keeps the imported layout (each kernel packs its input).
+        nhwc = str(profile.features.get("int8_layout", "NHWC")).upper() == "NHWC"
+        return [*([Int8ChannelsLast(kernel.act_dtypes)] if nhwc else []), PackInt8Conv(kernel)]
 
     def schedules(self, profile):
         return [ScheduleInt8Conv()] if target_kernel(profile) is not None else []

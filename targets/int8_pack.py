@@ -1,13 +1,15 @@
 """PackInt8Conv: int8 conv2d with a constant weight -> packed-weight dot-product kernel.
 
 Needs: realized int8 convolutions (``QuantizeRealize``: ``R.nn.conv2d`` with int8/uint8 data, a
-constant int8 OIHW weight, int32 output, NCHW, groups 1 or depthwise) and a target whose preset names a dot
+constant int8 weight, int32 output, NCHW/OIHW or, after ``Int8ChannelsLast``, NHWC/HWIO, groups 1
+or depthwise) and a target whose preset names a dot
 kernel its CPU has (``features.int8_dot``: ``vpdpbusd`` on x86 AVX-512 VNNI, ``pmaddwd`` on x86
 AVX2, ``sdot`` on AArch64 ``+dotprod``).
 Runs before ``LegalizeOps``: each such call becomes a ``call_tir`` of ``int8_conv.packed_conv2d``
 with the weight packed offline, marked out-element-wise fusable so FuseOps still fuses the
 requantize epilogue into it. ``ScheduleInt8Conv`` must run after FuseTIR to schedule it.
-Depthwise convolutions get a vector kernel along output columns (no dot instruction). Other
+Depthwise convolutions get a vector kernel (no dot instruction): along output columns in
+NCHW, along channels in NHWC. Other
 convolutions (float, other grouped ones, activations the kernel cannot take) are left alone.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import tvm
 from tvm import relax
 from tvm.relax.dpl import is_const
@@ -34,6 +37,14 @@ from .int8_intrin import KERNELS, DotKernel
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _CONST = is_const()
 _OUT_EWISE_FUSABLE = 4  # relax.transform's OpPatternKind kOutEWiseFusable
+
+
+# (data, kernel, out) layouts the kernels take: NCHW as imported, NHWC after Int8ChannelsLast.
+_LAYOUTS = (("NCHW", "OIHW", "NCHW"), ("NHWC", "HWIO", "NHWC"))
+
+
+def _oihw(w: np.ndarray, kernel_layout: str) -> np.ndarray:
+    return w if kernel_layout == "OIHW" else np.ascontiguousarray(w.transpose(3, 2, 0, 1))
 
 
 def kernel_names(value: Union[None, str, Sequence[str]]) -> list:
@@ -74,12 +85,12 @@ class _Packer(PyExprMutator):
             and weight.value.dtype == "int8"
             and str(data.ty.dtype) in self.kernel.act_dtypes
             and str(attrs.out_dtype) == "int32"
-            and (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) == ("NCHW", "OIHW", "NCHW")
+            and (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) in _LAYOUTS
             and all(isinstance(d, tvm.tirx.IntImm) for d in data.ty.shape)
         ):
             return None
-        groups, channels = int(attrs.groups), int(data.ty.shape[1])
-        oc, icg = weight.value.shape[:2]
+        groups, channels = int(attrs.groups), int(data.ty.shape[attrs.data_layout.index("C")])
+        oc, icg = _oihw(weight.value.numpy(), attrs.kernel_layout).shape[:2]
         if groups == 1:
             return "conv"
         if groups == channels == oc and icg == 1:
@@ -94,17 +105,19 @@ class _Packer(PyExprMutator):
         if kind is None:
             return call
         data, weight = call.args
-        w = weight.value.numpy()
         attrs = call.attrs
+        w = _oihw(weight.value.numpy(), attrs.kernel_layout)
+        layout = str(attrs.data_layout)
         geometry = (
             [int(v) for v in attrs.strides],
             [int(v) for v in attrs.padding],
             [int(v) for v in attrs.dilation],
             self.kernel.name,
+            layout,
         )
         self.count += 1
         if kind == "depthwise":
-            args = [data, relax.const(pack_depthwise_weight(w, self.kernel))]
+            args = [data, relax.const(pack_depthwise_weight(w, self.kernel, layout))]
         else:
             shift = self.kernel.shift(str(data.ty.dtype))
             comp = relax.const(shift_compensation(w, shift)) if shift else None

@@ -109,6 +109,26 @@ def test_padding_keeps_its_rows_and_computes_the_pad():
         np.testing.assert_array_equal(out.numpy(), np.pad(x, [(0, 0), (0, 0), (1, 1), (1, 1)]))
 
 
+def test_channels_last_concat_runs_in_whole_vectors_per_input():
+    """A concat along the innermost axis (channels-last: 4 inputs of 24 channels) is cut at the
+    inputs' boundaries into pieces of whole vectors, one piece per input (a vector spanning
+    two inputs selected lane by lane: 1.75x slower, docs/benchmarks.md); the values are the
+    concat's."""
+    from tvm import te, topi
+
+    target = get_target("x86-avx2").tvm_target()
+    ins = [te.placeholder((1, 5, 6, 24), "float32", name=f"a{i}") for i in range(4)]
+    func = te.create_prim_func([*ins, topi.concatenate(ins, axis=3)])
+    sch = CPUFallback(lanes=8).apply(func, target, False)
+    loops = _loops(sch.mod["main"])
+    assert loops.count((8, tvm.tirx.ForKind.VECTORIZED)) == 4, loops  # one vector loop per input
+    rng = np.random.default_rng(9)
+    xs = [rng.standard_normal((1, 5, 6, 24)).astype("float32") for _ in ins]
+    out = tvm.runtime.tensor(np.full((1, 5, 6, 96), np.nan, "float32"))
+    tvm.compile(sch.mod, target)(*[tvm.runtime.tensor(x) for x in xs], out)
+    np.testing.assert_array_equal(out.numpy(), np.concatenate(xs, axis=3))
+
+
 def test_conv_tile_holds_several_output_channels_and_dense_stays_scheduled():
     """The register tile of a conv holds 8 output channels x one vector row (the input vector is
     loaded once for 8 FMA chains); a batch-1 dense, whose only loop outside the row is the

@@ -1,0 +1,138 @@
+"""Int8ChannelsLast: realized int8 convolutions (and the requantize chains between them) -> NHWC.
+
+Needs: realized int8 convolutions (``QuantizeRealize``), before ``PackInt8Conv``, which takes
+them in either layout. Runs as the first rewrite of the int8 kernel hook.
+
+In NCHW every packed int8 convolution starts by gathering its input's channel planes into
+pixels of contiguous channels (the dot instructions reduce over channels), and its epilogue
+scatters vectors of output channels back into planes. In NHWC a layer's output already is
+the next layer's pixels: the pack is a contiguous copy (zero borders, int16 on ``pmaddwd``),
+the epilogue stores whole channel vectors, and depthwise convolutions vectorize along
+channels at any map size. Relax's ``ConvertLayout`` moves the element-wise requantize ops
+with the convolutions; ``R.quantize`` has no layout rule, so per-tensor quantizations are
+first spelled as the element-wise ops it legalizes to (same expression, same values), and
+the weights' transposes are folded into constants for the packer.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from tvm_compress.relax_utils import const_value, copy_module, is_constant
+
+from .channels_last import LAYOUT_ATTR, LAYOUTS, _calls, _ScalarConstants
+
+_OP_CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
+_OP_QUANTIZE = tvm.ir.Op.get("relax.quantize")
+_OP_DEQUANTIZE = tvm.ir.Op.get("relax.dequantize")
+_OP_PERMUTE = tvm.ir.Op.get("relax.permute_dims")
+
+
+def int8_convs(func: relax.Function, act_dtypes) -> list:
+    """The NCHW conv2d calls with ``act_dtypes`` data, a constant int8 weight and int32 output."""
+    return [c for c in _calls(func, _OP_CONV2D)
+            if str(c.args[0].ty.dtype) in act_dtypes and is_constant(c.args[1])
+            and str(c.args[1].ty.dtype) == "int8" and str(c.attrs.out_dtype) == "int32"
+            and c.attrs.data_layout == "NCHW"]
+
+
+def _scalar(expr):
+    """The value of a constant of one element, else None."""
+    if is_constant(expr) and const_value(expr).size == 1:
+        return const_value(expr).reshape(())
+    return None
+
+
+@mutator
+class _SpellQuantize(PyExprMutator):
+    """Per-tensor ``quantize(x, s, zp)`` -> ``astype(maximum(minimum(round(x / s) + zp, max),
+    min))`` and ``dequantize(q, s, zp)`` -> ``astype(astype(q, int32) - zp, float32) * s``: the
+    expressions ``LegalizeOps`` gives them, in ops ``ConvertLayout`` can move."""
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        is_q, is_dq = call.op.same_as(_OP_QUANTIZE), call.op.same_as(_OP_DEQUANTIZE)
+        if not (is_q or is_dq):
+            return call
+        scale, zero = _scalar(call.args[1]), _scalar(call.args[2])
+        dtype, src = str(call.attrs.out_dtype), str(call.args[0].ty.dtype)
+        bb = self.builder_
+        if is_dq:
+            if scale is None or zero is None or dtype != "float32" or "int" not in src:
+                return call
+            x = bb.emit(relax.op.subtract(bb.emit(relax.op.astype(call.args[0], "int32")),
+                                          relax.const(int(zero), "int32")))
+            return relax.op.multiply(bb.emit(relax.op.astype(x, "float32")), relax.const(float(scale), "float32"))
+        if scale is None or zero is None or "int" not in dtype or src != "float32":
+            return call
+        x = bb.emit(relax.op.divide(call.args[0], relax.const(float(scale), src)))
+        x = bb.emit(relax.op.add(bb.emit(relax.op.round(x)), relax.const(float(zero), src)))
+        info = np.iinfo(dtype)
+        x = bb.emit(relax.op.minimum(x, relax.const(float(info.max), src)))
+        x = bb.emit(relax.op.maximum(x, relax.const(float(info.min), src)))
+        return relax.op.astype(x, dtype)
+
+
+@mutator
+class _FoldPermutedConstants(PyExprMutator):
+    """``permute_dims(constant)`` -> the permuted constant (the HWIO weights, the per-channel
+    scales as (1, 1, 1, C)), so the packer sees constant weights."""
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        args = [self._constant(a) for a in call.args]
+        if any(a is not b for a, b in zip(args, call.args)):
+            call = relax.Call(call.op, args, call.attrs, call.ty_args, call.span)
+        if call.op.same_as(_OP_PERMUTE) and is_constant(call.args[0]):
+            value = const_value(call.args[0])
+            axes = list(range(value.ndim))[::-1] if call.attrs.axes is None else [int(a) for a in call.attrs.axes]
+            return relax.const(np.ascontiguousarray(value.transpose(axes)))
+        return call
+
+    def _constant(self, expr):
+        """A variable bound to a constant (a folded transpose) -> the constant."""
+        value = self.lookup_binding(expr) if isinstance(expr, relax.Var) else None
+        return value if value is not None and is_constant(value) else expr
+
+
+@tvm.transform.module_pass(opt_level=0, name="Int8ChannelsLast")
+class Int8ChannelsLast:
+    """Functions with int8 convolutions the packed kernels take (``act_dtypes`` data) -> NHWC
+    convolutions, HWIO weights, element-wise chains between them in NHWC. What it did: module
+    attribute ``LAYOUT_ATTR`` (``{"layout": "NHWC", "int8_convs": n, ...}``)."""
+
+    def __init__(self, act_dtypes):
+        self.act_dtypes = tuple(act_dtypes)
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        names = [gv for gv, f in mod.functions_items()
+                 if isinstance(f, relax.Function) and int8_convs(f, self.act_dtypes)]
+        if not names:
+            return mod
+        try:
+            converted = copy_module(mod)
+            for gv in names:
+                converted[gv] = _ScalarConstants().visit_expr(_SpellQuantize().visit_expr(converted[gv]))
+            converted = relax.transform.ConvertLayout(LAYOUTS)(relax.transform.Normalize()(converted))
+            out = copy_module(mod)
+            for gv in names:
+                out[gv] = relax.analysis.remove_all_unused(_FoldPermutedConstants().visit_expr(converted[gv]))
+            out = relax.transform.Normalize()(out)
+        except Exception as err:  # noqa: BLE001  (an op ConvertLayout cannot move: stays NCHW)
+            return mod.with_attr(LAYOUT_ATTR, json.dumps(
+                {"layout": "NCHW", "int8": True, "reason": f"int8 channels-last rewrite failed ({type(err).__name__})"}))
+        convs = [c for gv in names for c in _calls(out[gv], _OP_CONV2D)]
+        transposes = sum(len(_calls(out[gv], _OP_PERMUTE)) for gv in names)
+        info = {"layout": "NHWC", "int8": True,
+                "nhwc_convs": sum(c.attrs.data_layout == "NHWC" for c in convs),
+                "nchw_convs": sum(c.attrs.data_layout == "NCHW" for c in convs),
+                "transposes": transposes,
+                "reason": f"int8: activations stay channels-last between layers ({transposes} transposes left)"}
+        return out.with_attr(LAYOUT_ATTR, json.dumps(info))
+
+

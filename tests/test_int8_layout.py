@@ -1,0 +1,168 @@
+"""int8 activations channels-last between layers (targets/int8_layout.py, the NHWC int8 kernels).
+
+A realized int8 chain (conv -> requantize -> depthwise -> requantize -> conv, a dequantized
+residual, a concat) must lower with no layout conversion between its convolutions, and give
+exactly the integers the NCHW kernels give (those are checked against numpy in
+tests/test_int8_kernels.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from tvm_compress import pipeline
+from tvm_compress.targets import get_target
+from tvm_compress.targets.channels_last import LAYOUT_ATTR
+from tvm_compress.targets.int8_conv import channel_lanes
+from tvm_compress.targets.int8_hook import INT8_DOT
+from tvm_compress.targets.int8_layout import Int8ChannelsLast
+
+CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
+CALL_TIR = tvm.ir.Op.get("relax.call_tir")
+PERMUTE = tvm.ir.Op.get("relax.permute_dims")
+QUANTIZE = tvm.ir.Op.get("relax.quantize")
+
+
+def _requantize(bb, acc, channels, rng, scale, zero, dtype):
+    """What QuantizeRealize leaves after an int32 conv: per-channel rescale, bias, quantize."""
+    y = bb.emit(relax.op.astype(acc, "float32"))
+    y = bb.emit(relax.op.multiply(y, relax.const(rng.uniform(0.01, 0.03, (1, channels, 1, 1)).astype("float32"))))
+    y = bb.emit(relax.op.add(y, relax.const(rng.uniform(-2, 2, (1, channels, 1, 1)).astype("float32"))))
+    return bb.emit(relax.op.quantize(y, relax.const(np.float32(scale)), relax.const(zero, dtype),
+                                     axis=1, out_dtype=dtype)), y
+
+
+def _chain(seed=0, act="int8"):
+    """x -> 3x3 conv (7 -> 24) -> uint8 -> depthwise 3x3 stride 2 -> int8 -> 1x1 conv (24 -> 10)
+    + dequantized residual -> concat with a second 1x1 branch -> float output."""
+    rng = np.random.default_rng(seed)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 7, 13, 11), act))
+    w1 = rng.integers(-128, 128, (24, 7, 3, 3)).astype(np.int8)
+    w2 = rng.integers(-128, 128, (24, 1, 3, 3)).astype(np.int8)
+    w3 = rng.integers(-128, 128, (10, 24, 1, 1)).astype(np.int8)
+    w4 = rng.integers(-128, 128, (6, 24, 1, 1)).astype(np.int8)
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            a = bb.emit(relax.op.nn.conv2d(x, relax.const(w1), padding=1, out_dtype="int32"))
+            qa, _ = _requantize(bb, a, 24, rng, 0.7, 3, "uint8")
+            b = bb.emit(relax.op.nn.conv2d(qa, relax.const(w2), strides=2, padding=1, groups=24, out_dtype="int32"))
+            qb, _ = _requantize(bb, b, 24, rng, 0.9, 0, "int8")
+            c = bb.emit(relax.op.nn.conv2d(qb, relax.const(w3), out_dtype="int32"))
+            _, fc = _requantize(bb, c, 10, rng, 0.5, 0, "int8")
+            res = bb.emit(relax.op.dequantize(qb, relax.const(np.float32(0.9)), relax.const(0, "int8"), axis=1))
+            fc = bb.emit(relax.op.add(fc, relax.op.strided_slice(res, [1], [0], [10])))
+            d = bb.emit(relax.op.nn.conv2d(qb, relax.const(w4), out_dtype="int32"))
+            _, fd = _requantize(bb, d, 6, rng, 0.5, 0, "int8")
+            gv = bb.emit_output(relax.op.concat([fc, fd], axis=1))
+        bb.emit_func_output(gv)
+    lo, hi = (0, 256) if act == "uint8" else (-128, 128)
+    return bb.get(), rng.integers(lo, hi, (1, 7, 13, 11)).astype(act)
+
+
+def _profile(name, layout):
+    profile = get_target(name)
+    return dataclasses.replace(profile, features={**profile.features, "int8_layout": layout})
+
+
+def _calls(func, op):
+    found = []
+    relax.analysis.post_order_visit(
+        func, lambda e: found.append(e) if isinstance(e, relax.Call) and e.op.same_as(op) else None)
+    return found
+
+
+def _run(mod, profile, x):
+    target = profile.tvm_target()
+    with target:
+        lowered = tvm.transform.Sequential(pipeline.lowering_passes(profile))(mod)
+    scheduled = pipeline.Schedule(profile)(lowered)
+    unscheduled = [gv.name_hint for gv, f in scheduled.functions_items()
+                   if isinstance(f, tvm.tirx.PrimFunc) and not f.attrs.get("tirx.is_scheduled", False)]
+    ex = tvm.compile(scheduled, target)
+    return relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy(), unscheduled
+
+
+def test_chain_has_no_transposes_between_layers():
+    """After the int8 hook's rewrites every conv is a packed kernel and the only transposes
+    are at the model's edges (its NCHW input and output)."""
+    mod, _ = _chain()
+    for rewrite in INT8_DOT.rewrites(_profile("x86-avx2", "NHWC")):
+        mod = rewrite(mod)
+    func = mod["main"]
+    assert not _calls(func, CONV2D) and not _calls(func, QUANTIZE)
+    assert len([c for c in _calls(func, CALL_TIR) if "int8_conv" in c.args[0].name_hint]) == 4
+    permutes = _calls(func, PERMUTE)
+    assert len(permutes) == 2
+    assert {tuple(int(a) for a in p.attrs.axes) for p in permutes} == {(0, 2, 3, 1), (0, 3, 1, 2)}
+    info = json.loads(str(mod.attrs[LAYOUT_ATTR]))
+    assert (info["layout"], info["nhwc_convs"], info["nchw_convs"], info["transposes"]) == ("NHWC", 4, 0, 2)
+
+
+def test_nchw_feature_keeps_the_imported_layout():
+    mod, _ = _chain()
+    for rewrite in INT8_DOT.rewrites(_profile("x86-avx2", "NCHW")):
+        mod = rewrite(mod)
+    assert not _calls(mod["main"], PERMUTE)
+    assert mod.attrs is None or LAYOUT_ATTR not in mod.attrs
+
+
+@pytest.mark.parametrize("target_name", ["x86-avx2", "x86"])
+@pytest.mark.parametrize("act", ["int8", "uint8"])
+def test_chain_nhwc_equals_nchw_exactly(target_name, act):
+    """The same integers through both layouts (the NCHW kernels are checked against numpy),
+    every packed kernel scheduled by hand in both."""
+    mod, x = _chain(seed=1, act=act)
+    got_nhwc, left_nhwc = _run(mod, _profile(target_name, "NHWC"), x)
+    got_nchw, _ = _run(mod, _profile(target_name, "NCHW"), x)
+    assert got_nhwc.shape == (1, 16, 7, 6)
+    np.testing.assert_array_equal(got_nhwc, got_nchw)
+    assert not [n for n in left_nhwc if "int8_conv" in n], left_nhwc
+
+
+def test_spelled_quantize_is_the_legalized_expression():
+    """quantize/dequantize spelled as element-wise ops give the values LegalizeOps gives them,
+    ties and saturation included."""
+    values = np.array([[-300.0, -0.35, -0.25, 0.25, 0.35, 0.75, 1.25, 37.5, 500.0]], "float32")
+    bb = relax.BlockBuilder()
+    v = relax.Var("v", relax.TensorType(values.shape, "float32"))
+    with bb.function("main", [v]):
+        with bb.dataflow():
+            q = bb.emit(relax.op.quantize(v, relax.const(np.float32(0.5)), relax.const(3, "uint8"), out_dtype="uint8"))
+            d = bb.emit(relax.op.dequantize(q, relax.const(np.float32(0.5)), relax.const(3, "uint8")))
+            gv = bb.emit_output(relax.op.add(d, d))
+        bb.emit_func_output(gv)
+    mod = bb.get()
+    from tvm_compress.targets.int8_layout import _SpellQuantize
+
+    spelled = tvm.IRModule({"main": _SpellQuantize().visit_expr(mod["main"])})
+    assert not _calls(spelled["main"], QUANTIZE)
+    outs = []
+    for m in (mod, spelled):
+        ex = tvm.compile(relax.transform.LegalizeOps()(m), "llvm")
+        outs.append(relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(values)).numpy())
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_modules_without_packable_convs_are_left_alone():
+    rng = np.random.default_rng(4)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 4, 8, 8), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(rng.standard_normal((8, 4, 3, 3)).astype("float32"))))
+            gv = bb.emit_output(relax.op.quantize(y, relax.const(np.float32(0.1)), relax.const(0, "int8")))
+        bb.emit_func_output(gv)
+    before = bb.get()
+    tvm.ir.assert_structural_equal(Int8ChannelsLast(("int8", "uint8"))(before), before)
+
+
+@pytest.mark.parametrize("channels, lanes, expected", [(96, 16, 16), (24, 16, 8), (12, 8, 4), (18, 8, 8), (10, 4, 4)])
+def test_depthwise_channel_vectors(channels, lanes, expected):
+    assert channel_lanes(channels, lanes) == expected
