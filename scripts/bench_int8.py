@@ -167,6 +167,16 @@ def _time_call(call, number=50, repeat=7):
     return 1e3 * float(np.median(results))
 
 
+def _nchw_out(w, args):
+    """The kernel's output shape as the imported (NCHW) graph has it: the key QuantizeRealize
+    looks layers up by. A float conv that ran channels-last reads an HWIO weight."""
+    out = tuple(args[-1].shape)
+    hwio = (w[2], w[3], w[1], w[0]) if len(w) == 4 else None
+    if hwio is not None and hwio != tuple(w) and any(tuple(a.shape) == hwio for a in args[1:-1]):
+        return (out[0], out[3], out[1], out[2])
+    return out
+
+
 def speed_table(float_lib, int8_lib, layers, x, profile):
     """Per layer shape: time of its kernel (conv/matmul + fused epilogue) in each artifact."""
     from tvm_compress.passes.quantize_realize import layer_key
@@ -185,6 +195,7 @@ def speed_table(float_lib, int8_lib, layers, x, profile):
             packed.add(pack_weight(zeros, dot).shape)
             if w[1] == 1:
                 packed.add(pack_depthwise_weight(zeros, dot).shape)
+                packed.add(pack_depthwise_weight(zeros, dot, "NHWC").shape)  # channels-last int8
         q_shapes.append(packed)
     f_calls = _layer_kernels(_kernel_calls(float_lib, x), f_shapes)
     q_calls = _layer_kernels(_kernel_calls(int8_lib, x), q_shapes)
@@ -194,7 +205,7 @@ def speed_table(float_lib, int8_lib, layers, x, profile):
         f_ms, q_ms = _time_call(fc), _time_call(qc_)
         f_ms, q_ms = min(f_ms, _time_call(fc)), min(q_ms, _time_call(qc_))
         kind = "conv2d" if len(layer["weight_shape"]) == 4 else "matmul"
-        key = layer_key(kind, layer["weight_shape"], fc[2][-1].shape)
+        key = layer_key(kind, layer["weight_shape"], _nchw_out(layer["weight_shape"], fc[2]))
         table[key] = {"float_ms": f_ms, "int8_ms": q_ms, "speedup": f_ms / q_ms, "layer": layer["name"]}
     return {"target": profile.name,
             "source": "median kernel time (conv/matmul with its fused epilogue) in the compiled float "

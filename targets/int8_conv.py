@@ -191,13 +191,14 @@ def packed_conv2d(
 
 def pack_depthwise_weight(w: np.ndarray, kernel: DotKernel, layout: str = "NCHW") -> np.ndarray:
     """[C, 1, KH, KW] int8 -> [C, KH, KW]: depthwise taps are scalars broadcast over a vector of
-    output columns, so no dot-product layout is needed. NHWC: [KH, KW, C'] int32, C' channels
-    padded to whole vectors (``channel_lanes``): one tap is one vector load."""
+    output columns, so no dot-product layout is needed. NHWC: [KH, KW, C'], C' channels padded
+    to whole vectors (``channel_lanes``): one tap is one vector load (widened in the kernel;
+    stored as int8, the weights stay a quarter of float's bytes)."""
     if layout != "NHWC":
         return np.ascontiguousarray(w[:, 0])
     c = w.shape[0]
     cp = -(-c // channel_lanes(c, kernel.lanes)) * channel_lanes(c, kernel.lanes)
-    return np.ascontiguousarray(np.pad(w[:, 0], ((0, cp - c), (0, 0), (0, 0))).transpose(1, 2, 0).astype(np.int32))
+    return np.ascontiguousarray(np.pad(w[:, 0], ((0, cp - c), (0, 0), (0, 0))).transpose(1, 2, 0))
 
 
 def channel_lanes(channels: int, lanes: int) -> int:
@@ -262,7 +263,7 @@ def packed_depthwise_conv2d(
 
 
 def _depthwise_nhwc(x, wp, strides, padding, dilation, kernel_name):
-    """Depthwise NHWC int8/uint8 x [KH, KW, C'] int32 -> NHWC int32: vectors along channels.
+    """Depthwise NHWC int8/uint8 x [KH, KW, C'] int8 -> NHWC int32: vectors along channels.
 
     Each tap is a vector of a pixel's channels times a vector of weights, at any map size and
     stride (columns of a 10x10 map fill 10 of 16 lanes; 96 channels fill whole registers).
@@ -289,7 +290,8 @@ def _depthwise_nhwc(x, wp, strides, padding, dilation, kernel_name):
     acc = te.compute(
         (n, oh, ow, cp),
         lambda b, y, xx, o: te.sum(
-            xpad[b, y * sh + ry * dh, xx * sw + rx * dw, o // cl, o % cl].astype("int32") * wp[ry, rx, o],
+            xpad[b, y * sh + ry * dh, xx * sw + rx * dw, o // cl, o % cl].astype("int32")
+            * wp[ry, rx, o].astype("int32"),
             axis=[ry, rx],
         ),
         name="int8_conv",

@@ -166,3 +166,42 @@ def test_modules_without_packable_convs_are_left_alone():
 @pytest.mark.parametrize("channels, lanes, expected", [(96, 16, 16), (24, 16, 8), (12, 8, 4), (18, 8, 8), (10, 4, 4)])
 def test_depthwise_channel_vectors(channels, lanes, expected):
     assert channel_lanes(channels, lanes) == expected
+
+
+@pytest.mark.slow
+def test_speed_table_finds_every_layer_of_channels_last_builds(tmp_path):
+    """scripts/bench_int8.py's per-shape table (what `--quant-speed-table` reads) finds the
+    kernel of every conv/dense layer in float and int8 builds whose convs run channels-last,
+    keyed by the imported (NCHW) output shape that QuantizeRealize looks layers up by."""
+    import sys
+    from pathlib import Path
+
+    import tvm_compress
+
+    repo = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(repo / "scripts"))
+    try:
+        from bench_int8 import speed_table
+    finally:
+        sys.path.remove(str(repo / "scripts"))
+    model = repo / "tvm_compress" / "data" / "fashion_cnn.onnx"
+    data = np.load(repo / "tvm_compress" / "data" / "fashion_test.npz")
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, calib=(data["calib"][:64].astype("float32") / 255.0)[:, None])
+    profile = get_target("x86-avx2")
+    common = dict(target=profile, input_shapes={"input": (1, 1, 28, 28)}, bench_runs=0,
+                  check_kernels=False, log=lambda m: None)
+    tvm_compress.compile(str(model), tmp_path / "float.so", **common)
+    rep = tvm_compress.compile(str(model), tmp_path / "int8.so", passes="quantize",
+                               pass_configs={"quantize": {"calib": str(calib)}}, **common)
+    layers = rep["pass_reports"]["quantize"]["layers"]
+    assert json.loads(json.dumps(rep["conv_layout"]))["layout"] == "NHWC"
+    x = (data["images"][:1].astype("float32") / 255.0)[:, None]
+    table = speed_table(tmp_path / "float.so", tmp_path / "int8.so", layers, x, profile)["layers"]
+    assert sorted(v["layer"] for v in table.values()) == sorted(l["name"] for l in layers)
+    for key, row in table.items():
+        weight = [int(d) for d in key.split(":w")[1].split(":")[0].split("x")]
+        out = [int(d) for d in key.split(":o")[1].split("x")]
+        if key.startswith("conv2d"):
+            assert out[1] == weight[0], key  # channels on axis 1: NCHW
+        assert row["float_ms"] > 0 and row["int8_ms"] > 0
