@@ -16,6 +16,7 @@ from typing import Dict, Iterable, List
 from tvm_compress.errors import TargetError, lookup
 
 from . import arm, cuda, x86  # noqa: F401  (register the families)
+from .int8_hook import int8_layout
 from .int8_pack import kernel_names
 from .base import (
     KernelHook,
@@ -47,6 +48,7 @@ def _load_file(path: Path) -> None:
         get_family(table["family"])  # unknown family -> one-line TargetError
         try:
             kernel_names(dict(table.get("features", {})).get("int8_dot"))
+            int8_layout(dict(table.get("features", {})))
         except TargetError as err:
             raise TargetError(f"target file {path}: [{name}] features.{err}") from None
         _REGISTRY[name] = TargetProfile(

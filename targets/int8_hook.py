@@ -10,10 +10,21 @@ target CPU has (``PackInt8Conv``); after fusion they are tiled and tensorized by
 
 from __future__ import annotations
 
+from tvm_compress.errors import TargetError
+
 from .base import KernelHook
 from .int8_layout import Int8ChannelsLast
 from .int8_pack import PackInt8Conv, target_kernel
 from .int8_schedule import ScheduleInt8Conv
+
+
+def int8_layout(features) -> str:
+    """``features.int8_layout``: "NHWC" (default: activations channels-last between int8
+    layers) or "NCHW" (the imported layout; each kernel packs its input)."""
+    value = features.get("int8_layout", "NHWC")
+    if not isinstance(value, str) or value.upper() not in ("NHWC", "NCHW"):
+        raise TargetError(f"int8_layout {value!r} is not \"NHWC\" or \"NCHW\"")
+    return value.upper()
 
 
 class Int8DotKernels(KernelHook):
@@ -24,8 +35,7 @@ class Int8DotKernels(KernelHook):
         kernel = target_kernel(profile)
         if kernel is None:
             return []
-        # features.int8_layout = "NCHW" keeps the imported layout (each kernel packs its input).
-        nhwc = str(profile.features.get("int8_layout", "NHWC")).upper() == "NHWC"
+        nhwc = int8_layout(profile.features) == "NHWC"
         return [*([Int8ChannelsLast(kernel.act_dtypes)] if nhwc else []), PackInt8Conv(kernel)]
 
     def schedules(self, profile):

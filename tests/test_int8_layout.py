@@ -205,3 +205,15 @@ def test_speed_table_finds_every_layer_of_channels_last_builds(tmp_path):
         if key.startswith("conv2d"):
             assert out[1] == weight[0], key  # channels on axis 1: NCHW
         assert row["float_ms"] > 0 and row["int8_ms"] > 0
+
+
+def test_bad_int8_layout_in_target_file_is_one_line_error(tmp_path):
+    from tvm_compress.errors import TargetError
+    from tvm_compress.targets import load_target_files
+
+    f = tmp_path / "t.toml"
+    f.write_text('[my-cpu]\nfamily = "x86"\ntarget = { kind = "llvm", mcpu = "haswell" }\n'
+                 'features = { int8_dot = "pmaddwd", int8_layout = "NCWH" }\n')
+    with pytest.raises(TargetError, match="features.int8_layout 'NCWH' is not \"NHWC\" or \"NCHW\"") as err:
+        load_target_files([f])
+    assert "\n" not in str(err.value)
