@@ -11,7 +11,8 @@ the epilogue stores whole channel vectors, and depthwise convolutions vectorize 
 channels at any map size. Relax's ``ConvertLayout`` moves the element-wise requantize ops
 with the convolutions; ``R.quantize`` has no layout rule, so per-tensor quantizations are
 first spelled as the element-wise ops it legalizes to (same expression, same values), and
-the weights' transposes are folded into constants for the packer.
+the weights' transposes are folded into constants for the packer. A flatten into a dense
+layer reads the NHWC tensor with the dense weight's rows reordered (``_FlattenIntoWeights``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from tvm_compress.relax_utils import const_value, copy_module, is_constant
 
-from .channels_last import LAYOUT_ATTR, LAYOUTS, _calls, _ScalarConstants
+from .channels_last import LAYOUT_ATTR, LAYOUTS, _calls, _FlattenIntoWeights, _ScalarConstants
 
 _OP_CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _OP_QUANTIZE = tvm.ir.Op.get("relax.quantize")
@@ -121,7 +122,10 @@ class Int8ChannelsLast:
             converted = relax.transform.ConvertLayout(LAYOUTS)(relax.transform.Normalize()(converted))
             out = copy_module(mod)
             for gv in names:
-                out[gv] = relax.analysis.remove_all_unused(_FoldPermutedConstants().visit_expr(converted[gv]))
+                func = _FoldPermutedConstants().visit_expr(converted[gv])
+                # A flatten into a dense layer reads the NHWC tensor, the weight's rows reordered.
+                func = _FlattenIntoWeights(tvm.IRModule({gv: func})).visit_expr(func)
+                out[gv] = relax.analysis.remove_all_unused(func)
             out = relax.transform.Normalize()(out)
         except Exception as err:  # noqa: BLE001  (an op ConvertLayout cannot move: stays NCHW)
             return mod.with_attr(LAYOUT_ATTR, json.dumps(

@@ -217,3 +217,36 @@ def test_bad_int8_layout_in_target_file_is_one_line_error(tmp_path):
     with pytest.raises(TargetError, match="features.int8_layout 'NCWH' is not \"NHWC\" or \"NCHW\"") as err:
         load_target_files([f])
     assert "\n" not in str(err.value)
+
+
+def _flatten_dense(seed=2):
+    """int8 conv -> requantize -> flatten -> int8 dense (what QuantizeRealize leaves of a
+    classifier's head)."""
+    rng = np.random.default_rng(seed)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 5, 6, 7), "int8"))
+    w1 = rng.integers(-128, 128, (12, 5, 3, 3)).astype(np.int8)
+    w2 = rng.integers(-128, 128, (10, 12 * 6 * 7)).astype(np.int8)
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            a = bb.emit(relax.op.nn.conv2d(x, relax.const(w1), padding=1, out_dtype="int32"))
+            qa, _ = _requantize(bb, a, 12, rng, 0.8, 0, "int8")
+            flat = bb.emit(relax.op.reshape(qa, [1, 12 * 6 * 7]))
+            d = bb.emit(relax.op.matmul(flat, relax.op.permute_dims(relax.const(w2)), out_dtype="int32"))
+            gv = bb.emit_output(relax.op.multiply(relax.op.astype(d, "float32"), relax.const(np.float32(0.01))))
+        bb.emit_func_output(gv)
+    return bb.get(), rng.integers(-128, 128, (1, 5, 6, 7)).astype("int8")
+
+
+def test_flatten_into_dense_reads_the_nhwc_tensor():
+    """The flatten before a dense layer costs no transpose: the dense weight's rows are
+    reordered instead (the same integers as the NCHW build)."""
+    mod, x = _flatten_dense()
+    rewritten = mod
+    for rewrite in INT8_DOT.rewrites(_profile("x86-avx2", "NHWC")):
+        rewritten = rewrite(rewritten)
+    permutes = _calls(rewritten["main"], PERMUTE)
+    assert [tuple(int(a) for a in p.attrs.axes) for p in permutes] == [(0, 2, 3, 1)]  # the input's only
+    got_nhwc, _ = _run(mod, _profile("x86-avx2", "NHWC"), x)
+    got_nchw, _ = _run(mod, _profile("x86-avx2", "NCHW"), x)
+    np.testing.assert_array_equal(got_nhwc, got_nchw)
