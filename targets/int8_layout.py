@@ -136,7 +136,8 @@ class Int8ChannelsLast:
                 "nhwc_convs": sum(c.attrs.data_layout == "NHWC" for c in convs),
                 "nchw_convs": sum(c.attrs.data_layout == "NCHW" for c in convs),
                 "transposes": transposes,
-                "reason": f"int8: activations stay channels-last between layers ({transposes} transposes left)"}
+                "reason": f"int8: activations stay channels-last between layers ({transposes} "
+                          f"transpose{'' if transposes == 1 else 's'} left)"}
         return out.with_attr(LAYOUT_ATTR, json.dumps(info))
 
 
