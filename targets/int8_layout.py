@@ -105,7 +105,7 @@ class _FoldPermutedConstants(PyExprMutator):
 class Int8ChannelsLast:
     """Functions with int8 convolutions the packed kernels take (``act_dtypes`` data) -> NHWC
     convolutions, HWIO weights, element-wise chains between them in NHWC. What it did: module
-    attribute ``LAYOUT_ATTR`` (``{"layout": "NHWC", "int8_convs": n, ...}``)."""
+    attribute ``LAYOUT_ATTR`` (``{"layout": "NHWC", "int8": true, "nhwc_convs": n, ...}``)."""
 
     def __init__(self, act_dtypes):
         self.act_dtypes = tuple(act_dtypes)
