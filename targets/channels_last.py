@@ -158,6 +158,58 @@ class _BackToNCHW(PyExprMutator):
         return relax.op.permute_dims(conv, [0, 2, 3, 1])
 
 
+_OP_SQUEEZE = tvm.ir.Op.get("relax.squeeze")
+_OP_EXPAND = tvm.ir.Op.get("relax.expand_dims")
+_MOVES = (_OP_PERMUTE, _OP_RESHAPE, _OP_SQUEEZE, _OP_EXPAND)
+
+
+@mutator
+class _CancelMoves(PyExprMutator):
+    """A chain of transposes and reshapes that leaves the elements in their order (a transpose
+    back to NCHW that ``ConvertLayout`` put before an op, and the transpose to NHWC after it; a
+    permutation that is the identity) -> one reshape of the chain's source, or the source: no
+    copy kernel. Checked by running the chain on the element indices."""
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if not any(call.op.same_as(op) for op in _MOVES) or not _static(call):
+            return call
+        chain, src = [call], call.args[0]
+        while True:
+            value = self.lookup_binding(src) if isinstance(src, relax.Var) else None
+            if not (isinstance(value, relax.Call) and any(value.op.same_as(op) for op in _MOVES)
+                    and _static(value)):
+                break
+            chain.append(value)
+            src = value.args[0]
+        if len(chain) == 1 and not call.op.same_as(_OP_PERMUTE) or not _static_tensor(src):
+            return call
+        index = np.arange(int(np.prod(_shape(src)))).reshape(_shape(src))
+        for step in reversed(chain):
+            index = (index.transpose([int(a) for a in step.attrs.axes] if step.attrs.axes is not None
+                                     else list(range(index.ndim))[::-1])
+                     if step.op.same_as(_OP_PERMUTE) else index.reshape(_shape(step)))
+        if not np.array_equal(index.ravel(), np.arange(index.size)):
+            return call
+        if tuple(_shape(src)) == tuple(_shape(call)):
+            return src
+        return relax.op.reshape(src, _shape(call))
+
+
+def _shape(expr) -> list:
+    return [int(d) for d in expr.ty.shape]
+
+
+def _static_tensor(expr) -> bool:
+    ty = getattr(expr, "ty", None)
+    return isinstance(ty, relax.TensorType) and ty.shape is not None and all(
+        isinstance(d, tirx.IntImm) for d in ty.shape)
+
+
+def _static(call) -> bool:
+    return _static_tensor(call) and _static_tensor(call.args[0])
+
+
 @mutator
 class _FlattenIntoWeights(PyExprMutator):
     """``matmul(reshape(permute_dims(x_nhwc, [0, 3, 1, 2]), [N, C*H*W]), W)`` with a constant
@@ -228,6 +280,7 @@ class ChannelsLast:
             out = copy_module(mod)
             for gv in names:
                 func = _BackToNCHW(converted, self.lanes).visit_expr(converted[gv])
+                func = _CancelMoves(tvm.IRModule({gv: func})).visit_expr(func)
                 # The transposes the flatten no longer reads are dropped.
                 out[gv] = relax.analysis.remove_all_unused(_FlattenIntoWeights(converted).visit_expr(func))
             out = relax.transform.Normalize()(out)

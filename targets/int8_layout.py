@@ -26,7 +26,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from tvm_compress.relax_utils import const_value, copy_module, is_constant
 
-from .channels_last import LAYOUT_ATTR, LAYOUTS, _calls, _FlattenIntoWeights, _ScalarConstants
+from .channels_last import LAYOUT_ATTR, LAYOUTS, _calls, _CancelMoves, _FlattenIntoWeights, _ScalarConstants
 
 _OP_CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _OP_QUANTIZE = tvm.ir.Op.get("relax.quantize")
@@ -123,6 +123,7 @@ class Int8ChannelsLast:
             out = copy_module(mod)
             for gv in names:
                 func = _FoldPermutedConstants().visit_expr(converted[gv])
+                func = _CancelMoves(tvm.IRModule({gv: func})).visit_expr(func)
                 # A flatten into a dense layer reads the NHWC tensor, the weight's rows reordered.
                 func = _FlattenIntoWeights(tvm.IRModule({gv: func})).visit_expr(func)
                 out[gv] = relax.analysis.remove_all_unused(func)

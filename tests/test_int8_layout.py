@@ -250,3 +250,38 @@ def test_flatten_into_dense_reads_the_nhwc_tensor():
     got_nhwc, _ = _run(mod, _profile("x86-avx2", "NHWC"), x)
     got_nchw, _ = _run(mod, _profile("x86-avx2", "NCHW"), x)
     np.testing.assert_array_equal(got_nhwc, got_nchw)
+
+
+def test_transpose_chains_that_keep_the_element_order_become_reshapes():
+    """Before == Expected: a transpose to NCHW and back, an identity permutation before a
+    reshape, and a squeeze-transpose-reshape chain that keeps the order all become one reshape
+    of (or just) their source; a real transpose stays."""
+    from tvm_compress.targets.channels_last import _CancelMoves
+
+    def build(body):
+        bb = relax.BlockBuilder()
+        x = relax.Var("x", relax.TensorType((1, 1, 40, 120), "int8"))
+        with bb.function("main", [x]):
+            with bb.dataflow():
+                gv = bb.emit_output(body(bb, x))
+            bb.emit_func_output(gv)
+        return bb.get()
+
+    def before(bb, x):
+        a = bb.emit(relax.op.permute_dims(bb.emit(relax.op.permute_dims(x, [0, 3, 1, 2])), [0, 2, 3, 1]))
+        b = bb.emit(relax.op.reshape(bb.emit(relax.op.permute_dims(
+            bb.emit(relax.op.squeeze(a, [1])), [0, 1, 2])), [40, 120]))
+        c = bb.emit(relax.op.permute_dims(b, [1, 0]))  # a real transpose
+        return relax.op.add(bb.emit(relax.op.reshape(b, [1, 40, 120])), relax.op.reshape(c, [1, 40, 120]))
+
+    def expected(bb, x):
+        b = bb.emit(relax.op.reshape(x, [40, 120]))
+        c = bb.emit(relax.op.permute_dims(b, [1, 0]))
+        return relax.op.add(bb.emit(relax.op.reshape(x, [1, 40, 120])), relax.op.reshape(c, [1, 40, 120]))
+
+    mod = build(before)
+    after = tvm.IRModule({"main": relax.analysis.remove_all_unused(
+        _CancelMoves(mod).visit_expr(mod["main"]))})
+    # (the chain that keeps its source's shape leaves an alias binding; canonicalized away)
+    after = relax.transform.CanonicalizeBindings()(relax.transform.Normalize()(after))
+    tvm.ir.assert_structural_equal(after, build(expected))
