@@ -16,7 +16,9 @@ would convert the activation back to NCHW and forth around each such op: constan
 element in element-wise ops become scalars (it cannot give a shape-(1,) constant a 4-d layout;
 104 of them in the PP-OCRv4 detector's learnable affine blocks), and ``clip`` becomes
 ``maximum``/``minimum`` (hard-sigmoid / hard-swish). The weights' transposes fold into
-constants at legalization.
+constants at legalization. After it, transpose/reshape chains that leave the elements in
+order (a transpose back to NCHW and straight forward again) become one reshape
+(``_CancelMoves``).
 """
 
 from __future__ import annotations
