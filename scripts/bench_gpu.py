@@ -15,7 +15,8 @@ runs ``run`` with the GPU machine's own Python, onnxruntime and PyTorch, leaving
 ``gpu_result.json``, ``gpu_outputs.npz`` and ``run.log`` in ``$OUT`` (or ``./gpu_out``).
 
 ``build`` compiles each model with ``tvm_compress.compile`` (default schedules, ``--tune-trials 0``
-unless ``--trials``), float and ``--passes quantize``, and stores the evaluation inputs, the
+unless ``--trials``), float and ``--passes quantize`` (with ``--cuda-graph`` each also with the
+preset feature ``cuda_graph``, named ``*_graph``), and stores the evaluation inputs, the
 onnxruntime (CPU, float) outputs on them as the reference, and each model after import
 (shapes fixed, shape subgraphs folded) for the GPU-side baselines.
 
@@ -26,6 +27,10 @@ rounds, the device synced around each call, the same Python loop for every engin
 onnxruntime's CUDA provider when
 it is installed, else onnxruntime on the CPU, and PyTorch on the GPU through ``onnx2torch`` when
 that imports (cuDNN float32, TF32 off; and with PyTorch's default TF32 convolutions).
+
+``run --profile`` also records each library's slowest VM calls (the device synced around each
+call, so launch overhead included) in ``gpu_result.json``. First run on an NVIDIA H200 on
+2026-12-04: ``docs/benchmarks.md``.
 
 ``report`` scores the int8 outputs against the reference (detector: text-mask IoU; classifiers:
 same class, top-1) and prints the Markdown table of ``docs/benchmarks.md``.
@@ -64,7 +69,8 @@ def _stem_model(path: Path) -> Path:
              helper.make_node("MaxPool", ["p"], ["y"], kernel_shape=[2, 2], strides=[1, 1])]
     graph = helper.make_graph(nodes, "stem", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 320, 320])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, 160, 160])], inits)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    # IR version 8: onnxruntime builds older than this onnx package read it too
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
     return path
 
 
@@ -91,9 +97,12 @@ def _model_data(key: str, n_eval: int, out: Path):
 
 
 def build(args) -> None:
+    import dataclasses
+
     import onnx
 
     import tvm_compress
+    from tvm_compress.targets import get_target
     from tvm_compress.verify import ort_session
 
     out = Path(args.out)
@@ -101,7 +110,7 @@ def build(args) -> None:
     bundle = {"target": args.target, "trials": args.trials, "models": {}}
     if (out / "bundle.json").exists():  # models built earlier for the same target stay
         old = json.loads((out / "bundle.json").read_text())
-        if (old["target"], old["trials"]) == (args.target, args.trials):
+        if (old["target"], old["trials"]) == (args.target, args.trials) and not args.cuda_graph:
             bundle = old
     for key in args.models.split(","):
         n_eval = {"demo": 500, "cls": args.eval, "det": min(args.eval, 8), "stem": 2}[key]
@@ -120,10 +129,15 @@ def build(args) -> None:
         variants = [("float", None, None)]
         if key != "stem":
             variants.append(("int8", "quantize", {"quantize": {"calib": str(out / f"{key}_calib.npz")}}))
+        if args.cuda_graph:
+            variants += [(f"{v}_graph", passes, cfg) for v, passes, cfg in variants]
         for variant, passes, cfg in variants:
             lib = out / f"{key}_{variant}.so"
+            profile = get_target(args.target)
+            if variant.endswith("_graph"):
+                profile = dataclasses.replace(profile, features={**profile.features, "cuda_graph": True})
             t0 = time.monotonic()
-            rep = tvm_compress.compile(path, lib, target=args.target, passes=passes, pass_configs=cfg,
+            rep = tvm_compress.compile(path, lib, target=profile, passes=passes, pass_configs=cfg,
                                        input_shapes={name: shape}, verify_input=out / f"{key}_verify.npy",
                                        tune_trials=args.trials, bench_runs=0, log=lambda m: None)
             libs[variant] = {"lib": lib.name, "weight_bytes": rep["weight_bytes_after"],
@@ -194,7 +208,10 @@ def _torch_engines(onnx_path: Path):
         return {}, f"PyTorch baseline not run: {err}"
     if not torch.cuda.is_available():
         return {}, "PyTorch baseline not run: torch sees no GPU"
-    model = convert(onnx.load(str(onnx_path))).eval().cuda()
+    try:
+        model = convert(onnx.load(str(onnx_path))).eval().cuda()
+    except Exception as err:  # an op onnx2torch lacks costs the baseline, not the run
+        return {}, f"PyTorch baseline not run: onnx2torch: {type(err).__name__}: {err}"
     engines = {}
     for tag, tf32 in (("pytorch_fp32", False), ("pytorch_tf32", True)):
         def timed(x, tf32=tf32):
@@ -234,6 +251,39 @@ def _ort_engine(onnx_path: Path, name: str):
     return tag, (infer, timed, lambda: None), f"onnxruntime {ort.__version__}, providers {ort.get_available_providers()}"
 
 
+def _kernel_profile(tvm, lib_path: Path, dev, x, top: int = 8, calls: int = 5):
+    """The library's slowest kernels: each VM call timed with the device synced around it (launch
+    included), the median of ``calls`` calls; name, microseconds, percent of the summed time."""
+    from tvm.runtime.vm import VirtualMachine
+
+    try:
+        vm = VirtualMachine(tvm.runtime.load_module(str(lib_path)), dev)
+        arg = tvm.runtime.tensor(x, dev)
+        times: dict = {}
+        clock = {}
+
+        def instrument(func, name, before, ret, *args):
+            dev.sync()
+            if before:
+                clock["t0"] = time.perf_counter()
+            else:
+                times.setdefault(str(name), []).append((time.perf_counter() - clock["t0"]) * 1e6)
+            return 0
+
+        vm["main"](arg)
+        vm.set_instrument(instrument)
+        for _ in range(calls):
+            vm["main"](arg)
+    except Exception as err:
+        return f"no profile: {type(err).__name__}: {str(err)[:200]}"
+    # a kernel called k times per inference has k*calls samples: per call, sum its median over k
+    per_call = {n: float(np.median(t)) * len(t) / calls for n, t in times.items()}
+    total = sum(per_call.values()) or 1.0
+    rows = sorted(per_call.items(), key=lambda kv: -kv[1])
+    return {"calls_per_inference": sum(len(t) for t in times.values()) // calls, "total_us": round(total, 1),
+            "top": [[n, round(us, 1), round(100 * us / total, 1)] for n, us in rows[:top]]}
+
+
 def run(args) -> None:
     out = Path(args.out)
     bundle = json.loads((out / "bundle.json").read_text())
@@ -254,8 +304,14 @@ def run(args) -> None:
         torch_engines, result["pytorch"] = _torch_engines(out / spec["onnx"])
         engines.update({ort_tag: ort_engine, **torch_engines})
         res = {}
-        for tag, (infer, _, _) in engines.items():
-            outs = np.concatenate([infer(np.ascontiguousarray(x[None])) for x in xs])
+        for tag, (infer, _, _) in list(engines.items()):
+            try:
+                outs = np.concatenate([infer(np.ascontiguousarray(x[None])) for x in xs])
+            except Exception as err:  # one engine's failure is reported, the others still run
+                print(f"{key} {tag}: failed: {type(err).__name__}: {str(err)[:300]}", flush=True)
+                result.setdefault("failures", {})[f"{key}/{tag}"] = f"{type(err).__name__}: {str(err)[:300]}"
+                del engines[tag]
+                continue
             outputs[f"{key}/{tag}"] = outs.astype(np.float16) if key == "det" else outs
             res[tag] = {"max_rel_err_vs_reference": _rel_err(outs, refs)}
         medians = _interleaved_ms({t: e[1](x0) for t, e in engines.items()},
@@ -263,9 +319,14 @@ def run(args) -> None:
         for tag, ms in medians.items():
             res[tag]["median_ms"] = ms
             print(f"{key} {tag}: {ms:.3f} ms, max rel err {res[tag]['max_rel_err_vs_reference']:.2e}", flush=True)
+        if args.profile:
+            result.setdefault("kernels", {})[key] = {
+                v: _kernel_profile(tvm, out / s["lib"], dev, x0) for v, s in spec["libs"].items()
+                if not v.endswith("_graph")}  # a sync inside a graph capture would break it
         result["models"][key] = res
-    (out / "gpu_result.json").write_text(json.dumps(result, indent=1))
-    np.savez_compressed(out / "gpu_outputs.npz", **outputs)
+        # written after every model: a later failure leaves the earlier results
+        (out / "gpu_result.json").write_text(json.dumps(result, indent=1))
+        np.savez_compressed(out / "gpu_outputs.npz", **outputs)
 
 
 # ---- pack (here) -------------------------------------------------------------------------
@@ -280,8 +341,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target "$G/pip" "$
 CUDART=$(find /usr/local /opt /usr/lib -name 'libcudart.so.13*' 2>/dev/null | head -1)
 export LD_LIBRARY_PATH=$(dirname "${CUDART:-/usr/local/cuda/lib64/x}"):${LD_LIBRARY_PATH:-}
 export PYTHONPATH=$G/site:$G/pip TVM_USE_RUNTIME_LIB=1 PYTHONUNBUFFERED=1
-python3 scripts/bench_gpu.py run "$G/b" "$@" 2>&1 | tee "$OUT/run.log"
-cp "$G/b/gpu_result.json" "$G/b/gpu_outputs.npz" "$OUT/"
+rc=0; python3 scripts/bench_gpu.py run "$G/b" "$@" 2>&1 | tee "$OUT/run.log" || rc=$?
+cp "$G/b/gpu_result.json" "$G/b/gpu_outputs.npz" "$OUT/" 2>/dev/null || true
+exit $rc
 """
 
 
@@ -346,13 +408,15 @@ def report(args) -> None:
         data = np.load(out / bundle["models"][key]["data"])
         refs = data["reference"]
         labels = (data["labels"],) if "labels" in data else None
-        base = engines["float"]["median_ms"]
+        base = engines.get("float", {}).get("median_ms", float("nan"))
         for tag, r in engines.items():
             acc = accuracy_vs_reference(key, refs, outs[f"{key}/{tag}"].astype(np.float32), labels) \
                 if key != "stem" else {}  # random weights and inputs: the error column says it
             acc_txt = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in acc.items()) or "-"
             print(f"| {key} | {tag} | {r['median_ms']:.3f} | {base / r['median_ms']:.2f}x "
                   f"| {r['max_rel_err_vs_reference']:.1e} | {acc_txt} |")
+    for what, why in res.get("failures", {}).items():
+        print(f"\nfailed: {what}: {why}")
 
 
 def main(argv=None) -> None:
@@ -363,11 +427,14 @@ def main(argv=None) -> None:
     b.add_argument("--target", default="cuda-sm90")
     b.add_argument("--models", default=",".join(MODELS))
     b.add_argument("--trials", type=int, default=0)
+    b.add_argument("--cuda-graph", action="store_true",
+                   help="also build each library with features.cuda_graph (kernels replayed as CUDA graphs)")
     b.add_argument("--eval", type=int, default=32, help="classifier samples (detector: at most 8)")
     r = sub.add_parser("run", help="on the GPU machine: run, verify and time the libraries")
     r.add_argument("out")
     r.add_argument("--runs", type=int, default=200)
     r.add_argument("--warmup", type=int, default=20)
+    r.add_argument("--profile", action="store_true", help="also record each library's slowest kernels")
     k = sub.add_parser("pack", help="archive the libraries with the TVM runtime for the GPU machine")
     k.add_argument("out")
     k.add_argument("dest", help="folder to write (name it in the device tool's carry)")

@@ -49,6 +49,7 @@ def _load_file(path: Path) -> None:
         try:
             kernel_names(dict(table.get("features", {})).get("int8_dot"))
             int8_layout(dict(table.get("features", {})))
+            cuda.cuda_graph(dict(table.get("features", {})))
         except TargetError as err:
             raise TargetError(f"target file {path}: [{name}] features.{err}") from None
         _REGISTRY[name] = TargetProfile(

@@ -112,6 +112,10 @@ class TargetFamily:
             return tvm.support.cc.cross_compiler(self.cross_cc)
         return None
 
+    def compile(self, mod, profile: TargetProfile):
+        """``tvm.compile`` for this family (a family may compile its device code its own way)."""
+        return tvm.compile(mod, profile.tvm_target())
+
     def export(self, executable, path: Path, profile: TargetProfile) -> None:
         fcompile = self.fcompile(profile)
         # "-s": no symbol table or debug info in the deployed library (the runtime needs only

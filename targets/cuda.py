@@ -2,16 +2,28 @@
 
 Without tuning records, GPU kernels get dlight's default schedules (untuned GPU code without
 them does not even bind threads). Building needs only nvcc; running needs a GPU.
+
+The device code is compiled at build time (nvcc: machine code for the target's arch plus its PTX,
+which newer GPUs' drivers compile), so the library runs where only the TVM runtime is installed.
+TVM makes such a module only when its CUDA runtime library loads; on a build host without the
+NVIDIA driver it would ship CUDA source, compiled at load time by a full TVM and a CUDA
+compiler. There, a stand-in for the driver library (every entry point answers "no device") is
+linked at build time so that the runtime library loads.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import tvm
+import tvm_ffi
 from tvm.s_tir import dlight as dl
 from tvm.s_tir import meta_schedule as ms
 
@@ -31,6 +43,80 @@ def _gpu_here() -> bool:
         return bool(tvm.cuda(0).exist)
     except Exception:  # no driver / no runtime: treat as no GPU
         return False
+
+
+_DRIVER_STUB: list = []  # the stand-in's folder, kept for the life of the process
+
+
+def _load_driver_stub(sidecar: Path) -> bool:
+    """Link a stand-in libcuda.so.1 exporting the driver entry points ``sidecar`` needs, each
+    answering CUDA_ERROR_NO_DEVICE (100): a host without the driver can then make CUDA modules."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None or shutil.which("nm") is None:
+        return False
+    listed = subprocess.run(["nm", "-D", "--undefined-only", str(sidecar)], capture_output=True, text=True)
+    names = sorted({ln.split()[-1].split("@")[0] for ln in listed.stdout.splitlines() if ln.strip()})
+    names = [n for n in names if n.startswith("cu") and n[2:3].isupper()]
+    folder = Path(tempfile.mkdtemp(prefix="tvmc-cuda-stub-"))
+    (folder / "stub.c").write_text("".join(f"int {n}(void) {{ return 100; }}\n" for n in names))
+    built = subprocess.run([cc, "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", str(folder / "libcuda.so.1"),
+                            str(folder / "stub.c")], capture_output=True, text=True)
+    if built.returncode != 0:
+        return False
+    ctypes.CDLL(str(folder / "libcuda.so.1"), mode=ctypes.RTLD_GLOBAL)
+    _DRIVER_STUB.append(folder)
+    return True
+
+
+def _cuda_modules_here() -> bool:
+    """Whether TVM's CUDA runtime is loaded, so that codegen makes compiled CUDA modules."""
+    if tvm.get_global_func("ffi.Module.create.cuda", allow_missing=True) is not None:
+        return True
+    sidecar = Path(tvm.__file__).parent / "lib" / "libtvm_runtime_cuda.so"
+    if not sidecar.exists():
+        return False
+    try:
+        ctypes.CDLL(str(sidecar), mode=ctypes.RTLD_GLOBAL)
+    except OSError:  # libcuda.so.1 missing: no driver on this host
+        if _DRIVER_STUB or not _load_driver_stub(sidecar):
+            return False
+        try:
+            ctypes.CDLL(str(sidecar), mode=ctypes.RTLD_GLOBAL)
+        except OSError:
+            return False
+    return tvm.get_global_func("ffi.Module.create.cuda", allow_missing=True) is not None
+
+
+@contextlib.contextmanager
+def _device_code_compiler(target: tvm.target.Target):
+    """During ``tvm.compile``: CUDA kernels compiled by nvcc to a fat binary holding the target
+    arch's machine code and its PTX (TVM's default asks NVRTC, which needs cuda-bindings, for
+    machine code of one arch alone)."""
+    from tvm.support import nvcc
+
+    arch = str(target.attrs.get("arch", _DEFAULT_ARCH)).split("_", 1)[1]
+    gencode = ["-gencode", f"arch=compute_{arch},code=[sm_{arch},compute_{arch}]"]
+    name = "tvm_callback_cuda_compile"
+    original = tvm.get_global_func(name, allow_missing=True)
+
+    def compile_kernels(code):
+        return nvcc.compile_cuda(code, target_format="fatbin", arch=gencode, compiler="nvcc")
+
+    tvm_ffi.register_global_func(name, compile_kernels, override=True)
+    try:
+        with target:
+            yield
+    finally:
+        if original is not None:
+            tvm_ffi.register_global_func(name, original, override=True)
+
+
+def cuda_graph(features) -> bool:
+    """``features.cuda_graph`` (default false): replay the kernels between allocations as CUDA graphs."""
+    value = features.get("cuda_graph", False)
+    if not isinstance(value, bool):
+        raise TargetError(f"cuda_graph {value!r} is not true or false")
+    return value
 
 
 # Limits every GPU since sm_50 has (48 KiB is the static shared memory a block gets without
@@ -76,6 +162,19 @@ class CudaFamily(TargetFamily):
         if self._host_is_cross(profile):
             return tvm.support.cc.cross_compiler("aarch64-linux-gnu-g++")
         return None
+
+    def compile(self, mod, profile: TargetProfile):
+        target = profile.tvm_target()
+        if not _cuda_modules_here():
+            raise TargetError(
+                f"target {profile.name!r}: TVM's CUDA runtime library (libtvm_runtime_cuda.so) does not "
+                "load here, so the GPU code cannot be compiled into the library"
+            )
+        # features.cuda_graph: the kernels between allocations are captured into CUDA graphs on
+        # the first call and replayed after (one launch for many; batch-1 models are launch-bound)
+        graphs = {"relax.backend.use_cuda_graph": True} if cuda_graph(profile.features) else {}
+        with _device_code_compiler(target), tvm.transform.PassContext(opt_level=3, config=graphs):
+            return tvm.compile(mod, target)
 
     def default_schedule(self, profile: TargetProfile):
         return [

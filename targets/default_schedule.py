@@ -11,9 +11,12 @@ with TVM 0.27's ``gpu.Matmul``:
   tensor-core schedule, the PP-OCRv4 detector's int8 build): the schedule is made, then the
   software-pipeline lowering fails ("Check failed: (it != fragment_info_.end())").
 
+A third shows only when the device code is compiled: ``gpu.GeneralReduction`` on that conv+pad
+kernel at 320x320 stages 3.2 MB in shared memory (48 KiB is what a block gets).
+
 Here each kernel tries the rules in order; a rule that raises, or whose schedule does not lower
-through the target's TIR pipeline (``tvm.tirx.get_tir_pipeline("default")``, no code generation),
-is skipped for that kernel and the next one tried (the last is the family's generic fallback).
+through the target's TIR pipeline (``tvm.tirx.get_tir_pipeline("default")``, no code generation)
+or, on a GPU, exceeds the target's shared memory or threads per block, is skipped for that kernel and the next one tried (the last is the family's generic fallback).
 The kernels that needed this are listed in the module attribute ``FALLBACKS_ATTR`` (JSON) for the
 compile report. Runs where the family's default schedule runs: after tuning, on kernels nothing
 scheduled yet.
@@ -26,11 +29,13 @@ from typing import List
 
 import tvm
 from tvm import tirx
+from tvm.s_tir.analysis import verify_gpu_code
 from tvm.target import Target
 
 from tvm_compress.specs import json_attr
 
 FALLBACKS_ATTR = "tvm_compress.schedule_fallbacks"
+_GPU_LIMITS = ("max_shared_memory_per_block", "max_threads_per_block")
 
 
 def _one_line(err: Exception) -> str:
@@ -89,7 +94,13 @@ class ResilientDefaultSchedule:
         one = tvm.IRModule({gvar: func.with_attr("global_symbol", gvar.name_hint)})
         one = tvm.tirx.transform.BindTarget(target.with_host(host))(one)
         with target:
-            self.lower(one)
+            lowered = self.lower(one)
+        if target.kind.name == "cuda":
+            limits = {k: int(target.attrs[k]) for k in _GPU_LIMITS if k in target.attrs}
+            for f in lowered.functions.values():
+                if isinstance(f, tirx.PrimFunc) and not verify_gpu_code(f, limits):
+                    # ptxas would refuse it at build time ("uses too much shared data")
+                    raise ValueError(f"the schedule exceeds the GPU's limits {limits}")
 
 
 def schedule_fallbacks(mod: tvm.IRModule) -> List[dict]:

@@ -152,7 +152,7 @@ def test_int8_conv_whose_tensor_core_schedule_does_not_lower_falls_back(channels
     assert fb["failed"][0]["rule"] == "Matmul" and "fragment_info_" in fb["failed"][0]["error"]
     assert fb["used"] == "GeneralReduction"
     if shutil.which("nvcc"):
-        tvm.compile(mod, target)  # the whole module now builds
+        get_family("cuda").compile(mod, get_target("cuda-sm80"))  # the whole module now builds
 
 
 @needs_nvcc
@@ -175,3 +175,26 @@ def test_int8_detector_kernels_build_for_cuda(tmp_path):
     assert (tmp_path / "q.so").exists()
     (fb,) = rep["schedule_fallbacks"]  # the 128-channel 1x1 conv; the 8-channel one keeps Matmul
     assert fb["failed"][0]["rule"] == "Matmul" and fb["used"] == "GeneralReduction"
+
+
+@needs_nvcc
+def test_gpu_schedule_over_the_shared_memory_limit_is_skipped(tmp_path):
+    """At 96x96 gpu.GeneralReduction stages the conv+pad kernel's whole output (12x48x48 floats,
+    110 KB) in shared memory, over the 48 KiB a block gets; ptxas would refuse it, so the rule
+    is skipped and the generic schedule used (at 320x320, PPHGNet's stem: 3.2 MB)."""
+    rng = np.random.default_rng(2)
+    inits = [numpy_helper.from_array(rng.standard_normal((12, 8, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([0, 0, 0, 0, 0, 0, 1, 1], np.int64), "pads")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Relu", ["c"], ["r"]), helper.make_node("Pad", ["r", "pads"], ["y"])]
+    graph = helper.make_graph(nodes, "conv_pad", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 96, 96])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 12, 49, 49])], inits)
+    model = tmp_path / "conv_pad.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    logs = []
+    rep = tvm_compress.compile(model, tmp_path / "c.so", target="cuda-sm80", log=logs.append)
+    assert (tmp_path / "c.so").exists()
+    (fb,) = rep["schedule_fallbacks"]
+    assert [f["rule"] for f in fb["failed"]] == ["Matmul", "GeneralReduction"]
+    assert "max_shared_memory_per_block" in fb["failed"][1]["error"] and fb["used"] == "Fallback"
+    assert any("GeneralReduction failed (ValueError: the schedule exceeds" in line for line in logs)

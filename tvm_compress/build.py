@@ -151,7 +151,7 @@ def compile(  # noqa: A001  (the product's verb)
             log(f"check: kernels not run alone ({why})")
             kernel_report = {"checked": 0, "where": None, "note": why}
     log("build: tvm.compile")
-    executable = tvm.compile(mod, tvm_target)
+    executable = family.compile(mod, profile)
 
     with atomic_path(output) as tmp_lib:
         family.export(executable, tmp_lib, profile)
@@ -242,7 +242,7 @@ def measure_on_target(mods: Sequence[tvm.IRModule], inputs, profile: TargetProfi
         libs = []
         for k, mod in enumerate(mods):
             libs.append(Path(tmp) / f"candidate{k}.so")
-            family.export(tvm.compile(flow(mod), profile.tvm_target()), libs[-1], profile)
+            family.export(family.compile(flow(mod), profile), libs[-1], profile)
         for r in range(rounds):
             for k in [(r + j) % len(libs) for j in range(len(libs))]:  # order rotated each round
                 if rpc is not None:
@@ -292,12 +292,13 @@ def _schedule_fallbacks(mod, profile: TargetProfile, tvm_target, log) -> list:
         if fb["used"] is None and tvm_target.kind.name != "llvm":
             raise TargetError(f"{profile.name}: no schedule rule could schedule kernel {fb['kernel']} "
                               f"({first['rule']}: {first['error']})")
-        groups.setdefault((first["rule"], first["error"], fb["used"]), []).append(fb["kernel"])
-    for (rule, error, used), kernels in groups.items():
+        why = "; ".join(f"{f['rule']} failed ({f['error']})" for f in fb["failed"])
+        groups.setdefault((why, fb["used"]), []).append(fb["kernel"])
+    for (why, used), kernels in groups.items():
         which = f"kernel {kernels[0]}" if len(kernels) == 1 else (
             f"{len(kernels)} kernels ({', '.join(kernels[:2])}{', ...' if len(kernels) > 2 else ''}; "
             "all in the report)")
-        log(f"schedule: {which}: {rule} failed ({error}); scheduled by {used or 'none (plain loops)'}")
+        log(f"schedule: {which}: {why}; scheduled by {used or 'none (plain loops)'}")
     return fallbacks
 
 
