@@ -35,11 +35,17 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--runs", type=int, default=20, help="calls per engine per round")
     ap.add_argument("--shape", help="the input's shape instead of the model's usual one, e.g. 1,3,960,960")
+    ap.add_argument("--onnx", help="another model file (one input; give --shape if it is dynamic)")
     args = ap.parse_args(argv)
 
     get_path, shapes = MODELS[args.model]
+    if args.onnx:
+        import onnx
+
+        get_path, shapes = (lambda: Path(args.onnx)), {onnx.load(args.onnx).graph.input[0].name: None}
     if args.shape:
         shapes = {next(iter(shapes)): tuple(int(d) for d in args.shape.split(","))}
+    shapes = {k: v for k, v in shapes.items() if v is not None}
     path = get_path()
     prepared = tvm_compress.prepare_onnx(path, shapes)
     x = np.random.default_rng(0).random(prepared.inputs[0].shape, dtype=np.float32)
@@ -61,7 +67,7 @@ def main(argv=None) -> int:
             for w in workers:
                 w.close()
     ort = float(np.median(times[engines[0].name]))
-    print(f"\n{args.model}, {args.rounds} rounds x {args.runs} calls per engine\n")
+    print(f"\n{Path(args.onnx).name if args.onnx else args.model}, {args.rounds} rounds x {args.runs} calls per engine\n")
     print("| engine | median ms | p90 ms | time / onnxruntime |")
     print("|---|---:|---:|---:|")
     for name, ts in times.items():
