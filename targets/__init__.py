@@ -15,7 +15,7 @@ from typing import Dict, Iterable, List
 
 from tvm_compress.errors import TargetError, lookup
 
-from . import arm, cuda, fast_exp, x86  # noqa: F401  (register the families)
+from . import arm, cuda, fast_math, x86  # noqa: F401  (register the families)
 from .int8_hook import int8_layout
 from .int8_pack import kernel_names
 from .base import (
@@ -29,7 +29,7 @@ from .base import (
     unregister_kernel_hook,
 )
 
-fast_exp.register()  # vectorized float32 exp in every CPU kernel built in this process
+fast_math.register()  # vectorized float32 exp, tanh, erf in every CPU kernel built in this process
 
 _PRESET_DIR = Path(__file__).with_name("presets")
 _REGISTRY: Dict[str, TargetProfile] = {}

@@ -1,16 +1,18 @@
 #!/usr/bin/env python
-"""Float builds with TVM's ``expf`` calls against the vectorized exp (``targets/fast_exp.py``).
+"""Float builds with the C library's exp/tanh/erf calls against the vectorized forms
+(``targets/fast_math.py``).
 
-For each model: two float libraries, identical but for the ``tirx.exp`` lowering (default
-schedules), each verified against onnxruntime by ``compile``; then ``bench_libs.py`` times
-both next to onnxruntime fp32, each engine in its own process, in interleaved rounds.
+For each model: two float libraries, identical but for the lowering of those intrinsics
+(default schedules), each verified against onnxruntime by ``compile``; then ``bench_libs.py``
+times both next to onnxruntime fp32, each engine in its own process, in interleaved rounds.
 
-    python scripts/bench_fast_exp.py --out out/fastexp --target x86 --models silu,rec,det
+    python scripts/bench_fast_math.py --out out/fastmath --target x86 --models silu,gelu,rec,det
 
 Models: ``silu``, a YOLO-style CNN of Conv-BN-SiLU blocks with a C2f-like split/concat
-(random weights, seed 0, 1x3x320x320; SiLU is ``x * sigmoid(x)`` in ONNX); ``rec``, the
-PP-OCRv4 recognizer (swish blocks and softmax attention); ``det``, the PP-OCRv4 detector (one
-sigmoid, at its output).
+(random weights, seed 0, 1x3x320x320; SiLU is ``x * sigmoid(x)`` in ONNX); ``gelu``, four
+ViT-S MLP blocks (LayerNorm, 384 -> 1536 -> 384 with exact GELU, i.e. ``Erf``; 197 tokens,
+random weights, seed 0); ``rec``, the PP-OCRv4 recognizer (swish blocks and softmax
+attention); ``det``, the PP-OCRv4 detector (one sigmoid, at its output).
 """
 
 from __future__ import annotations
@@ -59,30 +61,54 @@ def _silu_model(path: Path) -> Path:
     return path
 
 
+def _gelu_model(path: Path) -> Path:
+    import warnings
+
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, d=384):
+            super().__init__()
+            self.norm, self.fc1, self.act, self.fc2 = nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d)
+
+        def forward(self, x):
+            return x + self.fc2(self.act(self.fc1(self.norm(x))))
+
+    torch.manual_seed(0)
+    net = nn.Sequential(*[Block() for _ in range(4)]).eval()
+    warnings.filterwarnings("ignore", category=DeprecationWarning)  # the TorchScript exporter's notice
+    torch.onnx.export(net, torch.randn(1, 197, 384), str(path), input_names=["x"], output_names=["y"],
+                      opset_version=17, dynamo=False)
+    return path
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="out/fastexp")
+    ap.add_argument("--out", default="out/fastmath")
     ap.add_argument("--target", default="x86")
-    ap.add_argument("--models", default="silu,rec,det")
+    ap.add_argument("--models", default="silu,gelu,rec,det")
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--runs", type=int, default=20)
     args = ap.parse_args(argv)
 
     import tvm_compress
     from bench_cpu import MODELS
-    from tvm_compress.targets import fast_exp
+    from tvm_compress.targets import fast_math
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for key in args.models.split(","):
         if key == "silu":
             path, shapes = _silu_model(out / "silu.onnx"), {"x": (1, 3, 320, 320)}
+        elif key == "gelu":
+            path, shapes = _gelu_model(out / "gelu.onnx"), {"x": (1, 197, 384)}
         else:
             get_path, shapes = MODELS[key]
             path = get_path()
         libs = {}
-        for name, on in (("expf", False), ("fast_exp", True)):
-            fast_exp.set_enabled(on)
+        for name, on in (("libm", False), ("fast_math", True)):
+            fast_math.set_enabled(on)
             lib = out / f"{key}_{name}.so"
             rep = tvm_compress.compile(path, lib, target=args.target, input_shapes=shapes, bench_runs=0,
                                        log=lambda m: None)
@@ -90,11 +116,11 @@ def main(argv=None) -> int:
             print(f"{key} {name}: {lib}, max rel err vs onnxruntime {err if err is None else f'{err:.2e}'}",
                   flush=True)
             libs[name] = lib
-        fast_exp.set_enabled(True)
+        fast_math.set_enabled(True)
         shape = ",".join(str(d) for d in next(iter(shapes.values())))
         cmd = [sys.executable, str(REPO / "scripts" / "bench_libs.py"), "--target", args.target,
                "--rounds", str(args.rounds), "--runs", str(args.runs), "--shape", shape,
-               *(["--onnx", str(path)] if key == "silu" else ["--model", key]),
+               *(["--onnx", str(path)] if key in ("silu", "gelu") else ["--model", key]),
                *(f"{n}={p}" for n, p in libs.items())]
         subprocess.run(cmd, check=True)
     return 0
