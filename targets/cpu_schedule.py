@@ -159,6 +159,25 @@ def _block_rows(sch: s_tir.Schedule, block, loops: list, max_rows: int):
     return loops, []
 
 
+# A weight streamed along the vector axis larger than this (half of a 1 MiB L2) is read again
+# from L3 or memory for every tile row when the rows are the outer loops.
+_STREAM_BYTES = 1 << 19
+
+
+def _streams_weight(sch: s_tir.Schedule, block) -> bool:
+    """Whether the read the vector loads come from depends on no spatial loop but the vector
+    axis (a matmul's [K, N] weight, a channels-last conv's [KH, KW, C, O] one) and is large:
+    then iterating over its column blocks outermost keeps one block in cache for all rows
+    (a 197x384 by 384x1536 matmul: every row re-read the whole 2.4 MB weight)."""
+    stmt = sch.get(block)
+    spatial = [iv.var for iv in stmt.iter_vars if iv.iter_type == tirx.IterVar.DataPar]
+    reads = sorted(stmt.reads, key=lambda r: -_elements(r.source))
+    vector = [r for r in reads if r.region and _uses(r.region[-1].min, spatial[-1])]
+    if not vector or _elements(vector[0].source) * vector[0].source.dtype.bits // 8 < _STREAM_BYTES:
+        return False
+    return not any(_uses(rng.min, v) for rng in vector[0].region for v in spatial[:-1])
+
+
 def _row_factor(extent: Optional[int], max_rows: int) -> Optional[int]:
     """The largest tile row count from ``max_rows`` down to 2 that divides ``extent``."""
     return next((f for f in range(max_rows, 1, -1) if extent is not None and extent % f == 0 and extent >= f), None)
@@ -314,6 +333,8 @@ class CPUFallback(CPUScheduleRule):
                 outer, inner = sch.split(s_loops[-1], factors=[None, width])
                 per_row = -(-width // self.lanes)  # vector registers per row
                 rows, block_inner = _block_rows(sch, block, [*s_loops[:-1], outer], _ACCUMULATORS // per_row)
+                if len(rows) > 1 and _streams_weight(sch, block):
+                    rows = [rows[-1], *rows[:-1]]  # column blocks outermost: each stays in cache
                 sch.reorder(*rows, *r_loops, *block_inner, inner)
                 for loop in block_inner:
                     sch.unroll(loop)

@@ -239,3 +239,28 @@ def _stage_blocks(func) -> list:
     blocks = []
     tvm_ffi.structural_walk(func.body, [(tvm.s_tir.SBlock, blocks.append)], order="pre")
     return [b for b in blocks if b.name_hint != "root"]
+
+
+@pytest.mark.parametrize("k,n,streams", [(384, 1536, True), (64, 256, False)])
+def test_a_large_streamed_weight_iterates_its_column_blocks_outermost(k, n, streams):
+    """A matmul's [K, N] weight over half an L2 is swept once per column block for all rows,
+    not once per row (197x384x1536: 2.4 -> 1.75 ms before row padding); small weights keep the
+    rows outermost. Either order computes the same product."""
+    from tvm import te
+
+    from tvm_compress.targets.cpu_schedule import _streams_weight
+
+    a = te.placeholder((64, k), "float32", name="A")
+    w = te.placeholder((k, n), "float32", name="W")
+    r = te.reduce_axis((0, k), name="r")
+    func = te.create_prim_func([a, w, te.compute((64, n), lambda i, j: te.sum(a[i, r] * w[r, j], axis=r), name="C")])
+    sch = tvm.s_tir.Schedule(func)
+    assert _streams_weight(sch, sch.get_sblock("C")) is streams
+    target = get_target("x86").tvm_target()
+    space = CPUFallback(lanes=16).apply(func.with_attr("target", target), target, False)
+    lib = tvm.compile((space[0] if isinstance(space, list) else space).mod, target)
+    rng = np.random.default_rng(5)
+    av, wv = rng.standard_normal((64, k)).astype("float32"), rng.standard_normal((k, n)).astype("float32")
+    out = tvm.runtime.tensor(np.zeros((64, n), "float32"))
+    lib(tvm.runtime.tensor(av), tvm.runtime.tensor(wv), out)
+    np.testing.assert_allclose(out.numpy(), av @ wv, rtol=1e-4, atol=1e-3)

@@ -1,6 +1,7 @@
-"""Dense layers whose width is no whole number of vectors get zero columns up to one
-(``PadDenseColumns``, a kernel hook of the CPU families): the rewrite as a Before/Expected pair,
-the layers it leaves alone, and a compiled model against onnxruntime."""
+"""Dense layers whose width is no whole number of vectors get zero columns up to one, and
+those whose row count no register tile of 4-8 rows divides get zero rows up to a multiple of 8
+(``PadDenseColumns``, a kernel hook of the CPU families): the rewrites as Before/Expected
+pairs, the layers it leaves alone, and compiled models against onnxruntime."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from tvm.script import relax as R
 
 import tvm_compress
 from conftest import bound
-from tvm_compress.targets.dense_columns import PadDenseColumns, padded_columns
+from tvm_compress.targets.dense_columns import PadDenseColumns, padded_columns, padded_rows
 
 quiet = lambda m: None  # noqa: E731
 
@@ -70,6 +71,39 @@ def test_widths_it_leaves_alone():
     assert PadDenseColumns(16)(mod).same_as(mod)
 
 
+@I.ir_module
+class BeforeRows:
+    @R.function
+    def main(x: R.Tensor((1, 197, 384), "float32"), w: R.Tensor((384, 1536), "float32")) -> R.Tensor((1, 197, 1536), "float32"):
+        with R.dataflow():
+            gv = R.matmul(x, w)
+            R.output(gv)
+        return gv
+
+
+@I.ir_module
+class ExpectedRows:
+    @R.function
+    def main(x: R.Tensor((1, 197, 384), "float32"), w: R.Tensor((384, 1536), "float32")) -> R.Tensor((1, 197, 1536), "float32"):
+        with R.dataflow():
+            tall = R.nn.pad(x, [0, 0, 0, 3, 0, 0])
+            out = R.matmul(tall, w)
+            gv = R.strided_slice(out, axes=[1, 2], begin=[0, 0], end=[197, 1536])
+            R.output(gv)
+        return gv
+
+
+def test_a_row_count_no_tile_divides_gets_zero_rows_and_a_slice():
+    w = np.random.default_rng(3).standard_normal((384, 1536)).astype("float32")
+    after = PadDenseColumns(16)(bound(BeforeRows, {"w": w}))
+    tvm.ir.assert_structural_equal(after, bound(ExpectedRows, {"w": w}))
+
+
+def test_row_counts_it_leaves_alone():
+    assert padded_rows(197) == 200 and padded_rows(131) == 136 and padded_rows(202) == 208
+    assert [padded_rows(n) for n in (196, 200, 198, 40, 7, 31)] == [196, 200, 198, 40, 7, 31]
+
+
 @pytest.fixture(scope="module")
 def head_model(tmp_path_factory):
     """A classifier head as exported: MatMul + Add to 1001 classes, then Softmax."""
@@ -94,3 +128,22 @@ def test_padded_head_matches_onnxruntime(head_model, tmp_path, target):
     assert rep["verified"] and rep["max_rel_err"] < 1e-4, rep["max_rel_err"]
     # the stored weight is the padded one (bytes as stored)
     assert rep["weight_bytes_after"] == (96 * 1008 + 1001) * 4
+
+
+def test_token_rows_padded_match_onnxruntime(tmp_path):
+    """197 tokens (a ViT's 196 patches + class token) through MatMul + Add + Erf-GELU."""
+    rng = np.random.default_rng(4)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Add", ["y", "b"], ["z"]),
+         helper.make_node("Erf", ["z"], ["e"]), helper.make_node("Mul", ["z", "e"], ["p"])],
+        "tokens",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 197, 64])],
+        [helper.make_tensor_value_info("p", TensorProto.FLOAT, [1, 197, 512])],
+        [numpy_helper.from_array(rng.standard_normal((64, 512)).astype("float32") * 0.2, "w"),
+         numpy_helper.from_array(rng.standard_normal(512).astype("float32"), "b")],
+    )
+    path = tmp_path / "tokens.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    logs = []
+    rep = tvm_compress.compile(path, tmp_path / "t.so", target="x86", bench_runs=0, log=logs.append)
+    assert rep["verified"] and rep["max_rel_err"] < 1e-5, rep["max_rel_err"]
