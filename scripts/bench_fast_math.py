@@ -11,7 +11,8 @@ times both next to onnxruntime fp32, each engine in its own process, in interlea
 Models: ``silu``, a YOLO-style CNN of Conv-BN-SiLU blocks with a C2f-like split/concat
 (random weights, seed 0, 1x3x320x320; SiLU is ``x * sigmoid(x)`` in ONNX); ``gelu``, four
 ViT-S MLP blocks (LayerNorm, 384 -> 1536 -> 384 with exact GELU, i.e. ``Erf``; 197 tokens,
-random weights, seed 0); ``rec``, the PP-OCRv4 recognizer (swish blocks and softmax
+random weights, seed 0); ``vit``, two whole ViT-S blocks (pre-norm, 6 heads,
+``softmax(q k^T / 8) v``, the same MLP); ``rec``, the PP-OCRv4 recognizer (swish blocks and softmax
 attention); ``det``, the PP-OCRv4 detector (one sigmoid, at its output).
 """
 
@@ -83,6 +84,33 @@ def _gelu_model(path: Path) -> Path:
     return path
 
 
+def _vit_model(path: Path) -> Path:
+    import warnings
+
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, d=384, heads=6):
+            super().__init__()
+            self.heads, self.n1, self.qkv, self.proj = heads, nn.LayerNorm(d), nn.Linear(d, 3 * d), nn.Linear(d, d)
+            self.n2, self.fc1, self.act, self.fc2 = nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d)
+
+        def forward(self, x):
+            b, n, d = x.shape
+            q, k, v = self.qkv(self.n1(x)).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+            a = torch.softmax(q @ k.transpose(-2, -1) * (d // self.heads) ** -0.5, dim=-1)
+            x = x + self.proj((a @ v).transpose(1, 2).reshape(b, n, d))
+            return x + self.fc2(self.act(self.fc1(self.n2(x))))
+
+    torch.manual_seed(0)
+    net = nn.Sequential(Block(), Block()).eval()
+    warnings.filterwarnings("ignore")  # the TorchScript exporter's notices
+    torch.onnx.export(net, torch.randn(1, 197, 384), str(path), input_names=["x"], output_names=["y"],
+                      opset_version=17, dynamo=False)
+    return path
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="out/fastmath")
@@ -103,6 +131,8 @@ def main(argv=None) -> int:
             path, shapes = _silu_model(out / "silu.onnx"), {"x": (1, 3, 320, 320)}
         elif key == "gelu":
             path, shapes = _gelu_model(out / "gelu.onnx"), {"x": (1, 197, 384)}
+        elif key == "vit":
+            path, shapes = _vit_model(out / "vit.onnx"), {"x": (1, 197, 384)}
         else:
             get_path, shapes = MODELS[key]
             path = get_path()
@@ -120,7 +150,7 @@ def main(argv=None) -> int:
         shape = ",".join(str(d) for d in next(iter(shapes.values())))
         cmd = [sys.executable, str(REPO / "scripts" / "bench_libs.py"), "--target", args.target,
                "--rounds", str(args.rounds), "--runs", str(args.runs), "--shape", shape,
-               *(["--onnx", str(path)] if key in ("silu", "gelu") else ["--model", key]),
+               *(["--onnx", str(path)] if key in ("silu", "gelu", "vit") else ["--model", key]),
                *(f"{n}={p}" for n, p in libs.items())]
         subprocess.run(cmd, check=True)
     return 0

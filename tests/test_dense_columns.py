@@ -99,6 +99,35 @@ def test_a_row_count_no_tile_divides_gets_zero_rows_and_a_slice():
     tvm.ir.assert_structural_equal(after, bound(ExpectedRows, {"w": w}))
 
 
+@I.ir_module
+class BeforeScores:
+    @R.function
+    def main(q: R.Tensor((1, 6, 197, 64), "float32"), kt: R.Tensor((1, 6, 64, 197), "float32")) -> R.Tensor((1, 6, 197, 197), "float32"):
+        with R.dataflow():
+            gv = R.matmul(q, kt)
+            R.output(gv)
+        return gv
+
+
+@I.ir_module
+class ExpectedScores:
+    @R.function
+    def main(q: R.Tensor((1, 6, 197, 64), "float32"), kt: R.Tensor((1, 6, 64, 197), "float32")) -> R.Tensor((1, 6, 197, 197), "float32"):
+        with R.dataflow():
+            tall = R.nn.pad(q, [0, 0, 0, 0, 0, 3, 0, 0])
+            wide = R.nn.pad(kt, [0, 0, 0, 0, 0, 0, 0, 11])
+            out = R.matmul(tall, wide)
+            gv = R.strided_slice(out, axes=[2, 3], begin=[0, 0], end=[197, 197])
+            R.output(gv)
+        return gv
+
+
+def test_attention_scores_pad_both_activations():
+    """Q x K^T of 197 tokens: no constant weight, both operands padded by kernels (rows to 200,
+    columns to 208 = 13 whole registers; 197 columns had no vector width at all)."""
+    tvm.ir.assert_structural_equal(PadDenseColumns(16)(BeforeScores), ExpectedScores)
+
+
 def test_row_counts_it_leaves_alone():
     assert padded_rows(197) == 200 and padded_rows(131) == 136 and padded_rows(202) == 208
     assert [padded_rows(n) for n in (196, 200, 198, 40, 7, 31)] == [196, 200, 198, 40, 7, 31]
@@ -146,4 +175,20 @@ def test_token_rows_padded_match_onnxruntime(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     logs = []
     rep = tvm_compress.compile(path, tmp_path / "t.so", target="x86", bench_runs=0, log=logs.append)
+    assert rep["verified"] and rep["max_rel_err"] < 1e-5, rep["max_rel_err"]
+
+
+def test_attention_of_197_tokens_matches_onnxruntime(tmp_path):
+    """softmax(Q K^T / 8) V with 197 tokens and 4 heads, all activations."""
+    shape = [1, 4, 197, 64]
+    nodes = [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+             helper.make_node("MatMul", ["q", "kt"], ["s"]), helper.make_node("Mul", ["s", "scale"], ["ss"]),
+             helper.make_node("Softmax", ["ss"], ["p"], axis=-1), helper.make_node("MatMul", ["p", "v"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "attention", [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in "qkv"],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+        [numpy_helper.from_array(np.array(0.125, np.float32), "scale")])
+    path = tmp_path / "attention.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    rep = tvm_compress.compile(path, tmp_path / "a.so", target="x86", bench_runs=0, log=quiet)
     assert rep["verified"] and rep["max_rel_err"] < 1e-5, rep["max_rel_err"]
