@@ -135,10 +135,8 @@ def _block_rows(sch: s_tir.Schedule, block, loops: list, max_rows: int):
     conv's weight (384x384) outweighs its 10x10 map, and rows taken from the map's lines
     shared only a broadcast scalar (2.6x slower). (loops outside the tile, [the tile's row
     loop]); ``loops`` unchanged when nothing can be split."""
-    stmt = sch.get(block)
-    spatial = [iv.var for iv in stmt.iter_vars if iv.iter_type == tirx.IterVar.DataPar]
-    reads = sorted(stmt.reads, key=lambda r: -_elements(r.source))
-    vector = [r for r in reads if r.region and _uses(r.region[-1].min, spatial[-1])] or reads[:1]
+    spatial, vector = _vector_reads(sch, block)
+    vector = vector or sorted(sch.get(block).reads, key=lambda r: -_elements(r.source))[:1]
     for data in vector:
         used: list = []
         for rng in data.region:
@@ -164,15 +162,21 @@ def _block_rows(sch: s_tir.Schedule, block, loops: list, max_rows: int):
 _STREAM_BYTES = 1 << 19
 
 
+def _vector_reads(sch: s_tir.Schedule, block):
+    """(the block's spatial vars, its reads whose innermost index follows the last spatial
+    var, largest first): where the tile's vector loads come from."""
+    stmt = sch.get(block)
+    spatial = [iv.var for iv in stmt.iter_vars if iv.iter_type == tirx.IterVar.DataPar]
+    reads = sorted(stmt.reads, key=lambda r: -_elements(r.source))
+    return spatial, [r for r in reads if r.region and _uses(r.region[-1].min, spatial[-1])]
+
+
 def _streams_weight(sch: s_tir.Schedule, block) -> bool:
     """Whether the read the vector loads come from depends on no spatial loop but the vector
     axis (a matmul's [K, N] weight, a channels-last conv's [KH, KW, C, O] one) and is large:
     then iterating over its column blocks outermost keeps one block in cache for all rows
     (a 197x384 by 384x1536 matmul: every row re-read the whole 2.4 MB weight)."""
-    stmt = sch.get(block)
-    spatial = [iv.var for iv in stmt.iter_vars if iv.iter_type == tirx.IterVar.DataPar]
-    reads = sorted(stmt.reads, key=lambda r: -_elements(r.source))
-    vector = [r for r in reads if r.region and _uses(r.region[-1].min, spatial[-1])]
+    spatial, vector = _vector_reads(sch, block)
     if not vector or _elements(vector[0].source) * vector[0].source.dtype.bits // 8 < _STREAM_BYTES:
         return False
     return not any(_uses(rng.min, v) for rng in vector[0].region for v in spatial[:-1])

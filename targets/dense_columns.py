@@ -92,14 +92,16 @@ class _PadColumns(PyExprMutator):
             rows *= int(d) if isinstance(d, tvm.tirx.IntImm) else 1 << 20
         if rows * inner * columns < MIN_MACS:
             return call
-        lines = int(shape[-2]) if len(shape) >= 2 and isinstance(shape[-2], tvm.tirx.IntImm) else None
+        data_dims = _static_shape(call.args[0])
+        lines = int(shape[-2]) if len(shape) >= 2 and isinstance(shape[-2], tvm.tirx.IntImm) \
+            and data_dims is not None and len(data_dims) >= 2 else None
         lines_padded = padded_rows(lines) if lines is not None else None
         if padded == columns and lines_padded == lines:
             return call
         self.padded += 1
         data, ndim = call.args[0], len(shape)
         if lines_padded != lines:
-            data = self.builder_.emit(relax.op.nn.pad(data, _pad_widths(len(_static_shape(data)), -2, lines_padded - lines)))
+            data = self.builder_.emit(relax.op.nn.pad(data, _pad_widths(len(data_dims), -2, lines_padded - lines)))
         if is_constant(second):
             second = const(np.pad(weight, ((0, 0), (0, padded - columns))))
         elif padded != columns:
