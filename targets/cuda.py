@@ -45,7 +45,7 @@ def _gpu_here() -> bool:
         return False
 
 
-_DRIVER_STUB: list = []  # the stand-in's folder, kept for the life of the process
+_DRIVER_STUB: list = []  # True once the stand-in is loaded (once per process)
 
 
 def _load_driver_stub(sidecar: Path) -> bool:
@@ -57,14 +57,15 @@ def _load_driver_stub(sidecar: Path) -> bool:
     listed = subprocess.run(["nm", "-D", "--undefined-only", str(sidecar)], capture_output=True, text=True)
     names = sorted({ln.split()[-1].split("@")[0] for ln in listed.stdout.splitlines() if ln.strip()})
     names = [n for n in names if n.startswith("cu") and n[2:3].isupper()]
-    folder = Path(tempfile.mkdtemp(prefix="tvmc-cuda-stub-"))
-    (folder / "stub.c").write_text("".join(f"int {n}(void) {{ return 100; }}\n" for n in names))
-    built = subprocess.run([cc, "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", str(folder / "libcuda.so.1"),
-                            str(folder / "stub.c")], capture_output=True, text=True)
-    if built.returncode != 0:
-        return False
-    ctypes.CDLL(str(folder / "libcuda.so.1"), mode=ctypes.RTLD_GLOBAL)
-    _DRIVER_STUB.append(folder)
+    with tempfile.TemporaryDirectory(prefix="tvmc-cuda-stub-") as tmp:  # loaded, the file may go
+        folder = Path(tmp)
+        (folder / "stub.c").write_text("".join(f"int {n}(void) {{ return 100; }}\n" for n in names))
+        built = subprocess.run([cc, "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o",
+                                str(folder / "libcuda.so.1"), str(folder / "stub.c")], capture_output=True, text=True)
+        if built.returncode != 0:
+            return False
+        ctypes.CDLL(str(folder / "libcuda.so.1"), mode=ctypes.RTLD_GLOBAL)
+    _DRIVER_STUB.append(True)
     return True
 
 
@@ -173,7 +174,7 @@ class CudaFamily(TargetFamily):
         # features.cuda_graph: the kernels between allocations are captured into CUDA graphs on
         # the first call and replayed after (one launch for many; batch-1 models are launch-bound)
         graphs = {"relax.backend.use_cuda_graph": True} if cuda_graph(profile.features) else {}
-        with _device_code_compiler(target), tvm.transform.PassContext(opt_level=3, config=graphs):
+        with _device_code_compiler(target), tvm.transform.PassContext(config=graphs):
             return tvm.compile(mod, target)
 
     def default_schedule(self, profile: TargetProfile):
