@@ -16,7 +16,8 @@ kernel at 320x320 stages 3.2 MB in shared memory (48 KiB is what a block gets).
 
 Here each kernel tries the rules in order; a rule that raises, or whose schedule does not lower
 through the target's TIR pipeline (``tvm.tirx.get_tir_pipeline("default")``, no code generation)
-or, on a GPU, exceeds the target's shared memory or threads per block, is skipped for that kernel and the next one tried (the last is the family's generic fallback).
+or, on a GPU, exceeds the target's shared memory or threads per block, is skipped for that
+kernel and the next one tried (the last is the family's generic fallback).
 The kernels that needed this are listed in the module attribute ``FALLBACKS_ATTR`` (JSON) for the
 compile report. Runs where the family's default schedule runs: after tuning, on kernels nothing
 scheduled yet.
