@@ -19,11 +19,12 @@ from .binary_hook import BINARY
 from .sparse_hook import BLOCK_SPARSE
 from .channels_last import CHANNELS_LAST
 from .dense_columns import DENSE_COLUMNS
+from .packed_dense import PACKED_DENSE
 
 
 class _ArmFamily(TargetFamily):
     arch = ""
-    kernel_hooks = (INT8_DOT, BLOCK_SPARSE, BINARY, CHANNELS_LAST, DENSE_COLUMNS)
+    kernel_hooks = (INT8_DOT, BLOCK_SPARSE, BINARY, CHANNELS_LAST, DENSE_COLUMNS, PACKED_DENSE)
 
     def tvm_target(self, profile: TargetProfile):
         spec = dict(profile.target)
