@@ -177,18 +177,33 @@ def _nchw_out(w, args):
     return out
 
 
+def _panels(w, lanes):
+    """The packed float dense weight's shapes for a 2-D layer weight (either orientation)."""
+    from tvm_compress.targets.packed_dense import panel_width
+
+    shapes = set()
+    for inner, columns in (w, w[::-1]):
+        panel = panel_width(columns, lanes)
+        if panel is not None:
+            shapes.add((columns // panel, inner, panel))
+    return shapes
+
+
 def speed_table(float_lib, int8_lib, layers, x, profile):
     """Per layer shape: time of its kernel (conv/matmul + fused epilogue) in each artifact."""
     from tvm_compress.passes.quantize_realize import layer_key
     from tvm_compress.targets.int8_conv import pack_depthwise_weight, pack_weight
+    from tvm_compress.targets import get_family
     from tvm_compress.targets.int8_pack import target_kernel
 
     dot = target_kernel(profile)
+    lanes = get_family(profile.family).vector_lanes(profile)
     f_shapes, q_shapes = [], []
     for layer in layers:
         w = tuple(layer["weight_shape"])
-        # float convs may run channels-last, their weights then HWIO
-        f_shapes.append({w, (w[2], w[3], w[1], w[0])} if len(w) == 4 else {w})
+        # float convs may run channels-last, their weights then HWIO; float dense weights
+        # [K, N] are packed in panels [N / P, K, P]
+        f_shapes.append({w, (w[2], w[3], w[1], w[0])} if len(w) == 4 else {w, *_panels(w, lanes)})
         packed = {w}
         if dot is not None and len(w) == 4:
             zeros = np.zeros(w, np.int8)

@@ -39,6 +39,13 @@ def pack_weight(weight: np.ndarray, panel: int) -> np.ndarray:
     return np.ascontiguousarray(weight.reshape(inner, columns // panel, panel).transpose(1, 0, 2))
 
 
+def panel_width(columns: int, lanes: int):
+    """Columns per panel for a weight of ``columns`` on ``lanes`` float32 lanes (the CPU tile's
+    vector width); None where the weight stays as it is (no width, or a single panel)."""
+    panel = vector_width(columns, lanes)
+    return None if panel is None or panel == columns else panel
+
+
 def packed_dense(data: te.Tensor, panels: te.Tensor) -> te.Tensor:
     """``data [..., M, K] x weight [K, N]`` from the packed weight ``[N / P, K, P]``."""
     _, inner, panel = (int(d) for d in panels.shape)
@@ -83,9 +90,9 @@ class _Pack(relax.expr_functor.PyExprMutator):
         if weight.ndim != 2 or weight.dtype != np.float32 or getattr(data.ty, "ndim", 0) < 2 \
                 or data.ty.dtype != "float32":
             return call
-        panel = vector_width(weight.shape[1], self.lanes)
-        if panel is None or panel == weight.shape[1]:
-            return call  # a single panel is the weight as it is
+        panel = panel_width(weight.shape[1], self.lanes)
+        if panel is None:
+            return call
         self.packed += 1
         out = self.builder_.call_te(packed_dense, data, const(pack_weight(weight, panel)),
                                     primfunc_name_hint="packed_dense",

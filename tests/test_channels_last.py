@@ -202,7 +202,15 @@ def test_library_matches_onnxruntime(mobile_onnx, tmp_path):
                                   tune_trials=0, bench_runs=1)
     assert report["verified"], report.get("verify_status")
     layout = report["conv_layout"]
-    assert (layout["layout"], layout["nhwc_convs"], layout["nchw_convs"]) == ("NHWC", 8, 1), layout
+    # as the rewrite decides for this host's vector width (16 lanes: the 4-channel conv on the
+    # 20-wide map stays NCHW; 8 lanes fill no better along its row, so it moves too)
+    from tvm_compress.targets import get_family, get_target
+
+    profile = get_target("x86")
+    convs = _calls(ChannelsLast(lanes=get_family("x86").vector_lanes(profile))(_relax(mobile_onnx))["main"], OP_CONV2D)
+    expected = sum(c.attrs.data_layout == "NHWC" for c in convs), sum(c.attrs.data_layout == "NCHW" for c in convs)
+    assert expected in ((8, 1), (9, 0))
+    assert (layout["layout"], layout["nhwc_convs"], layout["nchw_convs"]) == ("NHWC", *expected), layout
     lib = tvm.runtime.load_module(str(tmp_path / "m.so"))
     vm = relax.VirtualMachine(lib, tvm.cpu())
     prepared = tvm_compress.prepare_onnx(mobile_onnx, {"x": (1, 3, 20, 20)})
