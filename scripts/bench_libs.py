@@ -36,6 +36,9 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=20, help="calls per engine per round")
     ap.add_argument("--shape", help="the input's shape instead of the model's usual one, e.g. 1,3,960,960")
     ap.add_argument("--onnx", help="another model file (one input; give --shape if it is dynamic)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="then list each library's N slowest kernels (ms per run, instrumented runs)")
+    ap.add_argument("--match", default="", help="with --profile: only kernels whose name contains this")
     args = ap.parse_args(argv)
 
     get_path, shapes = MODELS[args.model]
@@ -63,6 +66,8 @@ def main(argv=None) -> int:
                     for other in workers:
                         other.wait_idle()
                     times[w.engine.name] += w.ask({"op": "time", "runs": args.runs, "warmup": 3})["times_ms"]
+            profiles = {w.engine.name: w.ask({"op": "profile", "runs": 10})["kernels_ms"]
+                        for w in workers[1:] if args.profile}
         finally:
             for w in workers:
                 w.close()
@@ -74,6 +79,11 @@ def main(argv=None) -> int:
         med = float(np.median(ts))
         digits = 4 if med < 0.1 else 3  # sub-0.1 ms models: microseconds matter
         print(f"| {name} | {med:.{digits}f} | {float(np.percentile(ts, 90)):.{digits}f} | {med / ort:.2f}x |")
+    for name, kernels in profiles.items():
+        picked = sorted(((ms, k) for k, ms in kernels.items() if args.match in k), reverse=True)
+        print(f"\n{name}: {len(kernels)} kernels, {sum(kernels.values()):.3f} ms in all; slowest:")
+        for ms, k in picked[:args.profile]:
+            print(f"  {1e3 * ms:9.1f} us  {k}")
     return 0
 
 

@@ -22,6 +22,7 @@ from .sparse_hook import BLOCK_SPARSE
 from .channels_last import CHANNELS_LAST
 from .dense_columns import DENSE_COLUMNS
 from .packed_dense import PACKED_DENSE
+from .softmax_rows import SOFTMAX_ROWS
 from .local import run_in_process
 
 
@@ -33,7 +34,7 @@ def host_cpu() -> str:
 @register_family
 class X86Family(TargetFamily):
     name = "x86"
-    kernel_hooks = (INT8_DOT, BLOCK_SPARSE, BINARY, CHANNELS_LAST, DENSE_COLUMNS, PACKED_DENSE)
+    kernel_hooks = (INT8_DOT, BLOCK_SPARSE, BINARY, CHANNELS_LAST, DENSE_COLUMNS, PACKED_DENSE, SOFTMAX_ROWS)
 
     def tvm_target(self, profile: TargetProfile) -> tvm.target.Target:
         spec = dict(profile.target)

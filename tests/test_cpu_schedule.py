@@ -233,6 +233,50 @@ def test_a_large_softmax_runs_in_parallel_over_rows_with_each_stage_once():
         np.testing.assert_allclose(out.numpy(), e / e.sum(-1, keepdims=True), rtol=1e-4, atol=1e-9)
 
 
+def _rows_kernel(kind, rows, cols):
+    from tvm import te, topi
+
+    a = te.placeholder((rows, cols), "float32", name="a")
+    if kind == "softmax":
+        return te.create_prim_func([a, topi.nn.softmax(a, axis=-1)])
+    g, b = (te.placeholder((cols,), "float32", name=n) for n in "gb")
+    return te.create_prim_func([a, g, b, topi.nn.layer_norm(a, g, b, axis=[1])])
+
+
+@pytest.mark.parametrize("kind,rows,cols,lane_wise", [
+    ("softmax", 1182, 208, True),    # ViT attention scores padded to whole registers
+    ("softmax", 1182, 197, False),   # unpadded: spatial stages in whole vectors + a scalar tail
+    ("layer_norm", 197, 384, True),  # mean and variance sums
+])
+def test_row_reductions_accumulate_lane_wise_vectors(kind, rows, cols, lane_wise):
+    """A reduction along rows of whole vectors keeps lane-wise partial results in vectors
+    (rfactor, the lanes added at the end) instead of one scalar chain per row; every stage
+    still runs under the parallel row loop, and the kernel computes what numpy does."""
+    target = tvm.target.Target({"kind": "llvm", "num-cores": 2})
+    sch = CPUFallback(lanes=8).apply(_rows_kernel(kind, rows, cols), target, False)
+    func = sch.mod["main"]
+    loops = _loops(func)
+    assert loops[0] == (rows, tvm.tirx.ForKind.PARALLEL), loops
+    names = [b.name_hint for b in _stage_blocks(func)]
+    assert any(n.endswith("_rf_update") for n in names) == lane_wise, names
+    vectorized = [e for e, k in loops if k == tvm.tirx.ForKind.VECTORIZED]
+    assert vectorized and all(e in (8, 16) for e in vectorized), loops
+    rng = np.random.default_rng(cols)
+    x = rng.standard_normal((rows, cols)).astype("float32") * 4
+    args = [tvm.runtime.tensor(x)]
+    if kind == "softmax":
+        e = np.exp(x.astype("float64") - x.max(-1, keepdims=True))
+        want = e / e.sum(-1, keepdims=True)
+    else:
+        g, b = rng.standard_normal((2, cols)).astype("float32")
+        args += [tvm.runtime.tensor(g), tvm.runtime.tensor(b)]
+        m = x.mean(-1, keepdims=True, dtype="float64")
+        want = (x - m) / np.sqrt(((x - m) ** 2).mean(-1, keepdims=True) + 1e-5) * g + b
+    out = tvm.runtime.tensor(np.full((rows, cols), np.nan, "float32"))
+    tvm.compile(sch.mod, target)(*args, out)
+    np.testing.assert_allclose(out.numpy(), want, rtol=1e-4, atol=1e-5)
+
+
 def _stage_blocks(func) -> list:
     import tvm_ffi
 
