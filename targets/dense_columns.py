@@ -24,7 +24,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from tvm_compress.layers import with_layer
-from tvm_compress.relax_utils import const, const_value, copy_module, is_constant
+from tvm_compress.relax_utils import const, const_value, copy_module, is_constant, static_shape
 
 from .base import KernelHook
 from .cpu_schedule import vector_width
@@ -81,7 +81,7 @@ class _PadColumns(PyExprMutator):
                 return call
             inner, columns = weight.shape
         else:  # an activation (attention's Q x K^T, P x V): padded by a kernel, not in the constant
-            dims = _static_shape(second)
+            dims = static_shape(second)
             if dims is None or len(dims) < 2 or second.ty.dtype != "float32":
                 return call
             inner, columns = dims[-2:]
@@ -92,7 +92,7 @@ class _PadColumns(PyExprMutator):
             rows *= int(d) if isinstance(d, tvm.tirx.IntImm) else 1 << 20
         if rows * inner * columns < MIN_MACS:
             return call
-        data_dims = _static_shape(call.args[0])
+        data_dims = static_shape(call.args[0])
         lines = int(shape[-2]) if len(shape) >= 2 and isinstance(shape[-2], tvm.tirx.IntImm) \
             and data_dims is not None and len(data_dims) >= 2 else None
         lines_padded = padded_rows(lines) if lines is not None else None
@@ -109,14 +109,6 @@ class _PadColumns(PyExprMutator):
         out = self.builder_.emit(with_layer(relax.op.matmul(data, second), call))
         return relax.op.strided_slice(out, axes=[ndim - 2, ndim - 1], begin=[0, 0], end=[lines or 1, columns]) \
             if lines_padded != lines else relax.op.strided_slice(out, axes=[ndim - 1], begin=[0], end=[columns])
-
-
-def _static_shape(expr):
-    shape = getattr(getattr(expr, "ty", None), "shape", None)
-    if shape is None:
-        return None
-    dims = [int(d) if isinstance(d, tvm.tirx.IntImm) else None for d in shape]
-    return None if None in dims else dims
 
 
 def _pad_widths(ndim: int, axis: int, after: int) -> list:

@@ -14,11 +14,13 @@ Runs before legalization, with the other CPU kernel hooks. Numbers: docs/benchma
 
 from __future__ import annotations
 
+import math
+
 import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from tvm_compress.relax_utils import copy_module
+from tvm_compress.relax_utils import copy_module, static_shape
 
 from .base import KernelHook
 from .cpu_schedule import PARALLEL_MIN_ELEMS
@@ -26,13 +28,6 @@ from .dense_columns import padded_columns
 
 _OP_SOFTMAX = tvm.ir.Op.get("relax.nn.softmax")
 MIN_ELEMS = PARALLEL_MIN_ELEMS
-
-
-def _static_dims(expr):
-    shape = getattr(getattr(expr, "ty", None), "shape", None)
-    if shape is None or not all(isinstance(d, tvm.tirx.IntImm) for d in shape):
-        return None
-    return [int(d) for d in shape]
 
 
 @mutator
@@ -46,15 +41,12 @@ class _PadRows(PyExprMutator):
         call = super().visit_call_(call)
         if not call.op.same_as(_OP_SOFTMAX) or call.ty.dtype != "float32":
             return call
-        dims = _static_dims(call.args[0])
+        dims = static_shape(call.args[0])
         if not dims or int(call.attrs.axis) % len(dims) != len(dims) - 1:
             return call  # along another axis than the row: not a row of contiguous scores
         columns = dims[-1]
         padded = padded_columns(columns, self.lanes)
-        elems = 1
-        for d in dims:
-            elems *= d
-        if padded == columns or elems < MIN_ELEMS:
+        if padded == columns or math.prod(dims) < MIN_ELEMS:
             return call
         self.padded += 1
         widths = [0] * (2 * len(dims))

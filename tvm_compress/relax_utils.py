@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 import numpy as np
-from tvm import relax
+from tvm import relax, tirx
 from tvm.relax.dpl import is_const
 
 _CONST = is_const()
@@ -28,6 +28,15 @@ def const(value: np.ndarray, dtype: Optional[str] = None) -> relax.Expr:
 
 def tensor_shape(expr: relax.Expr) -> List[int]:
     return [int(d) for d in expr.ty.shape]
+
+
+def static_shape(expr) -> Optional[List[int]]:
+    """``expr``'s shape when every dimension is a constant, else None."""
+    shape = getattr(getattr(expr, "ty", None), "shape", None)
+    if shape is None:
+        return None
+    dims = [int(d) if isinstance(d, tirx.IntImm) else None for d in shape]
+    return None if None in dims else dims
 
 
 def tensor_dtype(expr: relax.Expr) -> str:
