@@ -167,10 +167,14 @@ def _time_call(call, number=50, repeat=7):
     return 1e3 * float(np.median(results))
 
 
-def _nchw_out(w, args):
+def _nchw_out(w, args, onnx_out=None):
     """The kernel's output shape as the imported (NCHW) graph has it: the key QuantizeRealize
-    looks layers up by. A float conv that ran channels-last reads an HWIO weight."""
+    looks layers up by. A float conv that ran channels-last reads an HWIO weight; a 1x1 one
+    that ran as a dense layer over the flattened map writes ``[N, H * W, O]`` (the ONNX
+    graph's ``onnx_out`` then)."""
     out = tuple(args[-1].shape)
+    if len(w) == 4 and len(out) == 3 and onnx_out is not None:
+        return tuple(onnx_out)
     hwio = (w[2], w[3], w[1], w[0]) if len(w) == 4 else None
     if hwio is not None and hwio != tuple(w) and any(tuple(a.shape) == hwio for a in args[1:-1]):
         return (out[0], out[3], out[1], out[2])
@@ -189,8 +193,19 @@ def _panels(w, lanes):
     return shapes
 
 
-def speed_table(float_lib, int8_lib, layers, x, profile):
-    """Per layer shape: time of its kernel (conv/matmul + fused epilogue) in each artifact."""
+def _onnx_out_shapes(model) -> dict:
+    """Output shape of each ONNX node (by name, or its first output's), shapes inferred."""
+    shapes = {}
+    for vi in list(model.graph.value_info) + list(model.graph.output):
+        tt = vi.type.tensor_type
+        if tt.HasField("shape"):
+            shapes[vi.name] = tuple(d.dim_value for d in tt.shape.dim)
+    return {node.name or node.output[0]: shapes.get(node.output[0]) for node in model.graph.node}
+
+
+def speed_table(float_lib, int8_lib, layers, x, profile, out_shapes=None):
+    """Per layer shape: time of its kernel (conv/matmul + fused epilogue) in each artifact.
+    ``out_shapes``: the ONNX graph's output shape per layer name (``_onnx_out_shapes``)."""
     from tvm_compress.passes.quantize_realize import layer_key
     from tvm_compress.targets.int8_conv import pack_depthwise_weight, pack_weight
     from tvm_compress.targets import get_family
@@ -201,9 +216,14 @@ def speed_table(float_lib, int8_lib, layers, x, profile):
     f_shapes, q_shapes = [], []
     for layer in layers:
         w = tuple(layer["weight_shape"])
-        # float convs may run channels-last, their weights then HWIO; float dense weights
-        # [K, N] are packed in panels [N / P, K, P]
-        f_shapes.append({w, (w[2], w[3], w[1], w[0])} if len(w) == 4 else {w, *_panels(w, lanes)})
+        # float convs may run channels-last, their weights then HWIO, 1x1 ones as dense layers;
+        # float dense weights [K, N] are packed in panels [N / P, K, P] (one: [1, K, N])
+        if len(w) == 4 and w[2:] == (1, 1):
+            f_shapes.append({w, (1, 1, w[1], w[0]), (1, w[1], w[0]), *_panels((w[1], w[0]), lanes)})
+        elif len(w) == 4:
+            f_shapes.append({w, (w[2], w[3], w[1], w[0])})
+        else:
+            f_shapes.append({w, *_panels(w, lanes)})
         packed = {w}
         if dot is not None and len(w) == 4:
             zeros = np.zeros(w, np.int8)
@@ -220,7 +240,8 @@ def speed_table(float_lib, int8_lib, layers, x, profile):
         f_ms, q_ms = _time_call(fc), _time_call(qc_)
         f_ms, q_ms = min(f_ms, _time_call(fc)), min(q_ms, _time_call(qc_))
         kind = "conv2d" if len(layer["weight_shape"]) == 4 else "matmul"
-        key = layer_key(kind, layer["weight_shape"], _nchw_out(layer["weight_shape"], fc[2]))
+        key = layer_key(kind, layer["weight_shape"],
+                        _nchw_out(layer["weight_shape"], fc[2], (out_shapes or {}).get(layer["name"])))
         table[key] = {"float_ms": f_ms, "int8_ms": q_ms, "speedup": f_ms / q_ms, "layer": layer["name"]}
     return {"target": profile.name,
             "source": "median kernel time (conv/matmul with its fused epilogue) in the compiled float "
@@ -454,7 +475,8 @@ def _speed_report(res, out, model, input_name, shape, x, profile, args, log):
     from tvm_compress.specs import InputSpec
     from tvm_compress.targets import get_family
 
-    table = speed_table(out / "float.so", out / "int8.so", res["int8"]["layers"], x, profile)
+    out_shapes = _onnx_out_shapes(prepare_onnx(model, {input_name: tuple(shape)}).model)
+    table = speed_table(out / "float.so", out / "int8.so", res["int8"]["layers"], x, profile, out_shapes)
     (out / "speed_table.json").write_text(json.dumps(table, indent=1))
     res["per_shape_speed"] = table["layers"]
     res["shapes_slower_in_int8"] = [k for k, v in table["layers"].items() if v["int8_ms"] > v["float_ms"]]

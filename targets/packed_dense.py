@@ -10,10 +10,17 @@ front to back, as onnxruntime's MLAS and XNNPACK pack theirs. Offline, so the st
 the same; the kernel is a TE ``call_tir`` marked out-element-wise fusable, so bias, activation
 and slice epilogues still fuse into it, and MetaSchedule tunes it like any matmul.
 
+A 1x1, stride-1, ungrouped channels-last conv is the same product over the map's pixels: it
+runs as this kernel on the map flattened to ``[N, H * W, C]`` (a reshape: a view, no copy), so
+that the tile's rows run across the map's lines (on a 14-pixel line they were 2 rows), with its
+element-wise epilogue moved to the flat side so that it still fuses, and consecutive such convs
+exchange the flat map without reshaping between them.
+
 Needs a float32 ``matmul`` whose second operand is a constant 2-D weight (or its transpose: a
-Gemm with ``transB`` imported without ``fold``). Runs before
-legalization, after ``PadDenseColumns`` (which pads the constant's columns to whole registers
-first). Numbers: docs/benchmarks.md.
+Gemm with ``transB`` imported without ``fold``), or an NHWC/HWIO ``conv2d`` with a constant
+(or permuted constant) 1x1 weight. Runs before legalization, after ``ChannelsLast`` (which
+decides the convs' layout) and ``PadDenseColumns`` (which pads the constant's columns to whole
+registers first). Numbers: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -23,13 +30,19 @@ import tvm
 from tvm import relax, te
 
 from tvm_compress.layers import with_layer
-from tvm_compress.relax_utils import const, const_value, is_constant
+from tvm_compress.relax_utils import const, const_value, is_constant, static_shape
 
 from .base import KernelHook
 from .cpu_schedule import vector_width
 
 _OP_MATMUL = tvm.ir.Op.get("relax.matmul")
 _OP_PERMUTE = tvm.ir.Op.get("relax.permute_dims")
+_OP_CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
+_OP_RESHAPE = tvm.ir.Op.get("relax.reshape")
+# Element-wise ops a flattened conv's epilogue may hold (bias, activations, a residual add).
+_ELEMENTWISE = tuple(tvm.ir.Op.get(f"relax.{n}") for n in (
+    "add", "subtract", "multiply", "divide", "maximum", "minimum", "power", "clip", "nn.relu",
+    "sigmoid", "tanh", "exp", "erf", "sqrt", "negative", "abs", "nn.gelu", "nn.silu"))
 _OUT_EWISE_FUSABLE = 4  # relax.transform's OpPatternKind kOutEWiseFusable
 
 
@@ -67,43 +80,144 @@ class _Pack(relax.expr_functor.PyExprMutator):
         self.packed = 0
 
     def _constant_weight(self, expr):
-        """The weight as ``[K, N]`` when ``expr`` is a constant or a transposed constant (a Gemm
-        with ``transB`` before constant folding), else None."""
+        """``expr``'s value when it is a constant or a permuted constant (a Gemm's ``transB``
+        before constant folding, a conv's OIHW -> HWIO weight after ``ConvertLayout``), else
+        None."""
         if is_constant(expr):
             return const_value(expr)
         bound = self.lookup_binding(expr) if isinstance(expr, relax.Var) else None
         if isinstance(bound, relax.Call) and bound.op.same_as(_OP_PERMUTE) and is_constant(bound.args[0]):
-            axes = bound.attrs.axes
             value = const_value(bound.args[0])
-            if value.ndim == 2 and (axes is None or [int(a) for a in axes] == [1, 0]):
-                return np.ascontiguousarray(value.T)
+            axes = bound.attrs.axes
+            axes = list(range(value.ndim))[::-1] if axes is None else [int(a) for a in axes]
+            return np.ascontiguousarray(value.transpose(axes))
         return None
+
+    def _flat_source(self, expr, shape):
+        """The ``[..., P, C]`` tensor ``expr`` (of ``shape``) was reshaped from by a flattened
+        conv or its epilogue, else None."""
+        bound = self.lookup_binding(expr) if isinstance(expr, relax.Var) else None
+        if not (isinstance(bound, relax.Call) and bound.op.same_as(_OP_RESHAPE)):
+            return None
+        src = static_shape(bound.args[0])
+        if src is None or len(src) >= len(shape) or src[-1] != shape[-1] or src[:-2] != shape[:len(src) - 2] \
+                or src[-2] != int(np.prod(shape[len(src) - 2:-1])):
+            return None
+        return bound.args[0]
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
-        if not call.op.same_as(_OP_MATMUL) or call.ty.dtype != "float32":
-            return call
-        weight = self._constant_weight(call.args[1])
-        data = call.args[0]
-        if weight is None:
-            return call
-        if weight.ndim != 2 or weight.dtype != np.float32 or getattr(data.ty, "ndim", 0) < 2 \
-                or data.ty.dtype != "float32":
-            return call
+        if call.op.same_as(_OP_MATMUL):
+            return self._matmul(call)
+        if call.op.same_as(_OP_CONV2D):
+            return self._conv1x1(call)
+        if any(call.op.same_as(op) for op in _ELEMENTWISE):
+            return self._flat_epilogue(call)
+        return call
+
+    def _packed(self, data, weight, layer, whole: bool = False):
+        """``data [..., K] x weight [K, N]`` with the weight in panels; None where one panel
+        would hold every column, unless ``whole`` (then one panel: the weight as it is)."""
         panel = panel_width(weight.shape[1], self.lanes)
+        if panel is None and whole:
+            panel = weight.shape[1]
         if panel is None:
-            return call
+            return None
         self.packed += 1
         out = self.builder_.call_te(packed_dense, data, const(pack_weight(weight, panel)),
                                     primfunc_name_hint="packed_dense",
                                     primfunc_attrs={"op_pattern": _OUT_EWISE_FUSABLE})
-        return with_layer(out, call)
+        return with_layer(out, layer)
+
+    def _matmul(self, call):
+        weight = self._constant_weight(call.args[1])
+        data = call.args[0]
+        if weight is None or call.ty.dtype != "float32":
+            return call
+        if weight.ndim != 2 or weight.dtype != np.float32 or getattr(data.ty, "ndim", 0) < 2 \
+                or data.ty.dtype != "float32":
+            return call
+        out = self._packed(data, weight, call)
+        return call if out is None else out
+
+    def _conv1x1(self, call):
+        """A 1x1, stride-1, ungrouped channels-last conv is a dense layer over the map's pixels:
+        flattened to ``[N, H * W, C]`` so that the tile's rows run across the map's lines (a
+        14-pixel line gave tiles of 2 rows), reshaped back after it (a view, no copy); its
+        element-wise epilogue moves to the flat side with it (``_flat_epilogue``) and fuses.
+        The weight goes in panels too; one panel where the columns fit one tile row."""
+        attrs = call.attrs
+        shape = static_shape(call)
+        data = call.args[0]
+        if shape is None or call.ty.dtype != "float32" or data.ty.dtype != "float32" \
+                or attrs.data_layout != "NHWC" or attrs.kernel_layout != "HWIO" \
+                or str(attrs.out_layout) not in ("", "NHWC") or int(attrs.groups) != 1 \
+                or any(int(v) != 1 for v in (*attrs.strides, *attrs.dilation)) \
+                or any(int(v) != 0 for v in attrs.padding):
+            return call
+        weight = self._constant_weight(call.args[1])
+        if weight is None or weight.dtype != np.float32 or weight.shape[:2] != (1, 1):
+            return call
+        n, h, w, _ = shape
+        if h * w == 1:
+            return call  # one pixel (squeeze-excite): nothing to tile; its broadcast epilogue fuses
+        in_shape = static_shape(data)
+        flat = self._flat_source(data, in_shape)
+        if flat is None:
+            flat = self.builder_.emit(relax.op.reshape(data, [n, h * w, in_shape[-1]]))
+        out = self._packed(flat, np.ascontiguousarray(weight[0, 0]), call, whole=True)
+        return relax.op.reshape(self.builder_.emit(out), shape)
+
+    def _flat_operand(self, arg, shape, flat_shape):
+        """Operand ``arg`` of an element-wise op of ``shape`` for the same op on ``flat_shape``;
+        None where it varies along an axis the flattening merged."""
+        if not isinstance(getattr(arg, "ty", None), relax.TensorType):
+            return arg
+        arg_shape = static_shape(arg)
+        if arg_shape is None:
+            return None
+        source = self._flat_source(arg, shape)
+        if source is not None:
+            return source
+        if arg_shape == shape:
+            return self.builder_.emit(relax.op.reshape(arg, flat_shape))
+        if len(arg_shape) <= 1:
+            return arg
+        if len(arg_shape) <= len(shape) and all(d == 1 for d in arg_shape[:-1]):
+            channels = [1] * (len(flat_shape) - 1) + arg_shape[-1:]
+            if is_constant(arg):
+                return const(const_value(arg).reshape(channels))
+            return self.builder_.emit(relax.op.reshape(arg, channels))
+        return None
+
+    def _flat_epilogue(self, call):
+        """``op(reshape(flat), c)`` -> ``reshape(op(flat, c'))`` where ``flat`` is a flattened
+        conv's output and every other operand is of the same shape, a scalar, or varies along
+        the channels only (a bias): FuseOps fuses the op into the conv's kernel, which it
+        would not across the reshape."""
+        shape = static_shape(call)
+        if shape is None or len(shape) < 3:
+            return call
+        sources = [f for f in (self._flat_source(a, shape) for a in call.args) if f is not None]
+        if not sources:
+            return call
+        flat_shape = static_shape(sources[0])
+        if any(static_shape(f) != flat_shape for f in sources):
+            return call
+        args = [self._flat_operand(a, shape, flat_shape) for a in call.args]
+        if any(a is None for a in args):
+            return call
+        flat = self.builder_.emit(relax.Call(call.op, args, call.attrs, call.ty_args))
+        if static_shape(flat) != flat_shape:
+            return call
+        return relax.op.reshape(flat, shape)
 
 
 @tvm.transform.module_pass(opt_level=0, name="PackedDense")
 class PackedDense:
-    """Float matmuls with a constant ``[K, N]`` weight -> a kernel reading it packed in panels
-    of the vector width the CPU tile takes for ``lanes`` float32 lanes."""
+    """Float matmuls with a constant ``[K, N]`` weight, and 1x1 channels-last convs on their
+    flattened map -> a kernel reading the weight packed in panels of the vector width the CPU
+    tile takes for ``lanes`` float32 lanes."""
 
     def __init__(self, lanes: int):
         self.lanes = lanes

@@ -171,3 +171,158 @@ def test_a_transposed_constant_weight_is_packed_too():
     ex = tvm.compile(relax.transform.LegalizeOps()(after), target="llvm")
     got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
     np.testing.assert_allclose(got, x @ w.T, rtol=1e-5, atol=1e-4)
+
+
+# ---- 1x1 channels-last convs: dense layers over the flattened map ---------------------------
+
+def _nhwc_conv(data, weight_oihw, **attrs):
+    """conv2d in NHWC/HWIO of an OIHW constant, as ``ConvertLayout`` leaves it."""
+    w = relax.op.permute_dims(relax.const(weight_oihw), [2, 3, 1, 0])
+    return relax.op.nn.conv2d(data, w, data_layout="NHWC", kernel_layout="HWIO", **attrs)
+
+
+def _two_convs():
+    """x [1, 7, 9, 24] -> 1x1 conv to 40 + bias -> relu -> 1x1 conv to 16 -> output."""
+    rng = np.random.default_rng(6)
+    w1 = rng.standard_normal((40, 24, 1, 1)).astype("float32")
+    b1 = rng.standard_normal((1, 1, 1, 40)).astype("float32")
+    w2 = rng.standard_normal((16, 40, 1, 1)).astype("float32")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 7, 9, 24), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            w1t = bb.emit(relax.op.permute_dims(relax.const(w1), [2, 3, 1, 0]))
+            y = bb.emit(relax.op.nn.conv2d(x, w1t, data_layout="NHWC", kernel_layout="HWIO"))
+            y = bb.emit(relax.op.add(y, relax.const(b1)))
+            y = bb.emit(relax.op.nn.relu(y))
+            w2t = bb.emit(relax.op.permute_dims(relax.const(w2), [2, 3, 1, 0]))
+            out = bb.emit_output(relax.op.nn.conv2d(y, w2t, data_layout="NHWC", kernel_layout="HWIO"))
+        bb.emit_func_output(out)
+    return bb.get(), (w1, b1, w2)
+
+
+def _expected_two_convs(w1, b1, w2):
+    from tvm_compress.targets.packed_dense import packed_dense
+
+    attrs = {"op_pattern": 4}
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 7, 9, 24), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            flat = bb.emit(relax.op.reshape(x, [1, 63, 24]))
+            # 40 columns: panels of 8 on 8 lanes
+            y = bb.emit_te(packed_dense, flat, relax.const(pack_weight(w1[:, :, 0, 0].T.copy(), 8)),
+                           primfunc_name_hint="packed_dense", primfunc_attrs=attrs)
+            y = bb.emit(relax.op.add(y, relax.const(b1.reshape(1, 1, 40))))
+            y = bb.emit(relax.op.nn.relu(y))
+            # the relu's flat output feeds the next conv: no reshape between the two; 16 columns
+            # are one tile row: one panel, the weight as it is
+            z = bb.emit_te(packed_dense, y, relax.const(w2[:, :, 0, 0].T.copy()[None]),
+                           primfunc_name_hint="packed_dense", primfunc_attrs=attrs)
+            out = bb.emit_output(relax.op.reshape(z, [1, 7, 9, 16]))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def test_consecutive_1x1_convs_run_as_dense_layers_on_the_flattened_map():
+    before, weights = _two_convs()
+    after = PackedDense(8)(before)
+    tvm.ir.assert_structural_equal(after, _expected_two_convs(*weights))
+
+
+def test_the_flattened_convs_equal_the_convs():
+    before, _ = _two_convs()
+    x = np.random.default_rng(7).standard_normal((1, 7, 9, 24)).astype("float32")
+    outs = []
+    for mod in (before, PackedDense(8)(before)):
+        ex = tvm.compile(relax.transform.LegalizeOps()(mod), target="llvm")
+        outs.append(relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy())
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-4)
+
+
+def _conv_module(data_shape, weight, **attrs):
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(data_shape, "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(_nhwc_conv(x, weight, **attrs) if attrs.get("data_layout") is None
+                                 else relax.op.nn.conv2d(x, relax.const(weight), **attrs))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.parametrize("data_shape,weight_shape,attrs", [
+    ((1, 14, 14, 32), (64, 32, 1, 1), {"strides": 2}),             # strided: pixels not a flat run
+    ((1, 14, 14, 32), (64, 32, 3, 3), {"padding": 1}),             # 3x3
+    ((1, 14, 14, 32), (32, 1, 1, 1), {"groups": 32}),              # grouped (depthwise 1x1)
+    ((1, 1, 1, 256), (64, 256, 1, 1), {}),                         # one pixel (squeeze-excite)
+    ((1, 32, 14, 14), (64, 32, 1, 1), {"data_layout": "NCHW"}),    # kept NCHW
+])
+def test_convs_it_leaves_alone(data_shape, weight_shape, attrs):
+    w = np.random.default_rng(8).standard_normal(weight_shape).astype("float32")
+    mod = _conv_module(data_shape, w, **attrs)
+    assert PackedDense(8)(mod).same_as(mod)
+
+
+def _pointwise_model(path, size: int):
+    """3x3 conv -> HardSwish -> 1x1 conv (+bias) -> HardSwish -> 1x1 conv, a residual Add of
+    two 1x1 branches, then a squeeze-excite scale: MobileNet/PP-LCNet blocks on a map of
+    ``size`` x ``size``."""
+    rng = np.random.default_rng(9)
+    w = lambda *s: numpy_helper.from_array(rng.standard_normal(s).astype("float32") * 0.2)  # noqa: E731
+
+    def init(name, *shape):
+        t = w(*shape)
+        t.name = name
+        return t
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], pads=[1, 1, 1, 1]),
+        helper.make_node("HardSwish", ["c0"], ["h0"]),
+        helper.make_node("Conv", ["h0", "w1", "b1"], ["c1"]),
+        helper.make_node("HardSwish", ["c1"], ["h1"]),
+        helper.make_node("Conv", ["h1", "w2"], ["c2"]),
+        helper.make_node("Conv", ["h0", "w3", "b3"], ["c3"]),
+        helper.make_node("Add", ["c2", "c3"], ["s"]),
+        helper.make_node("GlobalAveragePool", ["s"], ["g"]),
+        helper.make_node("Conv", ["g", "w4", "b4"], ["e"]),
+        helper.make_node("HardSigmoid", ["e"], ["es"]),
+        helper.make_node("Mul", ["s", "es"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "pointwise", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 40, size, size])],
+        [init("w0", 32, 16, 3, 3), init("b0", 32), init("w1", 64, 32, 1, 1), init("b1", 64),
+         init("w2", 40, 64, 1, 1), init("w3", 40, 32, 1, 1), init("b3", 40), init("w4", 40, 40, 1, 1),
+         init("b4", 40)])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pointwise_model(tmp_path_factory):
+    # 7 x 7: channels-last on 4, 8 and 16 lanes alike (estimated 1.7x / 3.4x / 1.7x)
+    return _pointwise_model(tmp_path_factory.mktemp("models") / "pointwise.onnx", 7)
+
+
+@pytest.mark.parametrize("target", ["x86", "x86-avx2", pytest.param("aarch64", marks=pytest.mark.slow)])
+def test_flattened_pointwise_convs_match_onnxruntime(pointwise_model, tmp_path, target):
+    from tvm_compress.loader import load_onnx
+    from tvm_compress.pipeline import lowering_passes
+    from tvm_compress.targets import get_target
+
+    if target == "aarch64":
+        from tvm_compress.targets import qemu
+
+        ok, why = qemu.can_run("aarch64")
+        if not ok:
+            pytest.skip(why)
+    profile = get_target(target)
+    with profile.tvm_target():
+        lowered = tvm.transform.Sequential(lowering_passes(profile))(load_onnx(pointwise_model))
+    kernels = [gv.name_hint for gv, f in lowered.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    # the three 1x1 convs on the map (not the squeeze-excite one on one pixel) with their epilogues
+    assert sum("packed_dense" in k for k in kernels) == 3, kernels
+    rep = tvm_compress.compile(pointwise_model, tmp_path / "p.so", target=target, bench_runs=0, log=quiet)
+    assert rep["conv_layout"]["layout"] == "NHWC"
+    assert rep["verified"] and rep["max_rel_err"] < 1e-5, rep["max_rel_err"]
