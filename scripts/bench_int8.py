@@ -146,16 +146,25 @@ def _kernel_calls(lib_path, x):
     return calls
 
 
-def _layer_kernels(calls, candidates):
-    """Per layer (graph order), the first later kernel call reading a weight of one of its shapes."""
-    found, i = [], 0
-    for shapes in candidates:
-        while i < len(calls) and not any(tuple(a.shape) in shapes for a in calls[i][2][1:]):
-            i += 1
-        if i == len(calls):
-            break
-        found.append(calls[i])
-        i += 1
+def _layer_kernels(calls, candidates, sizes=None):
+    """Per layer (graph order), the first later kernel call reading a weight of one of its
+    shapes, and writing as many elements as the layer's output where ``sizes`` gives that
+    (two layers can share a weight shape: a squeeze-excite conv on one pixel and an upsampling
+    conv); None for a layer with no such call."""
+    found, start = [], 0
+    sizes = sizes or [None] * len(candidates)
+
+    def match(i, shapes, size):
+        args = calls[i][2]
+        return any(tuple(a.shape) in shapes for a in args[1:]) and (
+            size is None or int(np.prod(args[-1].shape)) == size)
+
+    for shapes, size in zip(candidates, sizes):
+        i = next((j for j in range(start, len(calls)) if match(j, shapes, size)), None)
+        if i is None:
+            i = next((j for j in range(start, len(calls)) if match(j, shapes, None)), None)
+        found.append(None if i is None else calls[i])
+        start = start if i is None else i + 1
     return found
 
 
@@ -232,11 +241,21 @@ def speed_table(float_lib, int8_lib, layers, x, profile, out_shapes=None):
                 packed.add(pack_depthwise_weight(zeros, dot).shape)
                 packed.add(pack_depthwise_weight(zeros, dot, "NHWC").shape)  # channels-last int8
         q_shapes.append(packed)
-    f_calls = _layer_kernels(_kernel_calls(float_lib, x), f_shapes)
-    q_calls = _layer_kernels(_kernel_calls(int8_lib, x), q_shapes)
-    table = {}
+    outs = [(out_shapes or {}).get(layer["name"]) for layer in layers]
+    sizes = [int(np.prod(o)) if o else None for o in outs]
+    f_calls = _layer_kernels(_kernel_calls(float_lib, x), f_shapes, sizes)
+    q_calls = _layer_kernels(_kernel_calls(int8_lib, x), q_shapes, sizes)
+    table, skipped = {}, {}
     # Interleaved, so both sides see the same machine state.
     for layer, fc, qc_ in zip(layers, f_calls, q_calls):
+        if fc is None or qc_ is None:
+            skipped[layer["name"]] = "no kernel found in " + ("the float build" if fc is None else "the int8 build")
+            continue
+        f_out, q_out = (int(np.prod(c[2][-1].shape)) for c in (fc, qc_))
+        if f_out != q_out:
+            # a squeeze-excite conv whose kernel also scales the whole map in one build only
+            skipped[layer["name"]] = f"fused differently: its kernel writes {f_out} elements in float, {q_out} in int8"
+            continue
         f_ms, q_ms = _time_call(fc), _time_call(qc_)
         f_ms, q_ms = min(f_ms, _time_call(fc)), min(q_ms, _time_call(qc_))
         kind = "conv2d" if len(layer["weight_shape"]) == 4 else "matmul"
@@ -246,7 +265,7 @@ def speed_table(float_lib, int8_lib, layers, x, profile, out_shapes=None):
     return {"target": profile.name,
             "source": "median kernel time (conv/matmul with its fused epilogue) in the compiled float "
                       "and int8 artifacts, interleaved",
-            "layers": table}
+            "layers": table, "skipped": skipped}
 
 
 # ---- one model ------------------------------------------------------------------------------

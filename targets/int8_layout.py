@@ -51,9 +51,10 @@ def _scalar(expr):
 
 @mutator
 class _SpellQuantize(PyExprMutator):
-    """Per-tensor ``quantize(x, s, zp)`` -> ``astype(maximum(minimum(round(x / s) + zp, max),
-    min))`` and ``dequantize(q, s, zp)`` -> ``astype(astype(q, int32) - zp, float32) * s``: the
-    expressions ``LegalizeOps`` gives them, in ops ``ConvertLayout`` can move."""
+    """Per-tensor ``quantize(x, s, zp)`` -> ``astype(maximum(minimum(round(x * (1 / s)) + zp,
+    max), min))`` and ``dequantize(q, s, zp)`` -> ``astype(astype(q, int32) - zp, float32) * s``: the
+    expressions ``LegalizeOps`` gives them (but for the reciprocal), in ops ``ConvertLayout`` can
+    move."""
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
@@ -71,7 +72,10 @@ class _SpellQuantize(PyExprMutator):
             return relax.op.multiply(bb.emit(relax.op.astype(x, "float32")), relax.const(float(scale), "float32"))
         if scale is None or zero is None or "int" not in dtype or src != "float32":
             return call
-        x = bb.emit(relax.op.divide(call.args[0], relax.const(float(scale), src)))
+        # times the reciprocal: a vector divide costs as much as a 3x3 depthwise conv's taps
+        # (onnxruntime's requantize multiplies too); off by one step only where x / s lies
+        # within an ulp of a rounding boundary
+        x = bb.emit(relax.op.multiply(call.args[0], relax.const(float(np.float32(1) / np.float32(scale)), src)))
         x = bb.emit(relax.op.add(bb.emit(relax.op.round(x)), relax.const(float(zero), src)))
         info = np.iinfo(dtype)
         x = bb.emit(relax.op.minimum(x, relax.const(float(info.max), src)))
