@@ -204,11 +204,9 @@ def _panels(w, lanes):
 
 def _onnx_out_shapes(model) -> dict:
     """Output shape of each ONNX node (by name, or its first output's), shapes inferred."""
-    shapes = {}
-    for vi in list(model.graph.value_info) + list(model.graph.output):
-        tt = vi.type.tensor_type
-        if tt.HasField("shape"):
-            shapes[vi.name] = tuple(d.dim_value for d in tt.shape.dim)
+    from tvm_compress.loader import value_shapes
+
+    shapes = value_shapes(model)
     return {node.name or node.output[0]: shapes.get(node.output[0]) for node in model.graph.node}
 
 

@@ -372,15 +372,21 @@ def load_onnx(path: str | os.PathLike, input_shapes: Optional[ShapeMap] = None):
 
 # ---- inspection ---------------------------------------------------------------------------------
 
-def layer_table(prepared: PreparedModel) -> List[dict]:
-    """Per conv/dense layer: op, name, params, MACs (from shapes after inference)."""
-    model = prepared.model
-    inits = {i.name: numpy_helper.to_array(i).shape for i in model.graph.initializer}
-    shapes: Dict[str, tuple] = dict(inits)
+def value_shapes(model: onnx.ModelProto) -> Dict[str, tuple]:
+    """Shape of every graph input, output and inferred value of ``model``, by name."""
+    shapes: Dict[str, tuple] = {}
     for vi in list(model.graph.value_info) + list(model.graph.output) + list(model.graph.input):
         tt = vi.type.tensor_type
         if tt.HasField("shape"):
             shapes[vi.name] = tuple(d.dim_value for d in tt.shape.dim)
+    return shapes
+
+
+def layer_table(prepared: PreparedModel) -> List[dict]:
+    """Per conv/dense layer: op, name, params, MACs (from shapes after inference)."""
+    model = prepared.model
+    inits = {i.name: numpy_helper.to_array(i).shape for i in model.graph.initializer}
+    shapes: Dict[str, tuple] = {**inits, **value_shapes(model)}
     rows = []
     for node in model.graph.node:
         params = int(sum(np.prod(inits[i]) for i in node.input if i in inits))
