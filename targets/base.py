@@ -58,6 +58,11 @@ class KernelHook:
     def enabled(self, profile: TargetProfile) -> bool:
         return self.feature is None or bool(profile.features.get(self.feature, self.default_on))
 
+    @staticmethod
+    def lanes(profile: TargetProfile) -> int:
+        """float32 lanes of the profile's vector registers (what the CPU rewrites size by)."""
+        return get_family(profile.family).vector_lanes(profile)
+
     def rewrites(self, profile: TargetProfile) -> List[tvm.transform.Pass]:
         return []
 
@@ -220,3 +225,22 @@ def get_family(name: str) -> TargetFamily:
 
 def family_names() -> List[str]:
     return sorted(_FAMILIES)
+
+
+def rewrite_functions(mod: tvm.IRModule, make_rewriter, changed: str) -> tvm.IRModule:
+    """Each Relax function of ``mod`` through a fresh ``make_rewriter(mod)`` mutator; a copy of
+    ``mod`` with the functions whose rewriter counted changes (its attribute ``changed``),
+    normalized, or ``mod`` itself when none did."""
+    from tvm import relax
+
+    from tvm_compress.relax_utils import copy_module
+
+    out = None
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            rewriter = make_rewriter(mod)
+            func = rewriter.visit_expr(func)
+            if getattr(rewriter, changed):
+                out = out or copy_module(mod)
+                out[gv] = func
+    return relax.transform.Normalize()(out) if out is not None else mod

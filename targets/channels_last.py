@@ -329,7 +329,7 @@ class ChannelsLastKernels(KernelHook):
     default_on = True
 
     def rewrites(self, profile):
-        return [ChannelsLast(_lanes(profile))]
+        return [ChannelsLast(KernelHook.lanes(profile))]
 
     def candidates(self, mod, profile):
         """Both layouts, when the estimate is below ``MIN_GAIN`` (no guide there) and the float
@@ -337,18 +337,12 @@ class ChannelsLastKernels(KernelHook):
         if mod.attrs is not None and PIN_ATTR in mod.attrs:
             return {}
         funcs = [f for _, f in mod.functions_items() if isinstance(f, relax.Function)]
-        gain = max((channels_last_gain(f, _lanes(profile)) for f in funcs), default=0.0)
+        gain = max((channels_last_gain(f, KernelHook.lanes(profile)) for f in funcs), default=0.0)
         if not 0 < gain < MIN_GAIN or sum(_conv_macs(f) for f in funcs) < MIN_TIMED_MACS:
             return {}
         # The estimate's choice first (below MIN_GAIN: NCHW): the flow keeps it unless NHWC is
         # clearly faster.
         return {layout: mod.with_attr(PIN_ATTR, layout) for layout in ("NCHW", "NHWC")}
-
-
-def _lanes(profile) -> int:
-    from .base import get_family
-
-    return get_family(profile.family).vector_lanes(profile)
 
 
 def _conv_macs(func: relax.Function) -> float:

@@ -24,9 +24,9 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from tvm_compress.layers import with_layer
-from tvm_compress.relax_utils import const, const_value, copy_module, is_constant, static_shape
+from tvm_compress.relax_utils import const, const_value, is_constant, static_shape
 
-from .base import KernelHook
+from .base import KernelHook, rewrite_functions
 from .cpu_schedule import vector_width
 
 _OP_MATMUL = tvm.ir.Op.get("relax.matmul")
@@ -128,15 +128,7 @@ class PadDenseColumns:
         self.lanes = lanes
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        out = None
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter = _PadColumns(mod, self.lanes)
-                func = rewriter.visit_expr(func)
-                if rewriter.padded:
-                    out = out or copy_module(mod)
-                    out[gv] = func
-        return relax.transform.Normalize()(out) if out is not None else mod
+        return rewrite_functions(mod, lambda m: _PadColumns(m, self.lanes), "padded")
 
 
 class DenseColumnsKernels(KernelHook):
@@ -147,9 +139,7 @@ class DenseColumnsKernels(KernelHook):
     default_on = True
 
     def rewrites(self, profile):
-        from .base import get_family
-
-        return [PadDenseColumns(get_family(profile.family).vector_lanes(profile))]
+        return [PadDenseColumns(self.lanes(profile))]
 
 
 DENSE_COLUMNS = DenseColumnsKernels()

@@ -238,9 +238,7 @@ class PackedDenseKernels(KernelHook):
     default_on = True
 
     def rewrites(self, profile):
-        from .base import get_family
-
-        return [PackedDense(get_family(profile.family).vector_lanes(profile))]
+        return [PackedDense(self.lanes(profile))]
 
 
 PACKED_DENSE = PackedDenseKernels()

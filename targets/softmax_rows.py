@@ -20,9 +20,9 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from tvm_compress.relax_utils import copy_module, static_shape
+from tvm_compress.relax_utils import static_shape
 
-from .base import KernelHook
+from .base import KernelHook, rewrite_functions
 from .cpu_schedule import PARALLEL_MIN_ELEMS
 from .dense_columns import padded_columns
 
@@ -65,15 +65,7 @@ class PadSoftmaxRows:
         self.lanes = lanes
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        out = None
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter = _PadRows(mod, self.lanes)
-                func = rewriter.visit_expr(func)
-                if rewriter.padded:
-                    out = out or copy_module(mod)
-                    out[gv] = func
-        return relax.transform.Normalize()(out) if out is not None else mod
+        return rewrite_functions(mod, lambda m: _PadRows(m, self.lanes), "padded")
 
 
 class SoftmaxRowsKernels(KernelHook):
@@ -84,9 +76,7 @@ class SoftmaxRowsKernels(KernelHook):
     default_on = True
 
     def rewrites(self, profile):
-        from .base import get_family
-
-        return [PadSoftmaxRows(get_family(profile.family).vector_lanes(profile))]
+        return [PadSoftmaxRows(self.lanes(profile))]
 
 
 SOFTMAX_ROWS = SoftmaxRowsKernels()
