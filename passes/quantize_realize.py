@@ -302,7 +302,7 @@ class _Realizer(PyExprMutator):
             winfo if isinstance(winfo, str) else None)
         if reason:
             self._record(kind, call, xinfo, None if isinstance(winfo, str) else winfo[1], "float", reason)
-            return None
+            return self._float_layer(call, wdq)
         xq, sx, zx, _ = xinfo
         wq, sw = winfo
         acc = self._conv_acc(call, xq, wq, zx) if kind == "conv2d" else \
@@ -316,6 +316,26 @@ class _Realizer(PyExprMutator):
             y = with_layer(relax.op.add(self.builder_.emit(y), ru.const(corr.reshape(channel_shape))), call)
         self._record(kind, call, xinfo, sw, "int8")
         return y
+
+    @staticmethod
+    def _float_layer(call, wdq):
+        """A layer kept float: its weight ``dequantize(wq)`` as a float constant of the same
+        values, so the float kernel reads a constant weight (the target's float layout hooks
+        take it, and no per-call dequantize of the weight runs) while computing exactly what
+        the fake-quantized layer computes."""
+        wq = ru.const_value(wdq.args[0]).astype("int32")
+        scale = ru.const_value(wdq.args[1]).astype("float32")
+        zp = ru.const_value(wdq.args[2]).astype("int32")
+        shape = [1] * wq.ndim
+        shape[int(wdq.attrs.axis) % wq.ndim] = -1
+
+        def along_axis(v):
+            return v.reshape(shape) if v.size > 1 else v.reshape(())
+
+        # The legalized dequantize's arithmetic: (int - zp) in integers, cast, times the scale.
+        w = (wq - along_axis(zp)).astype("float32") * along_axis(scale)
+        w = ru.const(w.astype(str(wdq.attrs.out_dtype)))
+        return with_layer(relax.Call(call.op, [call.args[0], w, *call.args[2:]], call.attrs, call.ty_args), call)
 
     def _conv_acc(self, call, xq, wq, zx):
         attrs = call.attrs

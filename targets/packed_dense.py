@@ -39,10 +39,12 @@ _OP_MATMUL = tvm.ir.Op.get("relax.matmul")
 _OP_PERMUTE = tvm.ir.Op.get("relax.permute_dims")
 _OP_CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _OP_RESHAPE = tvm.ir.Op.get("relax.reshape")
-# Element-wise ops a flattened conv's epilogue may hold (bias, activations, a residual add).
+# Element-wise ops a flattened conv's epilogue may hold (bias, activations, a residual add,
+# and a requantize: round, clamp, astype, in an int8 build's float layers).
 _ELEMENTWISE = tuple(tvm.ir.Op.get(f"relax.{n}") for n in (
     "add", "subtract", "multiply", "divide", "maximum", "minimum", "power", "clip", "nn.relu",
-    "sigmoid", "tanh", "exp", "erf", "sqrt", "negative", "abs", "nn.gelu", "nn.silu"))
+    "sigmoid", "tanh", "exp", "erf", "sqrt", "negative", "abs", "nn.gelu", "nn.silu",
+    "round", "floor", "ceil", "astype"))
 _OUT_EWISE_FUSABLE = 4  # relax.transform's OpPatternKind kOutEWiseFusable
 
 

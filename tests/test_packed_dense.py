@@ -230,6 +230,42 @@ def test_consecutive_1x1_convs_run_as_dense_layers_on_the_flattened_map():
     tvm.ir.assert_structural_equal(after, _expected_two_convs(*weights))
 
 
+def test_a_requantize_after_a_flattened_conv_moves_to_the_flat_side():
+    """A float layer of an int8 build ends in a requantize (scale, round, clamp, cast): all of it
+    on the flat side, so FuseOps puts it into the dense kernel (across the reshape it did not,
+    and an int8 build's kept-float layers ran a requantize kernel of their own)."""
+    from tvm_compress.targets.packed_dense import packed_dense
+
+    w = np.random.default_rng(8).standard_normal((40, 24, 1, 1)).astype("float32")
+
+    def requantize(bb, y):
+        y = bb.emit(relax.op.multiply(y, relax.const(np.float32(12.5))))
+        y = bb.emit(relax.op.round(y))
+        y = bb.emit(relax.op.clip(y, -128, 127))
+        return relax.op.astype(y, "int8")
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 7, 9, 24), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(_nhwc_conv(x, w))
+            out = bb.emit_output(requantize(bb, y))
+        bb.emit_func_output(out)
+    after = PackedDense(8)(bb.get())
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 7, 9, 24), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            flat = bb.emit(relax.op.reshape(x, [1, 63, 24]))
+            y = bb.emit_te(packed_dense, flat, relax.const(pack_weight(w[:, :, 0, 0].T.copy(), 8)),
+                           primfunc_name_hint="packed_dense", primfunc_attrs={"op_pattern": 4})
+            q = bb.emit(requantize(bb, y))
+            out = bb.emit_output(relax.op.reshape(q, [1, 7, 9, 40]))
+        bb.emit_func_output(out)
+    tvm.ir.assert_structural_equal(after, bb.get())
+
+
 def test_the_flattened_convs_equal_the_convs():
     before, _ = _two_convs()
     x = np.random.default_rng(7).standard_normal((1, 7, 9, 24)).astype("float32")

@@ -185,6 +185,41 @@ def test_keep_float_and_asymmetric_weight_reported():
     assert "zero point" in report["layers"][0]["reason"]
 
 
+@I.ir_module
+class IntThenFloat:
+    @R.function
+    def main(x: R.Tensor((1, 4, 8, 8), "float32"), wq1: R.Tensor((8, 4, 3, 3), "int8"),
+             m1: R.Tensor((1, 8, 1, 1), "float32"), b1: R.Tensor((1, 8, 1, 1), "float32"),
+             w2: R.Tensor((8, 8, 1, 1), "float32")) -> R.Tensor((1, 8, 4, 4), "float32"):
+        with R.dataflow():
+            q = R.quantize(x, R.const(0.05, "float32"), R.const(0, "int8"), axis=-1, out_dtype="int8")
+            acc = R.nn.conv2d(q, wq1, padding=[1, 1, 1, 1], out_dtype="int32")
+            f = R.astype(acc, "float32")
+            lv = R.multiply(f, m1)
+            lv1 = R.add(lv, b1)
+            lv2 = R.nn.relu(lv1)
+            q1 = R.quantize(lv2, R.const(0.1, "float32"), R.const(0, "uint8"), axis=-1, out_dtype="uint8")
+            lv3 = R.nn.max_pool2d(q1, pool_size=[2, 2], strides=[2, 2])
+            dq1 = R.dequantize(lv3, R.const(0.1, "float32"), R.const(0, "uint8"), axis=-1)
+            # kept float: a float conv on a constant weight holding the dequantized values
+            gv = R.nn.conv2d(dq1, w2)
+            R.output(gv)
+        return gv
+
+
+def test_kept_float_layer_reads_a_constant_float_weight():
+    before = _before()
+    after = QuantizeRealize(QuantizeRealizeConfig(keep_float=(1,)))(before)
+    w2 = WQ2.astype("float32") * WS2.reshape(8, 1, 1, 1)
+    expected = bind(IntThenFloat, wq1=WQ1, m1=(SX * WS1).reshape(1, 8, 1, 1), b1=B1, w2=w2)
+    tvm.ir.assert_structural_equal(after["main"], expected["main"])
+    # the fake-quantized layer's own arithmetic: its weight values bit for bit, so the float
+    # layer computes what the QDQ graph computes (the int8 layer before it rounds the same way)
+    x = RNG.standard_normal((1, 4, 8, 8)).astype("float32")
+    fake = QuantizeRealize(QuantizeRealizeConfig(keep_float=(0, 1)))(before)
+    np.testing.assert_array_equal(_run(fake, x), _run(before, x))
+
+
 def test_bad_option():
     from tvm_compress.errors import PassOptionError
 
