@@ -138,7 +138,10 @@ def _kernel_calls(lib_path, x):
         if before and args and all(isinstance(a, tvm.runtime.Tensor) for a in args):
             owner = next((m for m in [lib, *lib.imports] if m.implements_function(name)), None)
             if owner is not None:
-                calls.append((owner, name, list(args)))
+                # Copies: the VM reuses storage, so by the end of the run a kernel's input holds
+                # what later kernels wrote there (float kernels then ran on garbage, a sigmoid
+                # epilogue 4x faster than on its real input).
+                calls.append((owner, name, [tvm.runtime.tensor(a.numpy()) for a in args]))
         return 0
 
     vm.set_instrument(record)
