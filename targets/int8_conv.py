@@ -497,9 +497,18 @@ def _schedule_depthwise(sch: s_tir.Schedule, block, kernel: DotKernel) -> None:
 
 def _vectorize_channels(sch: s_tir.Schedule, tail, lanes: int) -> None:
     """Vectorize the innermost (channel) loop of an NHWC epilogue in whole vectors of up to
-    ``lanes`` (left scalar when no width from 4 up divides it)."""
-    inner = sch.get_loops(tail)[-1]
+    ``lanes`` (left scalar when no width from 4 up divides it).
+
+    With fewer channels than ``lanes`` that are all the output has (a detector head's 4), the
+    tile's pixels are contiguous too: the column and channel loops run as one, in vectors
+    across pixels (a 4-channel sigmoid epilogue ran in half-empty vectors)."""
+    loops = sch.get_loops(tail)
+    inner = loops[-1]
     extent = _extent(sch, inner)
+    if extent < lanes and len(loops) > 1 and _extent(sch, loops[-2]) > 1 \
+            and extent == int(sch.get(tail).writes[0].source.shape[-1]):
+        inner = sch.fuse(loops[-2], inner)
+        extent = _extent(sch, inner)
     width = next((v for v in (lanes, lanes // 2, lanes // 4) if v >= 4 and extent % v == 0), None)
     if width is not None:
         sch.vectorize(sch.split(inner, [None, width])[1] if extent > width else inner)

@@ -285,3 +285,33 @@ def test_transpose_chains_that_keep_the_element_order_become_reshapes():
     # (the chain that keeps its source's shape leaves an alias binding; canonicalized away)
     after = relax.transform.CanonicalizeBindings()(relax.transform.Normalize()(after))
     tvm.ir.assert_structural_equal(after, build(expected))
+
+
+def test_few_channel_epilogue_runs_in_full_vectors():
+    """A 1x1 int8 conv to 4 channels (a detector head): its NHWC epilogue runs along pixels x
+    channels in vectors of 8, not in half-empty ones of 4, and still equals the NCHW kernels."""
+    import tvm_ffi
+
+    rng = np.random.default_rng(9)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 24, 6, 10), "int8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            acc = bb.emit(relax.op.nn.conv2d(x, relax.const(rng.integers(-128, 128, (4, 24, 1, 1)).astype(np.int8)),
+                                             out_dtype="int32"))
+            _, y = _requantize(bb, acc, 4, rng, 0.5, 0, "int8")
+            gv = bb.emit_output(relax.op.sigmoid(y))
+        bb.emit_func_output(gv)
+    mod = bb.get()
+    data = rng.integers(-128, 128, (1, 24, 6, 10)).astype(np.int8)
+    profile = _profile("x86-avx2", "NHWC")
+    with profile.tvm_target():
+        scheduled = pipeline.Schedule(profile)(tvm.transform.Sequential(pipeline.lowering_passes(profile))(mod))
+    (name,) = [gv.name_hint for gv, f in scheduled.functions_items() if "int8_conv" in gv.name_hint]
+    widths = []
+    tvm_ffi.structural_walk(scheduled[name].body, [(tvm.tirx.For, lambda n: widths.append(int(n.extent))
+                                                   if n.kind == tvm.tirx.ForKind.VECTORIZED else None)], order="post")
+    assert 8 in widths and 4 not in widths, widths
+    got, _ = _run(mod, profile, data)
+    want, _ = _run(mod, _profile("x86-avx2", "NCHW"), data)
+    np.testing.assert_array_equal(got, want)
