@@ -138,9 +138,8 @@ def _kernel_calls(lib_path, x):
         if before and args and all(isinstance(a, tvm.runtime.Tensor) for a in args):
             owner = next((m for m in [lib, *lib.imports] if m.implements_function(name)), None)
             if owner is not None:
-                # Copies: the VM reuses storage, so by the end of the run a kernel's input holds
-                # what later kernels wrote there (float kernels then ran on garbage, a sigmoid
-                # epilogue 4x faster than on its real input).
+                # Copies: the VM reuses storage, so by the end of the run a kernel's input may
+                # hold what later kernels wrote there (float timings can depend on the values).
                 calls.append((owner, name, [tvm.runtime.tensor(a.numpy()) for a in args]))
         return 0
 
@@ -177,8 +176,8 @@ _ROUNDS = 3
 
 def _time_call(call, repeat=15, batch_s=1e-3):
     """ms of one kernel call: the fastest of ``repeat`` batches of about ``batch_s`` each.
-    On this shared VM the noise only adds time (a median of 7 moved a 0.3 ms kernel by 1.6x
-    between runs); the minimum is what the kernel itself costs."""
+    On this shared VM the noise only adds time (medians of 7 batches of one 0.3 ms kernel
+    ranged 301-604 us in one process); the minimum is what the kernel itself costs."""
     import tvm
 
     owner, name, args = call
