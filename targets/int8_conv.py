@@ -32,8 +32,12 @@ TILE_ATTR = "tvm_compress.int8_tile"
 # "NHWC" on kernels whose activations are channels-last (``Int8ChannelsLast``); NCHW otherwise.
 LAYOUT_ATTR = "tvm_compress.int8_layout"
 # A parallel region costs microseconds to start: small packs (``PARALLEL_MIN_ELEMS``) and
-# convolutions run serially.
-_PARALLEL_MIN_MACS = 1 << 18
+# convolutions run serially. Measured on the PP-OCR classifier's 2-24 x 96 maps (2 cores): dot
+# kernels from about 150k multiply-adds (8 -> 24 1x1 at 12x96, 221k: 1.5x faster on both
+# cores; 24 -> 8 at 6x96, 110k: 0.75x) and depthwise ones, dearer per multiply-add, from
+# about 100k (24 channels 3x3 at 6x96, 124k: 1.7x; 8 channels, 83k: 0.8x).
+_PARALLEL_MIN_MACS = 1 << 17
+_PARALLEL_MIN_MACS_DEPTHWISE = 100_000
 # Accumulator tiles stay in "global" scope: TVM puts a "global" buffer under 1 KiB on the stack
 # (registers, after LLVM), but serves a "local" one from the workspace pool, an alloc/free pair
 # in every parallel iteration (a third of a small depthwise kernel's time under perf).
@@ -400,7 +404,8 @@ def _finish(sch: s_tir.Schedule, block, parallel_loops, r_first, tile_loops, lan
     tensorized with ``intrin`` (or vectorized when None)."""
     annotations = sch.get(block).annotations
     _schedule_pack(sch, block, DEPTHWISE_ATTR in annotations and not _nhwc(annotations))
-    if np.prod([_extent(sch, l) for l in sch.get_loops(block)]) >= _PARALLEL_MIN_MACS:
+    least = _PARALLEL_MIN_MACS_DEPTHWISE if DEPTHWISE_ATTR in annotations else _PARALLEL_MIN_MACS
+    if np.prod([_extent(sch, l) for l in sch.get_loops(block)]) >= least:
         sch.parallel(sch.fuse(*parallel_loops))
     if intrin is None:
         sch.vectorize(lane_loop)  # before the init is split off: vectorize needs a whole reduction block
