@@ -315,3 +315,48 @@ def test_few_channel_epilogue_runs_in_full_vectors():
     got, _ = _run(mod, profile, data)
     want, _ = _run(mod, _profile("x86-avx2", "NCHW"), data)
     np.testing.assert_array_equal(got, want)
+
+
+def _top_level_blocks(func) -> list:
+    """Names of the blocks under each outermost loop of a scheduled PrimFunc."""
+    import tvm_ffi
+    from tvm import s_tir
+
+    nests = []
+    root = func.body.block.body
+    for stmt in (root.seq if isinstance(root, tvm.tirx.SeqStmt) else [root]):
+        names = []
+        tvm_ffi.structural_walk(stmt, [(s_tir.SBlock, lambda b: names.append(b.name_hint))], order="post")
+        nests.append(names)
+    return nests
+
+
+@pytest.mark.parametrize("oc, packs_per_tile", [(24, True), (200, False)])
+def test_small_1x1_conv_packs_each_tile_in_its_loop(oc, packs_per_tile):
+    """A 1x1 NHWC int8 conv with few groups of output lanes (24 channels: 3 vectors) packs
+    each register tile inside the conv's loop nest, not in a whole-map loop of its own; with
+    many (200: 25 vectors, each would pack the tile again) it keeps the whole-map pack. Both
+    equal the NCHW kernels."""
+    rng = np.random.default_rng(11)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 10, 6, 10), "int8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            acc = bb.emit(relax.op.nn.conv2d(x, relax.const(rng.integers(-128, 128, (oc, 10, 1, 1)).astype(np.int8)),
+                                             out_dtype="int32"))
+            q, _ = _requantize(bb, acc, oc, rng, 0.5, 0, "int8")
+            gv = bb.emit_output(relax.op.dequantize(q, relax.const(np.float32(0.5)), relax.const(0, "int8"), axis=1))
+        bb.emit_func_output(gv)
+    mod = bb.get()
+    profile = _profile("x86-avx2", "NHWC")
+    with profile.tvm_target():
+        scheduled = pipeline.Schedule(profile)(tvm.transform.Sequential(pipeline.lowering_passes(profile))(mod))
+    (name,) = [gv.name_hint for gv, f in scheduled.functions_items() if "int8_conv" in gv.name_hint]
+    nests = _top_level_blocks(scheduled[name])
+    with_pack = [n for n in nests if any(b.startswith("int8_pack") for b in n)]
+    assert len(with_pack) == 1, nests
+    assert any(b.startswith("int8_conv") for b in with_pack[0]) == packs_per_tile, nests
+    data = rng.integers(-128, 128, (1, 10, 6, 10)).astype(np.int8)
+    got, _ = _run(mod, profile, data)
+    want, _ = _run(mod, _profile("x86-avx2", "NCHW"), data)
+    np.testing.assert_array_equal(got, want)
