@@ -15,12 +15,20 @@ from __future__ import annotations
 import math
 from typing import List, Optional
 
+import tvm
 import tvm.sym
 import tvm_ffi
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
+
+# TVM 0.27 marks tirx.round vectorizable but not tirx.nearbyint, which relax.round (every int8
+# requantize) legalizes to; both lower to llvm.nearbyint on CPUs. Unmarked, VectorizeLoop turns
+# each vectorized requantize loop back into scalar code, which LLVM then re-vectorizes along
+# the wrong loop with shuffles (a squeeze-excite epilogue ran 2x slower that way) or not at all.
+if tvm.ir.Op.get("tirx.nearbyint").get_attr("TVectorizable") is None:
+    tvm.ir.register_op_attr("tirx.nearbyint", "TVectorizable", True)
 
 # Widest output-row tile (16 floats = one AVX-512 / two AVX2 registers); narrower divisors of
 # the row length are taken when 16 does not divide it (e.g. 14 -> 7).

@@ -308,3 +308,35 @@ def test_a_large_streamed_weight_iterates_its_column_blocks_outermost(k, n, stre
     out = tvm.runtime.tensor(np.zeros((64, n), "float32"))
     lib(tvm.runtime.tensor(av), tvm.runtime.tensor(wv), out)
     np.testing.assert_allclose(out.numpy(), av @ wv, rtol=1e-4, atol=1e-3)
+
+
+def test_round_to_nearest_even_stays_vectorized():
+    """A vectorized loop of ``nearbyint`` (every int8 requantize: relax.round) reaches LLVM as
+    vector code. Stock TVM 0.27 scalarizes it in VectorizeLoop; importing the targets marks the
+    op vectorizable, and the values still round half to even."""
+    import tvm_compress.targets  # noqa: F401  (registers the op attribute)
+    from tvm.script import tirx as T
+
+    @T.prim_func
+    def func(a: T.Buffer((32,), "float32"), b: T.Buffer((32,), "float32")):
+        for i in T.vectorized(32):
+            b[i] = T.nearbyint(a[i])
+
+    after = {}
+
+    @tvm.instrument.pass_instrument
+    class AfterVectorize:
+        def run_after_pass(self, mod, info):
+            if info.name == "tirx.VectorizeLoop":
+                after["mod"] = mod
+
+    with tvm.transform.PassContext(instruments=[AfterVectorize()]):
+        lib = tvm.compile(tvm.IRModule({"main": func}), target=get_target("x86").tvm_target())
+    loops = []
+    import tvm_ffi
+    tvm_ffi.structural_walk(after["mod"]["main"].body, [(tvm.tirx.For, loops.append)], order="post")
+    assert not loops, "the vectorized loop was turned back into a scalar loop"
+    x = (np.arange(32, dtype=np.float32) - 16) * 0.5  # ..., -1.5, -0.5, 0.5, 1.5, ...
+    y = tvm.runtime.tensor(np.zeros(32, np.float32))
+    lib["main"](tvm.runtime.tensor(x), y)
+    np.testing.assert_array_equal(y.numpy(), np.round(x))

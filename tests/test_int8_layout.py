@@ -360,3 +360,61 @@ def test_small_1x1_conv_packs_each_tile_in_its_loop(oc, packs_per_tile):
     got, _ = _run(mod, profile, data)
     want, _ = _run(mod, _profile("x86-avx2", "NCHW"), data)
     np.testing.assert_array_equal(got, want)
+
+
+def test_excite_scale_is_computed_once_per_channel():
+    """A squeeze-excite block after an int8 depthwise conv (pool, 24 -> 8 -> 24 channels, hard
+    sigmoid, times the 6x10 map): the excite conv's kernel computes the 24 scales in a block of
+    their own, and the loop over the map reads them instead of redoing the conv's requantize
+    and the sigmoid at every pixel. Equal to the NCHW kernels."""
+    rng = np.random.default_rng(12)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 24, 6, 10), "int8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            dw = bb.emit(relax.op.nn.conv2d(x, relax.const(rng.integers(-128, 128, (24, 1, 3, 3)).astype(np.int8)),
+                                            padding=1, groups=24, out_dtype="int32"))
+            _, fmap = _requantize(bb, dw, 24, rng, 0.5, 0, "int8")
+            pooled = bb.emit(relax.op.mean(fmap, axis=[2, 3], keepdims=True))
+            q = bb.emit(relax.op.quantize(pooled, relax.const(np.float32(0.3)), relax.const(0, "int8"),
+                                          axis=1, out_dtype="int8"))
+            sq = bb.emit(relax.op.nn.conv2d(q, relax.const(rng.integers(-128, 128, (8, 24, 1, 1)).astype(np.int8)),
+                                            out_dtype="int32"))
+            qs, _ = _requantize(bb, sq, 8, rng, 0.4, 0, "int8")
+            ex = bb.emit(relax.op.nn.conv2d(qs, relax.const(rng.integers(-128, 128, (24, 8, 1, 1)).astype(np.int8)),
+                                            out_dtype="int32"))
+            _, y = _requantize(bb, ex, 24, rng, 0.5, 0, "int8")
+            gate = bb.emit(relax.op.clip(relax.op.add(relax.op.multiply(y, relax.const(np.float32(0.2))),
+                                                      relax.const(np.float32(0.5))), 0.0, 1.0))
+            scaled = bb.emit(relax.op.multiply(fmap, gate))
+            gv = bb.emit_output(relax.op.quantize(scaled, relax.const(np.float32(0.04)), relax.const(0, "int8"),
+                                                  axis=1, out_dtype="int8"))
+        bb.emit_func_output(gv)
+    mod = bb.get()
+    profile = _profile("x86-avx2", "NHWC")
+    with profile.tvm_target():
+        scheduled = pipeline.Schedule(profile)(tvm.transform.Sequential(pipeline.lowering_passes(profile))(mod))
+    import tvm_ffi
+    from tvm import s_tir
+
+    def block_writes(func):
+        found = {}
+        tvm_ffi.structural_walk(func.body, [(s_tir.SBlock, lambda b: found.__setitem__(
+            b.name_hint, [int(np.prod([int(d) for d in w.source.shape])) for w in b.writes]))], order="post")
+        return found
+
+    # the excite conv's kernel: the one packing the squeezed vector's 8 channels
+    (writes,) = [w for w in (block_writes(f) for gv, f in scheduled.functions_items() if "int8_conv" in gv.name_hint)
+                 if w.get("int8_pack") == [8]]
+    per_channel = [n for n, w in writes.items() if w == [24] and not n.startswith("int8_conv")]
+    per_pixel = [n for n, w in writes.items() if w == [24 * 6 * 10]]
+    assert per_channel and per_pixel, sorted(writes.items())
+    data = rng.integers(-128, 128, (1, 24, 6, 10)).astype(np.int8)
+    outs = []
+    for layout in ("NHWC", "NCHW"):
+        p = _profile("x86-avx2", layout)
+        with p.tvm_target():
+            sched = pipeline.Schedule(p)(tvm.transform.Sequential(pipeline.lowering_passes(p))(mod))
+        ex = tvm.compile(sched, p.tvm_target())
+        outs.append(relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(data)).numpy())
+    np.testing.assert_array_equal(outs[0], outs[1])
