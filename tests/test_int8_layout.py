@@ -331,15 +331,16 @@ def _top_level_blocks(func) -> list:
     return nests
 
 
-@pytest.mark.parametrize("oc, packs_per_tile", [(24, True), (200, False)])
-def test_small_1x1_conv_packs_each_tile_in_its_loop(oc, packs_per_tile):
-    """A 1x1 NHWC int8 conv with few groups of output lanes (24 channels: 3 vectors) packs
-    each register tile inside the conv's loop nest, not in a whole-map loop of its own; with
-    many (200: 25 vectors, each would pack the tile again) it keeps the whole-map pack. Both
-    equal the NCHW kernels."""
+@pytest.mark.parametrize("hw, oc, packs_per_tile", [((6, 10), 24, True), ((6, 10), 200, True), ((64, 64), 200, False)])
+def test_small_1x1_conv_packs_each_tile_in_its_loop(hw, oc, packs_per_tile):
+    """A 1x1 NHWC int8 conv packs each register tile inside the conv's loop nest, not in a
+    whole-map loop of its own, when few groups of output lanes would pack it again (24
+    channels: 3 vectors) or the map is small (200 channels, 25 vectors: the groups run inside
+    the pixel tiles); a larger map with many groups keeps the whole-map pack. All equal the
+    NCHW kernels."""
     rng = np.random.default_rng(11)
     bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((1, 10, 6, 10), "int8"))
+    x = relax.Var("x", relax.TensorType((1, 10, *hw), "int8"))
     with bb.function("main", [x]):
         with bb.dataflow():
             acc = bb.emit(relax.op.nn.conv2d(x, relax.const(rng.integers(-128, 128, (oc, 10, 1, 1)).astype(np.int8)),
@@ -356,7 +357,7 @@ def test_small_1x1_conv_packs_each_tile_in_its_loop(oc, packs_per_tile):
     with_pack = [n for n in nests if any(b.startswith("int8_pack") for b in n)]
     assert len(with_pack) == 1, nests
     assert any(b.startswith("int8_conv") for b in with_pack[0]) == packs_per_tile, nests
-    data = rng.integers(-128, 128, (1, 10, 6, 10)).astype(np.int8)
+    data = rng.integers(-128, 128, (1, 10, *hw)).astype(np.int8)
     got, _ = _run(mod, profile, data)
     want, _ = _run(mod, _profile("x86-avx2", "NCHW"), data)
     np.testing.assert_array_equal(got, want)
