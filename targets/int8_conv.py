@@ -527,7 +527,7 @@ def _pack_mode(sch: s_tir.Schedule, block, reduce_loops, lane_tiles: int):
 
     ``lanes``: the ``lane_tiles`` groups of output channels stay outermost and each packs its
     pixel tiles again, so only a few may: up to 3, or 6 where the whole-map pack is small
-    enough to run serially (the classifier's 1x1 kernels 1.3-2.6x faster; the detector's with
+    enough to run serially (the classifier's 1x1 kernels 1.2-2.3x faster; the detector's with
     6-45 groups over parallel packs 5-20 % slower). ``pixels``: more groups over a small map
     run inside each pixel tile, packed once, in parallel over rows (over rows and tiles it
     measured slower): 7-19 % faster than ``lanes`` on the classifier's 16 -> 88, 16 -> 104
