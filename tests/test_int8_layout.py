@@ -78,11 +78,14 @@ def _calls(func, op):
     return found
 
 
+def _scheduled(mod, profile):
+    with profile.tvm_target():
+        return pipeline.Schedule(profile)(tvm.transform.Sequential(pipeline.lowering_passes(profile))(mod))
+
+
 def _run(mod, profile, x):
     target = profile.tvm_target()
-    with target:
-        lowered = tvm.transform.Sequential(pipeline.lowering_passes(profile))(mod)
-    scheduled = pipeline.Schedule(profile)(lowered)
+    scheduled = _scheduled(mod, profile)
     unscheduled = [gv.name_hint for gv, f in scheduled.functions_items()
                    if isinstance(f, tvm.tirx.PrimFunc) and not f.attrs.get("tirx.is_scheduled", False)]
     ex = tvm.compile(scheduled, target)
@@ -305,8 +308,7 @@ def test_few_channel_epilogue_runs_in_full_vectors():
     mod = bb.get()
     data = rng.integers(-128, 128, (1, 24, 6, 10)).astype(np.int8)
     profile = _profile("x86-avx2", "NHWC")
-    with profile.tvm_target():
-        scheduled = pipeline.Schedule(profile)(tvm.transform.Sequential(pipeline.lowering_passes(profile))(mod))
+    scheduled = _scheduled(mod, profile)
     (name,) = [gv.name_hint for gv, f in scheduled.functions_items() if "int8_conv" in gv.name_hint]
     widths = []
     tvm_ffi.structural_walk(scheduled[name].body, [(tvm.tirx.For, lambda n: widths.append(int(n.extent))
@@ -350,8 +352,7 @@ def test_small_1x1_conv_packs_each_tile_in_its_loop(hw, oc, packs_per_tile):
         bb.emit_func_output(gv)
     mod = bb.get()
     profile = _profile("x86-avx2", "NHWC")
-    with profile.tvm_target():
-        scheduled = pipeline.Schedule(profile)(tvm.transform.Sequential(pipeline.lowering_passes(profile))(mod))
+    scheduled = _scheduled(mod, profile)
     (name,) = [gv.name_hint for gv, f in scheduled.functions_items() if "int8_conv" in gv.name_hint]
     nests = _top_level_blocks(scheduled[name])
     with_pack = [n for n in nests if any(b.startswith("int8_pack") for b in n)]
@@ -393,8 +394,7 @@ def test_excite_scale_is_computed_once_per_channel():
         bb.emit_func_output(gv)
     mod = bb.get()
     profile = _profile("x86-avx2", "NHWC")
-    with profile.tvm_target():
-        scheduled = pipeline.Schedule(profile)(tvm.transform.Sequential(pipeline.lowering_passes(profile))(mod))
+    scheduled = _scheduled(mod, profile)
     import tvm_ffi
     from tvm import s_tir
 
@@ -411,11 +411,6 @@ def test_excite_scale_is_computed_once_per_channel():
     per_pixel = [n for n, w in writes.items() if w == [24 * 6 * 10]]
     assert per_channel and per_pixel, sorted(writes.items())
     data = rng.integers(-128, 128, (1, 24, 6, 10)).astype(np.int8)
-    outs = []
-    for layout in ("NHWC", "NCHW"):
-        p = _profile("x86-avx2", layout)
-        with p.tvm_target():
-            sched = pipeline.Schedule(p)(tvm.transform.Sequential(pipeline.lowering_passes(p))(mod))
-        ex = tvm.compile(sched, p.tvm_target())
-        outs.append(relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(data)).numpy())
-    np.testing.assert_array_equal(outs[0], outs[1])
+    got, _ = _run(mod, profile, data)
+    want, _ = _run(mod, _profile("x86-avx2", "NCHW"), data)
+    np.testing.assert_array_equal(got, want)
