@@ -327,7 +327,7 @@ def _inline_epilogue(sch: s_tir.Schedule, block):
         # A consumer with outputs that read nothing of the tail (a fused pad or concat) stays
         # a loop nest of its own: moved under the tile loop it would lose them.
         if not after or not all(reads_within(sch, c, tail) for c in after) \
-                or any(_elements(sch, c) > _elements(sch, block) for c in after):
+                or (len(after) == 1 and _elements(sch, after[0]) > _elements(sch, block)):
             break
         sch.compute_inline(tail)
         consumers = sch.get_consumers(block)
@@ -349,7 +349,7 @@ def _broadcast_tail(sch: s_tir.Schedule, tail, block):
     """The chain after a per-channel epilogue ``tail`` that scales a whole map, inlined into its
     last block (None when ``tail`` ends the kernel)."""
     after = sch.get_consumers(tail)
-    if not after or not any(_elements(sch, c) > _elements(sch, block) for c in after):
+    if len(after) != 1 or _elements(sch, after[0]) <= _elements(sch, block):
         return None
     rest = after[0]
     nxt = sch.get_consumers(rest)
