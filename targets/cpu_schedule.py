@@ -195,6 +195,26 @@ def _row_factor(extent: Optional[int], max_rows: int) -> Optional[int]:
     return next((f for f in range(max_rows, 1, -1) if extent is not None and extent % f == 0 and extent >= f), None)
 
 
+def _reduced_axis(sch: s_tir.Schedule, info) -> Optional[int]:
+    """The input axis a one-axis reduction block runs along (None: several, or none found)."""
+    stmt = sch.get(info.block_rv)
+    red = [iv.var for iv in stmt.iter_vars if iv.iter_type == tirx.IterVar.CommReduce]
+    if len(red) != 1:
+        return None
+    found = {i for r in stmt.reads for i, rng in enumerate(r.region) if _uses(rng.min, red[0])}
+    return found.pop() if len(found) == 1 else None
+
+
+def _chunk(extent: Optional[int], lanes: int) -> Optional[int]:
+    """Elements of the innermost axis per step of a strided reduction: the largest divisor
+    of at most 8 registers, whole registers preferred (2100 -> 60: 7.5 registers of 8)."""
+    if extent is None:
+        return None
+    fits = [d for d in range(lanes, 8 * lanes + 1) if extent % d == 0]
+    whole = [d for d in fits if d % lanes == 0]
+    return (whole or fits or [None])[-1]
+
+
 def _uses(expr, var) -> bool:
     found: list = []
     tvm_ffi.structural_walk(expr, [(tirx.Var, found.append)], order="post")
@@ -307,6 +327,10 @@ class CPUFallback(CPUScheduleRule):
             return None  # a matmul or conv with its epilogue: the tiles of _schedule
         if _elements(last.writes[0].source) < PARALLEL_MIN_ELEMS:
             return None  # measured no faster than the naive loops when it cannot go parallel
+        axes = {_reduced_axis(sch, info) for info in reductions}
+        if axes != {rank - 1}:
+            # Under a row loop, a reduction along another axis would run in full at every row.
+            return self._schedule_strided(sch, infos, axes.pop(), target) if len(axes) == 1 else None
         lane_wise = [self._lane_wise(sch, info) for info in reductions]
         lane_wise = [b for b in lane_wise if b is not None]
         cores = int(target.attrs.get("num-cores", self.num_cores) or self.num_cores)
@@ -329,6 +353,43 @@ class CPUFallback(CPUScheduleRule):
                 sch.decompose_reduction(block, chunk)
             elif all(iv.iter_type == tirx.IterVar.DataPar for iv in stmt.iter_vars):
                 self._vectorize_row(sch, sch.get_loops(block)[-1])
+        return sch
+
+    def _schedule_strided(self, sch: s_tir.Schedule, infos, axis: Optional[int], target):
+        """Reductions along one axis that is not the innermost (a softmax over the 16 bins of
+        YOLOv8's box head, ``[1, 16, 4, 2100]`` along axis 1): every stage runs on a chunk of
+        the innermost axis, the chunk vectorized and the reduced axis looped outside it, in
+        parallel over chunks and the other outer axes."""
+        last = infos[-1].block_rv
+        loops = sch.get_loops(last)
+        stmt = sch.get(last)
+        if axis is None or len(loops) != len(stmt.iter_vars):
+            return None
+        # The loop of each output axis (normalize_prim_func drops unit loops: positions differ).
+        at_axis = [next((j for j, iv in enumerate(stmt.iter_vars) if _uses(rng.min, iv.var)), None)
+                   for rng in stmt.writes[0].region]
+        k = at_axis[axis]
+        chunk = _chunk(_extent(sch, loops[-1]), self.lanes)
+        if k is None or k >= len(loops) - 1 or at_axis[-1] != len(loops) - 1 or chunk is None:
+            return None
+        outer, inner = sch.split(loops[-1], factors=[None, chunk])
+        sch.reorder(*loops[:k], *loops[k + 1:-1], outer, loops[k], inner)
+        cores = int(target.attrs.get("num-cores", self.num_cores) or self.num_cores)
+        _parallelize(sch, sch.get_loops(last)[:-2], 4 * cores)
+        at = sch.get_loops(last)[-3]
+        for info in reversed(infos[:-1]):
+            sch.compute_at(info.block_rv, at, preserve_unit_loops=True)
+        for info in infos:
+            block = info.block_rv
+            nest = sch.get_loops(block)
+            under = nest[[sch.get(l).same_as(sch.get(at)) for l in nest].index(True) + 1:]
+            if info.is_reduction():
+                *spatial, red = under
+                sch.reorder(red, *spatial)
+                sch.vectorize(spatial[-1])
+                sch.decompose_reduction(block, red)
+            else:
+                sch.vectorize(under[-1])
         return sch
 
     def _lane_wise(self, sch: s_tir.Schedule, info):

@@ -233,6 +233,52 @@ def test_a_large_softmax_runs_in_parallel_over_rows_with_each_stage_once():
         np.testing.assert_allclose(out.numpy(), e / e.sum(-1, keepdims=True), rtol=1e-4, atol=1e-9)
 
 
+def _block_runs(stmt, trips=1, runs=None) -> dict:
+    """How many times each block runs: the product of the loop extents around it."""
+    runs = {} if runs is None else runs
+    if isinstance(stmt, tvm.tirx.For):
+        _block_runs(stmt.body, trips * int(stmt.extent), runs)
+    elif isinstance(stmt, tvm.tirx.SeqStmt):
+        for s in stmt.seq:
+            _block_runs(s, trips, runs)
+    elif isinstance(stmt, tvm.s_tir.SBlockRealize):
+        runs[stmt.block.name_hint] = runs.get(stmt.block.name_hint, 0) + trips
+        _block_runs(stmt.block.body, trips, runs)
+    elif hasattr(stmt, "body"):
+        _block_runs(stmt.body, trips, runs)
+    return runs
+
+
+@pytest.mark.parametrize("shape,axis", [((1, 16, 4, 2100), 1), ((1, 80, 8400), 1), ((2, 19, 64, 64), 1)])
+def test_a_softmax_along_a_strided_axis_runs_each_stage_once(shape, axis):
+    """A softmax along an axis that is not the innermost (YOLOv8's box head: 16 bins of 4 x 2100
+    anchors, along axis 1) runs on chunks of the innermost axis, in parallel, the reduced axis
+    looped outside the vectorized chunk: each stage computes each of its elements once (under
+    a row loop over the reduced axis the maxima and sums ran again at each of its 16 rows),
+    and the kernel computes what numpy does."""
+    from tvm import te, topi
+
+    target = tvm.target.Target({"kind": "llvm", "num-cores": 2})
+    a = te.placeholder(shape, "float32", name="a")
+    sch = CPUFallback(lanes=8).apply(te.create_prim_func([a, topi.nn.softmax(a, axis=axis)]), target, False)
+    func = sch.mod["main"]
+    loops = _loops(func)
+    assert loops[0][1] == tvm.tirx.ForKind.PARALLEL, loops
+    vectorized = {e for e, k in loops if k == tvm.tirx.ForKind.VECTORIZED}
+    # one chunk of the innermost axis: whole registers where a divisor allows (2100: 60)
+    assert len(vectorized) == 1 and shape[-1] % min(vectorized) == 0 and min(vectorized) >= 8, loops
+    full, reduced = int(np.prod(shape)), int(np.prod(shape)) // shape[axis]
+    runs = _block_runs(func.body)
+    assert runs["T_softmax_exp"] == runs["T_softmax_norm"] == full, runs
+    assert runs["T_softmax_maxelem_init"] == runs["T_softmax_expsum_init"] == reduced, runs
+    assert runs["T_softmax_maxelem_update"] == runs["T_softmax_expsum_update"] == full, runs
+    x = np.random.default_rng(shape[-1]).standard_normal(shape).astype("float32") * 4
+    out = tvm.runtime.tensor(np.full(shape, np.nan, "float32"))
+    tvm.compile(sch.mod, target)(tvm.runtime.tensor(x), out)
+    e = np.exp(x.astype("float64") - x.max(axis, keepdims=True))
+    np.testing.assert_allclose(out.numpy(), e / e.sum(axis, keepdims=True), rtol=1e-5, atol=1e-7)
+
+
 def _rows_kernel(kind, rows, cols):
     from tvm import te, topi
 
