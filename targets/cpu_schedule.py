@@ -138,11 +138,17 @@ def _block_rows(sch: s_tir.Schedule, block, loops: list, max_rows: int):
     """Split one spatial loop around the vectorized row so that the register tile holds several
     rows that share one vector load: an input whose innermost index follows the vectorized
     loop (a conv's input row) is loaded once per reduction step and feeds one FMA per row, the
-    rows being the innermost spatial loop that input does not depend on (output channels) and
-    that a factor from ``max_rows`` down to 2 divides. Not simply the largest input: a 1x1
+    rows being the innermost spatial loop that input does not depend on (output channels for
+    a dense weight, columns of a channels-last conv's map). Not simply the largest input: a 1x1
     conv's weight (384x384) outweighs its 10x10 map, and rows taken from the map's lines
-    shared only a broadcast scalar (2.6x slower). (loops outside the tile, [the tile's row
-    loop]); ``loops`` unchanged when nothing can be split."""
+    shared only a broadcast scalar (2.6x slower). A loop longer than ``max_rows`` may get tiles
+    of ``max_rows`` rows where that does not divide it (13 or 26 columns, ``_tile_rows``), the
+    last tile partial (its rows past the end skipped by a bounds test): tiles of the largest
+    divisor (13: 1, 26: 2) held too few rows, and the few-row tiles' weight vectors, one load
+    per FMA or two, came from L2 (3x3 convs on 7-26 pixel wide maps 1.4-2x slower). A shorter loop
+    (a 2-pixel wide map) leaves registers over: the tile then takes several vectors of the
+    row too. (loops outside the tile, [the tile's loops]); ``loops`` unchanged when nothing
+    can be split."""
     spatial, vector = _vector_reads(sch, block)
     vector = vector or sorted(sch.get(block).reads, key=lambda r: -_elements(r.source))[:1]
     for data in vector:
@@ -150,11 +156,17 @@ def _block_rows(sch: s_tir.Schedule, block, loops: list, max_rows: int):
         for rng in data.region:
             tvm_ffi.structural_walk(rng.min, [(tirx.Var, used.append)], order="post")
         for i in range(len(loops) - 2, -1, -1):  # the last loop is the row itself
-            factor = _row_factor(_extent(sch, loops[i]), max_rows)
+            extent = _extent(sch, loops[i])
+            factor = _tile_rows(extent, max_rows)
             if factor is None or i >= len(spatial) or any(v.same_as(spatial[i]) for v in used):
                 continue
             outer, rows = sch.split(loops[i], factors=[None, factor])
-            return [*loops[:i], outer, *loops[i + 1:]], [rows]
+            loops = [*loops[:i], outer, *loops[i + 1:]]
+            more = _row_factor(_extent(sch, loops[-1]), max_rows // factor)
+            if more is None:
+                return loops, [rows]
+            outer_v, vectors = sch.split(loops[-1], factors=[None, more])
+            return [*loops[:-1], outer_v], [rows, vectors]
     # None shares the vector load (a batch-1 dense: every loop indexes the weight): several
     # vectors of the row itself, sharing the broadcast input, still beat one FMA chain
     # (2048x512 dense: 4x).
@@ -188,6 +200,22 @@ def _streams_weight(sch: s_tir.Schedule, block) -> bool:
     if not vector or _elements(vector[0].source) * vector[0].source.dtype.bits // 8 < _STREAM_BYTES:
         return False
     return not any(_uses(rng.min, v) for rng in vector[0].region for v in spatial[:-1])
+
+
+def _tile_rows(extent: Optional[int], max_rows: int) -> Optional[int]:
+    """Rows of a register tile along a loop of ``extent``: its largest divisor up to
+    ``max_rows``, or ``max_rows`` with a partial last tile where that takes fewer FMA
+    latencies: a tile of fewer than ``_ACCUMULATORS`` registers still waits one latency per
+    reduction step (26 rows: 13 tiles of 2 against 6 of 4 and one of 2)."""
+    exact = _row_factor(extent, max_rows)
+    if extent is None or extent <= max_rows:
+        return exact
+    per_row = _ACCUMULATORS // max_rows
+
+    def steps(rows):
+        return sum(max(_ACCUMULATORS, r * per_row) for r in [rows] * (extent // rows) + [extent % rows] if r)
+
+    return exact if exact is not None and steps(exact) <= steps(max_rows) else max_rows
 
 
 def _row_factor(extent: Optional[int], max_rows: int) -> Optional[int]:

@@ -189,6 +189,76 @@ def test_rows_share_the_input_vector_even_when_the_weight_is_larger():
     np.testing.assert_allclose(out.numpy(), np.einsum("nchw,oc->nohw", xv, wv[:, :, 0, 0]), rtol=1e-5, atol=1e-4)
 
 
+def _conv_tile(func, lanes: int) -> tuple:
+    """(output columns, vector registers of channels) in the register tile of a channels-last
+    conv's update block: the unrolled loops around it that its column and channel indices use,
+    and its vectorized loop."""
+    import tvm_ffi
+
+    found = []
+
+    def uses(expr, var):
+        hits = []
+        tvm_ffi.structural_walk(expr, [(tvm.tirx.Var, lambda v: hits.append(v.same_as(var)))], order="post")
+        return any(hits)
+
+    def visit(node, loops):
+        if isinstance(node, tvm.tirx.For):
+            visit(node.body, loops + [node])
+        elif isinstance(node, tvm.tirx.SeqStmt):
+            for n in node.seq:
+                visit(n, loops)
+        elif isinstance(node, tvm.s_tir.SBlockRealize):
+            if node.block.name_hint.endswith("_update"):
+                tile = []
+                block = node.block
+                for rng in list(block.writes[0].region)[1:4]:  # the output's y, x, channel
+                    value = next(v for iv, v in zip(block.iter_vars, node.iter_values) if uses(rng.min, iv.var))
+                    unrolled = [int(l.extent) for l in loops if l.kind == tvm.tirx.ForKind.UNROLLED and uses(value, l.loop_var)]
+                    vector = [int(l.extent) for l in loops if l.kind == tvm.tirx.ForKind.VECTORIZED and uses(value, l.loop_var)]
+                    tile.append(int(np.prod(unrolled)) * -(-int(np.prod(vector)) // lanes))
+                found.append(tile)
+            visit(node.block.body, loops)
+        elif hasattr(node, "body"):
+            visit(node.body, loops)
+
+    visit(func.body, [])
+    assert len(found) == 1, found
+    rows, columns, channels = found[0]
+    return rows * columns, channels
+
+
+@pytest.mark.parametrize("size,channels,tile", [
+    (13, 192, (4, 2)),  # no divisor of 13 columns: tiles of 4, the last one of 1
+    (26, 96, (4, 2)),   # 26 = 2 x 13: 6 tiles of 4 and one of 2 (13 tiles of 2 kept 4 registers)
+    (6, 128, (3, 2)),   # 2 tiles of 3 columns take as many FMA latencies as 4 + 2: the divisor
+    (2, 128, (2, 4)),   # 2 columns: the tile takes two 16-channel vectors as well
+])
+def test_channels_last_conv_tiles_fill_the_accumulators(size, channels, tile):
+    """A channels-last 3x3 conv on a map whose width has no divisor of 4 (13, 26 columns on
+    AVX2: 4 columns x 16 channels fill the 8 accumulators, each weight vector loaded once for
+    4 FMAs) still gets such a tile, its last one partial, not 1 column x 4 vectors (one weight
+    load per FMA) or 2 x 2 registers, and computes what torch does (the partial tile's columns
+    past the end are not written: the output starts as NaN)."""
+    from tvm import te, topi
+    import torch
+
+    target = tvm.target.Target({"kind": "llvm", "num-cores": 2})
+    x = te.placeholder((1, size, size, channels), "float32", name="x")
+    w = te.placeholder((3, 3, channels, channels), "float32", name="w")
+    func = te.create_prim_func([x, w, topi.nn.conv2d_nhwc(x, w, 1, 1, 1)])
+    sch = CPUFallback(lanes=8).apply(func, target, False)
+    assert _conv_tile(sch.mod["main"], 8) == tile
+    rng = np.random.default_rng(size)
+    xv = rng.standard_normal((1, size, size, channels)).astype("float32")
+    wv = rng.standard_normal((3, 3, channels, channels)).astype("float32")
+    out = tvm.runtime.tensor(np.full((1, size, size, channels), np.nan, "float32"))
+    tvm.compile(sch.mod, target)(tvm.runtime.tensor(xv), tvm.runtime.tensor(wv), out)
+    want = torch.nn.functional.conv2d(torch.from_numpy(xv).permute(0, 3, 1, 2),
+                                      torch.from_numpy(wv).permute(3, 2, 0, 1), padding=1)
+    np.testing.assert_allclose(out.numpy(), want.permute(0, 2, 3, 1).numpy(), rtol=1e-4, atol=1e-3)
+
+
 def test_default_schedule_emits_neon_fmla_on_aarch64(demo_model):
     """Through our pipeline (lowering + default CPU schedule), aarch64 float kernels use NEON
     vector FMA; untuned naive loops do not (see tests/test_qemu_runner.py)."""
