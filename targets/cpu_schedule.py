@@ -129,48 +129,53 @@ def _parallelize(sch: s_tir.Schedule, loops: list, min_chunks: Optional[int]):
 # vector registers of accumulators, so that loads and broadcasts fit beside them (AVX2 and
 # armv7 NEON have 16 registers).
 _ACCUMULATORS = 8
+# A channels-last conv's 2-D tile (``_tile_shape``): up to 12 accumulators (16 registers: 12 +
+# weight vectors + a broadcast), and the cycles one reduction step waits for an FMA chain.
+_TILE_REGISTERS = 12
+_REGISTERS = 16
+_STEP_LATENCY = 5.0
 # Starting the thread pool costs microseconds: kernels writing fewer elements run serially
 # (row reductions here, the int8 packs).
 PARALLEL_MIN_ELEMS = 1 << 15
 
 
-def _block_rows(sch: s_tir.Schedule, block, loops: list, max_rows: int):
+def _block_rows(sch: s_tir.Schedule, block, loops: list, per_row: int):
     """Split one spatial loop around the vectorized row so that the register tile holds several
     rows that share one vector load: an input whose innermost index follows the vectorized
     loop (a conv's input row) is loaded once per reduction step and feeds one FMA per row, the
     rows being the innermost spatial loop that input does not depend on (output channels for
     a dense weight, columns of a channels-last conv's map). Not simply the largest input: a 1x1
     conv's weight (384x384) outweighs its 10x10 map, and rows taken from the map's lines
-    shared only a broadcast scalar (2.6x slower). A loop longer than ``max_rows`` may get tiles
-    of ``max_rows`` rows where that does not divide it (13 or 26 columns, ``_tile_rows``), the
-    last tile partial (its rows past the end skipped by a bounds test): tiles of the largest
-    divisor (13: 1, 26: 2) held too few rows, and the few-row tiles' weight vectors, one load
-    per FMA or two, came from L2 (3x3 convs on 7-26 pixel wide maps 1.4-2x slower). A shorter loop
-    (a 2-pixel wide map) leaves registers over: the tile then takes several vectors of the
-    row too. (loops outside the tile, [the tile's loops]); ``loops`` unchanged when nothing
-    can be split."""
+    shared only a broadcast scalar (2.6x slower). The tile's shape, rows x vectors of the row,
+    and a partial last tile where the rows do not divide the loop: ``_tile_shape``.
+    (loops outside the tile, [the tile's loops]); ``loops`` unchanged when nothing can be
+    split."""
     spatial, vector = _vector_reads(sch, block)
     vector = vector or sorted(sch.get(block).reads, key=lambda r: -_elements(r.source))[:1]
     for data in vector:
         used: list = []
         for rng in data.region:
             tvm_ffi.structural_walk(rng.min, [(tirx.Var, used.append)], order="post")
+        # A weight's vectors (channels-last conv, matmul): 2-D tiles by their cost; an input's
+        # (a conv's rows of NCHW pixels): rows of output channels (2-D: 0.7-0.9x there).
+        weight = not any(v.same_as(s) for v in used for s in spatial[:-1])
         for i in range(len(loops) - 2, -1, -1):  # the last loop is the row itself
-            extent = _extent(sch, loops[i])
-            factor = _tile_rows(extent, max_rows)
-            if factor is None or i >= len(spatial) or any(v.same_as(spatial[i]) for v in used):
+            if i >= len(spatial) or any(v.same_as(spatial[i]) for v in used):
                 continue
+            shape = (_tile_shape if weight else _tile_rows)(_extent(sch, loops[i]), _extent(sch, loops[-1]), per_row)
+            if shape is None:
+                continue
+            factor, more = shape
             outer, rows = sch.split(loops[i], factors=[None, factor])
             loops = [*loops[:i], outer, *loops[i + 1:]]
-            more = _row_factor(_extent(sch, loops[-1]), max_rows // factor)
-            if more is None:
+            if more == 1:
                 return loops, [rows]
             outer_v, vectors = sch.split(loops[-1], factors=[None, more])
             return [*loops[:-1], outer_v], [rows, vectors]
     # None shares the vector load (a batch-1 dense: every loop indexes the weight): several
     # vectors of the row itself, sharing the broadcast input, still beat one FMA chain
     # (2048x512 dense: 4x).
-    factor = _row_factor(_extent(sch, loops[-1]), max_rows) if loops else None
+    factor = _row_factor(_extent(sch, loops[-1]), _ACCUMULATORS // per_row) if loops else None
     if factor is not None:
         outer, rows = sch.split(loops[-1], factors=[None, factor])
         return [*loops[:-1], outer], [rows]
@@ -202,20 +207,56 @@ def _streams_weight(sch: s_tir.Schedule, block) -> bool:
     return not any(_uses(rng.min, v) for rng in vector[0].region for v in spatial[:-1])
 
 
-def _tile_rows(extent: Optional[int], max_rows: int) -> Optional[int]:
-    """Rows of a register tile along a loop of ``extent``: its largest divisor up to
-    ``max_rows``, or ``max_rows`` with a partial last tile where that takes fewer FMA
-    latencies: a tile of fewer than ``_ACCUMULATORS`` registers still waits one latency per
-    reduction step (26 rows: 13 tiles of 2 against 6 of 4 and one of 2)."""
+def _tile_rows(extent: Optional[int], vectors: Optional[int], per_row: int):
+    """(rows, vectors of the row) of a register tile of ``_ACCUMULATORS`` registers: the largest
+    divisor of ``extent`` up to that many rows, or that many rows with a partial last tile
+    where that waits on fewer FMA latencies (26 rows: 13 tiles of 2 against 6 of 4 and one of
+    2); rows that leave registers over take several vectors of the row."""
+    max_rows = _ACCUMULATORS // per_row
     exact = _row_factor(extent, max_rows)
-    if extent is None or extent <= max_rows:
-        return exact
-    per_row = _ACCUMULATORS // max_rows
+    if extent is not None and extent > max_rows:
+        def steps(rows):
+            return sum(max(_ACCUMULATORS, r * per_row) for r in [rows] * (extent // rows) + [extent % rows] if r)
 
-    def steps(rows):
-        return sum(max(_ACCUMULATORS, r * per_row) for r in [rows] * (extent // rows) + [extent % rows] if r)
+        exact = exact if exact is not None and steps(exact) <= steps(max_rows) else max_rows
+    if exact is None:
+        return None
+    return exact, _row_factor(vectors, max_rows // exact) or 1
 
-    return exact if exact is not None and steps(exact) <= steps(max_rows) else max_rows
+
+def _tile_shape(extent: Optional[int], vectors: Optional[int], per_row: int):
+    """(rows, vectors of the row) of a register tile over a loop of ``extent`` rows that share
+    each vector load and ``vectors`` vectors of ``per_row`` registers that share each broadcast
+    (None when the loop has fewer than 2 rows).
+
+    Per reduction step a tile issues one FMA per accumulator register and loads one broadcast
+    per row and one weight vector per register of its vectors; a step takes the longest of
+    the FMAs (two per cycle), the loads (broadcasts from L1, two per cycle; weight vectors
+    one per cycle: a large weight's slice streams from L2) and one FMA latency with some slack
+    (``_STEP_LATENCY``): fewer than about 10 accumulators wait on their own chains. The shape
+    that takes fewest cycles over the whole loop wins, with at most ``_TILE_REGISTERS``
+    accumulators that fit the 16 vector registers beside their weights and a broadcast (3
+    columns x 2 vectors of 16 channels on AVX2, 17 registers, spilled: 2x slower). The
+    rows need not divide the loop (13 or 26 columns): the last tile is then partial, its rows
+    past the end skipped by a bounds test. 3x3 channels-last convs on AVX2 (znver3), against
+    tiles of at most 8 registers with the same partial tiles: 96 channels at 52x52 (4 -> 6
+    columns x 2 registers) 1.10x, 192 at 13x13 1.17x, 128 at 14x14 1.29x, 24 at 20x20 and
+    208x208 (8 x 1 -> 4 x 3) 1.25-1.38x. 16 registers assumed (AVX2, armv7 NEON; AVX-512
+    and AArch64 have 32)."""
+    if extent is None or extent < 2:
+        return None
+    vectors = vectors or 1
+    best = None
+    for more in (v for v in range(1, vectors + 1) if vectors % v == 0 and v * per_row <= _TILE_REGISTERS):
+        for rows in range(1, min(extent, _TILE_REGISTERS // (more * per_row)) + 1):
+            if (rows + 1) * more * per_row + 1 > _REGISTERS:
+                break  # the accumulators, the weight vectors and a broadcast must stay in registers
+            tiles = [rows] * (extent // rows) + ([extent % rows] if extent % rows else [])
+            cycles = sum(max(r * more * per_row / 2, r / 2 + more * per_row, _STEP_LATENCY) for r in tiles)
+            key = (cycles * (vectors // more), extent % rows != 0, -rows)
+            if best is None or key < best[0]:
+                best = (key, rows, more)
+    return None if best is None or best[1] * best[2] < 2 else (best[1], best[2])
 
 
 def _row_factor(extent: Optional[int], max_rows: int) -> Optional[int]:
@@ -479,7 +520,7 @@ class CPUFallback(CPUScheduleRule):
                     continue
                 outer, inner = sch.split(s_loops[-1], factors=[None, width])
                 per_row = -(-width // self.lanes)  # vector registers per row
-                rows, block_inner = _block_rows(sch, block, [*s_loops[:-1], outer], _ACCUMULATORS // per_row)
+                rows, block_inner = _block_rows(sch, block, [*s_loops[:-1], outer], per_row)
                 if len(rows) > 1 and _streams_weight(sch, block):
                     rows = [rows[-1], *rows[:-1]]  # column blocks outermost: each stays in cache
                 sch.reorder(*rows, *r_loops, *block_inner, inner)

@@ -229,17 +229,20 @@ def _conv_tile(func, lanes: int) -> tuple:
 
 
 @pytest.mark.parametrize("size,channels,tile", [
-    (13, 192, (4, 2)),  # no divisor of 13 columns: tiles of 4, the last one of 1
-    (26, 96, (4, 2)),   # 26 = 2 x 13: 6 tiles of 4 and one of 2 (13 tiles of 2 kept 4 registers)
-    (6, 128, (3, 2)),   # 2 tiles of 3 columns take as many FMA latencies as 4 + 2: the divisor
+    (13, 192, (5, 2)),  # no divisor of 13 columns fills a tile: 2 tiles of 5, the last of 3
+    (26, 96, (6, 2)),   # 26 = 2 x 13: 4 tiles of 6 and one of 2 (13 tiles of 2 held 4 registers)
+    (6, 128, (6, 2)),   # the whole row
     (2, 128, (2, 4)),   # 2 columns: the tile takes two 16-channel vectors as well
+    (208, 24, (4, 3)),  # 24 channels are 3 vectors: 4 columns x 3 (8 x 1 loaded a broadcast per FMA)
 ])
 def test_channels_last_conv_tiles_fill_the_accumulators(size, channels, tile):
-    """A channels-last 3x3 conv on a map whose width has no divisor of 4 (13, 26 columns on
-    AVX2: 4 columns x 16 channels fill the 8 accumulators, each weight vector loaded once for
-    4 FMAs) still gets such a tile, its last one partial, not 1 column x 4 vectors (one weight
-    load per FMA) or 2 x 2 registers, and computes what torch does (the partial tile's columns
-    past the end are not written: the output starts as NaN)."""
+    """A channels-last 3x3 conv's register tile on AVX2 (16 registers of 8 floats): up to 12
+    accumulators, columns x channel vectors, sized by the cycles each reduction step takes
+    (``_tile_shape``), also where no count of columns divides the map's width (its last tile
+    partial), never more registers than 16 (accumulators, weight vectors, a broadcast); not
+    1 column x 4 vectors (one weight load per FMA) or 2 x 2 registers (FMA latency bound). It
+    computes what torch does (the partial tile's columns past the end are not written: the
+    output starts as NaN)."""
     from tvm import te, topi
     import torch
 
