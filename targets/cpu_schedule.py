@@ -152,6 +152,10 @@ def _block_rows(sch: s_tir.Schedule, block, loops: list, per_row: int):
     split."""
     spatial, vector = _vector_reads(sch, block)
     vector = vector or sorted(sch.get(block).reads, key=lambda r: -_elements(r.source))[:1]
+    # A conv window (several reduction loops) may end in a partial tile; a dense product's
+    # single reduction loop must not: LLVM compiled its bounds-tested tiles erratically, some
+    # (extent, rows) pairs 2x slower than whole tiles.
+    window = sum(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars) > 1
     for data in vector:
         used: list = []
         for rng in data.region:
@@ -162,7 +166,10 @@ def _block_rows(sch: s_tir.Schedule, block, loops: list, per_row: int):
         for i in range(len(loops) - 2, -1, -1):  # the last loop is the row itself
             if i >= len(spatial) or any(v.same_as(spatial[i]) for v in used):
                 continue
-            shape = (_tile_shape if weight else _tile_rows)(_extent(sch, loops[i]), _extent(sch, loops[-1]), per_row)
+            if weight:
+                shape = _tile_shape(_extent(sch, loops[i]), _extent(sch, loops[-1]), per_row, window)
+            else:
+                shape = _tile_rows(_extent(sch, loops[i]), _extent(sch, loops[-1]), per_row)
             if shape is None:
                 continue
             factor, more = shape
@@ -224,10 +231,10 @@ def _tile_rows(extent: Optional[int], vectors: Optional[int], per_row: int):
     return exact, _row_factor(vectors, max_rows // exact) or 1
 
 
-def _tile_shape(extent: Optional[int], vectors: Optional[int], per_row: int):
+def _tile_shape(extent: Optional[int], vectors: Optional[int], per_row: int, ragged: bool = True):
     """(rows, vectors of the row) of a register tile over a loop of ``extent`` rows that share
     each vector load and ``vectors`` vectors of ``per_row`` registers that share each broadcast
-    (None when the loop has fewer than 2 rows).
+    (None when the loop has fewer than 2 rows). ``ragged``: whether the last tile may be partial.
 
     Per reduction step a tile issues one FMA per accumulator register and loads one broadcast
     per row and one weight vector per register of its vectors; a step takes the longest of
@@ -251,6 +258,8 @@ def _tile_shape(extent: Optional[int], vectors: Optional[int], per_row: int):
         for rows in range(1, min(extent, _TILE_REGISTERS // (more * per_row)) + 1):
             if (rows + 1) * more * per_row + 1 > _REGISTERS:
                 break  # the accumulators, the weight vectors and a broadcast must stay in registers
+            if extent % rows and not ragged:
+                continue
             tiles = [rows] * (extent // rows) + ([extent % rows] if extent % rows else [])
             cycles = sum(max(r * more * per_row / 2, r / 2 + more * per_row, _STEP_LATENCY) for r in tiles)
             key = (cycles * (vectors // more), extent % rows != 0, -rows)

@@ -262,6 +262,37 @@ def test_channels_last_conv_tiles_fill_the_accumulators(size, channels, tile):
     np.testing.assert_allclose(out.numpy(), want.permute(0, 2, 3, 1).numpy(), rtol=1e-4, atol=1e-3)
 
 
+def _update_predicates(func) -> list:
+    import tvm_ffi
+
+    found = []
+    tvm_ffi.structural_walk(func.body, [(tvm.s_tir.SBlockRealize, found.append)], order="pre")
+    return [r.predicate for r in found if r.block.name_hint.endswith("_update")]
+
+
+@pytest.mark.parametrize("rows", [2704, 170, 169])
+def test_dense_tiles_are_whole_tiles(rows):
+    """A dense product (one reduction loop) never gets a partial last tile: LLVM compiled such
+    bounds-tested tiles erratically (some row counts 2x slower). Its tile's rows divide the
+    row count (2704: 4, 170: 5; 169 = 13 x 13: a single row, several vectors), and it
+    computes what numpy does."""
+    from tvm import te
+    from tvm_compress.targets.packed_dense import pack_weight, packed_dense
+
+    target = tvm.target.Target({"kind": "llvm", "num-cores": 2})
+    k, n = 96, 192
+    x = te.placeholder((1, rows, k), "float32", name="x")
+    w = te.placeholder((n // 16, k, 16), "float32", name="w")
+    sch = CPUFallback(lanes=8).apply(te.create_prim_func([x, w, packed_dense(x, w)]), target, False)
+    preds = _update_predicates(sch.mod["main"])
+    assert preds and all(isinstance(p, tvm.tirx.IntImm) and int(p) == 1 for p in preds), preds
+    rng = np.random.default_rng(rows)
+    xv, wv = rng.standard_normal((1, rows, k)).astype("float32"), rng.standard_normal((k, n)).astype("float32")
+    out = tvm.runtime.tensor(np.full((1, rows, n), np.nan, "float32"))
+    tvm.compile(sch.mod, target)(tvm.runtime.tensor(xv), tvm.runtime.tensor(pack_weight(wv, 16)), out)
+    np.testing.assert_allclose(out.numpy(), xv @ wv, rtol=1e-4, atol=1e-3)
+
+
 def test_default_schedule_emits_neon_fmla_on_aarch64(demo_model):
     """Through our pipeline (lowering + default CPU schedule), aarch64 float kernels use NEON
     vector FMA; untuned naive loops do not (see tests/test_qemu_runner.py)."""
