@@ -155,7 +155,8 @@ def _block_rows(sch: s_tir.Schedule, block, loops: list, per_row: int):
     # A conv window (several reduction loops) may end in a partial tile; a dense product's
     # single reduction loop must not: LLVM compiled its bounds-tested tiles erratically, some
     # (extent, rows) pairs 2x slower than whole tiles.
-    window = sum(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars) > 1
+    window = sum(iv.iter_type == tirx.IterVar.CommReduce and not _is_one(iv.dom.extent)
+                 for iv in sch.get(block).iter_vars) > 1
     for data in vector:
         used: list = []
         for rng in data.region:
@@ -266,6 +267,10 @@ def _tile_shape(extent: Optional[int], vectors: Optional[int], per_row: int, rag
             if best is None or key < best[0]:
                 best = (key, rows, more)
     return None if best is None or best[1] * best[2] < 2 else (best[1], best[2])
+
+
+def _is_one(expr) -> bool:
+    return isinstance(expr, tirx.IntImm) and int(expr) == 1
 
 
 def _row_factor(extent: Optional[int], max_rows: int) -> Optional[int]:
