@@ -4,8 +4,11 @@ TVM 0.27 offers two things for untuned CPU code: LegalizeOps' naive loop nests (
 vectors) and dlight's CPU rules, which only cover GEMV and row reductions (and were slower than
 naive on the demo model). This dlight rule does what any hand schedule starts with, per block:
 inline pads and elementwise ops, put spatial loops outside reductions, accumulate a tile of
-several output rows (output channels of a conv, up to 8 vector registers) in a local buffer
-that LLVM keeps in registers, vectorize its rows, and run the outer spatial loops in parallel.
+several output rows (output channels of an NCHW conv, columns of a channels-last one) times
+one or more vectors of the row in a local buffer that LLVM keeps in registers (up to 8 vector
+registers; 12 for a weight's vectors, ``_tile_shape``), vectorize its rows, and run the outer
+spatial loops in parallel. A softmax or norm runs row by row, or chunk by chunk of the
+innermost axis when it reduces along another one.
 Kernels without a reduction (pads, element-wise) keep their rows: parallel over the outer
 loops, the innermost loop vectorized. Numbers: docs/benchmarks.md.
 """
