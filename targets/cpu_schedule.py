@@ -173,7 +173,7 @@ def _block_rows(sch: s_tir.Schedule, block, loops: list, per_row: int):
             if weight:
                 shape = _tile_shape(_extent(sch, loops[i]), _extent(sch, loops[-1]), per_row, window)
             else:
-                shape = _tile_rows(_extent(sch, loops[i]), _extent(sch, loops[-1]), per_row)
+                shape = _tile_rows(_extent(sch, loops[i]), _extent(sch, loops[-1]), per_row, window)
             if shape is None:
                 continue
             factor, more = shape
@@ -218,14 +218,14 @@ def _streams_weight(sch: s_tir.Schedule, block) -> bool:
     return not any(_uses(rng.min, v) for rng in vector[0].region for v in spatial[:-1])
 
 
-def _tile_rows(extent: Optional[int], vectors: Optional[int], per_row: int):
+def _tile_rows(extent: Optional[int], vectors: Optional[int], per_row: int, ragged: bool = True):
     """(rows, vectors of the row) of a register tile of ``_ACCUMULATORS`` registers: the largest
-    divisor of ``extent`` up to that many rows, or that many rows with a partial last tile
-    where that waits on fewer FMA latencies (26 rows: 13 tiles of 2 against 6 of 4 and one of
-    2); rows that leave registers over take several vectors of the row."""
+    divisor of ``extent`` up to that many rows, or, where ``ragged`` allows a partial last
+    tile, that many rows if that waits on fewer FMA latencies (26 rows: 13 tiles of 2 against
+    6 of 4 and one of 2); rows that leave registers over take several vectors of the row."""
     max_rows = _ACCUMULATORS // per_row
     exact = _row_factor(extent, max_rows)
-    if extent is not None and extent > max_rows:
+    if ragged and extent is not None and extent > max_rows:
         def steps(rows):
             return sum(max(_ACCUMULATORS, r * per_row) for r in [rows] * (extent // rows) + [extent % rows] if r)
 
