@@ -189,40 +189,40 @@ def test_rows_share_the_input_vector_even_when_the_weight_is_larger():
     np.testing.assert_allclose(out.numpy(), np.einsum("nchw,oc->nohw", xv, wv[:, :, 0, 0]), rtol=1e-5, atol=1e-4)
 
 
+def _blocks_in_loops(stmt, loops=()) -> list:
+    """(block realize, the loops around it, outermost first) for every block under ``stmt``."""
+    if isinstance(stmt, tvm.tirx.For):
+        return _blocks_in_loops(stmt.body, (*loops, stmt))
+    if isinstance(stmt, tvm.tirx.SeqStmt):
+        return [found for s in stmt.seq for found in _blocks_in_loops(s, loops)]
+    if isinstance(stmt, tvm.s_tir.SBlockRealize):
+        return [(stmt, loops), *_blocks_in_loops(stmt.block.body, loops)]
+    return _blocks_in_loops(stmt.body, loops) if hasattr(stmt, "body") else []
+
+
 def _conv_tile(func, lanes: int) -> tuple:
     """(output columns, vector registers of channels) in the register tile of a channels-last
     conv's update block: the unrolled loops around it that its column and channel indices use,
     and its vectorized loop."""
     import tvm_ffi
 
-    found = []
-
     def uses(expr, var):
         hits = []
         tvm_ffi.structural_walk(expr, [(tvm.tirx.Var, lambda v: hits.append(v.same_as(var)))], order="post")
         return any(hits)
 
-    def visit(node, loops):
-        if isinstance(node, tvm.tirx.For):
-            visit(node.body, loops + [node])
-        elif isinstance(node, tvm.tirx.SeqStmt):
-            for n in node.seq:
-                visit(n, loops)
-        elif isinstance(node, tvm.s_tir.SBlockRealize):
-            if node.block.name_hint.endswith("_update"):
-                tile = []
-                block = node.block
-                for rng in list(block.writes[0].region)[1:4]:  # the output's y, x, channel
-                    value = next(v for iv, v in zip(block.iter_vars, node.iter_values) if uses(rng.min, iv.var))
-                    unrolled = [int(l.extent) for l in loops if l.kind == tvm.tirx.ForKind.UNROLLED and uses(value, l.loop_var)]
-                    vector = [int(l.extent) for l in loops if l.kind == tvm.tirx.ForKind.VECTORIZED and uses(value, l.loop_var)]
-                    tile.append(int(np.prod(unrolled)) * -(-int(np.prod(vector)) // lanes))
-                found.append(tile)
-            visit(node.block.body, loops)
-        elif hasattr(node, "body"):
-            visit(node.body, loops)
-
-    visit(func.body, [])
+    found = []
+    for realize, loops in _blocks_in_loops(func.body):
+        block = realize.block
+        if not block.name_hint.endswith("_update"):
+            continue
+        tile = []
+        for rng in list(block.writes[0].region)[1:4]:  # the output's y, x, channel
+            value = next(v for iv, v in zip(block.iter_vars, realize.iter_values) if uses(rng.min, iv.var))
+            unrolled = [int(l.extent) for l in loops if l.kind == tvm.tirx.ForKind.UNROLLED and uses(value, l.loop_var)]
+            vector = [int(l.extent) for l in loops if l.kind == tvm.tirx.ForKind.VECTORIZED and uses(value, l.loop_var)]
+            tile.append(int(np.prod(unrolled)) * -(-int(np.prod(vector)) // lanes))
+        found.append(tile)
     assert len(found) == 1, found
     rows, columns, channels = found[0]
     return rows * columns, channels
@@ -263,11 +263,7 @@ def test_channels_last_conv_tiles_fill_the_accumulators(size, channels, tile):
 
 
 def _update_predicates(func) -> list:
-    import tvm_ffi
-
-    found = []
-    tvm_ffi.structural_walk(func.body, [(tvm.s_tir.SBlockRealize, found.append)], order="pre")
-    return [r.predicate for r in found if r.block.name_hint.endswith("_update")]
+    return [r.predicate for r, _ in _blocks_in_loops(func.body) if r.block.name_hint.endswith("_update")]
 
 
 @pytest.mark.parametrize("rows", [2704, 170, 169])
@@ -337,19 +333,12 @@ def test_a_large_softmax_runs_in_parallel_over_rows_with_each_stage_once():
         np.testing.assert_allclose(out.numpy(), e / e.sum(-1, keepdims=True), rtol=1e-4, atol=1e-9)
 
 
-def _block_runs(stmt, trips=1, runs=None) -> dict:
+def _block_runs(stmt) -> dict:
     """How many times each block runs: the product of the loop extents around it."""
-    runs = {} if runs is None else runs
-    if isinstance(stmt, tvm.tirx.For):
-        _block_runs(stmt.body, trips * int(stmt.extent), runs)
-    elif isinstance(stmt, tvm.tirx.SeqStmt):
-        for s in stmt.seq:
-            _block_runs(s, trips, runs)
-    elif isinstance(stmt, tvm.s_tir.SBlockRealize):
-        runs[stmt.block.name_hint] = runs.get(stmt.block.name_hint, 0) + trips
-        _block_runs(stmt.block.body, trips, runs)
-    elif hasattr(stmt, "body"):
-        _block_runs(stmt.body, trips, runs)
+    runs: dict = {}
+    for realize, loops in _blocks_in_loops(stmt):
+        name = realize.block.name_hint
+        runs[name] = runs.get(name, 0) + int(np.prod([int(l.extent) for l in loops]))
     return runs
 
 
