@@ -266,6 +266,27 @@ def test_a_requantize_after_a_flattened_conv_moves_to_the_flat_side():
     tvm.ir.assert_structural_equal(after, bb.get())
 
 
+def test_a_map_no_row_tile_divides_runs_on_padded_rows():
+    """13 x 13 = 169 pixels: no register tile of 4-8 rows divides them, and tiles of one row
+    read every weight vector once per pixel (YOLOX's 13x13 neck convs at half the FMA rate).
+    The kernel computes 176 rows, the rows past the map repeating its last pixel, and keeps
+    169: no pad or slice kernel around it."""
+    from tvm_compress.targets.packed_dense import packed_dense
+
+    w = np.random.default_rng(10).standard_normal((40, 24, 1, 1)).astype("float32")
+    after = PackedDense(8)(_conv_module((1, 13, 13, 24), w))
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 13, 13, 24), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            flat = bb.emit(relax.op.reshape(x, [1, 169, 24]))
+            y = bb.emit_te(packed_dense, flat, relax.const(pack_weight(w[:, :, 0, 0].T.copy(), 8)), 176,
+                           primfunc_name_hint="packed_dense", primfunc_attrs={"op_pattern": 4})
+            out = bb.emit_output(relax.op.reshape(y, [1, 13, 13, 40]))
+        bb.emit_func_output(out)
+    tvm.ir.assert_structural_equal(after, bb.get())
+
+
 def test_the_flattened_convs_equal_the_convs():
     before, _ = _two_convs()
     x = np.random.default_rng(7).standard_normal((1, 7, 9, 24)).astype("float32")
@@ -339,6 +360,15 @@ def _pointwise_model(path, size: int):
 def pointwise_model(tmp_path_factory):
     # 7 x 7: channels-last on 4, 8 and 16 lanes alike (estimated 1.7x / 3.4x / 1.7x)
     return _pointwise_model(tmp_path_factory.mktemp("models") / "pointwise.onnx", 7)
+
+
+def test_padded_rows_of_flattened_convs_match_onnxruntime(tmp_path):
+    """On 13 x 13 maps the dense kernels run on padded rows (see above); the rows kept are
+    exact."""
+    model = _pointwise_model(tmp_path / "pointwise13.onnx", 13)
+    rep = tvm_compress.compile(model, tmp_path / "p.so", target="x86-avx2", bench_runs=0, log=quiet)
+    assert rep["conv_layout"]["layout"] == "NHWC"
+    assert rep["verified"] and rep["max_rel_err"] < 1e-5, rep["max_rel_err"]
 
 
 @pytest.mark.parametrize("target", ["x86", "x86-avx2", pytest.param("aarch64", marks=pytest.mark.slow)])
