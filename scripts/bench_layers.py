@@ -10,6 +10,7 @@ also get totals, including what is not a layer (onnxruntime's layout reorders, o
 element-wise kernels).
 
     python scripts/bench_layers.py --model det --trials 0 --runs 30
+    python scripts/bench_layers.py --onnx common_det.onnx [--shape 1,3,416,416] --trials 0
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from onnx import numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cpu import MODELS  # noqa: E402
-from bench_int8 import _kernel_calls, _time_call  # noqa: E402
+from bench_int8 import _kernel_calls, _panels, _time_call  # noqa: E402
 
 import tvm_compress  # noqa: E402
 
@@ -90,7 +91,7 @@ def ort_profile(model_bytes: bytes, feed: dict, runs: int) -> dict:
 
 def tvm_kernels(lib: Path, x: np.ndarray) -> list:
     calls = _kernel_calls(lib, x)
-    return [(name, [tuple(a.shape) for a in args], _time_call((owner, name, args), number=20, repeat=5))
+    return [(name, [tuple(a.shape) for a in args], _time_call((owner, name, args), repeat=5))
             for owner, name, args in calls]
 
 
@@ -102,9 +103,17 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--out-dir", default="bench-out/layers")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--onnx", help="another model file (one input; give --shape if it is dynamic)")
+    ap.add_argument("--shape", help="the input's shape instead of the model's usual one, e.g. 1,3,416,416")
     args = ap.parse_args(argv)
 
     get_path, shapes = MODELS[args.model]
+    if args.onnx:
+        get_path, shapes = (lambda: Path(args.onnx)), {onnx.load(args.onnx).graph.input[0].name: None}
+        args.model = Path(args.onnx).stem
+    if args.shape:
+        shapes = {next(iter(shapes)): tuple(int(d) for d in args.shape.split(","))}
+    shapes = {k: v for k, v in shapes.items() if v is not None}
     path = get_path()
     prepared = tvm_compress.prepare_onnx(path, shapes)
     layers = onnx_layers(prepared.model)
@@ -116,8 +125,14 @@ def main(argv=None) -> int:
                          bench_runs=3, log=lambda m: None)
     x = np.random.default_rng(0).random(prepared.inputs[0].shape, dtype=np.float32)
     print(f"{args.model}: timing {len(layers)} layers", flush=True)
-    ort_ms = ort_profile(prepared.model.SerializeToString(), {prepared.inputs[0].name: x}, args.runs)
+    # ours first: kernels timed just after onnxruntime's runs measured up to 2x slower (its
+    # worker threads still spinning)
     kernels = tvm_kernels(lib, x)
+    ort_ms = ort_profile(prepared.model.SerializeToString(), {prepared.inputs[0].name: x}, args.runs)
+    from tvm_compress.targets import get_family, get_target
+
+    profile = get_target(args.target)
+    lanes = get_family(profile.family).vector_lanes(profile)
 
     rows, used, k = [], set(), 0
     ort_by_key = {_ort_key(n): t for n, t in ort_ms.items()}
@@ -127,6 +142,11 @@ def main(argv=None) -> int:
             shapes.add((wshape[2], wshape[3], wshape[1], wshape[0]))
         if len(wshape) == 2:  # PadDenseColumns widens [K, N] to whole registers
             shapes |= {(wshape[0], n) for n in range(wshape[1], wshape[1] + 16)}
+        # packed dense weights: panels [N / P, K, P], or one panel [1, K, N] (1x1 convs run so)
+        dense = (wshape[1], wshape[0]) if len(wshape) == 4 and wshape[2:] == (1, 1) else \
+            tuple(wshape) if len(wshape) == 2 else None
+        if dense is not None:
+            shapes |= _panels(dense, lanes) | {(1, *dense), (1, *dense[::-1])}
         j = next((i for i in range(k, len(kernels)) if shapes & set(kernels[i][1][1:])), None)
         ort = next((ort_by_key[key] for key in keys if key in ort_by_key), None)
         if j is not None:
