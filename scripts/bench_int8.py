@@ -213,6 +213,14 @@ def _panels(w, lanes):
     return shapes
 
 
+def _conv_panels(w, lanes):
+    """The packed float conv weight's shape for an OIHW weight (``[O / P, KH, KW, I, P]``)."""
+    from tvm_compress.targets.packed_dense import panel_width
+
+    panel = panel_width(w[0], lanes)
+    return {(w[0] // panel, w[2], w[3], w[1], panel)} if panel is not None else set()
+
+
 def _onnx_out_shapes(model) -> dict:
     """Output shape of each ONNX node (by name, or its first output's), shapes inferred."""
     from tvm_compress.loader import value_shapes
@@ -239,7 +247,7 @@ def speed_table(float_lib, int8_lib, layers, x, profile, out_shapes=None):
         if len(w) == 4 and w[2:] == (1, 1):
             f_shapes.append({w, (1, 1, w[1], w[0]), (1, w[1], w[0]), *_panels((w[1], w[0]), lanes)})
         elif len(w) == 4:
-            f_shapes.append({w, (w[2], w[3], w[1], w[0])})
+            f_shapes.append({w, (w[2], w[3], w[1], w[0]), *_conv_panels(w, lanes)})
         else:
             f_shapes.append({w, *_panels(w, lanes)})
         packed = {w}

@@ -28,7 +28,7 @@ from onnx import numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cpu import MODELS  # noqa: E402
-from bench_int8 import _kernel_calls, _panels, _time_call  # noqa: E402
+from bench_int8 import _conv_panels, _kernel_calls, _panels, _time_call  # noqa: E402
 
 import tvm_compress  # noqa: E402
 
@@ -138,8 +138,8 @@ def main(argv=None) -> int:
     ort_by_key = {_ort_key(n): t for n, t in ort_ms.items()}
     for name, op, wshape, keys in layers:
         shapes = {wshape, wshape[::-1]} if len(wshape) == 2 else {wshape}  # matmul weights are [K, N]
-        if len(wshape) == 4:  # channels-last convs read HWIO weights
-            shapes.add((wshape[2], wshape[3], wshape[1], wshape[0]))
+        if len(wshape) == 4:  # channels-last convs read HWIO weights, or HWIO in panels
+            shapes |= {(wshape[2], wshape[3], wshape[1], wshape[0]), *_conv_panels(wshape, lanes)}
         if len(wshape) == 2:  # PadDenseColumns widens [K, N] to whole registers
             shapes |= {(wshape[0], n) for n in range(wshape[1], wshape[1] + 16)}
         # packed dense weights: panels [N / P, K, P], or one panel [1, K, N] (1x1 convs run so)

@@ -309,16 +309,52 @@ def _conv_module(data_shape, weight, **attrs):
 
 
 @pytest.mark.parametrize("data_shape,weight_shape,attrs", [
-    ((1, 14, 14, 32), (64, 32, 1, 1), {"strides": 2}),             # strided: pixels not a flat run
-    ((1, 14, 14, 32), (64, 32, 3, 3), {"padding": 1}),             # 3x3
     ((1, 14, 14, 32), (32, 1, 1, 1), {"groups": 32}),              # grouped (depthwise 1x1)
+    ((1, 14, 14, 32), (32, 1, 3, 3), {"groups": 32, "padding": 1}),  # depthwise 3x3
     ((1, 1, 1, 256), (64, 256, 1, 1), {}),                         # one pixel (squeeze-excite)
     ((1, 32, 14, 14), (64, 32, 1, 1), {"data_layout": "NCHW"}),    # kept NCHW
+    ((1, 14, 14, 32), (8, 32, 3, 3), {"padding": 1}),              # 8 channels: one panel already
 ])
 def test_convs_it_leaves_alone(data_shape, weight_shape, attrs):
     w = np.random.default_rng(8).standard_normal(weight_shape).astype("float32")
     mod = _conv_module(data_shape, w, **attrs)
     assert PackedDense(8)(mod).same_as(mod)
+
+
+@pytest.mark.parametrize("data_shape,weight_shape,attrs", [
+    ((1, 14, 14, 32), (64, 32, 1, 1), {"strides": 2}),             # strided 1x1: pixels no flat run
+    ((1, 14, 14, 32), (40, 32, 3, 3), {"padding": 1}),             # 3x3
+    ((1, 15, 13, 5), (24, 5, 3, 3), {"strides": 2, "padding": (0, 1, 1, 0), "dilation": 2}),
+])
+def test_other_convs_read_their_weight_in_panels(data_shape, weight_shape, attrs):
+    """[KH, KW, I, O] -> [O / P, KH, KW, I, P]: the conv's kernel reads a tile's slice of the
+    weight contiguously."""
+    from tvm_compress.targets.packed_dense import packed_conv2d_nhwc, panel_width
+
+    w = np.random.default_rng(8).standard_normal(weight_shape).astype("float32")
+    after = PackedDense(8)(_conv_module(data_shape, w, **attrs))
+    hwio = w.transpose(2, 3, 1, 0)
+    kh, kw, ci, co = hwio.shape
+    p = panel_width(co, 8)  # the tile's vector width: 16 or 8 columns
+    panels = hwio.reshape(kh, kw, ci, co // p, p).transpose(3, 0, 1, 2, 4)
+    pad = attrs.get("padding", 0)
+    pad = [pad] * 4 if isinstance(pad, int) else list(pad)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(data_shape, "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.call_te(
+                packed_conv2d_nhwc, x, relax.const(np.ascontiguousarray(panels)), [attrs.get("strides", 1)] * 2,
+                pad, [attrs.get("dilation", 1)] * 2, primfunc_name_hint="packed_conv2d",
+                primfunc_attrs={"op_pattern": 4}))
+        bb.emit_func_output(out)
+    tvm.ir.assert_structural_equal(after, bb.get())
+    xv = np.random.default_rng(9).standard_normal(data_shape).astype("float32")
+    outs = []
+    for mod in (_conv_module(data_shape, w, **attrs), after):
+        ex = tvm.compile(relax.transform.LegalizeOps()(mod), target="llvm")
+        outs.append(relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(xv)).numpy())
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-4)
 
 
 def _pointwise_model(path, size: int):
@@ -387,8 +423,10 @@ def test_flattened_pointwise_convs_match_onnxruntime(pointwise_model, tmp_path, 
     with profile.tvm_target():
         lowered = tvm.transform.Sequential(lowering_passes(profile))(load_onnx(pointwise_model))
     kernels = [gv.name_hint for gv, f in lowered.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
-    # the three 1x1 convs on the map (not the squeeze-excite one on one pixel) with their epilogues
+    # the three 1x1 convs on the map (not the squeeze-excite one on one pixel) with their
+    # epilogues; the 3x3 conv with its weight in panels
     assert sum("packed_dense" in k for k in kernels) == 3, kernels
+    assert sum("packed_conv2d" in k for k in kernels) == 1, kernels
     rep = tvm_compress.compile(pointwise_model, tmp_path / "p.so", target=target, bench_runs=0, log=quiet)
     assert rep["conv_layout"]["layout"] == "NHWC"
     assert rep["verified"] and rep["max_rel_err"] < 1e-5, rep["max_rel_err"]
