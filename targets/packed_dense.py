@@ -14,11 +14,12 @@ A 1x1, stride-1, ungrouped channels-last conv is the same product over the map's
 runs as this kernel on the map flattened to ``[N, H * W, C]`` (a reshape: a view, no copy), so
 that the tile's rows run across the map's lines (on a 14-pixel line they were 2 rows), with its
 element-wise epilogue moved to the flat side so that it still fuses, and consecutive such convs
-exchange the flat map without reshaping between them. A row count no tile of 4-8 rows divides
-(``dense_columns.padded_rows``: a 13x13 map's 169 pixels) runs on rows padded to a multiple of
-8 inside the kernel, the extra rows repeating the last one and dropped before the epilogue's
-store: one-row tiles read every weight vector once per pixel (YOLOX's 13x13 convs 1.75x
-faster padded).
+exchange the flat map without reshaping between them. A row count whose divisors give no
+register tile but one row (a 13x13 map's 169 pixels; a 7x7 map's 49 where the tile holds at
+most 6 rows) runs on a few more rows inside the kernel (``cpu_schedule.dense_rows``: where the
+tile estimate gains), the extra rows repeating the last one and dropped before the epilogue's
+store: one-row tiles read every weight vector once per pixel (YOLOX's 13x13 convs 1.75x,
+ResNet-50's 7x7 1x1 convs 1.9x faster padded).
 
 Every other ungrouped channels-last conv (3x3, strided, dilated) keeps its own kernel but
 reads its weight as panels ``[O / P, KH, KW, I, P]`` instead of HWIO: a tile's slice of an
@@ -43,8 +44,7 @@ from tvm_compress.layers import with_layer
 from tvm_compress.relax_utils import const, const_value, is_constant, static_shape
 
 from .base import KernelHook
-from .cpu_schedule import vector_width
-from .dense_columns import padded_rows
+from .cpu_schedule import dense_rows, vector_width
 
 _OP_MATMUL = tvm.ir.Op.get("relax.matmul")
 _OP_PERMUTE = tvm.ir.Op.get("relax.permute_dims")
@@ -167,7 +167,7 @@ class _Pack(relax.expr_functor.PyExprMutator):
             return None
         self.packed += 1
         dims = static_shape(data)
-        rows = padded_rows(dims[-2]) if dims is not None and len(dims) >= 2 else 0
+        rows = dense_rows(dims[-2], weight.shape[1], self.lanes) if dims is not None and len(dims) >= 2 else 0
         out = self.builder_.call_te(packed_dense, data, const(pack_weight(weight, panel)), rows,
                                     primfunc_name_hint="packed_dense",
                                     primfunc_attrs={"op_pattern": _OUT_EWISE_FUSABLE})

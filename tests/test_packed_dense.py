@@ -266,11 +266,24 @@ def test_a_requantize_after_a_flattened_conv_moves_to_the_flat_side():
     tvm.ir.assert_structural_equal(after, bb.get())
 
 
+@pytest.mark.parametrize("rows,columns,lanes,expected", [
+    (49, 2048, 8, 50),     # 7x7 map, 2-register vectors: at most 6 rows, 49 = 7 x 7 -> 5 x 10
+    (169, 384, 16, 170),   # 13x13: 169 = 13 x 13 -> 5 x 34
+    (63, 40, 8, 63),       # 7 x 9: tiles of 7 rows divide it
+    (200, 384, 8, 200),    # 8 x 25
+    (1, 2048, 8, 1),       # one row: nothing to tile
+])
+def test_dense_rows_pads_only_where_the_tile_estimate_gains(rows, columns, lanes, expected):
+    from tvm_compress.targets.cpu_schedule import dense_rows
+
+    assert dense_rows(rows, columns, lanes) == expected
+
+
 def test_a_map_no_row_tile_divides_runs_on_padded_rows():
-    """13 x 13 = 169 pixels: no register tile of 4-8 rows divides them, and tiles of one row
+    """13 x 13 = 169 pixels: no register tile divides them but one row, and tiles of one row
     read every weight vector once per pixel (YOLOX's 13x13 neck convs at half the FMA rate).
-    The kernel computes 176 rows, the rows past the map repeating its last pixel, and keeps
-    169: no pad or slice kernel around it."""
+    The kernel computes 170 rows (tiles of 10 rows x 8 columns), the rows past the map
+    repeating its last pixel, and keeps 169: no pad or slice kernel around it."""
     from tvm_compress.targets.packed_dense import packed_dense
 
     w = np.random.default_rng(10).standard_normal((40, 24, 1, 1)).astype("float32")
@@ -280,7 +293,7 @@ def test_a_map_no_row_tile_divides_runs_on_padded_rows():
     with bb.function("main", [x]):
         with bb.dataflow():
             flat = bb.emit(relax.op.reshape(x, [1, 169, 24]))
-            y = bb.emit_te(packed_dense, flat, relax.const(pack_weight(w[:, :, 0, 0].T.copy(), 8)), 176,
+            y = bb.emit_te(packed_dense, flat, relax.const(pack_weight(w[:, :, 0, 0].T.copy(), 8)), 170,
                            primfunc_name_hint="packed_dense", primfunc_attrs={"op_pattern": 4})
             out = bb.emit_output(relax.op.reshape(y, [1, 13, 13, 40]))
         bb.emit_func_output(out)
