@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     profile = get_target(args.target)
     lanes = get_family(profile.family).vector_lanes(profile)
 
-    rows, used, k = [], set(), 0
+    rows, used = [], set()
     ort_by_key = {_ort_key(n): t for n, t in ort_ms.items()}
     for name, op, wshape, keys in layers:
         shapes = {wshape, wshape[::-1]} if len(wshape) == 2 else {wshape}  # matmul weights are [K, N]
@@ -147,11 +147,12 @@ def main(argv=None) -> int:
             tuple(wshape) if len(wshape) == 2 else None
         if dense is not None:
             shapes |= _panels(dense, lanes) | {(1, *dense), (1, *dense[::-1])}
-        j = next((i for i in range(k, len(kernels)) if shapes & set(kernels[i][1][1:])), None)
+        # the first kernel not yet taken that reads such a weight: the VM may run a branch (a
+        # ResNet's downsample conv) before the layer the graph lists first
+        j = next((i for i in range(len(kernels)) if i not in used and shapes & set(kernels[i][1][1:])), None)
         ort = next((ort_by_key[key] for key in keys if key in ort_by_key), None)
         if j is not None:
             used.add(j)
-            k = j + 1
         tvm_t = kernels[j][2] if j is not None else None
         rows.append({"layer": name, "op": op, "weight": list(wshape), "tvm_ms": tvm_t, "ort_ms": ort,
                      "ratio": tvm_t / ort if tvm_t and ort else None})

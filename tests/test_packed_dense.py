@@ -334,8 +334,35 @@ def test_convs_it_leaves_alone(data_shape, weight_shape, attrs):
     assert PackedDense(8)(mod).same_as(mod)
 
 
+def test_a_strided_1x1_conv_takes_its_pixels_then_runs_flattened():
+    """stride 2 on 14x14 -> the 7x7 pixels it reads (a strided slice, a copy), flattened: 49
+    rows, padded to 50 inside the dense kernel (16-wide vectors: tiles of at most 6 rows)."""
+    from tvm_compress.targets.packed_dense import packed_dense
+
+    w = np.random.default_rng(11).standard_normal((128, 32, 1, 1)).astype("float32")
+    before = _conv_module((1, 14, 14, 32), w, strides=2)
+    after = PackedDense(8)(before)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 14, 14, 32), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            px = bb.emit(relax.op.strided_slice(x, axes=[1, 2], begin=[0, 0], end=[14, 14], strides=[2, 2]))
+            flat = bb.emit(relax.op.reshape(px, [1, 49, 32]))
+            y = bb.emit_te(packed_dense, flat, relax.const(pack_weight(w[:, :, 0, 0].T.copy(), 16)), 50,
+                           primfunc_name_hint="packed_dense", primfunc_attrs={"op_pattern": 4})
+            out = bb.emit_output(relax.op.reshape(y, [1, 7, 7, 128]))
+        bb.emit_func_output(out)
+    tvm.ir.assert_structural_equal(after, bb.get())
+    xv = np.random.default_rng(12).standard_normal((1, 14, 14, 32)).astype("float32")
+    outs = []
+    for mod in (before, after):
+        ex = tvm.compile(relax.transform.LegalizeOps()(mod), target="llvm")
+        outs.append(relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(xv)).numpy())
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("data_shape,weight_shape,attrs", [
-    ((1, 14, 14, 32), (64, 32, 1, 1), {"strides": 2}),             # strided 1x1: pixels no flat run
+    ((1, 14, 14, 32), (64, 32, 1, 1), {"padding": 1}),             # padded 1x1: the border is no product
     ((1, 14, 14, 32), (40, 32, 3, 3), {"padding": 1}),             # 3x3
     ((1, 15, 13, 5), (24, 5, 3, 3), {"strides": 2, "padding": (0, 1, 1, 0), "dilation": 2}),
 ])
