@@ -17,6 +17,8 @@ import sys
 
 import numpy as np
 
+from bench_tiles import fastest_interleaved
+
 # (map height = width, in channels, out channels, kernel, stride)
 CONVS = [
     (26, 192, 384, 3, 2), (13, 192, 192, 3, 1), (52, 96, 96, 3, 1), (26, 96, 96, 3, 1),
@@ -79,11 +81,7 @@ def main(argv=None) -> int:
         wp = np.ascontiguousarray(w.reshape(k, k, ci, co // panel, panel).transpose(3, 0, 1, 2, 4))
         args_ = [[tvm.runtime.tensor(v) for v in (x, weight, b)] + [tvm.runtime.tensor(np.zeros(out_shape, "float32"))]
                  for weight in (w, wp)]
-        best = [float("inf")] * 2
-        for _ in range(args.rounds):
-            for i, lib in enumerate(libs):
-                timer = lib.mod.time_evaluator("main", tvm.cpu(), number=10, repeat=3)
-                best[i] = min(best[i], min(timer(*args_[i]).results))
+        best = fastest_interleaved(libs, args_, args.rounds)
         np.testing.assert_allclose(args_[1][-1].numpy(), args_[0][-1].numpy(), rtol=1e-4, atol=1e-4)
         print(f"| {name} | {best[0] * 1e6:.1f} | {best[1] * 1e6:.1f} | {best[0] / best[1]:.2f}x | "
               f"{macs / best[1] / 1e9:.1f} |", flush=True)

@@ -84,6 +84,19 @@ def _softmax(shape, axis):
     return f"softmax {'x'.join(map(str, shape))} axis {axis}", [a, topi.nn.softmax(a, axis=axis)], None
 
 
+def fastest_interleaved(libs, args_per_lib, rounds: int) -> list:
+    """Seconds per call of each compiled ``main``: the fastest of ``rounds`` x 3 batches of 10
+    calls, the libraries taking turns round by round (both see the same machine state)."""
+    import tvm
+
+    best = [float("inf")] * len(libs)
+    for _ in range(rounds):
+        for i, lib in enumerate(libs):
+            timer = lib.mod.time_evaluator("main", tvm.cpu(), number=10, repeat=3)
+            best[i] = min(best[i], min(timer(*args_per_lib[i]).results))
+    return best
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", required=True, help="commit whose targets/cpu_schedule.py is the baseline")
@@ -115,11 +128,7 @@ def main(argv=None) -> int:
         ins = [tvm.runtime.tensor(rng.standard_normal([int(v) for v in t.shape]).astype("float32"))
                for t in tensors[:-1]]
         outs = [tvm.runtime.tensor(np.zeros([int(v) for v in tensors[-1].shape], "float32")) for _ in libs]
-        best = [float("inf")] * 2
-        for _ in range(args.rounds):
-            for i, lib in enumerate(libs):
-                timer = lib.mod.time_evaluator("main", tvm.cpu(), number=10, repeat=3)
-                best[i] = min(best[i], min(timer(*ins, outs[i]).results))
+        best = fastest_interleaved(libs, [[*ins, out] for out in outs], args.rounds)
         np.testing.assert_allclose(outs[1].numpy(), outs[0].numpy(), rtol=1e-4, atol=1e-4)
         rate = f"{macs / best[1] / 1e9:.1f}" if macs else ""
         print(f"| {name} | {best[0] * 1e6:.1f} | {best[1] * 1e6:.1f} | {best[0] / best[1]:.2f}x | {rate} |",

@@ -266,6 +266,35 @@ def test_a_requantize_after_a_flattened_conv_moves_to_the_flat_side():
     tvm.ir.assert_structural_equal(after, bb.get())
 
 
+def _flat_conv(x_shape, out_shape, w, panel, rows, strides=None):
+    """Expected module of a 1x1 conv run flattened: (a strided slice of the pixels it reads,)
+    a reshape to rows of pixels, the dense kernel on ``rows`` rows, a reshape back."""
+    from tvm_compress.targets.packed_dense import packed_dense
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(x_shape, "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            px = x if strides is None else bb.emit(relax.op.strided_slice(
+                x, axes=[1, 2], begin=[0, 0], end=list(x_shape[1:3]), strides=[strides] * 2))
+            flat = bb.emit(relax.op.reshape(px, [1, out_shape[1] * out_shape[2], x_shape[3]]))
+            y = bb.emit_te(packed_dense, flat, relax.const(pack_weight(w[:, :, 0, 0].T.copy(), panel)), rows,
+                           primfunc_name_hint="packed_dense", primfunc_attrs={"op_pattern": 4})
+            out = bb.emit_output(relax.op.reshape(y, list(out_shape)))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _assert_same_results(before, after, x_shape, seed):
+    """Both modules legalized (TVM's own kernels) give the same outputs on one random input."""
+    x = np.random.default_rng(seed).standard_normal(x_shape).astype("float32")
+    outs = []
+    for mod in (before, after):
+        ex = tvm.compile(relax.transform.LegalizeOps()(mod), target="llvm")
+        outs.append(relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy())
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("rows,columns,lanes,expected", [
     (49, 2048, 8, 50),     # 7x7 map, 2-register vectors: at most 6 rows, 49 = 7 x 7 -> 5 x 10
     (169, 384, 16, 170),   # 13x13: 169 = 13 x 13 -> 5 x 34
@@ -284,30 +313,14 @@ def test_a_map_no_row_tile_divides_runs_on_padded_rows():
     read every weight vector once per pixel (YOLOX's 13x13 neck convs at half the FMA rate).
     The kernel computes 170 rows (tiles of 10 rows x 8 columns), the rows past the map
     repeating its last pixel, and keeps 169: no pad or slice kernel around it."""
-    from tvm_compress.targets.packed_dense import packed_dense
-
     w = np.random.default_rng(10).standard_normal((40, 24, 1, 1)).astype("float32")
     after = PackedDense(8)(_conv_module((1, 13, 13, 24), w))
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((1, 13, 13, 24), "float32"))
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            flat = bb.emit(relax.op.reshape(x, [1, 169, 24]))
-            y = bb.emit_te(packed_dense, flat, relax.const(pack_weight(w[:, :, 0, 0].T.copy(), 8)), 170,
-                           primfunc_name_hint="packed_dense", primfunc_attrs={"op_pattern": 4})
-            out = bb.emit_output(relax.op.reshape(y, [1, 13, 13, 40]))
-        bb.emit_func_output(out)
-    tvm.ir.assert_structural_equal(after, bb.get())
+    tvm.ir.assert_structural_equal(after, _flat_conv((1, 13, 13, 24), (1, 13, 13, 40), w, 8, 170))
 
 
 def test_the_flattened_convs_equal_the_convs():
     before, _ = _two_convs()
-    x = np.random.default_rng(7).standard_normal((1, 7, 9, 24)).astype("float32")
-    outs = []
-    for mod in (before, PackedDense(8)(before)):
-        ex = tvm.compile(relax.transform.LegalizeOps()(mod), target="llvm")
-        outs.append(relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy())
-    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-4)
+    _assert_same_results(before, PackedDense(8)(before), (1, 7, 9, 24), seed=7)
 
 
 def _conv_module(data_shape, weight, **attrs):
@@ -337,28 +350,11 @@ def test_convs_it_leaves_alone(data_shape, weight_shape, attrs):
 def test_a_strided_1x1_conv_takes_its_pixels_then_runs_flattened():
     """stride 2 on 14x14 -> the 7x7 pixels it reads (a strided slice, a copy), flattened: 49
     rows, padded to 50 inside the dense kernel (16-wide vectors: tiles of at most 6 rows)."""
-    from tvm_compress.targets.packed_dense import packed_dense
-
     w = np.random.default_rng(11).standard_normal((128, 32, 1, 1)).astype("float32")
     before = _conv_module((1, 14, 14, 32), w, strides=2)
     after = PackedDense(8)(before)
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((1, 14, 14, 32), "float32"))
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            px = bb.emit(relax.op.strided_slice(x, axes=[1, 2], begin=[0, 0], end=[14, 14], strides=[2, 2]))
-            flat = bb.emit(relax.op.reshape(px, [1, 49, 32]))
-            y = bb.emit_te(packed_dense, flat, relax.const(pack_weight(w[:, :, 0, 0].T.copy(), 16)), 50,
-                           primfunc_name_hint="packed_dense", primfunc_attrs={"op_pattern": 4})
-            out = bb.emit_output(relax.op.reshape(y, [1, 7, 7, 128]))
-        bb.emit_func_output(out)
-    tvm.ir.assert_structural_equal(after, bb.get())
-    xv = np.random.default_rng(12).standard_normal((1, 14, 14, 32)).astype("float32")
-    outs = []
-    for mod in (before, after):
-        ex = tvm.compile(relax.transform.LegalizeOps()(mod), target="llvm")
-        outs.append(relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(xv)).numpy())
-    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-4)
+    tvm.ir.assert_structural_equal(after, _flat_conv((1, 14, 14, 32), (1, 7, 7, 128), w, 16, 50, strides=2))
+    _assert_same_results(before, after, (1, 14, 14, 32), seed=12)
 
 
 @pytest.mark.parametrize("data_shape,weight_shape,attrs", [
@@ -389,12 +385,7 @@ def test_other_convs_read_their_weight_in_panels(data_shape, weight_shape, attrs
                 primfunc_attrs={"op_pattern": 4}))
         bb.emit_func_output(out)
     tvm.ir.assert_structural_equal(after, bb.get())
-    xv = np.random.default_rng(9).standard_normal(data_shape).astype("float32")
-    outs = []
-    for mod in (_conv_module(data_shape, w, **attrs), after):
-        ex = tvm.compile(relax.transform.LegalizeOps()(mod), target="llvm")
-        outs.append(relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(xv)).numpy())
-    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-4)
+    _assert_same_results(_conv_module(data_shape, w, **attrs), after, data_shape, seed=9)
 
 
 def _pointwise_model(path, size: int):
