@@ -189,14 +189,18 @@ def _time_call(call, repeat=15, batch_s=1e-3):
 
 def _nchw_out(w, args, onnx_out=None):
     """The kernel's output shape as the imported (NCHW) graph has it: the key QuantizeRealize
-    looks layers up by. A float conv that ran channels-last reads an HWIO weight; a 1x1 one
-    that ran as a dense layer over the flattened map writes ``[N, H * W, O]`` (the ONNX
-    graph's ``onnx_out`` then)."""
+    looks layers up by. A float conv that ran channels-last reads an HWIO weight, or that
+    weight in panels ``[O / P, KH, KW, I, P]``; a 1x1 one that ran as a dense layer over the
+    flattened map writes ``[N, H * W, O]`` (the ONNX graph's ``onnx_out`` then)."""
     out = tuple(args[-1].shape)
     if len(w) == 4 and len(out) == 3 and onnx_out is not None:
         return tuple(onnx_out)
     hwio = (w[2], w[3], w[1], w[0]) if len(w) == 4 else None
-    if hwio is not None and hwio != tuple(w) and any(tuple(a.shape) == hwio for a in args[1:-1]):
+    if hwio is None:
+        return out
+    shapes = [tuple(a.shape) for a in args[1:-1]]
+    panels = any(len(a) == 5 and a[1:4] == hwio[:3] and a[0] * a[4] == w[0] for a in shapes)
+    if panels or (hwio != tuple(w) and hwio in shapes):
         return (out[0], out[3], out[1], out[2])
     return out
 
