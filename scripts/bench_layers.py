@@ -142,14 +142,22 @@ def main(argv=None) -> int:
             shapes |= {(wshape[2], wshape[3], wshape[1], wshape[0]), *_conv_panels(wshape, lanes)}
         if len(wshape) == 2:  # PadDenseColumns widens [K, N] to whole registers
             shapes |= {(wshape[0], n) for n in range(wshape[1], wshape[1] + 16)}
-        # packed dense weights: panels [N / P, K, P], or one panel [1, K, N] (1x1 convs run so)
+        # packed dense weights: panels [N / P, K, P], or one panel [1, K, N] (1x1 convs run so;
+        # that shape only as the kernel's weight argument: a flattened map [1, H * W, C] can
+        # have it too)
         dense = (wshape[1], wshape[0]) if len(wshape) == 4 and wshape[2:] == (1, 1) else \
             tuple(wshape) if len(wshape) == 2 else None
+        one_panel = set()
         if dense is not None:
-            shapes |= _panels(dense, lanes) | {(1, *dense), (1, *dense[::-1])}
+            shapes |= _panels(dense, lanes)
+            one_panel = {(1, *dense), (1, *dense[::-1])}
+
+        def reads_weight(args):
+            return bool(shapes & set(args[1:])) or (len(args) > 1 and args[1] in one_panel)
+
         # the first kernel not yet taken that reads such a weight: the VM may run a branch (a
         # ResNet's downsample conv) before the layer the graph lists first
-        j = next((i for i in range(len(kernels)) if i not in used and shapes & set(kernels[i][1][1:])), None)
+        j = next((i for i in range(len(kernels)) if i not in used and reads_weight(kernels[i][1])), None)
         ort = next((ort_by_key[key] for key in keys if key in ort_by_key), None)
         if j is not None:
             used.add(j)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write a ResNet-18 or ResNet-50 as ONNX (torchvision's layer layout, seeded random weights,
+"""Write a ResNet-18, -34 or -50 as ONNX (torchvision's layer layout, seeded random weights,
 batch norms in eval mode) for speed benchmarks: a standard wide-channel CNN (3x3 convs with
 64-512 channels, 1x1 bottlenecks up to 2048) that needs no download.
 

@@ -270,8 +270,10 @@ def _best_tile(extent: int, vectors: int, per_row: int, ragged: bool):
                 break  # the accumulators, the weight vectors and a broadcast must stay in registers
             if extent % rows and not ragged:
                 continue
-            tiles = [rows] * (extent // rows) + ([extent % rows] if extent % rows else [])
-            cycles = sum(max(r * more * per_row / 2, r / 2 + more * per_row, _STEP_LATENCY) for r in tiles)
+            def step(r):
+                return max(r * more * per_row / 2, r / 2 + more * per_row, _STEP_LATENCY)
+
+            cycles = extent // rows * step(rows) + (step(extent % rows) if extent % rows else 0)
             key = (cycles * (vectors // more), extent % rows != 0, -rows)
             if best is None or key < best[0]:
                 best = (key, rows, more)
@@ -280,33 +282,36 @@ def _best_tile(extent: int, vectors: int, per_row: int, ragged: bool):
 
 # Padding a dense product's rows costs a cropped copy of its tile (and the padded rows' work,
 # which the estimate counts): taken where the estimate falls by more than this, on products of
-# at least this many outputs (below, a kernel of a few microseconds).
+# at least this many outputs (below, a kernel of a few microseconds), and at most this many rows.
 _PAD_ROWS_GAIN = 1.1
 _PAD_ROWS_MIN_OUTPUTS = 1 << 12
+_ROW_PAD = 8
 
 
 def dense_rows(rows: int, columns: int, lanes: int) -> int:
     """Rows a dense product of ``rows`` x ``columns`` outputs should run on in this schedule's
-    whole register tiles: ``rows``, or up to ``_ROW_PAD`` more where the tile estimate
-    (``_tile_shape``) for the padded count is lower by ``_PAD_ROWS_GAIN`` (49 rows of 2048
-    columns on AVX2: 16-wide vectors of 2 registers allow at most 6 rows, no divisor of 49 but
-    1, so tiles of one row; 54 rows take 6: 1.9x faster)."""
+    whole register tiles: ``rows``, unless its best tile holds a single row and up to
+    ``_ROW_PAD`` more rows give one of several rows that the tile estimate (``_tile_shape``)
+    puts ``_PAD_ROWS_GAIN`` lower (49 rows of 2048 columns on AVX2: 16-wide vectors of 2
+    registers allow at most 6 rows and no divisor of 49 but 1 fits, so tiles of one row; 50
+    rows take 5: 1.9x faster). Counts that already have a tile of several rows stay: going
+    from 4 to 5 or 6 rows measured 0.99-1.09x, against the estimate's 1.25x."""
     width = vector_width(columns, lanes)
     if width is None or rows < 2 or rows * columns < _PAD_ROWS_MIN_OUTPUTS:
         return rows
     per_row, vectors = -(-width // lanes), columns // width
+    unpadded = _best_tile(rows, vectors, per_row, ragged=False)
+    if unpadded is not None and unpadded[1] >= 2:
+        return rows
     costs = {}
-    for padded in range(rows, rows + _ROW_PAD + 1):
+    for padded in range(rows + 1, rows + _ROW_PAD + 1):
         best = _best_tile(padded, vectors, per_row, ragged=False)
-        if best is not None and best[1] * best[2] >= 2:
+        if best is not None and best[1] >= 2:
             costs[padded] = best[0]
     if not costs:
         return rows
     padded = min(costs, key=lambda r: (costs[r], r))
-    return padded if rows not in costs or costs[rows] > _PAD_ROWS_GAIN * costs[padded] else rows
-
-
-_ROW_PAD = 8
+    return padded if unpadded is None or unpadded[0] > _PAD_ROWS_GAIN * costs[padded] else rows
 
 
 def _is_one(expr) -> bool:

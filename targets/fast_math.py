@@ -1,4 +1,5 @@
-"""Vectorized float32 ``exp``, ``tanh`` and ``erf`` for CPU code (lowering rules for LLVM targets).
+"""Vectorized float32 ``exp``, ``sigmoid``, ``tanh`` and ``erf`` for CPU code (lowering rules for
+LLVM targets).
 
 TVM lowers these intrinsics on LLVM targets to LLVM's math intrinsics, which LLVM turns into one
 call of the C library (``expf``, ``tanhf``, ``erff``) per element even inside vectorized loops

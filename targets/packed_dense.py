@@ -10,8 +10,9 @@ front to back, as onnxruntime's MLAS and XNNPACK pack theirs. Offline, so the st
 the same; the kernel is a TE ``call_tir`` marked out-element-wise fusable, so bias, activation
 and slice epilogues still fuse into it, and MetaSchedule tunes it like any matmul.
 
-A 1x1, stride-1, ungrouped channels-last conv is the same product over the map's pixels: it
-runs as this kernel on the map flattened to ``[N, H * W, C]`` (a reshape: a view, no copy), so
+A 1x1, unpadded, ungrouped channels-last conv is the same product over the map's pixels: it
+runs as this kernel on the map flattened to ``[N, H * W, C]`` (a reshape: a view, no copy; a
+strided conv on the pixels it reads, taken by a strided slice first), so
 that the tile's rows run across the map's lines (on a 14-pixel line they were 2 rows), with its
 element-wise epilogue moved to the flat side so that it still fuses, and consecutive such convs
 exchange the flat map without reshaping between them. A row count whose divisors give no
@@ -21,7 +22,7 @@ tile estimate gains), the extra rows repeating the last one and dropped before t
 store: one-row tiles read every weight vector once per pixel (YOLOX's 13x13 convs 1.75x,
 ResNet-50's 7x7 1x1 convs 1.9x faster padded).
 
-Every other ungrouped channels-last conv (3x3, strided, dilated) keeps its own kernel but
+Every other ungrouped channels-last conv (3x3, padded, dilated) keeps its own kernel but
 reads its weight as panels ``[O / P, KH, KW, I, P]`` instead of HWIO: a tile's slice of an
 HWIO weight is ``KH * KW * I`` runs of ``P`` floats ``O * 4`` bytes apart, a stride that maps
 them onto a few cache sets when ``O`` is 256 or 384, so the slice fell out of L2 (3x3 convs
@@ -185,9 +186,9 @@ class _Pack(relax.expr_functor.PyExprMutator):
         return call if out is None else out
 
     def _conv(self, call):
-        """An ungrouped channels-last float conv with a constant weight: a 1x1 stride-1 one as a
-        dense layer over its map (``_conv1x1``), any other with its weight in panels
-        (``_conv_panels``)."""
+        """An ungrouped channels-last float conv with a constant weight: an unpadded 1x1 one
+        (any stride) as a dense layer over its map (``_conv1x1``), any other with its weight in
+        panels (``_conv_panels``)."""
         attrs = call.attrs
         shape = static_shape(call)
         data = call.args[0]

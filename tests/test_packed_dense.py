@@ -300,6 +300,7 @@ def _assert_same_results(before, after, x_shape, seed):
     (169, 384, 16, 170),   # 13x13: 169 = 13 x 13 -> 5 x 34
     (63, 40, 8, 63),       # 7 x 9: tiles of 7 rows divide it
     (200, 384, 8, 200),    # 8 x 25
+    (2704, 96, 8, 2704),   # 52x52: tiles of 4 rows already (5 or 6 measured no faster)
     (1, 2048, 8, 1),       # one row: nothing to tile
 ])
 def test_dense_rows_pads_only_where_the_tile_estimate_gains(rows, columns, lanes, expected):
@@ -432,7 +433,17 @@ def pointwise_model(tmp_path_factory):
 def test_padded_rows_of_flattened_convs_match_onnxruntime(tmp_path):
     """On 13 x 13 maps the dense kernels run on padded rows (see above); the rows kept are
     exact."""
+    from tvm_compress.loader import load_onnx
+    from tvm_compress.pipeline import lowering_passes
+    from tvm_compress.targets import get_target
+
     model = _pointwise_model(tmp_path / "pointwise13.onnx", 13)
+    profile = get_target("x86-avx2")
+    with profile.tvm_target():
+        lowered = tvm.transform.Sequential(lowering_passes(profile))(load_onnx(model))
+    rows = [f for f in lowered.functions.values()
+            if isinstance(f, tvm.tirx.PrimFunc) and "packed_dense_rows" in f.script()]
+    assert len(rows) == 3, "the three flattened convs should run on padded rows"
     rep = tvm_compress.compile(model, tmp_path / "p.so", target="x86-avx2", bench_runs=0, log=quiet)
     assert rep["conv_layout"]["layout"] == "NHWC"
     assert rep["verified"] and rep["max_rel_err"] < 1e-5, rep["max_rel_err"]
