@@ -62,6 +62,7 @@ def main(argv=None) -> int:
     import tvm_compress  # noqa: F401  (thread pool set-up before TVM runs anything)
     from tvm_compress.targets import get_family, get_target
     from tvm_compress.targets.cpu_schedule import CPUFallback
+    from tvm_compress.targets.packed_dense import pack_conv_weight
 
     profile = get_target(args.target)
     target = profile.tvm_target()
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
             libs.append(tvm.compile(sch.mod if sch is not None else tvm.IRModule({"main": func}), target))
         x, w, b = (rng.standard_normal(shape).astype("float32")
                    for shape in ((1, size, size, ci), (k, k, ci, co), (1, 1, 1, co)))
-        wp = np.ascontiguousarray(w.reshape(k, k, ci, co // panel, panel).transpose(3, 0, 1, 2, 4))
+        wp = pack_conv_weight(w, panel)
         args_ = [[tvm.runtime.tensor(v) for v in (x, weight, b)] + [tvm.runtime.tensor(np.zeros(out_shape, "float32"))]
                  for weight in (w, wp)]
         best = fastest_interleaved(libs, args_, args.rounds)

@@ -118,7 +118,7 @@ def dense_tile(kernel: DotKernel, lane_groups: int, out_w: int) -> Tuple[int, in
     return best[1:]
 
 
-def _geometry(h, w, kh, kw, padding, strides, dilation):
+def conv_geometry(h, w, kh, kw, padding, strides, dilation):
     """Integer padding, strides, dilation and the output size of a convolution."""
     pt, pl, pb, pr = (int(v) for v in padding)
     sh, sw = (int(v) for v in strides)
@@ -154,7 +154,7 @@ def packed_conv2d(
         return x[b, y, xx, c] if nhwc else x[b, c, y, xx]
 
     ocb, kh, kw, icb, lanes, depth = (int(v) for v in wp.shape)
-    (pt, pl, pb, pr), (sh, sw), (dh, dw), (oh, ow) = _geometry(h, w, kh, kw, padding, strides, dilation)
+    (pt, pl, pb, pr), (sh, sw), (dh, dw), (oh, ow) = conv_geometry(h, w, kh, kw, padding, strides, dilation)
     dt = kernel.packed_dtype
     tile_oc, tile_w, owp = dense_tile(kernel, ocb, ow)
     # Wide enough for the padded output columns too (they read zeros).
@@ -237,7 +237,7 @@ def packed_depthwise_conv2d(
     kernel = KERNELS[kernel_name]
     n, c, h, w = (int(v) for v in x.shape)
     _, kh, kw = (int(v) for v in wp.shape)
-    (pt, pl, pb, pr), (sh, sw), (dh, dw), (oh, ow) = _geometry(h, w, kh, kw, padding, strides, dilation)
+    (pt, pl, pb, pr), (sh, sw), (dh, dw), (oh, ow) = conv_geometry(h, w, kh, kw, padding, strides, dilation)
     owp = -(-ow // kernel.lanes) * kernel.lanes
     cols = owp + (kw - 1) * dw // sw
     xpad = te.compute(
@@ -278,7 +278,7 @@ def _depthwise_nhwc(x, wp, strides, padding, dilation, kernel_name):
     n, h, w, c = (int(v) for v in x.shape)
     kh, kw, cp = (int(v) for v in wp.shape)
     cl = channel_lanes(c, kernel.lanes)
-    (pt, pl, pb, pr), (sh, sw), (dh, dw), (oh, ow) = _geometry(h, w, kh, kw, padding, strides, dilation)
+    (pt, pl, pb, pr), (sh, sw), (dh, dw), (oh, ow) = conv_geometry(h, w, kh, kw, padding, strides, dilation)
     xpad = te.compute(
         (n, h + pt + pb, w + pl + pr, cp // cl, cl),
         lambda b, y, xx, cc, l: tirx.if_then_else(

@@ -46,6 +46,7 @@ from tvm_compress.relax_utils import const, const_value, is_constant, static_sha
 
 from .base import KernelHook
 from .cpu_schedule import dense_rows, vector_width
+from .int8_conv import conv_geometry
 
 _OP_MATMUL = tvm.ir.Op.get("relax.matmul")
 _OP_PERMUTE = tvm.ir.Op.get("relax.permute_dims")
@@ -71,6 +72,13 @@ def panel_width(columns: int, lanes: int):
     vector width); None where the weight stays as it is (no width, or a single panel)."""
     panel = vector_width(columns, lanes)
     return None if panel is None or panel == columns else panel
+
+
+def pack_conv_weight(weight: np.ndarray, panel: int) -> np.ndarray:
+    """HWIO ``[KH, KW, I, O]`` -> ``[O / panel, KH, KW, I, panel]``: column panels, each
+    contiguous."""
+    kh, kw, ci, co = weight.shape
+    return np.ascontiguousarray(weight.reshape(kh, kw, ci, co // panel, panel).transpose(3, 0, 1, 2, 4))
 
 
 def packed_dense(data: te.Tensor, panels: te.Tensor, padded_rows: int = 0) -> te.Tensor:
@@ -99,10 +107,7 @@ def packed_conv2d_nhwc(data: te.Tensor, panels: te.Tensor, strides, padding, dil
     left, bottom, right) as a pad stage of its own, as TOPI's ``conv2d_nhwc`` has it."""
     n, h, w, ci = (int(d) for d in data.shape)
     blocks, kh, kw, _, panel = (int(d) for d in panels.shape)
-    (sh, sw), (dh, dw) = (int(v) for v in strides), (int(v) for v in dilation)
-    pt, pl, pb, pr = (int(v) for v in padding)
-    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
-    ow = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    (pt, pl, pb, pr), (sh, sw), (dh, dw), (oh, ow) = conv_geometry(h, w, kh, kw, padding, strides, dilation)
     if pt or pl or pb or pr:
         data = topi.nn.pad(data, [0, pt, pl, 0], [0, pb, pr, 0], name="pad_temp")
     ry = te.reduce_axis((0, kh), name="ry")
@@ -213,12 +218,10 @@ class _Pack(relax.expr_functor.PyExprMutator):
         panel = panel_width(weight.shape[3], self.lanes)
         if panel is None:
             return call  # one panel: the slice is contiguous already
-        kh, kw, ci, co = weight.shape
-        panels = np.ascontiguousarray(weight.reshape(kh, kw, ci, co // panel, panel).transpose(3, 0, 1, 2, 4))
         attrs = call.attrs
         self.packed += 1
         out = self.builder_.call_te(
-            packed_conv2d_nhwc, call.args[0], const(panels), [int(v) for v in attrs.strides],
+            packed_conv2d_nhwc, call.args[0], const(pack_conv_weight(weight, panel)), [int(v) for v in attrs.strides],
             [int(v) for v in attrs.padding], [int(v) for v in attrs.dilation],
             primfunc_name_hint="packed_conv2d", primfunc_attrs={"op_pattern": _OUT_EWISE_FUSABLE})
         return with_layer(out, call)
