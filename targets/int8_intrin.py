@@ -68,6 +68,13 @@ def _desc(kernel: DotKernel):
     return desc
 
 
+def _as_int32(buf, vector_dtype):
+    """The first 4 bytes of ``buf`` as one int32, as an expression. (Bound to a name inside a
+    TVMScript function, it would become a 1-element "local" buffer: an alloc/free pair from the
+    workspace pool in every call, and in every iteration of a parallel loop.)"""
+    return T.reinterpret(buf.vload([0], dtype=vector_dtype), dtype="int32")
+
+
 def _pmaddwd_impl():
     # Parsed when first registered: TVMScript parsing costs the CLI's start-up ~0.2 s per kernel.
     @T.prim_func(s_tir=True)
@@ -79,10 +86,9 @@ def _pmaddwd_impl():
             T.reads(C[0:8], A[0:2], B[0:8, 0:2])
             T.writes(C[0:8])
             # The (a0, a1) int16 pair is one int32: broadcast it, multiply-add pairs with B.
-            pair = T.reinterpret(A.vload([0], dtype="int16x2"), dtype="int32")
             C[T.ramp(T.int32(0), 1, 8)] = C[T.ramp(T.int32(0), 1, 8)] + T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
-                T.reinterpret(T.broadcast(pair, 8), dtype="int16x16"),
+                T.reinterpret(T.broadcast(_as_int32(A, "int16x2"), 8), dtype="int16x16"),
                 T.cast(B.vload([0, 0], dtype="int8x16"), "int16x16"),
                 dtype="int32x8",
             )
@@ -100,12 +106,11 @@ def _sdot_impl():
         with T.sblock("root"):
             T.reads(C[0:4], A[0:4], B[0:4, 0:4])
             T.writes(C[0:4])
-            quad = T.reinterpret(A.vload([0], dtype="int8x4"), dtype="int32")
             C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
                 C[T.ramp(T.int32(0), 1, 4)],
                 B.vload([0, 0], dtype="int8x16"),
-                T.reinterpret(T.broadcast(quad, 4), dtype="int8x16"),
+                T.reinterpret(T.broadcast(_as_int32(A, "int8x4"), 4), dtype="int8x16"),
                 dtype="int32x4",
             )
 
@@ -129,10 +134,9 @@ def _vpdpbusd_impl():
         with T.sblock("root"):
             T.reads(C[0:16], A[0:4], B[0:16, 0:4])
             T.writes(C[0:16])
-            quad = T.reinterpret(A.vload([0], dtype="uint8x4"), dtype="int32")
             C[T.ramp(T.int32(0), 1, 16)] = _vpdpbusd(
                 C[T.ramp(T.int32(0), 1, 16)],
-                T.reinterpret(T.broadcast(quad, 16), dtype="uint8x64"),
+                T.reinterpret(T.broadcast(_as_int32(A, "uint8x4"), 16), dtype="uint8x64"),
                 B.vload([0, 0], dtype="int8x64"),
             )
 

@@ -19,7 +19,7 @@ from tvm_compress.cache import runner_cache_dir
 from tvm_compress.targets import get_family, get_target, load_target_files, qemu
 from tvm_compress.targets.arches import QEMU_ARCHES
 from tvm_compress.targets.int8_conv import dense_tile, pack_depthwise_weight, pack_weight
-from tvm_compress.targets.int8_intrin import KERNELS
+from tvm_compress.targets.int8_intrin import KERNELS, register
 from tvm_compress.targets.int8_pack import PackInt8Conv, target_kernel
 from tvm_compress.targets.int8_schedule import _marked_block
 
@@ -235,6 +235,16 @@ def test_accumulators_are_not_workspace_allocations(name, epilogue):
     for gv in kernels:
         scopes = {b.name: b.scope() for b in scheduled[gv].body.block.alloc_buffers}
         assert set(scopes.values()) == {"global"}, scopes
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS))
+def test_dot_intrinsics_allocate_nothing(name):
+    # A value bound to a name inside TVMScript becomes a 1-element "local" buffer, which the
+    # kernel takes from the workspace pool: an alloc/free pair per call (and per parallel
+    # iteration), twice the time of a one-pixel squeeze-excite conv. One store, nothing else.
+    register()
+    impl = tvm.s_tir.TensorIntrin.get(KERNELS[name].intrin).impl
+    assert isinstance(impl.body.block.body, tvm.tirx.BufferStore), impl.script()
 
 
 def test_conv_without_epilogue_still_scheduled():
