@@ -114,6 +114,10 @@ def test_the_packed_kernel_equals_numpy(data_shape, columns, lanes):
             sch = CPUFallback(lanes=lanes).apply(func, target, False)
             assert sch is not None
             mod[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+            # The register tile on the stack ("global" under 1 KiB), not from the workspace
+            # pool ("local": an alloc/free pair per parallel iteration).
+            scopes = {b.name: b.scope() for b in mod[gv].body.block.alloc_buffers}
+            assert scopes and set(scopes.values()) == {"global"}, scopes
     vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
     got = vm["main"](tvm.runtime.tensor(x)).numpy()
     np.testing.assert_allclose(got, x @ w, rtol=1e-5, atol=1e-4)
