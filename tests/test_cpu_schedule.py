@@ -200,6 +200,39 @@ def _blocks_in_loops(stmt, loops=()) -> list:
     return _blocks_in_loops(stmt.body, loops) if hasattr(stmt, "body") else []
 
 
+@pytest.mark.parametrize("size,per_chunk", [(160, True), (20, False)])
+def test_a_conv_pads_per_chunk_of_output_rows_on_tall_maps(size, per_chunk):
+    """A channels-last depthwise 3x3 conv: on a 160-row map its pad runs inside the conv's
+    parallel loop, per chunk of output rows (8 chunks of 20 rows, 22 padded rows each); on a
+    20-row map (chunks of 3 rows would copy most rows twice) it stays a pass of its own."""
+    from tvm import te, topi
+
+    target = get_target("x86").tvm_target()
+    c = 16
+    a = te.placeholder((1, size, size, c), "float32", name="a")
+    w = te.placeholder((3, 3, c, 1), "float32", name="w")
+    out = topi.nn.depthwise_conv2d_nhwc(a, w, 1, 1, 1)
+    sch = CPUFallback(lanes=8).apply(te.create_prim_func([a, w, out]), target, False)
+    assert sch is not None
+    func = sch.mod["main"]
+    found = _blocks_in_loops(func.body)
+    pad_loops = next(loops for realize, loops in found if realize.block.name_hint == "PaddedInput")
+    kinds = [l.kind for l in pad_loops]
+    assert (tvm.tirx.ForKind.PARALLEL in kinds) == per_chunk, kinds
+    if per_chunk:
+        parallel = pad_loops[kinds.index(tvm.tirx.ForKind.PARALLEL)]
+        assert int(parallel.extent) == 8
+        assert int(pad_loops[kinds.index(tvm.tirx.ForKind.PARALLEL) + 1].extent) == 22  # 20 rows + 2
+    rng = np.random.default_rng(size)
+    x = rng.standard_normal((1, size, size, c)).astype("float32")
+    k = rng.standard_normal((3, 3, c, 1)).astype("float32")
+    got = tvm.runtime.tensor(np.full((1, size, size, c), np.nan, "float32"))
+    tvm.compile(sch.mod, target)(tvm.runtime.tensor(x), tvm.runtime.tensor(k), got)
+    xp = np.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)])
+    want = sum(xp[:, i:i + size, j:j + size, :] * k[i, j, :, 0] for i in range(3) for j in range(3))
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
+
+
 def _conv_tile(func, lanes: int) -> tuple:
     """(output columns, vector registers of channels) in the register tile of a channels-last
     conv's update block: the unrolled loops around it that its column and channel indices use,
