@@ -38,7 +38,7 @@ if tvm.ir.Op.get("tirx.nearbyint").get_attr("TVectorizable") is None:
 # Block annotation: the storage scope of the block's register tile (default "local"). TVM
 # takes every "local" buffer from the workspace pool (an alloc/free pair per iteration of a
 # parallel loop) and puts a "global" one under 1 KiB on the stack. From the stack LLVM keeps
-# some tiles in registers (the packed dense kernels' row x column tiles: 1.15-1.6x faster)
+# some tiles in registers (the packed dense kernels' row x column tiles: 1.05-1.64x faster)
 # but splits others into scalars rebuilt with inserts at every step (a channels-last depthwise
 # conv 2x slower, row reductions 2x slower), so kernels opt in.
 TILE_SCOPE_ATTR = "tvm_compress.tile_scope"
