@@ -633,13 +633,15 @@ class CPUFallback(CPUScheduleRule):
                 outer, inner = sch.split(s_loops[-1], factors=[None, width])
                 per_row = -(-width // self.lanes)  # vector registers per row
                 rows, block_inner = _block_rows(sch, block, [*s_loops[:-1], outer], per_row)
-                if len(rows) > 1 and _streams_weight(sch, block):
+                streams = len(rows) > 1 and _streams_weight(sch, block)
+                if streams:
                     rows = [rows[-1], *rows[:-1]]  # column blocks outermost: each stays in cache
                 sch.reorder(*rows, *r_loops, *block_inner, inner)
                 for loop in block_inner:
                     sch.unroll(loop)
-                # A conv's pad per chunk of output rows (see _pad_under) on maps tall enough.
-                pad = _pad_producer(sch, block, infos)
+                # A conv's pad per chunk of output rows (see _pad_under) on maps tall enough;
+                # not where column blocks are outermost (each chunk would pad the whole map).
+                pad = None if streams else _pad_producer(sch, block, infos)
                 split = _chunked(sch, rows, chunks) if pad is not None and chunks is not None else None
                 rows = split or rows
                 par, taken = _parallelize(sch, rows, chunks)
