@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
@@ -33,6 +34,7 @@ from bench_cpu import MODELS  # noqa: E402
 from bench_int8 import _conv_panels, _kernel_calls, _panels, _time_call  # noqa: E402
 
 import tvm_compress  # noqa: E402
+from tvm_compress.bench import wait_idle  # noqa: E402
 
 LAYER_TYPES = ("Conv", "Gemm", "MatMul")
 # What onnxruntime fuses into a conv (its NCHWc conv names the fused node after the last output).
@@ -91,20 +93,6 @@ def ort_profile(model_bytes: bytes, feed: dict, runs: int) -> dict:
     return {k: float(np.median(v[5:] if len(v) > 5 else v)) for k, v in per_node.items()}
 
 
-def _wait_idle(max_s: float = 3.0) -> None:
-    """Until this process's threads stop using CPU (thread pools spin after a run)."""
-    import os
-    import time
-
-    end, last = time.monotonic() + max_s, os.times()
-    while time.monotonic() < end:
-        time.sleep(0.05)
-        now = os.times()
-        if now.user + now.system == last.user + last.system:
-            return
-        last = now
-
-
 def tvm_kernels(lib: Path, x: np.ndarray) -> list:
     calls = _kernel_calls(lib, x)
     return [(name, [tuple(a.shape) for a in args], _time_call((owner, name, args), repeat=5))
@@ -145,7 +133,7 @@ def main(argv=None) -> int:
     # process's threads (the build's test runs) are idle and ended before our kernels run. In
     # one process, whichever side ran second was slowed by the other's spinning pool threads
     # (our first layers up to 2x; onnxruntime's nodes, profiled after ours, up to 2x too).
-    _wait_idle()
+    wait_idle(os.getpid())
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         ort_ms = pool.submit(ort_profile, prepared.model.SerializeToString(),
                              {prepared.inputs[0].name: x}, args.runs).result()

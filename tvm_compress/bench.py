@@ -435,14 +435,7 @@ class _Worker:
 
     def wait_idle(self, max_s: float = 3.0) -> None:
         """Until this process's threads stop using CPU (pools spin after a run)."""
-        end = time.monotonic() + max_s
-        last = _cpu_ticks(self.proc.pid)
-        while last is not None and time.monotonic() < end:
-            time.sleep(0.05)
-            now = _cpu_ticks(self.proc.pid)
-            if now is None or now == last:
-                return
-            last = now
+        wait_idle(self.proc.pid, max_s)
 
     def close(self) -> None:
         try:
@@ -452,6 +445,18 @@ class _Worker:
         except Exception:  # noqa: BLE001
             self.proc.kill()
         self._log.close()
+
+
+def wait_idle(pid: int, max_s: float = 3.0) -> None:
+    """Until process ``pid``'s threads stop using CPU (thread pools spin after a run)."""
+    end = time.monotonic() + max_s
+    last = _cpu_ticks(pid)
+    while last is not None and time.monotonic() < end:
+        time.sleep(0.05)
+        now = _cpu_ticks(pid)
+        if now is None or now == last:
+            return
+        last = now
 
 
 def _cpu_ticks(pid: int) -> Optional[int]:
