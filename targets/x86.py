@@ -17,6 +17,7 @@ from tvm_compress.errors import TargetError
 from .base import RunResult, TargetFamily, TargetProfile, register_family
 from .cpu_schedule import cpu_default_schedule
 from .int8_hook import INT8_DOT
+from .round_to_int import ROUND_TO_INT
 from .binary_hook import BINARY
 from .sparse_hook import BLOCK_SPARSE
 from .channels_last import CHANNELS_LAST
@@ -34,7 +35,7 @@ def host_cpu() -> str:
 @register_family
 class X86Family(TargetFamily):
     name = "x86"
-    kernel_hooks = (INT8_DOT, BLOCK_SPARSE, BINARY, CHANNELS_LAST, DENSE_COLUMNS, PACKED_DENSE, SOFTMAX_ROWS)
+    kernel_hooks = (INT8_DOT, ROUND_TO_INT, BLOCK_SPARSE, BINARY, CHANNELS_LAST, DENSE_COLUMNS, PACKED_DENSE, SOFTMAX_ROWS)
 
     def tvm_target(self, profile: TargetProfile) -> tvm.target.Target:
         spec = dict(profile.target)

@@ -100,7 +100,7 @@ def _scheduled_kernels(mod):
 def _dot_calls(mod):
     """Kernels calling a dot intrinsic (dense convolutions are tensorized, depthwise are not)."""
     return [gv for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)
-            and "call_llvm_pure_intrin" in f.script()]
+            and re.search(r"llvm\.(x86\.avx2\.pmadd\.wd|x86\.avx512\.vpdpbusd|aarch64\.neon\.sdot)", f.script())]
 
 
 # (x shape, weight shape, stride, padding, dilation, groups, activations)

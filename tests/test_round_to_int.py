@@ -1,0 +1,97 @@
+"""RoundToInt (targets/round_to_int.py): a requantize's round + float clamp + cast -> lrint + integer
+clamp + cast, exact against numpy's round-half-to-even on the values where it could differ."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+from tvm.script import ir as I
+from tvm.script import relax as R
+from tvm.script import tirx as T
+
+from tvm_compress import pipeline
+from tvm_compress.targets import get_family, get_target
+from tvm_compress.targets.round_to_int import ROUND_TO_INT, RoundToInt
+
+
+def _requantize(dtype: str, lo: float, hi: float, zero: float = 0.0):
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((4, 64), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.multiply(x, relax.const(np.float32(0.5))))
+            y = bb.emit(relax.op.add(bb.emit(relax.op.round(y)), relax.const(np.float32(zero))))
+            y = bb.emit(relax.op.minimum(y, relax.const(np.float32(hi))))
+            y = bb.emit(relax.op.maximum(y, relax.const(np.float32(lo))))
+            out = bb.emit_output(bb.emit(relax.op.astype(y, dtype)))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def test_rewrites_the_chain_with_zero_point_zero():
+    @I.ir_module
+    class Expected:
+        @T.prim_func(private=True, s_tir=True)
+        def round_to_int(x: T.Buffer((T.int64(4), T.int64(64)), "float32"),
+                         out: T.Buffer((T.int64(4), T.int64(64)), "int32")):
+            T.func_attr({"op_pattern": 0, "tirx.noalias": True})  # element-wise: fuses into the conv epilogue
+            for i0, i1 in T.grid(T.int64(4), T.int64(64)):
+                with T.sblock("round_to_int"):
+                    v0, v1 = T.axis.remap("SS", [i0, i1])
+                    T.reads(x[v0, v1])
+                    T.writes(out[v0, v1])
+                    out[v0, v1] = T.call_llvm_pure_intrin("int32", "llvm.lrint", T.min(x[v0, v1], T.float32(2147483520.0)))
+
+        @R.function
+        def main(x: R.Tensor((4, 64), "float32")) -> R.Tensor((4, 64), "int8"):
+            cls = Expected
+            with R.dataflow():
+                lv = R.multiply(x, R.const(0.5, "float32"))
+                lv1 = R.call_tir(cls.round_to_int, (lv,), out_ty=R.Tensor((4, 64), "int32"))
+                lv2 = R.minimum(lv1, R.const(127, "int32"))
+                lv3 = R.maximum(lv2, R.const(-128, "int32"))
+                gv = R.astype(lv3, "int8")
+                R.output(gv)
+            return gv
+
+    after = RoundToInt()(_requantize("int8", -128, 127))
+    # (the mutator binds the new astype to a variable the output then aliases)
+    tvm.ir.assert_structural_equal(relax.transform.CanonicalizeBindings()(after), Expected)
+
+
+@pytest.mark.parametrize("dtype, lo, hi, zero", [
+    ("int8", -128, 127, 3.0),  # a zero point: stays
+    ("int8", -128, 127.5, 0.0),  # a bound that is no integer: stays
+    ("uint8", 0, 300, 0.0),  # a bound outside the type: stays
+])
+def test_leaves_other_chains(dtype, lo, hi, zero):
+    before = _requantize(dtype, lo, hi, zero)
+    tvm.ir.assert_structural_equal(RoundToInt()(before), before)
+
+
+@pytest.mark.parametrize("dtype, lo, hi", [("int8", -128, 127), ("uint8", 0, 255), ("int8", 0, 127)])
+def test_exact_and_one_conversion_on_x86(dtype, lo, hi):
+    profile = get_target("x86-avx2")
+    assert ROUND_TO_INT in get_family(profile.family).hooks(profile)
+    target = profile.tvm_target()
+    with target:  # the product's lowering and default schedules, the rewrite among its hooks
+        lowered = tvm.transform.Sequential(pipeline.lowering_passes(profile))(_requantize(dtype, lo, hi))
+    assert [gv for gv in lowered.functions if "round_to_int" in gv.name_hint]
+    mod = pipeline.Schedule(profile)(lowered)
+    # Half-way values both ways, the int8 edges, far outside the range, float32 extremes.
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-600, 600, (4, 64)).astype("float32")
+    x.flat[:24] = [2 * v for v in (0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, 127.5, -128.5, -127.5,
+                                   254.5, 255.5)] + [6e9, -6e9, 2.2e9, -2.2e9, 4.29e9, -4.29e9,
+                                                     3.4e38, -3.4e38, 1e-30, -1e-30, 0.0, -0.0]
+    executable = tvm.compile(mod, target)
+    got = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    ref = np.clip(np.rint(x * np.float32(0.5)), lo, hi).astype(dtype)
+    np.testing.assert_array_equal(got, ref)
+    (llvm_mod,) = [m for m in executable.mod.imports if m.kind == "llvm"]
+    asm = llvm_mod.inspect_source("s")
+    assert re.search(r"\bvcvtps2dq\b", asm) and not re.search(r"\bvroundps\b", asm)
