@@ -10,6 +10,7 @@ from .calibrate import Calibrate, CalibrateConfig
 from .conv1d_to_conv2d import Conv1dToConv2d
 from .conv_transpose_to_conv import ConvTransposeToConv
 from .fold import Fold, FoldConfig
+from .hard_swish import HardSwishAsHardSigmoid
 from .lowrank import LowRank, LowRankConfig
 from .prune import Prune, PruneConfig
 from .quantize import Quantize, QuantizeConfig
@@ -26,6 +27,7 @@ __all__ = [
     "ConvTransposeToConv",
     "Fold",
     "FoldConfig",
+    "HardSwishAsHardSigmoid",
     "LowRank",
     "LowRankConfig",
     "Prune",

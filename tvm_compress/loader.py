@@ -75,11 +75,12 @@ class PreparedModel:
 
 
 def import_passes(model: Optional[onnx.ModelProto] = None) -> list:
-    """Layer names from ``model``'s nodes, then exact rewrites applied to every imported model
-    before any compression pass."""
+    """Layer names from ``model``'s nodes, then rewrites applied to every imported model before
+    any compression pass: exact ones, and HardSwish in the ONNX definition's form (what
+    onnxruntime computes, to an ulp of the importer's)."""
     from tvm import relax
 
-    from tvm_compress.passes import Conv1dToConv2d, ConvTransposeToConv, TeCallsToOps
+    from tvm_compress.passes import Conv1dToConv2d, ConvTransposeToConv, HardSwishAsHardSigmoid, TeCallsToOps
 
     from .layers import NameLayers, onnx_layer_names
 
@@ -89,6 +90,7 @@ def import_passes(model: Optional[onnx.ModelProto] = None) -> list:
         # one around an If); the passes rewrite dataflow blocks, so form them around the Ifs.
         relax.transform.ConvertToDataflow(),
         TeCallsToOps(),
+        HardSwishAsHardSigmoid(),
         ConvTransposeToConv(),
         Conv1dToConv2d(),
     ]
