@@ -88,7 +88,9 @@ def test_fold_leaves_nothing_foldable_on_ppocr_and_changes_values_no_more_than_o
     base = tvm_compress.load_onnx(path, shapes)
     mod = Fold(env=env)(base)
     report = env.report["fold"]
-    assert foldable_left(mod) == [] and report["ops_removed"] >= 25
+    # (hard-swish's "/ 6" is no separate op since the import's HardSwishAsHardSigmoid: the
+    # classifier's count went from 27 to 18)
+    assert foldable_left(mod) == [] and report["ops_removed"] >= 15
     assert all("zero-padded" in r["reason"] for r in report["refused"])
     x = _text_like(shapes["x"])
     no_opt = ort.SessionOptions()
