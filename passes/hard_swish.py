@@ -7,7 +7,8 @@ importer's own ``HardSwish``: ``x * (clip(x + 3, 0, 6) / 6)``; the clamp as ``cl
 definition in the ONNX spec (``x * HardSigmoid<alpha=1/6, beta=0.5>(x)``), which onnxruntime
 evaluates for ``HardSwish``. The two forms agree to an ulp; the cost differs by the division: a
 ``vdivps`` per 8 values on AVX2 (one per 4-5 cycles, the rest of a conv epilogue a few
-instructions per cycle) in every hard-swish epilogue (MobileNetV3, PP-LCNet, the PP-OCR models),
+instructions per cycle) in every hard-swish epilogue (MobileNetV3, PP-LCNet, the PP-OCR models)
+whose division ``Fold`` cannot move into a neighbouring layer (14 of the PP-OCRv4 detector's 24),
 and the multiply-add replaces the add.
 
 Runs right after import with the other canonicalizations, before the compression passes (a
