@@ -479,7 +479,13 @@ def _schedule_dense(sch: s_tir.Schedule, block, kernel: DotKernel) -> None:
         sch.reorder(n, y, x_o, o_o, ry, rx, rc_o, x_t, o_t, o_l, r_inner)
     else:
         sch.reorder(n, o_o, y, x_o, ry, rx, rc_o, x_t, o_t, o_l, r_inner)
-    tail = _inline_epilogue(sch, block)
+    crop = _narrow_crop(sch, block, lanes) if nhwc else None
+    tail = _inline_epilogue(sch, crop) if crop is not None else None
+    if tail is not None:
+        sch.reverse_compute_at(crop, x_o, preserve_unit_loops=True)
+        sch.vectorize(sch.get_loops(crop)[-1])
+    else:
+        tail = _inline_epilogue(sch, block)
     if tail is not None and _broadcasts(sch, tail, block):
         _schedule_alone(sch, tail, lanes)
         tail = None
@@ -516,6 +522,23 @@ def _schedule_dense(sch: s_tir.Schedule, block, kernel: DotKernel) -> None:
         _pack_tile(sch, block, x_o)
     _finish(sch, block, (n, y) if mode == "pixels" else (n, o_o, y), ry, (x_t, o_t), o_l,
             kernel.intrin, packed=mode is not None)
+
+
+def _narrow_crop(sch: s_tir.Schedule, block, lanes: int):
+    """The block that keeps fewer channels than one vector of an NHWC accumulator (a detector
+    head's 4 of 8 lanes), else None. Kept as a copy per register tile (one short vector per
+    pixel) instead of inlined: the epilogue then reads contiguous channels and runs along
+    pixels x channels in whole vectors (inlined, each vector gathered its lanes from two
+    pixels' accumulators with one insert per lane)."""
+    consumers = sch.get_consumers(block)
+    if len(consumers) != 1:
+        return None
+    crop = sch.get(consumers[0])
+    src = [int(v) for v in sch.get(block).writes[0].source.shape]
+    dst = [int(v) for v in crop.writes[0].source.shape]
+    if len(crop.reads) != 1 or src[:-1] != dst[:-1] or not dst[-1] < lanes <= src[-1]:
+        return None
+    return consumers[0]
 
 
 def _pack_mode(sch: s_tir.Schedule, block, reduce_loops, lane_tiles: int):

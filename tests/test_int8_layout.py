@@ -292,8 +292,10 @@ def test_transpose_chains_that_keep_the_element_order_become_reshapes():
 
 def test_few_channel_epilogue_runs_in_full_vectors():
     """A 1x1 int8 conv to 4 channels (a detector head): its NHWC epilogue runs along pixels x
-    channels in vectors of 8, not in half-empty ones of 4, and still equals the NCHW kernels."""
+    channels in vectors of 8, not in half-empty ones of 4 (it reads a per-tile copy of the 4
+    live accumulator lanes, contiguous), and still equals the NCHW kernels."""
     import tvm_ffi
+    from tvm import s_tir
 
     rng = np.random.default_rng(9)
     bb = relax.BlockBuilder()
@@ -310,10 +312,24 @@ def test_few_channel_epilogue_runs_in_full_vectors():
     profile = _profile("x86-avx2", "NHWC")
     scheduled = _scheduled(mod, profile)
     (name,) = [gv.name_hint for gv, f in scheduled.functions_items() if "int8_conv" in gv.name_hint]
-    widths = []
-    tvm_ffi.structural_walk(scheduled[name].body, [(tvm.tirx.For, lambda n: widths.append(int(n.extent))
-                                                   if n.kind == tvm.tirx.ForKind.VECTORIZED else None)], order="post")
-    assert 8 in widths and 4 not in widths, widths
+    func = scheduled[name]
+    blocks = []
+    tvm_ffi.structural_walk(func.body, [(s_tir.SBlock, blocks.append)], order="post")
+    read = [r.source for b in blocks for r in b.reads]
+    (out,) = {w.source for b in blocks for w in b.writes if not any(w.source.same_as(r) for r in read)}
+    widths = []  # of the vectorized loops that store the kernel's output (no block reads it)
+
+    def on_for(loop):
+        writes = []
+        tvm_ffi.structural_walk(loop.body, [(s_tir.SBlock, lambda b: writes.extend(w.source for w in b.writes))],
+                                order="post")
+        if loop.kind == tvm.tirx.ForKind.VECTORIZED and any(w.same_as(out) for w in writes):
+            widths.append(int(loop.extent))
+
+    tvm_ffi.structural_walk(func.body, [(tvm.tirx.For, on_for)], order="post")
+    assert widths and all(w % 8 == 0 for w in widths), widths
+    # the 4 live lanes of the 8-lane accumulators, copied per tile for the epilogue to read
+    assert any(str(w.source.dtype) == "int32" and int(w.source.shape[-1]) == 4 for b in blocks for w in b.writes)
     got, _ = _run(mod, profile, data)
     want, _ = _run(mod, _profile("x86-avx2", "NCHW"), data)
     np.testing.assert_array_equal(got, want)
