@@ -22,7 +22,7 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
-from tvm_compress.relax_utils import const_value, copy_module, is_constant
+from tvm_compress.relax_utils import copy_module, scalar_value
 
 
 def _patterns():
@@ -43,8 +43,8 @@ def _value(expr):
     """A scalar constant's or a clip bound's value as a float, else None."""
     if isinstance(expr, (tvm.tirx.IntImm, tvm.tirx.FloatImm)):
         return float(expr.value)
-    value = const_value(expr) if is_constant(expr) else None
-    return float(value.reshape(())) if value is not None and value.size == 1 else None
+    value = scalar_value(expr)
+    return None if value is None else float(value)
 
 
 @tvm.transform.module_pass(opt_level=0, name="HardSwishAsHardSigmoid")

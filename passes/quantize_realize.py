@@ -106,13 +106,6 @@ def _patterns():
     return conv, matmul
 
 
-def _scalar(expr) -> Optional[float]:
-    v = ru.const_value(expr)
-    if v.size != 1:
-        return None
-    return v.reshape(()).item()
-
-
 @mutator
 class _Realizer(PyExprMutator):
     def __init__(self, mod, config: QuantizeRealizeConfig):
@@ -152,7 +145,7 @@ class _Realizer(PyExprMutator):
         dq = self._bound(expr)
         if not (isinstance(dq, relax.Call) and self.dq_pat.match(dq)):
             return None
-        if _scalar(dq.args[1]) is None or _scalar(dq.args[2]) is None:
+        if ru.scalar_value(dq.args[1]) is None or ru.scalar_value(dq.args[2]) is None:
             return None
         return dq
 
@@ -202,11 +195,11 @@ class _Realizer(PyExprMutator):
 
     def _cancel_pair(self, call):
         dq = self._per_tensor_dq(call.args[0])
-        if dq is None or _scalar(call.args[1]) is None or _scalar(call.args[2]) is None:
+        if dq is None or ru.scalar_value(call.args[1]) is None or ru.scalar_value(call.args[2]) is None:
             return None
         same = (
-            np.float32(_scalar(dq.args[1])) == np.float32(_scalar(call.args[1]))
-            and int(_scalar(dq.args[2])) == int(_scalar(call.args[2]))
+            np.float32(ru.scalar_value(dq.args[1])) == np.float32(ru.scalar_value(call.args[1]))
+            and int(ru.scalar_value(dq.args[2])) == int(ru.scalar_value(call.args[2]))
             and ru.tensor_dtype(dq.args[0]) == str(call.attrs.out_dtype)
         )
         if not same:
@@ -234,9 +227,9 @@ class _Realizer(PyExprMutator):
         dtype = ru.tensor_dtype(xq)
         if dtype not in ("int8", "uint8"):
             return f"activation dtype {dtype} is not int8/uint8"
-        if _scalar(xdq.args[1]) is None or _scalar(xdq.args[2]) is None:
+        if ru.scalar_value(xdq.args[1]) is None or ru.scalar_value(xdq.args[2]) is None:
             return "activation is not quantized per tensor"
-        return xq, float(_scalar(xdq.args[1])), int(_scalar(xdq.args[2])), dtype
+        return xq, float(ru.scalar_value(xdq.args[1])), int(ru.scalar_value(xdq.args[2])), dtype
 
     def _skip(self, kind: str, call=None) -> Optional[str]:
         if kind not in self.config.ops:

@@ -24,7 +24,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from tvm_compress.relax_utils import const_value, copy_module, is_constant
+from tvm_compress.relax_utils import const_value, copy_module, is_constant, scalar_value
 
 from .channels_last import LAYOUT_ATTR, LAYOUTS, _calls, _CancelMoves, _FlattenIntoWeights, _ScalarConstants
 
@@ -42,13 +42,6 @@ def int8_convs(func: relax.Function, act_dtypes) -> list:
             and c.attrs.data_layout == "NCHW"]
 
 
-def _scalar(expr):
-    """The value of a constant of one element, else None."""
-    if is_constant(expr) and const_value(expr).size == 1:
-        return const_value(expr).reshape(())
-    return None
-
-
 @mutator
 class _SpellQuantize(PyExprMutator):
     """Per-tensor ``quantize(x, s, zp)`` -> ``astype(maximum(minimum(round(x * (1 / s)) + zp,
@@ -61,7 +54,7 @@ class _SpellQuantize(PyExprMutator):
         is_q, is_dq = call.op.same_as(_OP_QUANTIZE), call.op.same_as(_OP_DEQUANTIZE)
         if not (is_q or is_dq):
             return call
-        scale, zero = _scalar(call.args[1]), _scalar(call.args[2])
+        scale, zero = scalar_value(call.args[1]), scalar_value(call.args[2])
         dtype, src = str(call.attrs.out_dtype), str(call.args[0].ty.dtype)
         bb = self.builder_
         if is_dq:

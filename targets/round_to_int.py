@@ -25,7 +25,7 @@ import tvm
 from tvm import relax, te, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from tvm_compress.relax_utils import const_value, is_constant
+from tvm_compress.relax_utils import scalar_value
 
 from .base import KernelHook
 
@@ -55,9 +55,10 @@ class _RoundToInt(PyExprMutator):
     @staticmethod
     def _integer(expr, dtype: str):
         """A float32 scalar constant holding an integer of ``dtype``'s range, as an int (or None)."""
-        if not is_constant(expr) or const_value(expr).size != 1 or str(expr.ty.dtype) != "float32":
+        value = scalar_value(expr)
+        if value is None or str(expr.ty.dtype) != "float32":
             return None
-        value = float(const_value(expr).reshape(()))
+        value = float(value)
         info = np.iinfo(dtype)
         return int(value) if value.is_integer() and info.min <= value <= info.max else None
 

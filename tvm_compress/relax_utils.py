@@ -19,6 +19,14 @@ def const_value(expr: relax.Expr) -> np.ndarray:
     return expr.value.numpy()
 
 
+def scalar_value(expr):
+    """The value of a constant with one element (a Python number), else None."""
+    if not is_constant(expr):
+        return None
+    value = const_value(expr)
+    return value.reshape(()).item() if value.size == 1 else None
+
+
 def const(value: np.ndarray, dtype: Optional[str] = None) -> relax.Expr:
     value = np.asarray(value)
     if dtype is not None:
