@@ -143,6 +143,83 @@ def _vpdpbusd_impl():
     return impl
 
 
+def _tap_desc(lanes: int, act: str):
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (lanes,), act, offset_factor=1)
+        B = T.match_buffer(b, (lanes,), "int8", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:lanes], B[0:lanes])
+            T.writes(C[0:lanes])
+            for i in T.serial(0, lanes):
+                with T.sblock("update"):
+                    vi = T.axis.remap("S", [i])
+                    C[vi] = C[vi] + T.cast(A[vi], "int32") * T.cast(B[vi], "int32")
+
+    return desc
+
+
+# One depthwise tap, C += A * B lane by lane, as a pair multiply-add: A widened to int32 lanes
+# whose high int16 is its sign, B's high int16 zero, so each lane's pair sum is A * B + 0.
+# (LLVM lowers the plain multiply to vpmulld: two micro-ops and ten cycles' latency on Intel
+# cores; it only picks vpmaddwd itself for operands it can prove below 2^15.)
+_TAP_OPS = {  # DotKernel -> {lanes: (LLVM intrinsic, accumulates)}
+    "vpdpbusd": {4: ("llvm.x86.avx512.vpdpwssd.128", True), 8: ("llvm.x86.avx512.vpdpwssd.256", True),
+                 16: ("llvm.x86.avx512.vpdpwssd.512", True)},
+    "pmaddwd": {4: ("llvm.x86.sse2.pmadd.wd", False), 8: ("llvm.x86.avx2.pmadd.wd", False)},
+}
+
+
+def _tap_impl(kernel: str, lanes: int, act: str):
+    name, accumulates = _TAP_OPS[kernel][lanes]
+    vec = f"int32x{lanes}"
+    pairs = f"int16x{2 * lanes}"
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (lanes,), act, offset_factor=1)
+        B = T.match_buffer(b, (lanes,), "int8", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:lanes], B[0:lanes])
+            T.writes(C[0:lanes])
+            if accumulates:
+                C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(name),
+                    C[T.ramp(T.int32(0), 1, lanes)],
+                    T.reinterpret(T.cast(A.vload([0], dtype=f"{act}x{lanes}"), vec), dtype=pairs),
+                    T.reinterpret(T.cast(T.cast(T.cast(B.vload([0], dtype=f"int8x{lanes}"), f"int16x{lanes}"),
+                                                f"uint16x{lanes}"), vec), dtype=pairs),
+                    dtype=vec,
+                )
+            else:
+                C[T.ramp(T.int32(0), 1, lanes)] = C[T.ramp(T.int32(0), 1, lanes)] + T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(name),
+                    T.reinterpret(T.cast(A.vload([0], dtype=f"{act}x{lanes}"), vec), dtype=pairs),
+                    T.reinterpret(T.cast(T.cast(T.cast(B.vload([0], dtype=f"int8x{lanes}"), f"int16x{lanes}"),
+                                                f"uint16x{lanes}"), vec), dtype=pairs),
+                    dtype=vec,
+                )
+
+    return impl
+
+
+def tap_intrin(kernel: "DotKernel", lanes: int, act: str):
+    """Name of the registered depthwise-tap intrinsic for ``kernel``'s ISA, ``lanes`` int32
+    lanes and ``act`` activations; None where the ISA has none (the lane loop is vectorized)."""
+    if lanes not in _TAP_OPS.get(kernel.name, {}):
+        return None
+    name = f"tvm_compress_tap_{kernel.name}_{act}_{lanes}"
+    if name not in _taps:
+        s_tir.TensorIntrin.register(name, _tap_desc(lanes, act), _tap_impl(kernel.name, lanes, act), override=True)
+        _taps.add(name)
+    return name
+
+
+_taps: set = set()
+
+
 KERNELS: Dict[str, DotKernel] = {
     "vpdpbusd": DotKernel("vpdpbusd", 16, 4, ("uint8", "int8"), "uint8", max_acc=24,
                           cpu_features=("avx512vnni",), registers=32),

@@ -19,7 +19,7 @@ from tvm_compress.cache import runner_cache_dir
 from tvm_compress.targets import get_family, get_target, load_target_files, qemu
 from tvm_compress.targets.arches import QEMU_ARCHES
 from tvm_compress.targets.int8_conv import dense_tile, pack_depthwise_weight, pack_weight
-from tvm_compress.targets.int8_intrin import KERNELS, register
+from tvm_compress.targets.int8_intrin import KERNELS, register, tap_intrin
 from tvm_compress.targets.int8_pack import PackInt8Conv, target_kernel
 from tvm_compress.targets.int8_schedule import _marked_block
 
@@ -98,9 +98,17 @@ def _scheduled_kernels(mod):
 
 
 def _dot_calls(mod):
-    """Kernels calling a dot intrinsic (dense convolutions are tensorized, depthwise are not)."""
+    """Kernels calling a dot intrinsic (dense convolutions)."""
     return [gv for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)
-            and re.search(r"llvm\.(x86\.avx2\.pmadd\.wd|x86\.avx512\.vpdpbusd|aarch64\.neon\.sdot)", f.script())]
+            and re.search(r"llvm\.(x86\.avx512\.vpdpbusd|aarch64\.neon\.sdot)", f.script())
+            or re.search(r"llvm\.x86\.avx2\.pmadd\.wd[^\n]*broadcast", f.script(), re.I)]
+
+
+def _tap_calls(mod):
+    """Kernels whose depthwise taps are pair multiply-adds (``int8_intrin.tap_intrin``)."""
+    return [gv for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)
+            and re.search(r"llvm\.x86\.(avx512\.vpdpwssd|avx2\.pmadd\.wd|sse2\.pmadd\.wd)", f.script())
+            and not re.search(r"broadcast", f.script(), re.I)]
 
 
 # (x shape, weight shape, stride, padding, dilation, groups, activations)
@@ -197,17 +205,71 @@ def test_x86_kernels_exact_and_use_dot_instructions(name, act, target_name, inst
     mod, x, w, geometry = _case(name, act=act)
     scheduled, target = _lower(mod, target_name)
     assert _scheduled_kernels(scheduled), "the packed kernel was not scheduled"
-    # Dense convolutions are tensorized with the dot intrinsic; depthwise ones are plain vectors.
+    # Dense convolutions are tensorized with the dot intrinsic, depthwise taps with a pair
+    # multiply-add (vpmaddwd / vpdpwssd).
     assert bool(_dot_calls(scheduled)) != _is_depthwise(name)
+    assert bool(_tap_calls(scheduled)) == _is_depthwise(name)
     executable = tvm.compile(scheduled, target)
     got = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
     ref = _reference(x, w, *geometry).astype(np.float32) * np.float32(0.5)
     np.testing.assert_array_equal(got, ref)
     (llvm_mod,) = [m for m in executable.mod.imports if m.kind == "llvm"]
+    asm = llvm_mod.inspect_source("s")
     if not _is_depthwise(name):
         if target_name == "x86" and target_kernel(get_target("x86")).name != "vpdpbusd":
             instruction = r"\bvpmaddwd\s"
-        assert re.search(instruction, llvm_mod.inspect_source("s"))
+        assert re.search(instruction, asm)
+    else:
+        # vpmulld: 2 micro-ops and 10 cycles' latency on Intel cores
+        assert re.search(r"\b(vpmaddwd|vpdpwssd)\s", asm) and not re.search(r"\bvpmulld\s", asm)
+
+
+@pytest.mark.parametrize("shape, chunks", [((1, 32, 40, 40), 2), ((1, 32, 80, 80), 4), ((1, 32, 3, 128), 3)])
+def test_depthwise_packs_per_chunk_of_rows(shape, chunks):
+    """Each parallel chunk of output rows packs the rows it reads (a pass over the whole map
+    first made every chunk read rows the other core had written), rows split evenly."""
+    rng = np.random.default_rng(8)
+    x = rng.integers(-128, 128, shape).astype("int8")
+    w = rng.integers(-128, 128, (shape[1], 1, 3, 3)).astype(np.int8)
+    scheduled, target = _lower(_conv_module(x.shape, w, "int8", padding=(1, 1), groups=shape[1]), "x86-avx2")
+    (gv,) = _scheduled_kernels(scheduled)
+    sch = tvm.s_tir.Schedule(scheduled[gv])
+    loops = [sch.get(l) for l in sch.get_loops(sch.get_sblock("int8_pack"))]
+    par = [loop for loop in loops if loop.kind == tvm.tirx.ForKind.PARALLEL]
+    assert len(par) == 1 and int(par[0].extent) == chunks, [str(l.kind) for l in loops]
+    ex = tvm.compile(scheduled, target)
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    ref = _reference(x, w, (1, 1), (1, 1), (1, 1), shape[1]).astype(np.float32) * np.float32(0.5)
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_sixteen_lane_epilogue_keeps_channel_vectors():
+    """On 16 int32 lanes (AVX-512 VNNI) an output of 24 channels requantizes in vectors of 8
+    channels; fused with the pixels, its per-channel scales were gathered one lane at a time
+    (an 8 -> 24 1x1 conv 7x slower than its float kernel). Compiled for an AVX-512 VNNI CPU
+    whatever this machine is; run where it has one."""
+    profile = get_target("x86").with_target({"kind": "llvm", "mcpu": "icelake-server"})
+    assert target_kernel(profile).name == "vpdpbusd"
+    rng = np.random.default_rng(9)
+    x = rng.integers(-128, 128, (1, 8, 12, 96)).astype("int8")
+    w = rng.integers(-128, 128, (24, 8, 1, 1)).astype(np.int8)
+    target = profile.tvm_target()
+    with target:
+        lowered = tvm.transform.Sequential(pipeline.lowering_passes(profile))(_conv_module(x.shape, w, "int8"))
+    scheduled = pipeline.Schedule(profile)(lowered)
+    assert _scheduled_kernels(scheduled)
+    (kernel,) = [str(gv.name_hint) for gv in _scheduled_kernels(scheduled)]
+    asm = _asm(scheduled, target)
+    # The kernel's own code (its parallel body, a local ".L" function, follows it), not the
+    # layout transposes around it.
+    start = asm.index(f"\n{kernel}_compute_:")
+    end = re.compile(r"\n[A-Za-z_]\w*:\s*\n").search(asm, start + 1)
+    body = asm[start:end.start() if end else len(asm)]
+    assert re.search(r"\bvpdpbusd\s", body)
+    assert not re.search(r"\b(vpinsrd|vpextrd|vinsertps|vpgatherdd|vgatherdps)\s", body)
+    if tvm.target.codegen.target_has_features(["avx512vnni"], get_target("x86").tvm_target()):
+        got = relax.VirtualMachine(tvm.compile(scheduled, target), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+        np.testing.assert_array_equal(got, _reference(x, w, (1, 1), (0, 0), (1, 1), 1).astype(np.float32) * np.float32(0.5))
 
 
 def test_dense_tile_pads_ragged_widths_to_whole_tiles():
@@ -237,14 +299,59 @@ def test_accumulators_are_not_workspace_allocations(name, epilogue):
         assert set(scopes.values()) == {"global"}, scopes
 
 
-@pytest.mark.parametrize("name", sorted(KERNELS))
+_TAPS = [(k, lanes, act) for k in ("vpdpbusd", "pmaddwd") for lanes in (4, 8, 16) for act in ("int8", "uint8")
+         if tap_intrin(KERNELS[k], lanes, act) is not None]
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS) + [f"tap-{k}-{n}-{a}" for k, n, a in _TAPS])
 def test_dot_intrinsics_allocate_nothing(name):
     # A value bound to a name inside TVMScript becomes a 1-element "local" buffer, which the
     # kernel takes from the workspace pool: an alloc/free pair per call (and per parallel
     # iteration), twice the time of a one-pixel squeeze-excite conv. One store, nothing else.
     register()
-    impl = tvm.s_tir.TensorIntrin.get(KERNELS[name].intrin).impl
+    if name.startswith("tap-"):
+        _, k, lanes, act = name.split("-")
+        intrin = tap_intrin(KERNELS[k], int(lanes), act)
+    else:
+        intrin = KERNELS[name].intrin
+    impl = tvm.s_tir.TensorIntrin.get(intrin).impl
     assert isinstance(impl.body.block.body, tvm.tirx.BufferStore), impl.script()
+
+
+@pytest.mark.parametrize("kernel, lanes", [("pmaddwd", 8), ("pmaddwd", 4), ("vpdpbusd", 8), ("vpdpbusd", 16)])
+@pytest.mark.parametrize("act", ["int8", "uint8"])
+def test_tap_intrinsics_exact_at_the_extremes(kernel, lanes, act):
+    """C += A * B lane by lane through a pair multiply-add: A's high int16 is its sign, B's is
+    zero; checked on every int8/uint8 x int8 extreme, accumulated onto large sums."""
+    from tvm.script import tirx as T
+
+    target = get_target("x86").tvm_target()
+    if not tvm.target.codegen.target_has_features(list(KERNELS[kernel].cpu_features), target):
+        pytest.skip(f"this CPU has no {kernel}")
+    intrin = tap_intrin(KERNELS[kernel], lanes, act)
+    n = 64 * lanes
+    lo, hi = (0, 255) if act == "uint8" else (-128, 127)
+    a_vals = np.array([lo, hi, lo + 1, hi - 1, 0, 1, -1 if act == "int8" else 2, 77], dtype=np.int64)
+    b_vals = np.array([-128, 127, -127, 126, 0, 1, -1, -77], dtype=np.int64)
+    a = np.resize(np.repeat(a_vals, 8), n).astype(act)
+    b = np.resize(np.tile(b_vals, 8), n).astype("int8")
+    c0 = np.resize(np.array([2**31 - 2**22, -(2**31) + 2**22, 0, 12345]), n).astype("int32")
+
+    @T.prim_func(s_tir=True)
+    def func(A: T.Buffer((n,), act), B: T.Buffer((n,), "int8"), C: T.Buffer((n,), "int32")):
+        for i in range(n):
+            with T.sblock("update"):
+                vi = T.axis.remap("S", [i])
+                C[vi] = C[vi] + T.cast(A[vi], "int32") * T.cast(B[vi], "int32")
+
+    sch = tvm.s_tir.Schedule(func)
+    (i,) = sch.get_loops(sch.get_sblock("update"))
+    _, inner = sch.split(i, [None, lanes])
+    sch.tensorize(inner, intrin)
+    lib = tvm.compile(sch.mod, target=target)
+    c = tvm.runtime.tensor(c0.copy())
+    lib["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b), c)
+    np.testing.assert_array_equal(c.numpy(), (c0.astype(np.int64) + a.astype(np.int64) * b).astype(np.int32))
 
 
 def test_conv_without_epilogue_still_scheduled():
