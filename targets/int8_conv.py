@@ -267,6 +267,13 @@ def packed_depthwise_conv2d(
     return _compensate(acc, None, c, ow)
 
 
+# Share of a depthwise kernel's taps falling on padding rows above which the padding is read
+# as a condition per tap instead of packed zeros: the condition skips those taps, the pack
+# multiplies them. 5x5 kernels on the PP-OCR classifier's 2-3 row maps (40-60 % padding
+# taps) 2-2.4x faster that way; on 6 rows (20 %) 0.6x.
+_PAD_ROW_SHARE = 0.3
+
+
 def _depthwise_nhwc(x, wp, strides, padding, dilation, kernel_name):
     """Depthwise NHWC int8/uint8 x [KH, KW, C'] int8 -> NHWC int32: vectors along channels.
 
@@ -292,6 +299,8 @@ def _depthwise_nhwc(x, wp, strides, padding, dilation, kernel_name):
     )
     ry = te.reduce_axis((0, kh), name="ry")
     rx = te.reduce_axis((0, kw), name="rx")
+    valid = sum(pt <= y * sh + r * dh < h + pt for y in range(oh) for r in range(kh))
+    inline_pad = int(1 - valid / (oh * kh) > _PAD_ROW_SHARE)
     acc = te.compute(
         (n, oh, ow, cp),
         lambda b, y, xx, o: te.sum(
@@ -300,7 +309,7 @@ def _depthwise_nhwc(x, wp, strides, padding, dilation, kernel_name):
             axis=[ry, rx],
         ),
         name="int8_conv",
-        attrs={KERNEL_ATTR: kernel_name, DEPTHWISE_ATTR: 1, LAYOUT_ATTR: "NHWC", TILE_ATTR: [cl]},
+        attrs={KERNEL_ATTR: kernel_name, DEPTHWISE_ATTR: 1, LAYOUT_ATTR: "NHWC", TILE_ATTR: [cl, inline_pad]},
     )
     return _compensate(acc, None, c, ow, "NHWC")
 
@@ -642,9 +651,11 @@ def _target_cores() -> int:
 
 
 def _schedule_depthwise_nhwc(sch: s_tir.Schedule, block, kernel: DotKernel) -> None:
-    (cl,) = (int(v) for v in sch.get(block).annotations[TILE_ATTR])
+    cl, inline_pad = (int(v) for v in sch.get(block).annotations[TILE_ATTR])
     (pack,) = sch.get_producers(block)
     act = str(sch.get(pack).writes[0].source.dtype)
+    if inline_pad:
+        sch.compute_inline(pack)
     n, y, x, o, ry, rx = sch.get_loops(block)
     # Register tile: ``tile`` neighbouring output columns x one channel vector; the weight
     # vector of a tap is loaded once per tile.
@@ -663,6 +674,9 @@ def _schedule_depthwise_nhwc(sch: s_tir.Schedule, block, kernel: DotKernel) -> N
     else:
         local = sch.cache_write(block, 0, _ACC_SCOPE)
         sch.reverse_compute_at(local, o_o, preserve_unit_loops=True)
+    if inline_pad:  # plain vectors: the condition in each tap's operand is no intrinsic's
+        _finish(sch, block, (n, y_o), ry, (x_t,), o_l, None, packed=True)
+        return
     sch.compute_at(pack, y_o, preserve_unit_loops=True)
     sch.vectorize(sch.fuse(*sch.get_loops(pack)[-2:]))  # a pixel's channel vectors
     _finish(sch, block, (n, y_o), ry, (x_t,), o_l, tap_intrin(kernel, cl, act), packed=True)

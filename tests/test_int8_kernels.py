@@ -243,6 +243,29 @@ def test_depthwise_packs_per_chunk_of_rows(shape, chunks):
     np.testing.assert_array_equal(got, ref)
 
 
+@pytest.mark.parametrize("rows, packed", [(2, False), (3, False), (6, True)])
+def test_depthwise_on_few_rows_reads_padding_as_a_condition(rows, packed):
+    """A 5x5 depthwise conv on 2-3 rows has 40-60 % of its taps on padding rows: the kernel
+    reads the map with a bounds condition per tap (skipped taps) instead of packing zeros
+    and multiplying them; on 6 rows (20 %) it packs."""
+    rng = np.random.default_rng(10)
+    x = rng.integers(-128, 128, (1, 32, rows, 128)).astype("int8")
+    w = rng.integers(-128, 128, (32, 1, 5, 5)).astype(np.int8)
+    scheduled, target = _lower(_conv_module(x.shape, w, "int8", padding=(2, 2), groups=32), "x86-avx2")
+    (gv,) = _scheduled_kernels(scheduled)
+    sch = tvm.s_tir.Schedule(scheduled[gv])
+    try:
+        sch.get_sblock("int8_pack")
+        has_pack = True
+    except Exception:  # noqa: BLE001  (no such block)
+        has_pack = False
+    assert has_pack == packed
+    assert bool(_tap_calls(scheduled)) == packed
+    got = relax.VirtualMachine(tvm.compile(scheduled, target), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    ref = _reference(x, w, (1, 1), (2, 2), (1, 1), 32).astype(np.float32) * np.float32(0.5)
+    np.testing.assert_array_equal(got, ref)
+
+
 def test_sixteen_lane_epilogue_keeps_channel_vectors():
     """On 16 int32 lanes (AVX-512 VNNI) an output of 24 channels requantizes in vectors of 8
     channels; fused with the pixels, its per-channel scales were gathered one lane at a time
