@@ -266,20 +266,50 @@ def test_depthwise_on_few_rows_reads_padding_as_a_condition(rows, packed):
     np.testing.assert_array_equal(got, ref)
 
 
+def _vnni_lowered(x, w, padding=(0, 0)):
+    """Scheduled module and target for an AVX-512 VNNI CPU, whatever this machine is."""
+    profile = get_target("x86").with_target({"kind": "llvm", "mcpu": "icelake-server"})
+    assert target_kernel(profile).name == "vpdpbusd"
+    target = profile.tvm_target()
+    with target:
+        lowered = tvm.transform.Sequential(pipeline.lowering_passes(profile))(
+            _conv_module(x.shape, w, str(x.dtype), padding=padding))
+    return pipeline.Schedule(profile)(lowered), target
+
+
+def _run_if_vnni(scheduled, target, x):
+    if tvm.target.codegen.target_has_features(["avx512vnni"], get_target("x86").tvm_target()):
+        return relax.VirtualMachine(tvm.compile(scheduled, target), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    return None
+
+
+def test_short_reduction_packs_each_pixel_tile_once():
+    """A 1x1 conv whose reduction is 3 dot steps (12 channels on vpdpbusd) runs all its lane
+    groups inside each pixel tile: one pass over the map, packed once (per lane group it
+    passed over the map 3 times: the detector's 12 -> 96 conv 155 -> 46 us)."""
+    rng = np.random.default_rng(11)
+    x = rng.integers(-128, 128, (1, 12, 80, 80)).astype("int8")
+    w = rng.integers(-128, 128, (96, 12, 1, 1)).astype(np.int8)
+    scheduled, target = _vnni_lowered(x, w)
+    (gv,) = _scheduled_kernels(scheduled)
+    sch = tvm.s_tir.Schedule(scheduled[gv])
+    loops = [sch.get(l) for l in sch.get_loops(sch.get_sblock("int8_pack"))]
+    # parallel over the 80 rows (not lane groups x rows), then the row's pixel tiles
+    assert loops[0].kind == tvm.tirx.ForKind.PARALLEL and int(loops[0].extent) == 80
+    got = _run_if_vnni(scheduled, target, x)
+    if got is not None:
+        np.testing.assert_array_equal(got, _reference(x, w, (1, 1), (0, 0), (1, 1), 1).astype(np.float32) * np.float32(0.5))
+
+
 def test_sixteen_lane_epilogue_keeps_channel_vectors():
     """On 16 int32 lanes (AVX-512 VNNI) an output of 24 channels requantizes in vectors of 8
     channels; fused with the pixels, its per-channel scales were gathered one lane at a time
     (an 8 -> 24 1x1 conv 7x slower than its float kernel). Compiled for an AVX-512 VNNI CPU
     whatever this machine is; run where it has one."""
-    profile = get_target("x86").with_target({"kind": "llvm", "mcpu": "icelake-server"})
-    assert target_kernel(profile).name == "vpdpbusd"
     rng = np.random.default_rng(9)
     x = rng.integers(-128, 128, (1, 8, 12, 96)).astype("int8")
     w = rng.integers(-128, 128, (24, 8, 1, 1)).astype(np.int8)
-    target = profile.tvm_target()
-    with target:
-        lowered = tvm.transform.Sequential(pipeline.lowering_passes(profile))(_conv_module(x.shape, w, "int8"))
-    scheduled = pipeline.Schedule(profile)(lowered)
+    scheduled, target = _vnni_lowered(x, w)
     assert _scheduled_kernels(scheduled)
     (kernel,) = [str(gv.name_hint) for gv in _scheduled_kernels(scheduled)]
     asm = _asm(scheduled, target)
@@ -290,8 +320,8 @@ def test_sixteen_lane_epilogue_keeps_channel_vectors():
     body = asm[start:end.start() if end else len(asm)]
     assert re.search(r"\bvpdpbusd\s", body)
     assert not re.search(r"\b(vpinsrd|vpextrd|vinsertps|vpgatherdd|vgatherdps)\s", body)
-    if tvm.target.codegen.target_has_features(["avx512vnni"], get_target("x86").tvm_target()):
-        got = relax.VirtualMachine(tvm.compile(scheduled, target), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    got = _run_if_vnni(scheduled, target, x)
+    if got is not None:
         np.testing.assert_array_equal(got, _reference(x, w, (1, 1), (0, 0), (1, 1), 1).astype(np.float32) * np.float32(0.5))
 
 
