@@ -122,8 +122,13 @@ def test_qdq_model_through_packed_int8_kernels(tmp_path_factory, activation, tar
     kernels = [f for f in scheduled.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
     hand = [f for f in kernels if "tvm_compress.int8_dot" in f.script()]
     assert len(hand) == 3 and all(f.attrs["tirx.is_scheduled"] for f in hand)  # c1, dw, c2
-    # The dense convolutions call the dot intrinsic; the depthwise one is plain vectors, and
-    # the dense layer keeps a generic kernel.
-    assert len([f for f in hand if re.search(r"llvm\.x86\.(avx2\.pmadd\.wd|avx512\.vpdpbusd)", f.script())]) == 2
+    # The dense convolutions call the dot intrinsic on broadcast activations; the depthwise
+    # one multiply-adds vectors of channels (a tap intrinsic, no broadcast), and the dense
+    # layer keeps a generic kernel.
+    dots = [f for f in hand if re.search(r"llvm\.x86\.avx512\.vpdpbusd", f.script())
+            or re.search(r"llvm\.x86\.avx2\.pmadd\.wd[^\n]*broadcast", f.script(), re.I)]
+    taps = [f for f in hand if f not in dots
+            and re.search(r"llvm\.x86\.(avx512\.vpdpwssd|avx2\.pmadd\.wd|sse2\.pmadd\.wd)", f.script())]
+    assert len(dots) == 2 and len(taps) == 1
     fn = relax.VirtualMachine(tvm.compile(scheduled, target), tvm.cpu())["main"]
     _assert_matches_onnxruntime(fn, qdq_path, seed=2)
