@@ -171,10 +171,22 @@ _TAP_OPS = {  # DotKernel -> {lanes: (LLVM intrinsic, accumulates)}
 }
 
 
+def _signed_pairs(buf, act: str, lanes: int):
+    """``lanes`` activations widened to int32, seen as int16 pairs (value, sign)."""
+    return T.reinterpret(T.cast(buf.vload([0], dtype=f"{act}x{lanes}"), f"int32x{lanes}"),
+                         dtype=f"int16x{2 * lanes}")
+
+
+def _low_pairs(buf, lanes: int):
+    """``lanes`` int8 weights as int16 pairs (value, 0)."""
+    wide = T.cast(T.cast(T.cast(buf.vload([0], dtype=f"int8x{lanes}"), f"int16x{lanes}"), f"uint16x{lanes}"),
+                  f"int32x{lanes}")
+    return T.reinterpret(wide, dtype=f"int16x{2 * lanes}")
+
+
 def _tap_impl(kernel: str, lanes: int, act: str):
     name, accumulates = _TAP_OPS[kernel][lanes]
     vec = f"int32x{lanes}"
-    pairs = f"int16x{2 * lanes}"
 
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
@@ -186,21 +198,11 @@ def _tap_impl(kernel: str, lanes: int, act: str):
             T.writes(C[0:lanes])
             if accumulates:
                 C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id(name),
-                    C[T.ramp(T.int32(0), 1, lanes)],
-                    T.reinterpret(T.cast(A.vload([0], dtype=f"{act}x{lanes}"), vec), dtype=pairs),
-                    T.reinterpret(T.cast(T.cast(T.cast(B.vload([0], dtype=f"int8x{lanes}"), f"int16x{lanes}"),
-                                                f"uint16x{lanes}"), vec), dtype=pairs),
-                    dtype=vec,
-                )
+                    T.llvm_lookup_intrinsic_id(name), C[T.ramp(T.int32(0), 1, lanes)],
+                    _signed_pairs(A, act, lanes), _low_pairs(B, lanes), dtype=vec)
             else:
                 C[T.ramp(T.int32(0), 1, lanes)] = C[T.ramp(T.int32(0), 1, lanes)] + T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id(name),
-                    T.reinterpret(T.cast(A.vload([0], dtype=f"{act}x{lanes}"), vec), dtype=pairs),
-                    T.reinterpret(T.cast(T.cast(T.cast(B.vload([0], dtype=f"int8x{lanes}"), f"int16x{lanes}"),
-                                                f"uint16x{lanes}"), vec), dtype=pairs),
-                    dtype=vec,
-                )
+                    T.llvm_lookup_intrinsic_id(name), _signed_pairs(A, act, lanes), _low_pairs(B, lanes), dtype=vec)
 
     return impl
 
