@@ -270,7 +270,7 @@ def packed_depthwise_conv2d(
 # Share of a depthwise kernel's taps falling on padding rows above which the padding is read
 # as a condition per tap instead of packed zeros: the condition skips those taps, the pack
 # multiplies them. 5x5 kernels on the PP-OCR classifier's 2-3 row maps (40-60 % padding
-# taps) 2-2.4x faster that way; on 6 rows (20 %) 0.6x.
+# taps) 1.9-2.5x faster that way; on 6 rows (20 %) 0.6x.
 _PAD_ROW_SHARE = 0.3
 
 
@@ -626,7 +626,7 @@ def _vectorize_channels(sch: s_tir.Schedule, tail, lanes: int) -> None:
     tile's pixels are contiguous too: the column and channel loops run as one (a 4-channel
     sigmoid epilogue ran in half-empty vectors). Only then: a fused run of 24 channels reads
     its per-channel scales through a lane index modulo 24, a gather of scalar loads (an 8 -> 24
-    1x1 conv on AVX-512 7x slower than its float kernel). A run no such width divides is left
+    1x1 conv on AVX-512 8x slower than its float kernel). A run no such width divides is left
     to LLVM's loop vectorizer: TVM's 4-wide vectors of a 12-channel requantize were 12 % slower
     than what LLVM made of the scalar loop."""
     loops = sch.get_loops(tail)
@@ -672,7 +672,7 @@ def _schedule_depthwise_nhwc(sch: s_tir.Schedule, block, kernel: DotKernel) -> N
     x_o, x_t = sch.split(x, [None, tile])
     # Chunks of output rows, each packing the input rows it reads inside the parallel loop:
     # packed in one pass over the map first, by both threads, every chunk read rows the
-    # other core had just written (1.3-2.1x slower on the detector's and classifier's maps).
+    # other core had just written (1.07-2.1x slower on the detector's and classifier's maps).
     y_o, y_i = sch.split(y, [_row_chunks(_extent(sch, y), _target_cores()), None])
     sch.reorder(n, y_o, y_i, x_o, o_o, ry, rx, x_t, o_l)
     tail = _inline_epilogue(sch, block)

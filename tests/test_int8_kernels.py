@@ -304,7 +304,7 @@ def test_short_reduction_packs_each_pixel_tile_once():
 def test_sixteen_lane_epilogue_keeps_channel_vectors():
     """On 16 int32 lanes (AVX-512 VNNI) an output of 24 channels requantizes in vectors of 8
     channels; fused with the pixels, its per-channel scales were gathered one lane at a time
-    (an 8 -> 24 1x1 conv 7x slower than its float kernel). Compiled for an AVX-512 VNNI CPU
+    (an 8 -> 24 1x1 conv 8x slower than its float kernel). Compiled for an AVX-512 VNNI CPU
     whatever this machine is; run where it has one."""
     rng = np.random.default_rng(9)
     x = rng.integers(-128, 128, (1, 8, 12, 96)).astype("int8")
