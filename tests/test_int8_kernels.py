@@ -97,18 +97,26 @@ def _scheduled_kernels(mod):
     return [gv for gv in _packed_kernels(mod) if mod[gv].attrs.get("tirx.is_scheduled", False)]
 
 
+def _is_dot(func) -> bool:
+    """A kernel calling a dot intrinsic on broadcast activations (dense convolutions)."""
+    script = func.script()
+    return bool(re.search(r"llvm\.(x86\.avx512\.vpdpbusd|aarch64\.neon\.sdot)", script)
+                or re.search(r"llvm\.x86\.avx2\.pmadd\.wd[^\n]*broadcast", script, re.I))
+
+
+def _is_tap(func) -> bool:
+    """A kernel whose depthwise taps are pair multiply-adds (``int8_intrin.tap_intrin``)."""
+    script = func.script()
+    return bool(re.search(r"llvm\.x86\.(avx512\.vpdpwssd|avx2\.pmadd\.wd|sse2\.pmadd\.wd)", script)
+                and not re.search(r"broadcast", script, re.I))
+
+
 def _dot_calls(mod):
-    """Kernels calling a dot intrinsic (dense convolutions)."""
-    return [gv for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)
-            and re.search(r"llvm\.(x86\.avx512\.vpdpbusd|aarch64\.neon\.sdot)", f.script())
-            or re.search(r"llvm\.x86\.avx2\.pmadd\.wd[^\n]*broadcast", f.script(), re.I)]
+    return [gv for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and _is_dot(f)]
 
 
 def _tap_calls(mod):
-    """Kernels whose depthwise taps are pair multiply-adds (``int8_intrin.tap_intrin``)."""
-    return [gv for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)
-            and re.search(r"llvm\.x86\.(avx512\.vpdpwssd|avx2\.pmadd\.wd|sse2\.pmadd\.wd)", f.script())
-            and not re.search(r"broadcast", f.script(), re.I)]
+    return [gv for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and _is_tap(f)]
 
 
 # (x shape, weight shape, stride, padding, dilation, groups, activations)

@@ -1,7 +1,5 @@
 """ONNX QDQ models from onnxruntime's quantizer compile to the same integer path."""
 
-import re
-
 import numpy as np
 import pytest
 import tvm
@@ -13,6 +11,7 @@ from tvm_compress.specs import InputSpec
 torch = pytest.importorskip("torch")
 
 from conftest import conv_net_class  # noqa: E402
+from test_int8_kernels import _is_dot, _is_tap  # noqa: E402  (which intrinsic a kernel calls)
 
 
 class Net(conv_net_class()):
@@ -125,10 +124,6 @@ def test_qdq_model_through_packed_int8_kernels(tmp_path_factory, activation, tar
     # The dense convolutions call the dot intrinsic on broadcast activations; the depthwise
     # one multiply-adds vectors of channels (a tap intrinsic, no broadcast), and the dense
     # layer keeps a generic kernel.
-    dots = [f for f in hand if re.search(r"llvm\.x86\.avx512\.vpdpbusd", f.script())
-            or re.search(r"llvm\.x86\.avx2\.pmadd\.wd[^\n]*broadcast", f.script(), re.I)]
-    taps = [f for f in hand if f not in dots
-            and re.search(r"llvm\.x86\.(avx512\.vpdpwssd|avx2\.pmadd\.wd|sse2\.pmadd\.wd)", f.script())]
-    assert len(dots) == 2 and len(taps) == 1
+    assert len([f for f in hand if _is_dot(f)]) == 2 and len([f for f in hand if _is_tap(f)]) == 1
     fn = relax.VirtualMachine(tvm.compile(scheduled, target), tvm.cpu())["main"]
     _assert_matches_onnxruntime(fn, qdq_path, seed=2)
