@@ -539,14 +539,19 @@ def _narrow_crop(sch: s_tir.Schedule, block, lanes: int):
     head's 4 of 8 lanes), else None. Kept as a copy per register tile (one short vector per
     pixel) instead of inlined: the epilogue then reads contiguous channels and runs along
     pixels x channels in whole vectors (inlined, each vector gathered its lanes from two
-    pixels' accumulators with one insert per lane)."""
+    pixels' accumulators with one insert per lane). The crop may subtract the shift's
+    correction on the way (int8 activations): inlined, that crop cost the classifier's
+    8 -> 8 conv 2.6x."""
     consumers = sch.get_consumers(block)
     if len(consumers) != 1:
         return None
     crop = sch.get(consumers[0])
     src = [int(v) for v in sch.get(block).writes[0].source.shape]
     dst = [int(v) for v in crop.writes[0].source.shape]
-    if len(crop.reads) != 1 or src[:-1] != dst[:-1] or not dst[-1] < lanes <= src[-1]:
+    # The crop alone, or with the shift's per-channel correction (``int8_conv_comp``).
+    others = [r for r in crop.reads if not r.source.same_as(sch.get(block).writes[0].source)]
+    if len(crop.reads) - len(others) != 1 or any(len(r.source.shape) != 1 for r in others) \
+            or src[:-1] != dst[:-1] or not dst[-1] < lanes <= src[-1]:
         return None
     return consumers[0]
 
@@ -622,9 +627,11 @@ def _vectorize_channels(sch: s_tir.Schedule, tail, lanes: int) -> None:
     ``lanes`` (the int8 stores narrow best from wide vectors).
 
     With 16 lanes, channel counts that are whole 8-lane vectors (24, 40, 88, 200) run in those.
-    When the channels are fewer than a vector and all the output has (a detector head's 4), the
-    tile's pixels are contiguous too: the column and channel loops run as one (a 4-channel
-    sigmoid epilogue ran in half-empty vectors). Only then: a fused run of 24 channels reads
+    When the channels are fewer than a vector, divide it and are all the output has (a
+    detector head's 4), the tile's pixels are contiguous too: the column and channel loops run
+    as one (a 4-channel sigmoid epilogue ran in half-empty vectors). Only then: a run of 12
+    channels fused with the pixels read its scales lane by lane (the detector's 48 -> 12
+    conv 3.1x slower than unfused), and a fused run of 24 channels reads
     its per-channel scales through a lane index modulo 24, a gather of scalar loads (an 8 -> 24
     1x1 conv on AVX-512 8x slower than its float kernel). A run no such width divides is left
     to LLVM's loop vectorizer: TVM's 4-wide vectors of a 12-channel requantize were 12 % slower
@@ -633,7 +640,7 @@ def _vectorize_channels(sch: s_tir.Schedule, tail, lanes: int) -> None:
     inner = loops[-1]
     extent = _extent(sch, inner)
     widths = (4 * lanes, 2 * lanes, lanes) + ((lanes // 2,) if lanes >= 16 else ())
-    if extent < lanes and len(loops) > 1 and _extent(sch, loops[-2]) > 1 \
+    if extent < lanes and lanes % extent == 0 and len(loops) > 1 and _extent(sch, loops[-2]) > 1 \
             and extent == int(sch.get(tail).writes[0].source.shape[-1]):
         inner = sch.fuse(loops[-2], inner)
         extent = _extent(sch, inner)

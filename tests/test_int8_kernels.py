@@ -309,14 +309,17 @@ def test_short_reduction_packs_each_pixel_tile_once():
         np.testing.assert_array_equal(got, _reference(x, w, (1, 1), (0, 0), (1, 1), 1).astype(np.float32) * np.float32(0.5))
 
 
-def test_sixteen_lane_epilogue_keeps_channel_vectors():
+@pytest.mark.parametrize("channels,out_channels", [(8, 24), (48, 12), (8, 8)])
+def test_sixteen_lane_epilogue_keeps_channel_vectors(channels, out_channels):
     """On 16 int32 lanes (AVX-512 VNNI) an output of 24 channels requantizes in vectors of 8
     channels; fused with the pixels, its per-channel scales were gathered one lane at a time
-    (an 8 -> 24 1x1 conv 8x slower than its float kernel). Compiled for an AVX-512 VNNI CPU
-    whatever this machine is; run where it has one."""
+    (an 8 -> 24 1x1 conv 8x slower than its float kernel). Fewer channels than a vector (12,
+    8) are cropped out of the accumulator with the shift's correction first, then read
+    contiguously (the detector's 48 -> 12 conv 3.1x, the classifier's 8 -> 8 2.6x faster).
+    Compiled for an AVX-512 VNNI CPU whatever this machine is; run where it has one."""
     rng = np.random.default_rng(9)
-    x = rng.integers(-128, 128, (1, 8, 12, 96)).astype("int8")
-    w = rng.integers(-128, 128, (24, 8, 1, 1)).astype(np.int8)
+    x = rng.integers(-128, 128, (1, channels, 12, 96)).astype("int8")
+    w = rng.integers(-128, 128, (out_channels, channels, 1, 1)).astype(np.int8)
     scheduled, target = _vnni_lowered(x, w)
     assert _scheduled_kernels(scheduled)
     (kernel,) = [str(gv.name_hint) for gv in _scheduled_kernels(scheduled)]
