@@ -561,11 +561,13 @@ _SHORT_REDUCTION = 3
 
 
 def _pack_mode(sch: s_tir.Schedule, block, reduce_loops, lane_tiles: int):
-    """How a 1x1 conv over an unpadded map, with whole dot steps of channels, packs its
-    activations: per register tile, just before using them inside the parallel loop, instead
-    of in a whole-map pass first (the packed pixels are still in L1 when the dot loop reads
-    them); None keeps the whole-map pass. Larger windows would pack each input row once per
-    output row reading it.
+    """How a 1x1 conv over an unpadded map packs its activations: per register tile, just
+    before using them inside the parallel loop, instead of in a whole-map pass first (the
+    packed pixels are still in L1 when the dot loop reads them); None keeps the whole-map
+    pass. Larger windows would pack each input row once per output row reading it. Channels
+    padded to a whole dot step too: their pack gathers each pixel's channels (a clamped
+    index), in a whole-map pass serially (the detector's 18 -> 96 and 42 -> 96 convs 1.1x and
+    1.7x faster packed per tile).
 
     ``lanes``: the ``lane_tiles`` groups of output channels stay outermost and each packs its
     pixel tiles again, so only a few may: up to 3, or 6 where the whole-map pack is small
@@ -582,7 +584,7 @@ def _pack_mode(sch: s_tir.Schedule, block, reduce_loops, lane_tiles: int):
     interior = [int(v) for v in sch.get(pack).annotations[PACK_INTERIOR_ATTR]]
     _, rows, cols, groups, depth = (int(v) for v in sch.get(pack).writes[0].source.shape)
     channels = int(sch.get(pack).reads[0].source.shape[-1])
-    if interior != [0, rows, 0, cols] or groups * depth != channels:
+    if interior != [0, rows, 0, cols]:
         return None
     serial_pack = rows * cols * channels < PARALLEL_MIN_ELEMS
     if groups <= _SHORT_REDUCTION and lane_tiles > 1:

@@ -309,6 +309,23 @@ def test_short_reduction_packs_each_pixel_tile_once():
         np.testing.assert_array_equal(got, _reference(x, w, (1, 1), (0, 0), (1, 1), 1).astype(np.float32) * np.float32(0.5))
 
 
+def test_padded_channels_pack_per_pixel_tile():
+    """A 1x1 conv whose input channels are no whole dot steps (18 on vpdpbusd's 4) packs
+    each pixel tile inside the parallel loop like whole-step ones (it packed the map in one
+    serial pass first: the detector's 18 -> 96 and 42 -> 96 convs 1.1x and 1.7x slower)."""
+    rng = np.random.default_rng(12)
+    x = rng.integers(-128, 128, (1, 18, 40, 40)).astype("int8")
+    w = rng.integers(-128, 128, (96, 18, 1, 1)).astype(np.int8)
+    scheduled, target = _vnni_lowered(x, w)
+    (gv,) = _scheduled_kernels(scheduled)
+    sch = tvm.s_tir.Schedule(scheduled[gv])
+    loops = [sch.get(l) for l in sch.get_loops(sch.get_sblock("int8_pack"))]
+    assert loops[0].kind == tvm.tirx.ForKind.PARALLEL
+    got = _run_if_vnni(scheduled, target, x)
+    if got is not None:
+        np.testing.assert_array_equal(got, _reference(x, w, (1, 1), (0, 0), (1, 1), 1).astype(np.float32) * np.float32(0.5))
+
+
 @pytest.mark.parametrize("channels,out_channels", [(8, 24), (48, 12), (8, 8)])
 def test_sixteen_lane_epilogue_keeps_channel_vectors(channels, out_channels):
     """On 16 int32 lanes (AVX-512 VNNI) an output of 24 channels requantizes in vectors of 8
