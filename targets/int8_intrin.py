@@ -11,6 +11,8 @@ int32 accumulators.
 - ``vpdpbusd`` (x86 AVX-512 VNNI, 16 x 4): one ``vpdpbusd`` does 64 uint8 x int8 products
   and accumulates them; int8 activations are shifted by +128 into uint8 when packed and the
   kernel subtracts ``128 * sum(w)`` per output channel (``DotKernel.shift``).
+- ``avxvnni`` (x86 AVX-VNNI, 8 x 4): the same ``vpdpbusd`` on 256-bit registers, for CPUs
+  with AVX-VNNI and no AVX-512 (Intel client cores from Alder Lake on).
 - ``sdot`` (AArch64 ``+dotprod``, 4 x 4): one ``sdot`` does 16 int8 x int8 products; int8
   activations only (``udot`` would need uint8 weights, ``usdot`` needs ``+i8mm``).
 
@@ -117,27 +119,29 @@ def _sdot_impl():
     return impl
 
 
-def _vpdpbusd(c, a, b):
-    # This LLVM's AVX-512 VNNI intrinsic takes the byte operands as <64 x i8>.
+def _vpdpbusd(c, a, b, lanes: int = 16):
+    # This LLVM's VNNI intrinsics take the byte operands as <4 * lanes x i8>; the 256-bit one
+    # is also AVX-VNNI's (VEX-encoded) instruction on CPUs without AVX-512.
     return T.call_llvm_pure_intrin(
-        T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), c, a, b, dtype="int32x16"
+        T.llvm_lookup_intrinsic_id(f"llvm.x86.avx512.vpdpbusd.{32 * lanes}"), c, a, b, dtype=f"int32x{lanes}"
     )
 
 
-def _vpdpbusd_impl():
+def _vpdpbusd_impl(lanes: int = 16):
     # Parsed when first registered: TVMScript parsing costs the CLI's start-up ~0.2 s per kernel.
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
-        B = T.match_buffer(b, (16, 4), "int8", offset_factor=1)
-        C = T.match_buffer(c, (16,), "int32", offset_factor=1)
+        B = T.match_buffer(b, (lanes, 4), "int8", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
         with T.sblock("root"):
-            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-            T.writes(C[0:16])
-            C[T.ramp(T.int32(0), 1, 16)] = _vpdpbusd(
-                C[T.ramp(T.int32(0), 1, 16)],
-                T.reinterpret(T.broadcast(_as_int32(A, "uint8x4"), 16), dtype="uint8x64"),
-                B.vload([0, 0], dtype="int8x64"),
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            C[T.ramp(T.int32(0), 1, lanes)] = _vpdpbusd(
+                C[T.ramp(T.int32(0), 1, lanes)],
+                T.reinterpret(T.broadcast(_as_int32(A, "uint8x4"), lanes), dtype=f"uint8x{4 * lanes}"),
+                B.vload([0, 0], dtype=f"int8x{4 * lanes}"),
+                lanes,
             )
 
     return impl
@@ -167,6 +171,7 @@ def _tap_desc(lanes: int, act: str):
 _TAP_OPS = {  # DotKernel -> {lanes: (LLVM intrinsic, accumulates)}
     "vpdpbusd": {4: ("llvm.x86.avx512.vpdpwssd.128", True), 8: ("llvm.x86.avx512.vpdpwssd.256", True),
                  16: ("llvm.x86.avx512.vpdpwssd.512", True)},
+    "avxvnni": {4: ("llvm.x86.avx512.vpdpwssd.128", True), 8: ("llvm.x86.avx512.vpdpwssd.256", True)},
     "pmaddwd": {4: ("llvm.x86.sse2.pmadd.wd", False), 8: ("llvm.x86.avx2.pmadd.wd", False)},
 }
 
@@ -225,11 +230,15 @@ _taps: set = set()
 KERNELS: Dict[str, DotKernel] = {
     "vpdpbusd": DotKernel("vpdpbusd", 16, 4, ("uint8", "int8"), "uint8", max_acc=24,
                           cpu_features=("avx512vnni",), registers=32),
+    # AVX-VNNI (Intel client cores from Alder Lake on, which have no AVX-512): the same
+    # instruction on 8 lanes, VEX-encoded, 16 registers.
+    "avxvnni": DotKernel("avxvnni", 8, 4, ("uint8", "int8"), "uint8", max_acc=10, cpu_features=("avxvnni",)),
     "pmaddwd": DotKernel("pmaddwd", 8, 2, ("uint8", "int8"), "int16", max_acc=12, cpu_features=("avx2",),
                          accumulates=False),
     "sdot": DotKernel("sdot", 4, 4, ("int8",), "int8", max_acc=24, cpu_features=("dotprod",), registers=32),
 }
-_IMPLS = {"vpdpbusd": _vpdpbusd_impl, "pmaddwd": _pmaddwd_impl, "sdot": _sdot_impl}
+_IMPLS = {"vpdpbusd": _vpdpbusd_impl, "avxvnni": lambda: _vpdpbusd_impl(8), "pmaddwd": _pmaddwd_impl,
+          "sdot": _sdot_impl}
 _registered = False
 
 

@@ -3,8 +3,8 @@
 Needs: realized int8 convolutions (``QuantizeRealize``: ``R.nn.conv2d`` with int8/uint8 data, a
 constant int8 weight, int32 output, NCHW/OIHW or, after ``Int8ChannelsLast``, NHWC/HWIO, groups 1
 or depthwise) and a target whose preset names a dot
-kernel its CPU has (``features.int8_dot``: ``vpdpbusd`` on x86 AVX-512 VNNI, ``pmaddwd`` on x86
-AVX2, ``sdot`` on AArch64 ``+dotprod``).
+kernel its CPU has (``features.int8_dot``: ``vpdpbusd`` on x86 AVX-512 VNNI, ``avxvnni`` on x86
+AVX-VNNI, ``pmaddwd`` on x86 AVX2, ``sdot`` on AArch64 ``+dotprod``).
 Runs before ``LegalizeOps``: each such call becomes a ``call_tir`` of ``int8_conv.packed_conv2d``
 with the weight packed offline, marked out-element-wise fusable so FuseOps still fuses the
 requantize epilogue into it. ``ScheduleInt8Conv`` must run after FuseTIR to schedule it.

@@ -232,6 +232,25 @@ def test_x86_kernels_exact_and_use_dot_instructions(name, act, target_name, inst
         assert re.search(r"\b(vpmaddwd|vpdpwssd)\s", asm) and not re.search(r"\bvpmulld\s", asm)
 
 
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_avxvnni_kernels_use_256_bit_vnni(name):
+    """The ``x86-avxvnni`` preset (AVX2 + AVX-VNNI, no AVX-512: Alder Lake's cores): dense
+    convolutions run ``vpdpbusd`` on 256-bit registers, depthwise taps ``vpdpwssd``, no
+    AVX-512 register anywhere; exact where this CPU has AVX-VNNI."""
+    mod, x, w, geometry = _case(name, act="int8")
+    scheduled, target = _lower(mod, "x86-avxvnni")
+    assert target_kernel(get_target("x86-avxvnni")).name == "avxvnni"
+    assert bool(_dot_calls(scheduled)) != _is_depthwise(name)
+    executable = tvm.compile(scheduled, target)
+    (llvm_mod,) = [m for m in executable.mod.imports if m.kind == "llvm"]
+    asm = llvm_mod.inspect_source("s")
+    dot = r"\bvpdpwssd\s[^\n]*%[xy]mm" if _is_depthwise(name) else r"\bvpdpbusd\s[^\n]*%ymm"
+    assert re.search(dot, asm) and "%zmm" not in asm
+    if tvm.target.codegen.target_has_features(["avxvnni"], get_target("x86").tvm_target()):
+        got = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+        np.testing.assert_array_equal(got, _reference(x, w, *geometry).astype(np.float32) * np.float32(0.5))
+
+
 @pytest.mark.parametrize("shape, chunks", [((1, 32, 40, 40), 2), ((1, 32, 80, 80), 4), ((1, 32, 3, 128), 3)])
 def test_depthwise_packs_per_chunk_of_rows(shape, chunks):
     """Each parallel chunk of output rows packs the rows it reads (a pass over the whole map
@@ -476,7 +495,7 @@ def test_unknown_dot_kernel_in_target_file_is_one_line_error(tmp_path):
     f = tmp_path / "t.toml"
     f.write_text('[my-board]\nfamily = "aarch64"\ntarget = { kind = "llvm", mtriple = "aarch64-linux-gnu" }\n'
                  'features = { int8_dot = ["sdot", "vnni"] }\n')
-    with pytest.raises(TargetError, match="int8_dot 'vnni' is not one of vpdpbusd, pmaddwd, sdot") as err:
+    with pytest.raises(TargetError, match="int8_dot 'vnni' is not one of vpdpbusd, avxvnni, pmaddwd, sdot") as err:
         load_target_files([f])
     assert "\n" not in str(err.value)
 
@@ -533,12 +552,14 @@ def test_sdot_target_gets_int8_activations():
 
 
 def _x86_presets(tmp_path):
-    """Three x86 presets with the same kernel list and CPUs with VNNI, AVX2 only, neither."""
+    """Four x86 presets with the x86 preset's kernel list and CPUs with AVX-512 VNNI, AVX-VNNI
+    (no AVX-512), AVX2 only, none of them."""
     f = tmp_path / "t.toml"
     f.write_text("".join(
         f'[{name}]\nfamily = "x86"\ntarget = {{ kind = "llvm", mcpu = "{cpu}" }}\n'
-        'features = { int8_dot = ["vpdpbusd", "pmaddwd"] }\n'
-        for name, cpu in [("vnni-cpu", "icelake-server"), ("avx2-cpu", "haswell"), ("old-cpu", "nehalem")]
+        'features = { int8_dot = ["vpdpbusd", "avxvnni", "pmaddwd"] }\n'
+        for name, cpu in [("vnni-cpu", "icelake-server"), ("avxvnni-cpu", "alderlake"), ("avx2-cpu", "haswell"),
+                          ("old-cpu", "nehalem")]
     ))
     load_target_files([f])
 
@@ -547,6 +568,7 @@ def test_kernel_list_picks_the_first_the_cpu_has(tmp_path):
     """``int8_dot`` as a preference list: VNNI where the CPU has it, else the AVX2 kernel."""
     _x86_presets(tmp_path)
     assert target_kernel(get_target("vnni-cpu")).name == "vpdpbusd"
+    assert target_kernel(get_target("avxvnni-cpu")).name == "avxvnni"
     assert target_kernel(get_target("avx2-cpu")).name == "pmaddwd"
     assert target_kernel(get_target("old-cpu")) is None  # no packed kernels: generic int8
 
