@@ -32,6 +32,34 @@ def host_cpu() -> str:
     return tvm.target.codegen.llvm_get_system_cpu()
 
 
+# LLVM's names of the ISA extensions kernels here may use -> the Linux /proc/cpuinfo flag. A
+# preset for another CPU (x86-avxvnni, an AVX-512 board) builds anywhere, but its code must not
+# run on a CPU without them: an illegal instruction kills the process.
+_CPUINFO_FLAGS = {
+    "avx": "avx", "avx2": "avx2", "fma": "fma", "f16c": "f16c", "avx512f": "avx512f",
+    "avx512bw": "avx512bw", "avx512dq": "avx512dq", "avx512vl": "avx512vl", "avx512vnni": "avx512_vnni",
+    "avxvnni": "avx_vnni", "avx512vbmi": "avx512vbmi", "avx512vpopcntdq": "avx512_vpopcntdq",
+    "avx512bf16": "avx512_bf16", "amx-int8": "amx_int8",
+}
+
+
+def host_flags():
+    """This CPU's flags from /proc/cpuinfo (None where there is no such file). LLVM's name for
+    the CPU can miss some: a VM's CPU named ``rocketlake`` also had AVX-VNNI."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), None)
+    return set(line.split(":", 1)[1].split()) if line else None
+
+
+def missing_features(target: tvm.target.Target, flags) -> list:
+    """The ISA extensions ``target``'s code may use that a CPU with ``flags`` lacks."""
+    return [f for f, flag in _CPUINFO_FLAGS.items()
+            if flag not in flags and tvm.target.codegen.target_has_features([f], target)]
+
+
 @register_family
 class X86Family(TargetFamily):
     name = "x86"
@@ -47,6 +75,10 @@ class X86Family(TargetFamily):
     def can_run(self, profile: TargetProfile):
         if platform.machine() not in ("x86_64", "AMD64"):
             return False, f"not run: this machine is {platform.machine()}, not x86-64"
+        flags = host_flags()
+        missing = missing_features(self.tvm_target(profile), flags) if flags is not None else []
+        if missing:
+            return False, f"not run: this CPU lacks {', '.join(missing)}, which {profile.name}'s code may use"
         return True, ""
 
     def run(self, profile, lib_path: Path, inputs: Sequence[np.ndarray], repeat=0, warmup=0, function="main"):
@@ -70,4 +102,6 @@ class X86Family(TargetFamily):
         return bool(tvm.target.codegen.target_has_features(["avx512vpopcntdq"], self.tvm_target(profile)))
 
     def tuning_runner(self, profile: TargetProfile):
+        if not self.can_run(profile)[0]:
+            return None  # code for a CPU this one is not: cached records only
         return ms.runner.LocalRunner(initializer=_fast_inspect.install)

@@ -54,6 +54,27 @@ def test_cuda_builds_without_gpu(demo_model, tmp_path):
         assert rep["verify_status"] == "not run: no GPU" and rep["max_rel_err"] is None
 
 
+def test_x86_code_for_a_cpu_this_one_is_not_builds_and_is_not_run(demo_model, tmp_path, monkeypatch):
+    """An x86 preset whose code uses an extension this CPU lacks (``x86-avxvnni`` on a CPU
+    without AVX-VNNI, seen here by hiding the flag) is built and reported not run, with the
+    extension named: running it would die on an illegal instruction."""
+    from tvm_compress.targets import x86
+
+    flags = x86.host_flags()
+    if flags is None:
+        pytest.skip("no /proc/cpuinfo")
+    monkeypatch.setattr(x86, "host_flags", lambda: flags - {"avx_vnni"})
+    profile = get_target("x86-avxvnni")
+    ok, why = get_family("x86").can_run(profile)
+    assert not ok and "avxvnni" in why
+    out = tmp_path / "adl.so"
+    rep = tvm_compress.compile(demo_model, out, target="x86-avxvnni", input_shapes=SHAPE,
+                               passes="quantize", pass_configs={"quantize": {"calib": "random"}}, log=quiet)
+    assert out.exists() and not rep["verified"] and "avxvnni" in rep["verify_status"]
+    assert rep["kernel_check"]["checked"] == 0
+    assert get_family("x86").tuning_runner(profile) is None  # no local trials either
+
+
 def test_jetson_preset_cross_compiles_the_host_side(demo_model, tmp_path):
     _needs("nvcc")
     _needs("aarch64-linux-gnu-g++")
