@@ -164,13 +164,19 @@ def packed_conv2d(
     # pixel contiguous (NHWC) in the intrinsic's dtype: one dot step's ``depth`` channels are
     # one scalar load, and the reduction over channels streams through memory. (Channel planes
     # of ``depth`` instead made each step jump a plane: 3x slower on 96-channel 3x3 convs.)
+    def pack(b, y, xx, c, d):
+        value = _packed_value(read(b, tirx.Min(c * depth + d, ic - 1), y - pt, xx - pl), shift, dt)
+        if (pt, pb, pl, cols) == (0, 0, 0, w):
+            # Only channels padded (the read is clamped): a select vectorizes, where a
+            # conditional load is split into bytes, and the dot steps' loads of the bytes
+            # stored one at a time wait for them (store forwarding fails).
+            return tirx.Select(c * depth + d < ic, value, tirx.const(shift, dt))
+        return tirx.if_then_else(tirx.all(c * depth + d < ic, y >= pt, y < h + pt, xx >= pl, xx < w + pl),
+                                 value, tirx.const(shift, dt))
+
     xpack = te.compute(
         (n, h + pt + pb, cols, icb, depth),
-        lambda b, y, xx, c, d: tirx.if_then_else(
-            tirx.all(c * depth + d < ic, y >= pt, y < h + pt, xx >= pl, xx < w + pl),
-            _packed_value(read(b, tirx.Min(c * depth + d, ic - 1), y - pt, xx - pl), shift, dt),
-            tirx.const(shift, dt),
-        ),
+        pack,
         name="int8_pack",
         attrs={PACK_INTERIOR_ATTR: [pt, h + pt, pl, w + pl]},
     )
@@ -600,9 +606,15 @@ def _pack_tile(sch: s_tir.Schedule, block, x_o) -> None:
     # A pixel's channels in whole vectors (with the pixels fused too, channel counts that are
     # no power of two put a division into every lane's index: 4x slower).
     run = sch.fuse(*sch.get_loops(pack)[-2:])
-    width = next((v for v in (16, 8, 4) if _extent(sch, run) % v == 0), None)
-    if width is not None:
-        sch.vectorize(sch.split(run, [None, width])[1] if _extent(sch, run) > width else run)
+    extent = _extent(sch, run)
+    width = next((v for v in (16, 8, 4) if extent % v == 0), None)
+    if width is not None and extent > width:
+        steps, lanes = sch.split(run, [None, width])
+        sch.vectorize(lanes)
+        if extent > int(sch.get(pack).reads[0].source.shape[-1]):
+            sch.unroll(steps)
+    elif width is not None:
+        sch.vectorize(run)
 
 
 def _schedule_depthwise(sch: s_tir.Schedule, block, kernel: DotKernel) -> None:
