@@ -55,7 +55,9 @@ class QuantizeRealizeConfig:
         writes one: ``{"target": ..., "layers": {key: {"float_ms": f, "int8_ms": q, "layer":
         name}}}``, keys from ``layer_key``). A layer's entry is the one with its name, else the
         one with its shape key (a table measured on another model). Layers that ran slower in
-        int8 are reported (and logged).
+        int8 are reported (and logged). Where an entry also has ``float_segment_ms`` and
+        ``int8_segment_ms`` (the layer's kernel and the kernels after it up to the next layer's:
+        a tail one build fuses into the conv and the other runs apart), those are compared.
     slow_layers: ``report`` (default: realize them anyway, say so) or ``float`` (keep them float).
     """
 
@@ -241,11 +243,15 @@ class _Realizer(PyExprMutator):
         if call is not None and self.speed_table:
             key = layer_key(kind, self._weight_shape(call), ru.tensor_shape(call))
             entry = self.speed_by_name.get(layer_name(call)) or self.speed_table["layers"].get(key)
-            if entry and entry.get("int8_ms") and entry.get("float_ms"):
-                f_ms, q_ms = float(entry["float_ms"]), float(entry["int8_ms"])
-                self._speed = {"float_ms": f_ms, "int8_ms": q_ms, "speedup": f_ms / q_ms}
+            segment = bool(entry and entry.get("int8_segment_ms") and entry.get("float_segment_ms"))
+            f_key, q_key = ("float_segment_ms", "int8_segment_ms") if segment else ("float_ms", "int8_ms")
+            if entry and entry.get(q_key) and entry.get(f_key):
+                f_ms, q_ms = float(entry[f_key]), float(entry[q_key])
+                self._speed = {"float_ms": f_ms, "int8_ms": q_ms, "speedup": f_ms / q_ms,
+                               "measured": "kernel and tail" if segment else "kernel"}
                 if q_ms > f_ms:
-                    msg = (f"int8 measured slower than float for this shape on "
+                    what = "this layer (its kernel and tail)" if segment else "this shape"
+                    msg = (f"int8 measured slower than float for {what} on "
                            f"{self.speed_table.get('target', 'the target')}: {q_ms:.4g} ms vs {f_ms:.4g} ms")
                     self.slow.append(msg)
                     self._speed["note"] = msg

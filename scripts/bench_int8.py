@@ -148,11 +148,19 @@ def _kernel_calls(lib_path, x):
     return calls
 
 
-def _layer_kernels(calls, candidates, sizes=None):
-    """Per layer (graph order), the first later kernel call reading a weight of one of its
-    shapes, and writing as many elements as the layer's output where ``sizes`` gives that
-    (two layers can share a weight shape: a squeeze-excite conv on one pixel and an upsampling
-    conv); None for a layer with no such call."""
+def _segments(calls, indices):
+    """Per layer, its kernel call and the calls after it up to the next layer's kernel (the
+    element-wise tail, reshapes and resizes the two builds fuse differently); None where the
+    layer has no kernel. Calls before the first layer's kernel belong to no layer."""
+    starts = sorted(i for i in indices if i is not None)
+    return [None if i is None else calls[i:next((j for j in starts if j > i), len(calls))] for i in indices]
+
+
+def _layer_call_indices(calls, candidates, sizes=None):
+    """Per layer (graph order), the index in ``calls`` of the first later kernel call reading a
+    weight of one of its shapes, and writing as many elements as the layer's output where
+    ``sizes`` gives that (two layers can share a weight shape: a squeeze-excite conv on one
+    pixel and an upsampling conv); None for a layer with no such call."""
     found, start = [], 0
     sizes = sizes or [None] * len(candidates)
 
@@ -165,7 +173,7 @@ def _layer_kernels(calls, candidates, sizes=None):
         i = next((j for j in range(start, len(calls)) if match(j, shapes, size)), None)
         if i is None:
             i = next((j for j in range(start, len(calls)) if match(j, shapes, None)), None)
-        found.append(None if i is None else calls[i])
+        found.append(i)
         start = start if i is None else i + 1
     return found
 
@@ -264,29 +272,36 @@ def speed_table(float_lib, int8_lib, layers, x, profile, out_shapes=None):
         q_shapes.append(packed)
     outs = [(out_shapes or {}).get(layer["name"]) for layer in layers]
     sizes = [int(np.prod(o)) if o else None for o in outs]
-    f_calls = _layer_kernels(_kernel_calls(float_lib, x), f_shapes, sizes)
-    q_calls = _layer_kernels(_kernel_calls(int8_lib, x), q_shapes, sizes)
+    f_all, q_all = _kernel_calls(float_lib, x), _kernel_calls(int8_lib, x)
+    f_idx, q_idx = _layer_call_indices(f_all, f_shapes, sizes), _layer_call_indices(q_all, q_shapes, sizes)
     table, skipped = {}, {}
     # Interleaved, so both sides see the same machine state.
-    for layer, fc, qc_ in zip(layers, f_calls, q_calls):
-        if fc is None or qc_ is None:
-            skipped[layer["name"]] = "no kernel found in " + ("the float build" if fc is None else "the int8 build")
+    for layer, f_seg, q_seg in zip(layers, _segments(f_all, f_idx), _segments(q_all, q_idx)):
+        if f_seg is None or q_seg is None:
+            skipped[layer["name"]] = "no kernel found in " + ("the float build" if f_seg is None else "the int8 build")
             continue
-        f_out, q_out = (int(np.prod(c[2][-1].shape)) for c in (fc, qc_))
-        if f_out != q_out:
-            # a squeeze-excite conv whose kernel also scales the whole map in one build only
-            skipped[layer["name"]] = f"fused differently: its kernel writes {f_out} elements in float, {q_out} in int8"
-            continue
-        f_ms = q_ms = float("inf")
+        f_ms, q_ms = [float("inf")] * len(f_seg), [float("inf")] * len(q_seg)
         for _ in range(_ROUNDS):
-            f_ms, q_ms = min(f_ms, _time_call(fc)), min(q_ms, _time_call(qc_))
+            f_ms = [min(t, _time_call(c)) for t, c in zip(f_ms, f_seg)]
+            q_ms = [min(t, _time_call(c)) for t, c in zip(q_ms, q_seg)]
         kind = "conv2d" if len(layer["weight_shape"]) == 4 else "matmul"
         key = layer_key(kind, layer["weight_shape"],
-                        _nchw_out(layer["weight_shape"], fc[2], (out_shapes or {}).get(layer["name"])))
-        table[key] = {"float_ms": f_ms, "int8_ms": q_ms, "speedup": f_ms / q_ms, "layer": layer["name"]}
+                        _nchw_out(layer["weight_shape"], f_seg[0][2], (out_shapes or {}).get(layer["name"])))
+        row = {"float_ms": f_ms[0], "int8_ms": q_ms[0], "speedup": f_ms[0] / q_ms[0], "layer": layer["name"],
+               "float_segment_ms": sum(f_ms), "int8_segment_ms": sum(q_ms),
+               "segment_speedup": sum(f_ms) / sum(q_ms),
+               "segment_kernels": {"float": [c[1] for c in f_seg], "int8": [c[1] for c in q_seg]}}
+        f_out, q_out = (int(np.prod(seg[0][2][-1].shape)) for seg in (f_seg, q_seg))
+        if f_out != q_out:
+            # a squeeze-excite conv whose kernel also scales the whole map in one build only:
+            # the kernels do different work, their segments the same
+            row.update(float_ms=None, int8_ms=None, speedup=None,
+                       note=f"fused differently: its kernel writes {f_out} elements in float, {q_out} in int8")
+        table[key] = row
     return {"target": profile.name,
-            "source": f"fastest kernel time (conv/matmul with its fused epilogue) in the compiled float "
-                      f"and int8 artifacts, {_ROUNDS} interleaved rounds",
+            "source": f"fastest kernel time (conv/matmul with its fused epilogue; segment: that kernel and "
+                      f"the kernels after it up to the next layer's) in the compiled float and int8 "
+                      f"artifacts, {_ROUNDS} interleaved rounds",
             "layers": table, "skipped": skipped}
 
 
@@ -347,7 +362,7 @@ def bench_model(key, model, input_name, shape, calib, evalset, labels, args, pro
     res["onnxruntime_float_latency_ms"] = rep["onnxruntime_latency_ms"]["median"]
     build("int8", "quantize", {"quantize": qcfg})
     _speed_report(res, out, model, input_name, shape, x0[None], profile, args, log)
-    if res["shapes_slower_in_int8"] and not args.skip_mixed:
+    if res["segments_slower_in_int8"] and not args.skip_mixed:
         # The pass's answer to "int8 is slower for these shapes here": keep them float.
         build("int8_mixed", "quantize", {"quantize": {**qcfg, "speed_table": str(out / "speed_table.json"),
                                                       "slow_layers": "float"}})
@@ -520,7 +535,9 @@ def _speed_report(res, out, model, input_name, shape, x, profile, args, log):
     table = speed_table(out / "float.so", out / "int8.so", res["int8"]["layers"], x, profile, out_shapes)
     (out / "speed_table.json").write_text(json.dumps(table, indent=1))
     res["per_shape_speed"] = table["layers"]
-    res["shapes_slower_in_int8"] = [k for k, v in table["layers"].items() if v["int8_ms"] > v["float_ms"]]
+    res["shapes_slower_in_int8"] = [k for k, v in table["layers"].items() if v["int8_ms"] and v["int8_ms"] > v["float_ms"]]
+    res["segments_slower_in_int8"] = [k for k, v in table["layers"].items()
+                                      if v["int8_segment_ms"] > v["float_segment_ms"]]
     env = PassEnv(inputs=[InputSpec(input_name, tuple(shape), "float32")],
                   facts=get_family(profile.family).facts(profile), log=log)
     preset = get_preset("quantize")
@@ -528,7 +545,8 @@ def _speed_report(res, out, model, input_name, shape, x, profile, args, log):
                                "speed_table": str(out / "speed_table.json")})
     preset.make(cfg, env)(prepare_onnx(model, {input_name: tuple(shape)}).to_relax())
     (out / "quantize_report.json").write_text(json.dumps(env.report["quantize"], indent=1))
-    log(f"{len(table['layers'])} layer shapes timed, slower in int8: {res['shapes_slower_in_int8']}")
+    log(f"{len(table['layers'])} layer shapes timed, slower in int8: kernels {res['shapes_slower_in_int8']}, "
+        f"with their tails {res['segments_slower_in_int8']}")
 
 
 def tables(args, log):

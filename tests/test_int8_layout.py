@@ -208,6 +208,11 @@ def test_speed_table_finds_every_layer_of_channels_last_builds(tmp_path):
         if key.startswith("conv2d"):
             assert out[1] == weight[0], key  # channels on axis 1: NCHW
         assert row["float_ms"] > 0 and row["int8_ms"] > 0
+        # a segment: the layer's kernel first, then what runs before the next layer's kernel
+        assert row["float_segment_ms"] >= row["float_ms"] and row["int8_segment_ms"] >= row["int8_ms"]
+        assert len(row["segment_kernels"]["float"]) >= 1 and len(row["segment_kernels"]["int8"]) >= 1
+    # the demo's max pools follow its convs in both builds: timed with them
+    assert any(any("pool" in k for k in row["segment_kernels"]["int8"]) for row in table.values())
 
 
 def test_bad_int8_layout_in_target_file_is_one_line_error(tmp_path):

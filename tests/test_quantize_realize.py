@@ -247,3 +247,32 @@ def test_speed_table_reports_slower_layers(tmp_path):
     report = qc.read_report(QuantizeRealize(QuantizeRealizeConfig(speed_table=str(path), slow_layers="float"))(_before()))
     assert [l["status"] for l in report["layers"]] == ["int8", "float"]
     assert "kept float" in report["layers"][1]["reason"]
+
+
+def test_speed_table_compares_kernels_with_their_tails_where_measured(tmp_path):
+    """A layer whose int8 kernel also runs what the float build runs in the next kernels (a
+    sigmoid after a transpose) is judged on both kernels with their tails; a table without
+    them (older, or hand-written) on the kernels alone."""
+    import json
+
+    from tvm_compress.passes.quantize_realize import layer_key
+
+    table = {"target": "x86-avx2", "layers": {
+        layer_key("conv2d", WQ1.shape, (1, 8, 8, 8)): {"float_ms": 0.03, "int8_ms": 0.07,
+                                                     "float_segment_ms": 0.09, "int8_segment_ms": 0.08},
+        layer_key("conv2d", WQ2.shape, (1, 8, 4, 4)): {"float_ms": 0.02, "int8_ms": 0.01,
+                                                     "float_segment_ms": 0.02, "int8_segment_ms": 0.05},
+    }}
+    path = tmp_path / "speed.json"
+    path.write_text(json.dumps(table))
+    report = qc.read_report(QuantizeRealize(QuantizeRealizeConfig(speed_table=str(path), slow_layers="float"))(_before()))
+    assert [l["status"] for l in report["layers"]] == ["int8", "float"]
+    assert report["layers"][0]["speed"]["speedup"] == pytest.approx(0.09 / 0.08)
+    assert report["layers"][0]["speed"]["measured"] == "kernel and tail"
+    assert "its kernel and tail" in report["layers"][1]["reason"]
+    for row in table["layers"].values():
+        del row["float_segment_ms"], row["int8_segment_ms"]
+    path.write_text(json.dumps(table))
+    report = qc.read_report(QuantizeRealize(QuantizeRealizeConfig(speed_table=str(path), slow_layers="float"))(_before()))
+    assert [l["status"] for l in report["layers"]] == ["float", "int8"]
+    assert report["layers"][1]["speed"]["measured"] == "kernel"
