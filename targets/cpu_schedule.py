@@ -431,11 +431,34 @@ def _pad_producer(sch: s_tir.Schedule, block, infos):
     return None
 
 
-def _chunked(sch: s_tir.Schedule, rows: list, chunks: int) -> Optional[list]:
+def _partitions_pad(sch: s_tir.Schedule, block, pad, axis: int) -> bool:
+    """Whether chunks of the ``axis``-th spatial loop of ``block`` read disjoint parts of
+    ``pad``: the loop's var indexes the read, and only dimensions read one element at a time
+    (a depthwise conv's channel; not a window's rows, nor an output channel of a dense conv,
+    whose every chunk reads the whole pad)."""
+    iter_vars = sch.get(block).iter_vars
+    spatial = [iv.var for iv in iter_vars if iv.iter_type == tirx.IterVar.DataPar]
+    reduced = [iv.var for iv in iter_vars if iv.iter_type == tirx.IterVar.CommReduce]
+    source = sch.get(pad).writes[0].source
+    reads = [r for r in sch.get(block).reads if r.source.same_as(source)]
+    if axis >= len(spatial) or len(reads) != 1:
+        return False
+    dims = [rng for rng in reads[0].region if _uses(rng.min, spatial[axis])]
+    # a window's row is the output row plus a reduction var (a point per block iteration)
+    return bool(dims) and all(_is_one(rng.extent) and not any(_uses(rng.min, r) for r in reduced)
+                              for rng in dims)
+
+
+def _chunked(sch: s_tir.Schedule, block, pad, rows: list, chunks: int) -> Optional[list]:
     """``rows`` with the loop where the product of extents reaches ``chunks`` split into
     (the iterations the parallel loop needs, chunks of the rest); None where a chunk would
-    have fewer than _PAD_CHUNK_ROWS rows (a pad per chunk copies the window's extra rows
-    again for every chunk: a 20x20 map's 3x3 conv in chunks of 3 rows ran 15 % slower)."""
+    have fewer than _PAD_CHUNK_ROWS rows of a window (a pad per chunk copies the window's
+    extra rows again for every chunk: a 20x20 map's 3x3 conv in chunks of 3 rows ran 15 %
+    slower). Chunks of a loop whose pads do not overlap (a depthwise conv's channels) may be
+    any size: as one pass over the whole map first (serial when small), the pad made the other
+    core read its half from the first core's cache (the classifier's 5x5 depthwise convs on
+    3-6 x 96 maps 1.9-2.6x slower on two threads than on one; with larger maps, padded in
+    parallel, per chunk still 1.3-1.8x faster)."""
     total = 1
     for i, loop in enumerate(rows):
         ext = _extent(sch, loop)
@@ -443,7 +466,7 @@ def _chunked(sch: s_tir.Schedule, rows: list, chunks: int) -> Optional[list]:
             return None
         if total * ext >= chunks:
             need = -(-chunks // total)
-            if ext < _PAD_CHUNK_ROWS * need:
+            if ext < _PAD_CHUNK_ROWS * need and not _partitions_pad(sch, block, pad, i):
                 return None
             outer, inner = sch.split(loop, factors=[need, None])
             return [*rows[:i], outer, inner, *rows[i + 1:]]
@@ -642,7 +665,7 @@ class CPUFallback(CPUScheduleRule):
                 # A conv's pad per chunk of output rows (see _pad_under) on maps tall enough;
                 # not where column blocks are outermost (each chunk would pad the whole map).
                 pad = None if streams else _pad_producer(sch, block, infos)
-                split = _chunked(sch, rows, chunks) if pad is not None and chunks is not None else None
+                split = _chunked(sch, block, pad, rows, chunks) if pad is not None and chunks is not None else None
                 rows = split or rows
                 par, taken = _parallelize(sch, rows, chunks)
                 if split is not None and par is not None and taken < len(rows):
