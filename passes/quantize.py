@@ -159,8 +159,9 @@ def add_arguments(group) -> None:
                        help="keep the most sensitive layers in float until top-1 drops <= P points "
                             "(labelled --calib data)")
     group.add_argument("--quant-speed-table", dest="speed_table", metavar="JSON",
-                       help="measured per-shape float/int8 kernel times on the target "
-                            "(scripts/bench_int8.py writes one): layers slower in int8 are reported")
+                       help="measured per-layer float/int8 kernel times on the target, each kernel "
+                            "with its tail where the table has them (scripts/bench_int8.py writes one): "
+                            "layers slower in int8 are reported")
     group.add_argument("--quant-slow-layers", dest="slow_layers", choices=("report", "float"),
                        help="layers measured slower in int8: realize and report them (default), "
                             "or keep them float")
