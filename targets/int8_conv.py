@@ -719,8 +719,20 @@ def _schedule_depthwise_nhwc(sch: s_tir.Schedule, block, kernel: DotKernel) -> N
     # Chunks of output rows, each packing the input rows it reads inside the parallel loop:
     # packed in one pass over the map first, by both threads, every chunk read rows the
     # other core had just written (1.07-2.1x slower on the detector's and classifier's maps).
-    y_o, y_i = sch.split(y, [_row_chunks(_extent(sch, y), _target_cores()), None])
-    sch.reorder(n, y_o, y_i, x_o, o_o, ry, rx, x_t, o_l)
+    cores = _target_cores()
+    row_chunks = _row_chunks(_extent(sch, y), cores)
+    y_o, y_i = sch.split(y, [row_chunks, None])
+    # Rows that do not split evenly over the cores (3 on two: one core did two) are cut into
+    # bands of columns too, each packing the columns it reads.
+    col_chunks = cores if row_chunks % cores and _extent(sch, x_o) >= 2 * cores else 1
+    if col_chunks > 1:
+        x_c, x_o = sch.split(x_o, [col_chunks, None])
+        sch.reorder(n, y_o, x_c, y_i, x_o, o_o, ry, rx, x_t, o_l)
+        chunk = x_c
+    else:
+        sch.reorder(n, y_o, y_i, x_o, o_o, ry, rx, x_t, o_l)
+        chunk = y_o
+    parallel = (n, y_o, x_c) if col_chunks > 1 else (n, y_o)
     tail = _inline_epilogue(sch, block)
     if tail is not None:
         sch.reverse_compute_at(tail, o_o, preserve_unit_loops=True)
@@ -729,8 +741,8 @@ def _schedule_depthwise_nhwc(sch: s_tir.Schedule, block, kernel: DotKernel) -> N
         local = sch.cache_write(block, 0, _ACC_SCOPE)
         sch.reverse_compute_at(local, o_o, preserve_unit_loops=True)
     if inline_pad:  # plain vectors: the condition in each tap's operand is no intrinsic's
-        _finish(sch, block, (n, y_o), ry, (x_t,), o_l, None, packed=True)
+        _finish(sch, block, parallel, ry, (x_t,), o_l, None, packed=True)
         return
-    sch.compute_at(pack, y_o, preserve_unit_loops=True)
+    sch.compute_at(pack, chunk, preserve_unit_loops=True)
     _vectorize_channels_run(sch, sch.fuse(*sch.get_loops(pack)[-2:]), unroll=True)
-    _finish(sch, block, (n, y_o), ry, (x_t,), o_l, tap_intrin(kernel, cl, act), packed=True)
+    _finish(sch, block, parallel, ry, (x_t,), o_l, tap_intrin(kernel, cl, act), packed=True)

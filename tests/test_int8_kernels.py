@@ -251,10 +251,11 @@ def test_avxvnni_kernels_use_256_bit_vnni(name):
         np.testing.assert_array_equal(got, _reference(x, w, *geometry).astype(np.float32) * np.float32(0.5))
 
 
-@pytest.mark.parametrize("shape, chunks", [((1, 32, 40, 40), 2), ((1, 32, 80, 80), 4), ((1, 32, 3, 128), 3)])
+@pytest.mark.parametrize("shape, chunks", [((1, 32, 40, 40), 2), ((1, 32, 80, 80), 4), ((1, 32, 3, 128), 6)])
 def test_depthwise_packs_per_chunk_of_rows(shape, chunks):
     """Each parallel chunk of output rows packs the rows it reads (a pass over the whole map
-    first made every chunk read rows the other core had written), rows split evenly."""
+    first made every chunk read rows the other core had written), rows split evenly; 3 rows
+    on two cores are cut into two bands of columns too (one core did two of the three rows)."""
     rng = np.random.default_rng(8)
     x = rng.integers(-128, 128, shape).astype("int8")
     w = rng.integers(-128, 128, (shape[1], 1, 3, 3)).astype(np.int8)
