@@ -496,6 +496,7 @@ def _schedule_dense(sch: s_tir.Schedule, block, kernel: DotKernel) -> None:
     mode = _pack_mode(sch, block, (ry, rx), _extent(sch, o_o)) if nhwc else None
     if mode == "pixels":
         sch.reorder(n, y, x_o, o_o, ry, rx, rc_o, x_t, o_t, o_l, r_inner)
+        parallel = (n, y)
     elif nhwc:
         # Rows outermost: the parallel loop's chunks are bands of rows. With the lane groups
         # outermost the two cores each took half of every pixel's channels, in step, and wrote
@@ -503,8 +504,10 @@ def _schedule_dense(sch: s_tir.Schedule, block, kernel: DotKernel) -> None:
         # detector's 18 -> 96 conv on AVX-512 3.8x and its 12 -> 96 on AVX2 1.65x slower, 2-thread
         # runs slower than 1-thread ones.
         sch.reorder(n, y, o_o, x_o, ry, rx, rc_o, x_t, o_t, o_l, r_inner)
+        parallel = (n, y, o_o)
     else:
         sch.reorder(n, o_o, y, x_o, ry, rx, rc_o, x_t, o_t, o_l, r_inner)
+        parallel = (n, o_o, y)
     crop = _narrow_crop(sch, block, lanes) if nhwc else None
     tail = _inline_epilogue(sch, crop) if crop is not None else None
     if tail is not None:
@@ -546,8 +549,7 @@ def _schedule_dense(sch: s_tir.Schedule, block, kernel: DotKernel) -> None:
         sch.transform_layout(block, ("write", 0), lambda b, c, h, w: (b, c // lanes, h, w, c % lanes))
     if mode is not None:
         _pack_tile(sch, block, x_o)
-    _finish(sch, block, (n, y) if mode == "pixels" else (n, y, o_o) if nhwc else (n, o_o, y), ry, (x_t, o_t), o_l,
-            kernel.intrin, packed=mode is not None)
+    _finish(sch, block, parallel, ry, (x_t, o_t), o_l, kernel.intrin, packed=mode is not None)
 
 
 def _narrow_crop(sch: s_tir.Schedule, block, lanes: int):
@@ -588,10 +590,10 @@ def _pack_mode(sch: s_tir.Schedule, block, reduce_loops, lane_tiles: int):
     ``lanes``: each of the ``lane_tiles`` groups of output channels (a loop inside the row loop)
     packs its pixel tiles again, so only a few may: up to 3, or 6 where the whole-map pack is
     small enough to run serially (the classifier's 1x1 kernels 1.2-2.3x faster; the detector's
-    with 6-45 groups over parallel packs 5-20 % slower, measured with the groups outermost). ``pixels``: more groups over a small map
-    run inside each pixel tile, packed once, in parallel over rows (over rows and tiles it
-    measured slower): 7-19 % faster than ``lanes`` on the classifier's 16 -> 88, 16 -> 104
-    and 32 -> 200 convs. Also on any map where the reduction is at most ``_SHORT_REDUCTION``
+    with 6-45 groups over parallel packs 5-20 % slower, measured with the groups outermost).
+    ``pixels``: more groups over a small map run inside each pixel tile, packed once, in
+    parallel over rows (over rows and tiles it measured slower): 7-19 % faster than ``lanes``
+    on the classifier's 16 -> 88, 16 -> 104 and 32 -> 200 convs. Also on any map where the reduction is at most ``_SHORT_REDUCTION``
     dot steps: such a kernel mostly moves memory, and ``lanes`` passes over the map once per
     group (the detector's 12 -> 96 conv on AVX-512, 3 steps of 4 channels: 155 -> 46 us)."""
     (pack,) = sch.get_producers(block)
@@ -728,11 +730,10 @@ def _schedule_depthwise_nhwc(sch: s_tir.Schedule, block, kernel: DotKernel) -> N
     if col_chunks > 1:
         x_c, x_o = sch.split(x_o, [col_chunks, None])
         sch.reorder(n, y_o, x_c, y_i, x_o, o_o, ry, rx, x_t, o_l)
-        chunk = x_c
+        chunk, parallel = x_c, (n, y_o, x_c)
     else:
         sch.reorder(n, y_o, y_i, x_o, o_o, ry, rx, x_t, o_l)
-        chunk = y_o
-    parallel = (n, y_o, x_c) if col_chunks > 1 else (n, y_o)
+        chunk, parallel = y_o, (n, y_o)
     tail = _inline_epilogue(sch, block)
     if tail is not None:
         sch.reverse_compute_at(tail, o_o, preserve_unit_loops=True)
