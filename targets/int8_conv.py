@@ -725,8 +725,11 @@ def _schedule_depthwise_nhwc(sch: s_tir.Schedule, block, kernel: DotKernel) -> N
     row_chunks = _row_chunks(_extent(sch, y), cores)
     y_o, y_i = sch.split(y, [row_chunks, None])
     # Rows that do not split evenly over the cores (3 on two: one core did two) are cut into
-    # bands of columns too, each packing the columns it reads.
-    col_chunks = cores if row_chunks % cores and _extent(sch, x_o) >= 2 * cores else 1
+    # bands of columns too, each packing the columns it reads; whole bands only (a band past
+    # the edge is a predicate on the tap block, which tensorize rejects: PP-LCNet's 5x5
+    # depthwise convs on 7x7 maps ran untensorized on AVX2).
+    x_tiles = _extent(sch, x_o)
+    col_chunks = cores if row_chunks % cores and x_tiles >= 2 * cores and x_tiles % cores == 0 else 1
     if col_chunks > 1:
         x_c, x_o = sch.split(x_o, [col_chunks, None])
         sch.reorder(n, y_o, x_c, y_i, x_o, o_o, ry, rx, x_t, o_l)

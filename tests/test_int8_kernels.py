@@ -271,6 +271,23 @@ def test_depthwise_packs_per_chunk_of_rows(shape, chunks):
     np.testing.assert_array_equal(got, ref)
 
 
+@pytest.mark.parametrize("target_name", ["x86-avx2", "x86-avxvnni"])
+def test_depthwise_on_a_prime_width_is_tensorized(target_name):
+    """7 output columns on 16-register ISAs take register tiles of one column, and 7 rows on
+    two cores would be cut into bands of columns, the last one past the edge: a predicate on
+    the tap block that tensorize rejects (the kernel ran as generic code). Only whole bands
+    are cut."""
+    rng = np.random.default_rng(12)
+    x = rng.integers(-128, 128, (1, 24, 7, 7)).astype("int8")
+    w = rng.integers(-128, 128, (24, 1, 5, 5)).astype(np.int8)
+    scheduled, target = _lower(_conv_module(x.shape, w, "int8", padding=(2, 2), groups=24), target_name)
+    assert len(_scheduled_kernels(scheduled)) == 1 and len(_tap_calls(scheduled)) == 1
+    if target_name == "x86-avx2" or tvm.target.codegen.target_has_features(["avxvnni"], get_target("x86").tvm_target()):
+        got = relax.VirtualMachine(tvm.compile(scheduled, target), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+        ref = _reference(x, w, (1, 1), (2, 2), (1, 1), 24).astype(np.float32) * np.float32(0.5)
+        np.testing.assert_array_equal(got, ref)
+
+
 @pytest.mark.parametrize("rows, packed", [(2, False), (3, False), (6, True)])
 def test_depthwise_on_few_rows_reads_padding_as_a_condition(rows, packed):
     """A 5x5 depthwise conv on 2-3 rows has 40-60 % of its taps on padding rows: the kernel
