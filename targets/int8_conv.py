@@ -57,6 +57,26 @@ def pack_weight(w: np.ndarray, kernel: DotKernel) -> np.ndarray:
     return np.ascontiguousarray(w.transpose(0, 4, 5, 2, 1, 3))
 
 
+# A saturating int16 pair sum (``DotKernel.int16_pairs``) of two uint8 activations (up to 255)
+# times int8 weights is exact while the pair's same-signed weights add up to at most this.
+_PAIR_WEIGHT_LIMIT = 32767 // 255
+
+
+def layer_kernel(w: np.ndarray, kernel: DotKernel) -> DotKernel:
+    """The kernel that runs the OIHW int8 weight ``w`` exactly: ``kernel`` unless it sums
+    products in saturating int16 pairs (adjacent input channels, as packed) and a pair of
+    ``w`` could overflow one; then its exact fallback (``DotKernel.exact_fallback``)."""
+    if not kernel.int16_pairs:
+        return kernel
+    wide = w.astype(np.int32)
+    if wide.shape[1] % 2:
+        wide = np.pad(wide, ((0, 0), (0, 1), (0, 0), (0, 0)))
+    pairs = wide.reshape(wide.shape[0], -1, 2, *wide.shape[2:])
+    if max(np.maximum(pairs, 0).sum(axis=2).max(), np.maximum(-pairs, 0).sum(axis=2).max()) <= _PAIR_WEIGHT_LIMIT:
+        return kernel
+    return KERNELS[kernel.exact_fallback]
+
+
 def shift_compensation(w: np.ndarray, shift: int) -> np.ndarray:
     """``shift * sum(w)`` per output channel of an OIHW weight (int32): what activations
     shifted by ``shift`` add to each sum."""
@@ -593,9 +613,12 @@ def _pack_mode(sch: s_tir.Schedule, block, reduce_loops, lane_tiles: int):
     with 6-45 groups over parallel packs 5-20 % slower, measured with the groups outermost).
     ``pixels``: more groups over a small map run inside each pixel tile, packed once, in
     parallel over rows (over rows and tiles it measured slower): 7-19 % faster than ``lanes``
-    on the classifier's 16 -> 88, 16 -> 104 and 32 -> 200 convs. Also on any map where the reduction is at most ``_SHORT_REDUCTION``
-    dot steps: such a kernel mostly moves memory, and ``lanes`` passes over the map once per
-    group (the detector's 12 -> 96 conv on AVX-512, 3 steps of 4 channels: 155 -> 46 us)."""
+    on the classifier's 16 -> 88, 16 -> 104 and 32 -> 200 convs. Also instead of ``lanes`` where
+    the reduction is at most ``_SHORT_REDUCTION`` dot steps: such a kernel mostly moves memory,
+    and ``lanes`` passes over the map once per group (the detector's 12 -> 96 conv on AVX-512,
+    3 steps of 4 channels: 155 -> 46 us). Not instead of the whole-map pass: there each tile's
+    epilogue runs on accumulators still in registers, where ``pixels`` stores and reloads them
+    (the same conv on AVX2, 12 lane groups: 44 us, 70 us as ``pixels``)."""
     (pack,) = sch.get_producers(block)
     if any(_extent(sch, l) != 1 for l in reduce_loops):
         return None
@@ -605,10 +628,8 @@ def _pack_mode(sch: s_tir.Schedule, block, reduce_loops, lane_tiles: int):
     if interior != [0, rows, 0, cols]:
         return None
     serial_pack = rows * cols * channels < PARALLEL_MIN_ELEMS
-    if groups <= _SHORT_REDUCTION and lane_tiles > 1:
-        return "pixels"
     if lane_tiles <= (6 if serial_pack else 3):
-        return "lanes"
+        return "pixels" if groups <= _SHORT_REDUCTION and lane_tiles > 1 else "lanes"
     return "pixels" if serial_pack else None
 
 
@@ -648,7 +669,7 @@ def _schedule_depthwise(sch: s_tir.Schedule, block, kernel: DotKernel) -> None:
     lanes = kernel.lanes
     n, c, y, x, ry, rx = sch.get_loops(block)
     # Register tile: tile vectors of neighbouring output columns of one row.
-    tile = _largest_divisor(_extent(sch, x) // lanes, kernel.max_acc)
+    tile = _largest_divisor(_extent(sch, x) // lanes, kernel.depthwise_acc)
     x_o, x_t, x_l = sch.split(x, [None, tile, lanes])
     sch.reorder(n, c, y, x_o, ry, rx, x_t, x_l)
     tail = _inline_epilogue(sch, block)
@@ -715,7 +736,7 @@ def _schedule_depthwise_nhwc(sch: s_tir.Schedule, block, kernel: DotKernel) -> N
     n, y, x, o, ry, rx = sch.get_loops(block)
     # Register tile: ``tile`` neighbouring output columns x one channel vector; the weight
     # vector of a tap is loaded once per tile.
-    tile = _largest_divisor(_extent(sch, x), max(1, kernel.max_acc // 2))
+    tile = _largest_divisor(_extent(sch, x), max(1, kernel.depthwise_acc // 2))
     o_o, o_l = sch.split(o, [None, cl])
     x_o, x_t = sch.split(x, [None, tile])
     # Chunks of output rows, each packing the input rows it reads inside the parallel loop:

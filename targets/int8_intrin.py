@@ -5,9 +5,17 @@ Each intrinsic computes ``C[i] += sum_k A[k] * B[i, k]`` for ``lanes`` output ch
 broadcast), ``B`` a contiguous ``lanes x depth`` block of the packed weight, ``C`` a vector of
 int32 accumulators.
 
+- ``pmaddubsw`` (x86 AVX2, 8 x 4): ``vpmaddubsw`` multiplies 32 uint8 activations by int8
+  weights and adds pairs into saturating int16, ``vpmaddwd`` by ones adds those pairs into
+  int32: 32 products in two instructions, weights read as they are stored. int8 activations
+  are shifted into uint8 as for ``vpdpbusd``. A pair saturates only when its two same-signed
+  weights add up to more than 128 in magnitude: ``Calibrate`` quantizes conv weights so that
+  none does (``TargetFacts.int8_pair_sums``); a layer quantized elsewhere (a QDQ model) where
+  one could runs the exact ``pmaddwd`` kernel instead (``int8_conv.layer_kernel``), so the
+  kernels never saturate and never change a model's integers.
 - ``pmaddwd`` (x86 AVX2, 8 x 2): activations packed as int16 pairs, weights widened to int16;
-  one ``vpmaddwd`` does 16 exact products and pair sums (no saturation, unlike ``vpmaddubsw``
-  on uint8 x int8); uint8 or int8 activations.
+  one ``vpmaddwd`` does 16 exact products and pair sums; uint8 or int8 activations. Exact
+  for any weights, about half ``pmaddubsw``'s rate.
 - ``vpdpbusd`` (x86 AVX-512 VNNI, 16 x 4): one ``vpdpbusd`` does 64 uint8 x int8 products
   and accumulates them; int8 activations are shifted by +128 into uint8 when packed and the
   kernel subtracts ``128 * sum(w)`` per output channel (``DotKernel.shift``).
@@ -36,18 +44,30 @@ class DotKernel:
     depth: int  # input channels reduced per call
     act_dtypes: Tuple[str, ...]  # activation dtypes the kernel takes
     packed_dtype: str  # activations after packing (the intrinsic's A)
-    max_acc: int  # vector registers available for accumulators (depthwise tiles)
+    max_acc: int  # vector registers available for accumulators (dense and depthwise tiles)
     cpu_features: Tuple[str, ...]  # LLVM CPU features the instruction needs
     registers: int = 16  # vector registers of the ISA
     accumulates: bool = True  # the instruction adds into C (else a temporary plus an add)
+    # Products summed in pairs into saturating int16: a layer whose weights could saturate a
+    # pair runs this exact kernel instead (``int8_conv.layer_kernel``).
+    exact_fallback: str = ""
+    tap_acc: int = 0  # accumulators of depthwise tiles when not max_acc (their tap instruction's)
 
     def shift(self, act_dtype: str) -> int:
         """Added to ``act_dtype`` activations when packing (int8 -> uint8 for unsigned x signed dots)."""
         return 128 if (act_dtype, self.packed_dtype) == ("int8", "uint8") else 0
 
     @property
+    def depthwise_acc(self) -> int:
+        return self.tap_acc or self.max_acc
+
+    @property
     def intrin(self) -> str:
         return f"tvm_compress_{self.name}"
+
+    @property
+    def int16_pairs(self) -> bool:
+        return bool(self.exact_fallback)
 
 
 def _desc(kernel: DotKernel):
@@ -92,6 +112,33 @@ def _pmaddwd_impl():
                 T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
                 T.reinterpret(T.broadcast(_as_int32(A, "int16x2"), 8), dtype="int16x16"),
                 T.cast(B.vload([0, 0], dtype="int8x16"), "int16x16"),
+                dtype="int32x8",
+            )
+
+    return impl
+
+
+def _pmaddubsw_impl():
+    # Parsed when first registered: TVMScript parsing costs the CLI's start-up ~0.2 s per kernel.
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
+        B = T.match_buffer(b, (8, 4), "int8", offset_factor=1)
+        C = T.match_buffer(c, (8,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:4], B[0:8, 0:4])
+            T.writes(C[0:8])
+            # The 4 activations are one int32: broadcast, multiply by B and add pairs (int16),
+            # then add the pairs of pairs into int32.
+            C[T.ramp(T.int32(0), 1, 8)] = C[T.ramp(T.int32(0), 1, 8)] + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                    T.reinterpret(T.broadcast(_as_int32(A, "uint8x4"), 8), dtype="uint8x32"),
+                    B.vload([0, 0], dtype="int8x32"),
+                    dtype="int16x16",
+                ),
+                T.broadcast(T.int16(1), 16),
                 dtype="int32x8",
             )
 
@@ -174,6 +221,7 @@ _TAP_OPS = {  # DotKernel -> {lanes: (LLVM intrinsic, accumulates)}
     "avxvnni": {4: ("llvm.x86.avx512.vpdpwssd.128", True), 8: ("llvm.x86.avx512.vpdpwssd.256", True)},
     "pmaddwd": {4: ("llvm.x86.sse2.pmadd.wd", False), 8: ("llvm.x86.avx2.pmadd.wd", False)},
 }
+_TAP_OPS["pmaddubsw"] = _TAP_OPS["pmaddwd"]  # exact pair sums: taps never saturate
 
 
 def _signed_pairs(buf, act: str, lanes: int):
@@ -233,12 +281,16 @@ KERNELS: Dict[str, DotKernel] = {
     # AVX-VNNI (Intel client cores from Alder Lake on, which have no AVX-512): the same
     # instruction on 8 lanes, VEX-encoded, 16 registers.
     "avxvnni": DotKernel("avxvnni", 8, 4, ("uint8", "int8"), "uint8", max_acc=10, cpu_features=("avxvnni",)),
+    # Dense tiles of 10 accumulators, depthwise ones of pmaddwd's 12 (its tap instruction): 12
+    # on dense convs cost the classifier's kernels 3.5 %, 10 on depthwise ones 15-19 %.
+    "pmaddubsw": DotKernel("pmaddubsw", 8, 4, ("uint8", "int8"), "uint8", max_acc=10, cpu_features=("avx2",),
+                           accumulates=False, exact_fallback="pmaddwd", tap_acc=12),
     "pmaddwd": DotKernel("pmaddwd", 8, 2, ("uint8", "int8"), "int16", max_acc=12, cpu_features=("avx2",),
                          accumulates=False),
     "sdot": DotKernel("sdot", 4, 4, ("int8",), "int8", max_acc=24, cpu_features=("dotprod",), registers=32),
 }
-_IMPLS = {"vpdpbusd": _vpdpbusd_impl, "avxvnni": lambda: _vpdpbusd_impl(8), "pmaddwd": _pmaddwd_impl,
-          "sdot": _sdot_impl}
+_IMPLS = {"vpdpbusd": _vpdpbusd_impl, "avxvnni": lambda: _vpdpbusd_impl(8), "pmaddubsw": _pmaddubsw_impl,
+          "pmaddwd": _pmaddwd_impl, "sdot": _sdot_impl}
 _registered = False
 
 

@@ -4,7 +4,9 @@ Needs: realized int8 convolutions (``QuantizeRealize``: ``R.nn.conv2d`` with int
 constant int8 weight, int32 output, NCHW/OIHW or, after ``Int8ChannelsLast``, NHWC/HWIO, groups 1
 or depthwise) and a target whose preset names a dot
 kernel its CPU has (``features.int8_dot``: ``vpdpbusd`` on x86 AVX-512 VNNI, ``avxvnni`` on x86
-AVX-VNNI, ``pmaddwd`` on x86 AVX2, ``sdot`` on AArch64 ``+dotprod``).
+AVX-VNNI, ``pmaddubsw`` (or the exact but slower ``pmaddwd``) on x86 AVX2, ``sdot`` on AArch64
+``+dotprod``). On ``pmaddubsw`` a layer whose weights could saturate its int16 pair sums runs
+the exact ``pmaddwd`` kernel instead (``int8_conv.layer_kernel``).
 Runs before ``LegalizeOps``: each such call becomes a ``call_tir`` of ``int8_conv.packed_conv2d``
 with the weight packed offline, marked out-element-wise fusable so FuseOps still fuses the
 requantize epilogue into it. ``ScheduleInt8Conv`` must run after FuseTIR to schedule it.
@@ -26,6 +28,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm_compress.errors import TargetError
 
 from .int8_conv import (
+    layer_kernel,
     pack_depthwise_weight,
     pack_weight,
     packed_conv2d,
@@ -119,9 +122,11 @@ class _Packer(PyExprMutator):
         if kind == "depthwise":
             args = [data, relax.const(pack_depthwise_weight(w, self.kernel, layout))]
         else:
-            shift = self.kernel.shift(str(data.ty.dtype))
+            kernel = layer_kernel(w, self.kernel)
+            shift = kernel.shift(str(data.ty.dtype))
             comp = relax.const(shift_compensation(w, shift)) if shift else None
-            args = [data, relax.const(pack_weight(w, self.kernel)), comp, int(w.shape[0])]
+            args = [data, relax.const(pack_weight(w, kernel)), comp, int(w.shape[0])]
+            geometry = (*geometry[:3], kernel.name, layout)
         return self.builder_.call_te(
             packed_depthwise_conv2d if kind == "depthwise" else packed_conv2d,
             *args,

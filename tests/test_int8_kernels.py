@@ -18,7 +18,7 @@ from tvm_compress.errors import TargetError
 from tvm_compress.cache import runner_cache_dir
 from tvm_compress.targets import get_family, get_target, load_target_files, qemu
 from tvm_compress.targets.arches import QEMU_ARCHES
-from tvm_compress.targets.int8_conv import dense_tile, pack_depthwise_weight, pack_weight
+from tvm_compress.targets.int8_conv import dense_tile, layer_kernel, pack_depthwise_weight, pack_weight
 from tvm_compress.targets.int8_intrin import KERNELS, register, tap_intrin
 from tvm_compress.targets.int8_pack import PackInt8Conv, target_kernel
 from tvm_compress.targets.int8_schedule import _marked_block
@@ -132,13 +132,15 @@ CASES = {
 }
 
 
-def _case(name, seed=0, act=None):
+def _case(name, seed=0, act=None, pairs=False):
+    """``pairs``: weights within [-64, 64], so every pair of input channels fits the int16 sums
+    of ``pmaddubsw`` (which other weights send to ``pmaddwd``, ``layer_kernel``)."""
     x_shape, w_shape, stride, padding, dilation, groups, case_act = CASES[name]
     act = act or case_act
     rng = np.random.default_rng(seed)
     lo, hi = (0, 256) if act == "uint8" else (-128, 128)
     x = rng.integers(lo, hi, x_shape).astype(act)
-    w = rng.integers(-128, 128, w_shape).astype(np.int8)
+    w = rng.integers(-64, 65, w_shape).astype(np.int8) if pairs else rng.integers(-128, 128, w_shape).astype(np.int8)
     mod = _conv_module(x_shape, w, act, stride, padding, dilation, groups)
     return mod, x, w, (stride, padding, dilation, groups)
 
@@ -201,16 +203,15 @@ def test_pack_rewrites_int8_and_depthwise_convs():
 def _is_depthwise(name):
     return CASES[name][5] > 1
 
-
 @pytest.mark.parametrize("target_name, instruction", [
-    ("x86-avx2", r"\bvpmaddwd\s[^\n]*%ymm"),
-    # AVX-512 VNNI: only where this CPU has it (the preset's list falls back to pmaddwd).
+    ("x86-avx2", r"\bvpmaddubsw\s[^\n]*%ymm"),
+    # AVX-512 VNNI: only where this CPU has it (the preset's list falls back to pmaddubsw).
     ("x86", r"\bvpdpbusd\s[^\n]*%zmm"),
 ])
 @pytest.mark.parametrize("name", sorted(CASES))
 @pytest.mark.parametrize("act", ["uint8", "int8"])
 def test_x86_kernels_exact_and_use_dot_instructions(name, act, target_name, instruction):
-    mod, x, w, geometry = _case(name, act=act)
+    mod, x, w, geometry = _case(name, act=act, pairs=target_kernel(get_target(target_name)).int16_pairs)
     scheduled, target = _lower(mod, target_name)
     assert _scheduled_kernels(scheduled), "the packed kernel was not scheduled"
     # Dense convolutions are tensorized with the dot intrinsic, depthwise taps with a pair
@@ -225,11 +226,42 @@ def test_x86_kernels_exact_and_use_dot_instructions(name, act, target_name, inst
     asm = llvm_mod.inspect_source("s")
     if not _is_depthwise(name):
         if target_name == "x86" and target_kernel(get_target("x86")).name != "vpdpbusd":
-            instruction = r"\bvpmaddwd\s"
+            instruction = r"\bvpmaddubsw\s"
         assert re.search(instruction, asm)
     else:
         # vpmulld: 2 micro-ops and 10 cycles' latency on Intel cores
         assert re.search(r"\b(vpmaddwd|vpdpwssd)\s", asm) and not re.search(r"\bvpmulld\s", asm)
+
+
+def test_layers_whose_pairs_could_saturate_run_the_exact_kernel():
+    """``pmaddubsw`` sums uint8 x int8 products of adjacent input channels into saturating
+    int16: a layer runs it while every pair's same-signed weights add up to at most 128 (255 x
+    128 fits), else the exact ``pmaddwd`` kernel."""
+    k = KERNELS["pmaddubsw"]
+    at_limit = np.array([64, 64, -64, -64, 127, -128, 1], np.int8).reshape(1, 7, 1, 1)
+    assert layer_kernel(at_limit, k) is k
+    past = at_limit.copy()
+    past[0, 0] = 65  # 65 + 64 > 128
+    assert layer_kernel(past, k) is KERNELS["pmaddwd"]
+    assert layer_kernel(past, KERNELS["pmaddwd"]) is KERNELS["pmaddwd"]  # exact int16 products
+
+
+@pytest.mark.parametrize("act", ["uint8", "int8"])
+def test_pmaddubsw_pairs_never_saturate(act):
+    """Activations at their extremes (255 and 0 after int8's shift) against weights at the
+    pair limit (``vpmaddubsw``) and past it (``vpmaddwd``): both equal the integer convolution
+    bit for bit."""
+    rng = np.random.default_rng(11)
+    hi, lo = (255, 0) if act == "uint8" else (127, -128)
+    x = np.where(rng.random((1, 8, 5, 9)) < 0.8, hi, lo).astype(act)
+    pairs = np.array([[64, 64], [-64, -64], [127, -128], [-128, 0]], np.int8)
+    at_limit = pairs[rng.integers(0, 4, (16, 4))].reshape(16, 8, 1, 1)
+    past = np.where(rng.random((16, 8, 1, 1)) < 0.5, 127, -128).astype(np.int8)
+    for w, ubsw in ((at_limit, True), (past, False)):
+        scheduled, target = _lower(_conv_module(x.shape, w, act), "x86-avx2")
+        assert ("llvm.x86.avx2.pmadd.ub.sw" in scheduled.script()) == ubsw
+        got = relax.VirtualMachine(tvm.compile(scheduled, target), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+        np.testing.assert_array_equal(got, _reference(x, w, (1, 1), (0, 0), (1, 1), 1).astype(np.float32) * 0.5)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -562,7 +594,7 @@ def test_unknown_dot_kernel_in_target_file_is_one_line_error(tmp_path):
     f = tmp_path / "t.toml"
     f.write_text('[my-board]\nfamily = "aarch64"\ntarget = { kind = "llvm", mtriple = "aarch64-linux-gnu" }\n'
                  'features = { int8_dot = ["sdot", "vnni"] }\n')
-    with pytest.raises(TargetError, match="int8_dot 'vnni' is not one of vpdpbusd, avxvnni, pmaddwd, sdot") as err:
+    with pytest.raises(TargetError, match="int8_dot 'vnni' is not one of vpdpbusd, avxvnni, pmaddubsw, pmaddwd, sdot") as err:
         load_target_files([f])
     assert "\n" not in str(err.value)
 
