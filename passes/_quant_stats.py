@@ -146,10 +146,21 @@ def qparams(lo: float, hi: float, mode: str) -> Tuple[float, int, str]:
     return max(amax / 127.0, 1e-8), 0, "int8"
 
 
-def weight_qparams(w: np.ndarray, axis: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Per-output-channel symmetric int8: (int8 weights, float32 scales)."""
+def weight_qparams(w: np.ndarray, axis: int, pair_sums: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+    """Per-output-channel symmetric int8: (int8 weights, float32 scales).
+
+    ``pair_sums`` (a conv weight, output channels on ``axis`` 0, for kernels that add the
+    products of input channels 2k and 2k+1 in saturating int16, ``TargetFacts.int8_pair_sums``):
+    each channel's scale is also large enough that every pair's same-signed weights add up to
+    at most 127 before rounding, 128 after (255 * 128 still fits int16). Channels with no two
+    large same-signed neighbours keep their scale; the worst lose one bit."""
     red = tuple(i for i in range(w.ndim) if i != axis)
     amax = np.max(np.abs(w), axis=red)
+    if pair_sums and axis == 0 and w.ndim >= 3 and w.shape[1] > 1:
+        even = np.pad(w, [(0, 0), (0, w.shape[1] % 2)] + [(0, 0)] * (w.ndim - 2))
+        pairs = even.reshape(w.shape[0], -1, 2, *w.shape[2:])
+        same_signed = np.maximum(np.maximum(pairs, 0).sum(axis=2), np.maximum(-pairs, 0).sum(axis=2))
+        amax = np.maximum(amax, same_signed.reshape(w.shape[0], -1).max(axis=1))
     scale = np.where(amax > 0, amax / 127.0, 1.0).astype("float32")
     bshape = [1] * w.ndim
     bshape[axis] = -1

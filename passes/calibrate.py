@@ -58,6 +58,8 @@ class CalibrateConfig:
     max_accuracy_drop: same, until top-1 accuracy (percentage points, needs labels) drops at most
         this much.
     eval_samples: calibration samples used to measure error/accuracy for the fallback.
+    weight_pairs: quantize conv weights to fit int16 pair sums (``weight_qparams``); set from
+        the target's ``int8_pair_sums`` by ``Quantize``, not a user option.
     """
 
     calib: Optional[str] = None
@@ -74,6 +76,7 @@ class CalibrateConfig:
     max_error: Optional[float] = None
     max_accuracy_drop: Optional[float] = None
     eval_samples: int = 256
+    weight_pairs: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -161,9 +164,10 @@ class _QDQEmitter(PyExprMutator):
     """
 
     def __init__(self, mod, point_params: Dict[int, Tuple[float, int, str]], point_layer: Dict[int, int],
-                 layer_kind: Dict[int, str], int8_layers, mask=None, expose_points=False):
+                 layer_kind: Dict[int, str], int8_layers, mask=None, expose_points=False, weight_pairs=False):
         super().__init__(mod)
         self.expose_points = expose_points
+        self.weight_pairs = weight_pairs
         self.exposed: List[Tuple[int, relax.Var]] = []
         self.observe = qc.observe_pattern()
         self.weight = qc.weight_pattern()
@@ -210,7 +214,7 @@ class _QDQEmitter(PyExprMutator):
                 return
             w = ru.const_value(w_expr)
             axis = weight_axis(self.layer_kind[layer])
-            wq, ws = weight_qparams(w, axis)
+            wq, ws = weight_qparams(w, axis, self.weight_pairs)
             self.weight_info[layer] = {"scale": ws, "axis": axis}
             dq = relax.op.dequantize(
                 relax.const(wq, "int8"), relax.const(ws, "float32"), relax.const(0, "int8"), axis=axis
@@ -223,14 +227,16 @@ class _QDQEmitter(PyExprMutator):
 
 
 def emit_qdq(mod, point_params, point_layer, layer_kind, int8_layers, with_mask=False,
-             expose_points=False):
+             expose_points=False, weight_pairs=False):
     """The QDQ module; ``with_mask``: an extra ``qmask`` input blends each layer in or out;
-    ``expose_points``: main also returns the dequantized activations (for measuring errors)."""
+    ``expose_points``: main also returns the dequantized activations (for measuring errors);
+    ``weight_pairs``: conv weights fit int16 pair sums (``weight_qparams``)."""
     mask = None
     if with_mask:
         n = max(layer_kind) + 1 if layer_kind else 1
         mask = relax.Var("qmask", relax.TensorType((n,), "float32"))
-    emitter = _QDQEmitter(mod, point_params, point_layer, layer_kind, int8_layers, mask, expose_points)
+    emitter = _QDQEmitter(mod, point_params, point_layer, layer_kind, int8_layers, mask, expose_points,
+                          weight_pairs)
     func = emitter.visit_expr(mod["main"])
     if mask is not None:
         func = rebuild(func, func.body, list(func.params) + [mask])
@@ -340,7 +346,8 @@ class Calibrate:
         if cfg.max_error is not None or cfg.max_accuracy_drop is not None:
             from ._quant_fallback import choose_fallback
 
-            masked, _ = emit_qdq(mod, point_params, point_layer, layer_kind, int8, with_mask=True)
+            masked, _ = emit_qdq(mod, point_params, point_layer, layer_kind, int8, with_mask=True,
+                                 weight_pairs=cfg.weight_pairs)
             fallback_info = choose_fallback(
                 qc.strip_report(masked), data, batch, names, float_outputs, n_eval, int8,
                 {l["index"]: l["name"] for l in layers}, cfg, self.log,
@@ -353,10 +360,11 @@ class Calibrate:
 
         used_points = {l["input_point"] for l in layers if l["status"] == "int8"}
         final_params = {pid: p for pid, p in point_params.items() if pid in used_points}
-        new_mod, weight_info = emit_qdq(mod, final_params, point_layer, layer_kind, int8)
+        new_mod, weight_info = emit_qdq(mod, final_params, point_layer, layer_kind, int8,
+                                        weight_pairs=cfg.weight_pairs)
 
         errors = self._measure_errors(mod, final_params, point_layer, layer_kind, int8, data, batch,
-                                      names, float_points, float_outputs, n_err)
+                                      names, float_points, float_outputs, n_err, cfg.weight_pairs)
         for l in layers:
             l.pop("sensitivity", None)
             if l.get("input_point") in errors["points"] and l["status"] == "int8":
@@ -393,10 +401,11 @@ class Calibrate:
         return qc.write_report(new_mod, report)
 
     def _measure_errors(self, mod, params, point_layer, layer_kind, int8, data, batch, names,
-                        float_points, float_outputs, n_err) -> dict:
+                        float_points, float_outputs, n_err, weight_pairs=False) -> dict:
         """Relative L2 error of each quantized layer's input and of the outputs (all chosen
         layers int8, simulated) against the float model."""
-        exposed, pids = emit_qdq(mod, params, point_layer, layer_kind, int8, expose_points=True)
+        exposed, pids = emit_qdq(mod, params, point_layer, layer_kind, int8, expose_points=True,
+                                 weight_pairs=weight_pairs)
         run = host_run(qc.strip_report(exposed))
         got_points: Dict[int, List[np.ndarray]] = {pid: [] for pid in pids}
         got_out: List[List[np.ndarray]] = []

@@ -88,7 +88,7 @@ class Quantize:
     runs after the float rewrites (pruning, low-rank, and by default folding; a ``fold`` named
     after it folds into the int8 rescales) and before lowering. Target
     facts come from ``env.facts``: int8 activations only when the target's int8 kernels take
-    no uint8."""
+    no uint8; conv weights fit int16 pair sums where its kernels add them so (``int8_pair_sums``)."""
 
     def __init__(self, config: Optional[QuantizeConfig] = None, env: Optional[PassEnv] = None):
         self.config = config or QuantizeConfig()
@@ -115,6 +115,8 @@ class Quantize:
         if config.activation_dtype == "auto" and "uint8" not in facts.int8_act_dtypes:
             self.env.log(f"quantize: int8 activations: the target's {facts.int8_dot} kernels take no uint8")
             config = dataclasses.replace(config, activation_dtype="int8")
+        if facts.int8_pair_sums:
+            config = dataclasses.replace(config, weight_pairs=True)
         return config
 
 

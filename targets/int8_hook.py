@@ -5,7 +5,8 @@ fusion, realized int8 convolutions go channels-last (``Int8ChannelsLast``, unles
 ``features.int8_layout`` is ``"NCHW"``) and become packed-weight kernels for the first listed kernel the
 target CPU has (``PackInt8Conv``); after fusion they are tiled and tensorized by hand
 (``ScheduleInt8Conv``), so tuning leaves them alone. Passes learn the kernel from
-``TargetFacts.int8_dot`` and the activation dtypes it takes from ``int8_act_dtypes``.
+``TargetFacts.int8_dot``, the activation dtypes it takes from ``int8_act_dtypes`` and whether
+it sums int16 pairs (weights quantized to fit them) from ``int8_pair_sums``.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ class Int8DotKernels(KernelHook):
         kernel = target_kernel(profile)
         if kernel is None:
             return {}
-        return {"int8_dot": kernel.name, "int8_act_dtypes": tuple(kernel.act_dtypes)}
+        return {"int8_dot": kernel.name, "int8_act_dtypes": tuple(kernel.act_dtypes),
+                "int8_pair_sums": kernel.int16_pairs}
 
 
 INT8_DOT = Int8DotKernels()

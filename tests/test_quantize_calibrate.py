@@ -13,7 +13,7 @@ from tvm_compress.errors import DataError, PassOptionError
 from tvm_compress.passes import (Calibrate, CalibrateConfig, QuantizeAnnotate, QuantizeAnnotateConfig,
                                  QuantizeRealize)
 from tvm_compress.passes import _quant_common as qc
-from tvm_compress.passes._quant_stats import Observer, kl_threshold, qparams
+from tvm_compress.passes._quant_stats import Observer, kl_threshold, qparams, weight_qparams
 
 RNG = np.random.default_rng(2)
 
@@ -23,6 +23,27 @@ def _observer(x, bins=16384):
     obs.update_range(x)
     obs.update_hist(x)
     return obs
+
+
+def test_weight_pairs_fit_int16_pair_sums():
+    """``pair_sums``: per output channel, the scale also covers every pair of adjacent input
+    channels' same-signed weights (at most 128 after rounding, what 255 x int8 pairs summed in
+    int16 allow); a channel without large same-signed neighbours keeps its plain scale; 2-D
+    (matmul) weights are left as they are."""
+    w = RNG.standard_normal((6, 5, 3, 3)).astype("float32")
+    w[0, 0, 1, 1], w[0, 1, 1, 1] = 4.0, 3.9  # channel 0: two large same-signed neighbours
+    w[1] = 0.01 * np.sign(w[1])
+    w[1, 2, 0, 0], w[1, 3, 0, 0] = -3.0, 2.0  # channel 1: its largest pair has opposite signs
+    q_plain, s_plain = weight_qparams(w, 0)
+    q, s = weight_qparams(w, 0, pair_sums=True)
+    pairs = np.pad(q.astype(np.int32), ((0, 0), (0, 1), (0, 0), (0, 0))).reshape(6, 3, 2, 3, 3)
+    assert np.maximum(pairs, 0).sum(axis=2).max() <= 128 and np.maximum(-pairs, 0).sum(axis=2).max() <= 128
+    assert np.all(s >= s_plain)
+    np.testing.assert_allclose(s[0], 7.9 / 127, rtol=1e-6)  # was 4.0 / 127
+    assert s[1] == s_plain[1] and np.array_equal(q[1], q_plain[1])
+    np.testing.assert_allclose(q * s.reshape(-1, 1, 1, 1), w, atol=float(s.max()) / 2 + 1e-6)
+    m = RNG.standard_normal((8, 16)).astype("float32")
+    assert all(np.array_equal(a, b) for a, b in zip(weight_qparams(m, 0, pair_sums=True), weight_qparams(m, 0)))
 
 
 def test_percentile_clips_an_outlier_minmax_does_not():

@@ -112,6 +112,43 @@ def test_preset_bad_option_one_line():
         make_config(preset, {"bits": 4})
 
 
+def _int8_conv_weights(mod):
+    """The int8 OIHW constants of a realized module (its conv weights)."""
+    from tvm_compress.relax_utils import const_value, is_constant
+
+    found = []
+    relax.analysis.post_order_visit(mod["main"], lambda e: found.append(const_value(e))
+                                    if is_constant(e) else None)
+    return [w for w in found if w.dtype == np.int8 and w.ndim == 4]
+
+
+@needs_demo
+def test_pair_sum_targets_get_weights_their_fast_kernel_runs_exactly():
+    """On a target whose int8 kernel adds products in saturating int16 pairs (``x86-avx2``:
+    ``pmaddubsw``), calibration quantizes conv weights to fit the pairs, so every conv runs
+    that kernel (``layer_kernel`` falls back to none); quantized for a target without the
+    fact, a conv of the same model would have needed the slower exact one."""
+    from tvm_compress.targets import get_family, get_target
+    from tvm_compress.targets.int8_conv import layer_kernel
+    from tvm_compress.targets.int8_intrin import KERNELS
+
+    profile = get_target("x86-avx2")
+    facts = get_family(profile.family).facts(profile)
+    assert facts.int8_dot == "pmaddubsw" and facts.int8_pair_sums
+    preset = get_preset("quantize")
+    config = make_config(preset, {"calib": str(NPZ), "calib_samples": 50})
+    kernel = KERNELS["pmaddubsw"]
+    fallbacks = {}
+    for name, env_facts in (("pairs", facts), ("plain", None)):
+        env, _ = _env()
+        if env_facts is not None:
+            env.facts = env_facts
+        weights = _int8_conv_weights(preset.make(config, env)(_load()))
+        assert len(weights) == 3  # the demo's three convs
+        fallbacks[name] = sum(layer_kernel(w, kernel) is not kernel for w in weights)
+    assert fallbacks["pairs"] == 0 and fallbacks["plain"] >= 1
+
+
 @needs_demo
 @pytest.mark.slow
 @pytest.mark.parametrize("target_name", ["aarch64", "cuda"])

@@ -30,8 +30,11 @@ class TargetFacts:
 
     vector_lanes: float32 lanes of one vector register (AVX2 8, AVX-512 16, NEON 4).
     int8_dot: the int8 dot-product kernel the target's int8 convolutions use (``vpdpbusd``,
-        ``pmaddwd``, ``sdot``), or None for the generic int8 kernels.
+        ``avxvnni``, ``pmaddubsw``, ``pmaddwd``, ``sdot``), or None for the generic int8 kernels.
     int8_act_dtypes: activation dtypes those kernels take.
+    int8_pair_sums: those kernels add the products of adjacent input channels in saturating
+        int16 pairs (``pmaddubsw``): conv weights whose same-signed pairs stay within 127 in
+        magnitude run exactly (``Calibrate`` quantizes them so).
     vector_popcount: the ISA counts bits in vector registers (NEON ``cnt``, AVX-512 VPOPCNTDQ).
     sparse_block: (rows, columns) of the blocks the target's block-sparse float kernels take by
         default, or None when the target has no such kernels.
@@ -43,6 +46,7 @@ class TargetFacts:
     vector_lanes: int = 4
     int8_dot: Optional[str] = None
     int8_act_dtypes: Tuple[str, ...] = ("int8", "uint8")
+    int8_pair_sums: bool = False
     vector_popcount: bool = False
     sparse_block: Optional[Tuple[int, int]] = None
     binary_kernels: bool = False
