@@ -247,6 +247,7 @@ def speed_table(float_lib, int8_lib, layers, x, profile, out_shapes=None):
     from tvm_compress.passes.quantize_realize import layer_key
     from tvm_compress.targets.int8_conv import pack_depthwise_weight, pack_weight
     from tvm_compress.targets import get_family
+    from tvm_compress.targets.int8_intrin import KERNELS
     from tvm_compress.targets.int8_pack import target_kernel
 
     dot = target_kernel(profile)
@@ -266,6 +267,8 @@ def speed_table(float_lib, int8_lib, layers, x, profile, out_shapes=None):
         if dot is not None and len(w) == 4:
             zeros = np.zeros(w, np.int8)
             packed.add(pack_weight(zeros, dot).shape)
+            if dot.exact_fallback:  # layers the fast kernel cannot run exactly (layer_kernel)
+                packed.add(pack_weight(zeros, KERNELS[dot.exact_fallback]).shape)
             if w[1] == 1:
                 packed.add(pack_depthwise_weight(zeros, dot).shape)
                 packed.add(pack_depthwise_weight(zeros, dot, "NHWC").shape)  # channels-last int8

@@ -236,7 +236,8 @@ def test_x86_kernels_exact_and_use_dot_instructions(name, act, target_name, inst
 def test_layers_whose_pairs_could_saturate_run_the_exact_kernel():
     """``pmaddubsw`` sums uint8 x int8 products of adjacent input channels into saturating
     int16: a layer runs it while every pair's same-signed weights add up to at most 128 (255 x
-    128 fits), else the exact ``pmaddwd`` kernel."""
+    128 fits), else the exact ``pmaddwd`` kernel; so do layers of 1-2 input channels (padded to
+    4 per dot step, twice ``pmaddwd``'s 2)."""
     k = KERNELS["pmaddubsw"]
     at_limit = np.array([64, 64, -64, -64, 127, -128, 1], np.int8).reshape(1, 7, 1, 1)
     assert layer_kernel(at_limit, k) is k
@@ -244,6 +245,9 @@ def test_layers_whose_pairs_could_saturate_run_the_exact_kernel():
     past[0, 0] = 65  # 65 + 64 > 128
     assert layer_kernel(past, k) is KERNELS["pmaddwd"]
     assert layer_kernel(past, KERNELS["pmaddwd"]) is KERNELS["pmaddwd"]  # exact int16 products
+    small = np.ones((8, 3, 3, 3), np.int8)
+    assert layer_kernel(small, k) is k
+    assert layer_kernel(small[:, :2], k) is layer_kernel(small[:, :1], k) is KERNELS["pmaddwd"]
 
 
 @pytest.mark.parametrize("act", ["uint8", "int8"])

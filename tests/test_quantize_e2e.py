@@ -145,7 +145,8 @@ def test_pair_sum_targets_get_weights_their_fast_kernel_runs_exactly():
             env.facts = env_facts
         weights = _int8_conv_weights(preset.make(config, env)(_load()))
         assert len(weights) == 3  # the demo's three convs
-        fallbacks[name] = sum(layer_kernel(w, kernel) is not kernel for w in weights)
+        # (the first conv's 1 input channel runs the exact kernel anyway)
+        fallbacks[name] = sum(layer_kernel(w, kernel) is not kernel for w in weights if w.shape[1] > 2)
     assert fallbacks["pairs"] == 0 and fallbacks["plain"] >= 1
 
 
