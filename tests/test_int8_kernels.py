@@ -203,6 +203,7 @@ def test_pack_rewrites_int8_and_depthwise_convs():
 def _is_depthwise(name):
     return CASES[name][5] > 1
 
+
 @pytest.mark.parametrize("target_name, instruction", [
     ("x86-avx2", r"\bvpmaddubsw\s[^\n]*%ymm"),
     # AVX-512 VNNI: only where this CPU has it (the preset's list falls back to pmaddubsw).
