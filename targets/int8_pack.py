@@ -17,6 +17,8 @@ convolutions (float, other grouped ones, activations the kernel cannot take) are
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -26,6 +28,7 @@ from tvm.relax.dpl import is_const
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from tvm_compress.errors import TargetError
+from tvm_compress.specs import json_attr
 
 from .int8_conv import (
     layer_kernel,
@@ -38,6 +41,9 @@ from .int8_conv import (
 from .int8_intrin import KERNELS, DotKernel
 
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
+# Module attribute (JSON): how many convolutions each dot kernel runs, and the depthwise ones
+# ({"pmaddubsw": 30, "pmaddwd": 2, "depthwise": 12}), for the compile report.
+INT8_KERNELS_ATTR = "tvm_compress.int8_kernels"
 _CONST = is_const()
 _OUT_EWISE_FUSABLE = 4  # relax.transform's OpPatternKind kOutEWiseFusable
 
@@ -78,6 +84,7 @@ class _Packer(PyExprMutator):
         super().__init__(mod)
         self.kernel = kernel
         self.count = 0
+        self.kernels: Counter = Counter()  # convolutions per kernel name (and "depthwise")
 
     def _kind(self, call) -> Optional[str]:
         """``conv`` / ``depthwise`` when the packed kernels can take this conv2d, else None."""
@@ -121,8 +128,10 @@ class _Packer(PyExprMutator):
         self.count += 1
         if kind == "depthwise":
             args = [data, relax.const(pack_depthwise_weight(w, self.kernel, layout))]
+            self.kernels["depthwise"] += 1
         else:
             kernel = layer_kernel(w, self.kernel)
+            self.kernels[kernel.name] += 1
             shift = kernel.shift(str(data.ty.dtype))
             comp = relax.const(shift_compensation(w, shift)) if shift else None
             args = [data, relax.const(pack_weight(w, kernel)), comp, int(w.shape[0])]
@@ -149,4 +158,11 @@ class PackInt8Conv:
             if isinstance(func, relax.Function):
                 new = packer.visit_expr(func)
                 packer.builder_.update_func(gv, relax.analysis.remove_all_unused(new))
-        return packer.builder_.get() if packer.count else mod
+        if not packer.count:
+            return mod
+        return packer.builder_.get().with_attr(INT8_KERNELS_ATTR, json.dumps(dict(packer.kernels), sort_keys=True))
+
+
+def int8_kernels(mod: tvm.IRModule) -> dict:
+    """Convolutions per packed kernel ``PackInt8Conv`` left in ``mod`` ({}: none)."""
+    return json_attr(mod, INT8_KERNELS_ATTR, {})

@@ -20,7 +20,7 @@ from tvm_compress.targets import get_family, get_target, load_target_files, qemu
 from tvm_compress.targets.arches import QEMU_ARCHES
 from tvm_compress.targets.int8_conv import dense_tile, layer_kernel, pack_depthwise_weight, pack_weight
 from tvm_compress.targets.int8_intrin import KERNELS, register, tap_intrin
-from tvm_compress.targets.int8_pack import PackInt8Conv, target_kernel
+from tvm_compress.targets.int8_pack import PackInt8Conv, int8_kernels, target_kernel
 from tvm_compress.targets.int8_schedule import _marked_block
 
 RUNNER_CACHE = runner_cache_dir()
@@ -196,6 +196,7 @@ def test_pack_rewrites_int8_and_depthwise_convs():
     assert len(tir_calls) == 2
     shapes = [tuple(int(d) for d in c.args[1].fields[1].value.shape) for c in tir_calls]
     assert shapes == [(2, 3, 3, 2, 8, 2), (16, 3, 3)]
+    assert int8_kernels(after) == {"pmaddwd": 1, "depthwise": 1}
     for c in tir_calls:
         assert int(after[c.args[0]].attrs["op_pattern"]) == 4  # epilogues still fuse in
 

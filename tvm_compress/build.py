@@ -138,6 +138,7 @@ def compile(  # noqa: A001  (the product's verb)
     tuning_summary = pipeline.tuning_summary(mod)
     fallbacks = _schedule_fallbacks(mod, profile, tvm_target, log)
     binary = _binary_kernels(mod, log)
+    int8 = _int8_kernels(mod, env.facts.int8_dot, log)
     layout = _conv_layout(mod, log)
     lowered = flow.lowered
 
@@ -202,6 +203,7 @@ def compile(  # noqa: A001  (the product's verb)
         "kernel_check": kernel_report,
         "schedule_fallbacks": fallbacks,
         "binary_kernels": binary,
+        "int8_kernels": int8,
         "conv_layout": layout,
         "stages": [{"name": s["name"], "seconds": s["seconds"]} for s in flow.stages],
         "pass_reports": _pass_reports(env.report, flow.stages),
@@ -264,6 +266,20 @@ def _binary_kernels(mod, log) -> dict:
         log(f"binary: {xnor} of {len(layers)} layers on XNOR/popcount kernels, {chains} fused chains "
             f"(bit-packed output)")
     return layers
+
+
+def _int8_kernels(mod, preferred, log) -> dict:
+    """Convolutions per packed int8 kernel ({}: none); said when some layer could not take the
+    target's kernel ``preferred`` (``pmaddubsw``: weights that could saturate its int16 sums)."""
+    from tvm_compress.targets.int8_pack import int8_kernels
+
+    kernels = int8_kernels(mod)
+    others = {k: n for k, n in kernels.items() if k not in ("depthwise", preferred)}
+    if others:
+        said = ", ".join(f"{n} on {k}" for k, n in sorted(others.items()))
+        log(f"int8: {kernels.get(preferred, 0)} convs on {preferred}, {said} (exact where {preferred}'s "
+            f"int16 pair sums could saturate, or for 1-2 input channels)")
+    return kernels
 
 
 def _conv_layout(mod, log) -> dict:
