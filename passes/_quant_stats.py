@@ -11,6 +11,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from tvm_compress.specs import pair_weight_sums
+
 METHODS = ("minmax", "percentile", "entropy")
 ACT_DTYPES = ("auto", "int8", "uint8")
 ENTROPY_BINS = 2048
@@ -157,10 +159,7 @@ def weight_qparams(w: np.ndarray, axis: int, pair_sums: bool = False) -> Tuple[n
     red = tuple(i for i in range(w.ndim) if i != axis)
     amax = np.max(np.abs(w), axis=red)
     if pair_sums and axis == 0 and w.ndim >= 3 and w.shape[1] > 1:
-        even = np.pad(w, [(0, 0), (0, w.shape[1] % 2)] + [(0, 0)] * (w.ndim - 2))
-        pairs = even.reshape(w.shape[0], -1, 2, *w.shape[2:])
-        same_signed = np.maximum(np.maximum(pairs, 0).sum(axis=2), np.maximum(-pairs, 0).sum(axis=2))
-        amax = np.maximum(amax, same_signed.reshape(w.shape[0], -1).max(axis=1))
+        amax = np.maximum(amax, pair_weight_sums(w))
     scale = np.where(amax > 0, amax / 127.0, 1.0).astype("float32")
     bshape = [1] * w.ndim
     bshape[axis] = -1

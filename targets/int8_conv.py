@@ -22,6 +22,8 @@ import numpy as np
 import tvm
 from tvm import s_tir, te, tirx
 
+from tvm_compress.specs import pair_weight_sums
+
 from .cpu_schedule import PARALLEL_MIN_ELEMS, reads_within
 from .int8_intrin import KERNELS, DotKernel, register, tap_intrin
 
@@ -73,13 +75,7 @@ def layer_kernel(w: np.ndarray, kernel: DotKernel) -> DotKernel:
     fallback = KERNELS[kernel.exact_fallback]
     if -(-w.shape[1] // kernel.depth) * kernel.depth >= 2 * -(-w.shape[1] // fallback.depth) * fallback.depth:
         return fallback
-    wide = w.astype(np.int32)
-    if wide.shape[1] % 2:
-        wide = np.pad(wide, ((0, 0), (0, 1), (0, 0), (0, 0)))
-    pairs = wide.reshape(wide.shape[0], -1, 2, *wide.shape[2:])
-    if max(np.maximum(pairs, 0).sum(axis=2).max(), np.maximum(-pairs, 0).sum(axis=2).max()) <= _PAIR_WEIGHT_LIMIT:
-        return kernel
-    return fallback
+    return kernel if pair_weight_sums(w).max() <= _PAIR_WEIGHT_LIMIT else fallback
 
 
 def shift_compensation(w: np.ndarray, shift: int) -> np.ndarray:

@@ -53,6 +53,21 @@ class TargetFacts:
     features: Dict[str, Any] = field(default_factory=dict)
 
 
+def pair_weight_sums(w):
+    """Per output channel (axis 0) of a conv weight, the largest same-signed sum of a pair of
+    neighbouring input channels (2k, 2k+1; an odd last one pairs with 0): what a kernel with
+    ``TargetFacts.int8_pair_sums`` adds in one saturating int16 (times an activation up to
+    255). Calibration fits it, the packed kernels check it."""
+    import numpy as np
+
+    w = np.asarray(w)
+    w = w if w.dtype.kind == "f" else w.astype(np.int64)  # int8 sums would wrap
+    even = np.pad(w, [(0, 0), (0, w.shape[1] % 2)] + [(0, 0)] * (w.ndim - 2))
+    pairs = even.reshape(w.shape[0], -1, 2, *w.shape[2:])
+    same_signed = np.maximum(np.maximum(pairs, 0).sum(axis=2), np.maximum(-pairs, 0).sum(axis=2))
+    return same_signed.reshape(w.shape[0], -1).max(axis=1)
+
+
 # Module attribute (JSON) naming the layers whose constant weights are block sparse:
 # {layer: {"block": [r, c], "sparsity": s, "kernel": "sparse" | "dense", ...}}. The pruning pass
 # writes it; a target's sparse kernel hook runs the "sparse" ones with its kernels; other passes
