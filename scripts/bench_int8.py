@@ -264,14 +264,15 @@ def speed_table(float_lib, int8_lib, layers, x, profile, out_shapes=None):
         else:
             f_shapes.append({w, *_panels(w, lanes)})
         packed = {w}
-        if dot is not None and len(w) == 4:
-            zeros = np.zeros(w, np.int8)
+        if dot is not None:  # a matmul [K, N] runs as the 1x1 conv [N, K, 1, 1] (packed_matmul)
+            zeros = np.zeros(w if len(w) == 4 else (w[1], w[0], 1, 1), np.int8)
             packed.add(pack_weight(zeros, dot).shape)
             if dot.exact_fallback:  # layers the fast kernel cannot run exactly (layer_kernel)
                 packed.add(pack_weight(zeros, KERNELS[dot.exact_fallback]).shape)
-            if w[1] == 1:
+            if len(w) == 4 and w[1] == 1:
                 packed.add(pack_depthwise_weight(zeros, dot).shape)
                 packed.add(pack_depthwise_weight(zeros, dot, "NHWC").shape)  # channels-last int8
+                packed.add(pack_depthwise_weight(zeros, dot, "NHWC", pairs=True).shape)  # two taps a step
         q_shapes.append(packed)
     outs = [(out_shapes or {}).get(layer["name"]) for layer in layers]
     sizes = [int(np.prod(o)) if o else None for o in outs]

@@ -16,6 +16,7 @@ channels, and depthwise kernels vectorize along channels (``_depthwise_nhwc``).
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -25,7 +26,7 @@ from tvm import s_tir, te, tirx
 from tvm_compress.specs import pair_weight_sums
 
 from .cpu_schedule import PARALLEL_MIN_ELEMS, reads_within
-from .int8_intrin import KERNELS, DotKernel, register, tap_intrin
+from .int8_intrin import KERNELS, DotKernel, pair_tap_intrin, register, tap_intrin
 
 # Block annotation that marks the convolution for ``schedule_packed_conv`` (set by the compute).
 KERNEL_ATTR = "tvm_compress.int8_dot"
@@ -166,13 +167,23 @@ def packed_conv2d(
     ``kernel.shift(x.dtype)`` is not 0."""
     kernel = KERNELS[kernel_name]
     shift = kernel.shift(str(x.dtype))
-    nhwc = layout == "NHWC"
-    if nhwc:
+    rows = layout == "rows"  # ``packed_matmul``: [..., K] rows as the pixels of a one-column map
+    nhwc = layout == "NHWC" or rows
+    lead = [int(v) for v in x.shape[:-1]]
+    if rows:
+        n, h, w, ic = 1, int(np.prod(lead)), 1, int(x.shape[-1])
+    elif nhwc:
         n, h, w, ic = (int(v) for v in x.shape)
     else:
         n, ic, h, w = (int(v) for v in x.shape)
 
     def read(b, c, y, xx):
+        if rows:
+            index = []
+            for extent in reversed(lead[1:]):
+                index.insert(0, y % extent)
+                y = y // extent
+            return x[(y, *index, c)]
         return x[b, y, xx, c] if nhwc else x[b, c, y, xx]
 
     ocb, kh, kw, icb, lanes, depth = (int(v) for v in wp.shape)
@@ -212,25 +223,62 @@ def packed_conv2d(
             axis=[ry, rx, rc],
         )
 
-    attrs = {KERNEL_ATTR: kernel_name, TILE_ATTR: [tile_oc, tile_w], LAYOUT_ATTR: layout}
+    attrs = {KERNEL_ATTR: kernel_name, TILE_ATTR: [tile_oc, tile_w], LAYOUT_ATTR: "NHWC" if nhwc else layout}
     if nhwc:
         acc = te.compute((n, oh, owp, ocb * lanes), lambda b, y, xx, o: dot(b, o, y, xx),
                          name="int8_conv", attrs=attrs)
     else:
         acc = te.compute((n, ocb * lanes, oh, owp), dot, name="int8_conv", attrs=attrs)
-    return _compensate(acc, comp, out_channels, ow, layout)
+    return _compensate(acc, comp, out_channels, ow, "NHWC" if nhwc else layout)
 
 
-def pack_depthwise_weight(w: np.ndarray, kernel: DotKernel, layout: str = "NCHW") -> np.ndarray:
+def packed_matmul(x: te.Tensor, wp: te.Tensor, comp: Optional[te.Tensor], out_features: int,
+                  kernel_name: str) -> te.Tensor:
+    """int8/uint8 ``[..., K]`` x a ``[K, N]`` int8 weight packed as the 1x1 convolution
+    ``[N, K, 1, 1]`` (``pack_weight``) -> int32 ``[..., N]``: each row is a pixel of a
+    one-column channels-last map, so a dense layer runs the convolutions' dot kernel."""
+    acc = packed_conv2d(x, wp, comp, out_features, (1, 1), (0, 0, 0, 0), (1, 1), kernel_name, layout="rows")
+    lead = [int(v) for v in x.shape[:-1]]
+
+    def row(*index):
+        flat = index[0]
+        for extent, i in zip(lead[1:], index[1:-1]):
+            flat = flat * extent + i
+        return acc[0, flat, 0, index[-1]]
+
+    return te.compute((*lead, out_features), row, name="int8_matmul_rows")
+
+
+def pack_depthwise_weight(w: np.ndarray, kernel: DotKernel, layout: str = "NCHW",
+                          pairs: bool = False) -> np.ndarray:
     """[C, 1, KH, KW] int8 -> [C, KH, KW]: depthwise taps are scalars broadcast over a vector of
     output columns, so no dot-product layout is needed. NHWC: [KH, KW, C'], C' channels padded
     to whole vectors (``channel_lanes``): one tap is one vector load (widened in the kernel;
-    stored as int8, the weights stay a quarter of float's bytes)."""
+    stored as int8, the weights stay a quarter of float's bytes). ``pairs``
+    (``depthwise_tap_pairs``): [KH, ceil(KW / 2), C', 2], neighbouring columns' taps side by
+    side per channel, an odd last column paired with a zero weight."""
     if layout != "NHWC":
         return np.ascontiguousarray(w[:, 0])
-    c = w.shape[0]
+    c, kw = w.shape[0], w.shape[3]
     cp = -(-c // channel_lanes(c, kernel.lanes)) * channel_lanes(c, kernel.lanes)
-    return np.ascontiguousarray(np.pad(w[:, 0], ((0, cp - c), (0, 0), (0, 0))).transpose(1, 2, 0))
+    taps = np.pad(w[:, 0], ((0, cp - c), (0, 0), (0, kw % 2 if pairs else 0))).transpose(1, 2, 0)
+    if pairs:
+        kh, kwp = taps.shape[0], taps.shape[1] // 2
+        taps = taps.reshape(kh, kwp, 2, cp).transpose(0, 1, 3, 2)
+    return np.ascontiguousarray(taps)
+
+
+def depthwise_tap_pairs(kernel: DotKernel, x_shape, kh: int, kw: int, padding, strides, dilation) -> bool:
+    """Whether an NHWC depthwise conv runs two taps per instruction: where the ISA's tap is a
+    pair multiply-add (x86) and the kernel packs its input (``_inline_pad``). The pack then
+    holds each pixel's channel next to its right neighbour's as int16 halves of an int32, so
+    one ``vpmaddwd`` (``vpdpwssd``) multiplies two columns' taps: a 3x3 kernel 6 tap
+    instructions instead of 9, with the activations' widening done once per pixel in the pack
+    instead of once per tap."""
+    n, h, w, c = (int(v) for v in x_shape)
+    geometry = conv_geometry(h, w, kh, kw, padding, strides, dilation)
+    return (kw > 1 and not _inline_pad(h, kh, geometry)
+            and pair_tap_intrin(kernel, channel_lanes(c, kernel.lanes)) is not None)
 
 
 def channel_lanes(channels: int, lanes: int) -> int:
@@ -251,6 +299,7 @@ def packed_depthwise_conv2d(
     dilation: Sequence[int],
     kernel_name: str,
     layout: str = "NCHW",
+    kw: int = 0,
 ) -> te.Tensor:
     """Depthwise NCHW int8/uint8 x [C, KH, KW] int8 -> NCHW int32.
 
@@ -261,7 +310,7 @@ def packed_depthwise_conv2d(
     of the input (``int8_pack``), so their loads stay contiguous too.
     """
     if layout == "NHWC":
-        return _depthwise_nhwc(x, wp, strides, padding, dilation, kernel_name)
+        return _depthwise_nhwc(x, wp, strides, padding, dilation, kernel_name, kw)
     kernel = KERNELS[kernel_name]
     n, c, h, w = (int(v) for v in x.shape)
     _, kh, kw = (int(v) for v in wp.shape)
@@ -301,40 +350,71 @@ def packed_depthwise_conv2d(
 _PAD_ROW_SHARE = 0.3
 
 
-def _depthwise_nhwc(x, wp, strides, padding, dilation, kernel_name):
+def _inline_pad(h: int, kh: int, geometry) -> bool:
+    (pt, _, _, _), (sh, _), (dh, _), (oh, _) = geometry
+    valid = sum(pt <= y * sh + r * dh < h + pt for y in range(oh) for r in range(kh))
+    return 1 - valid / (oh * kh) > _PAD_ROW_SHARE
+
+
+def _depthwise_nhwc(x, wp, strides, padding, dilation, kernel_name, kw=0):
     """Depthwise NHWC int8/uint8 x [KH, KW, C'] int8 -> NHWC int32: vectors along channels.
 
     Each tap is a vector of a pixel's channels times a vector of weights, at any map size and
     stride (columns of a 10x10 map fill 10 of 16 lanes; 96 channels fill whole registers).
     The pack pads the borders and the channels to whole vectors, channels innermost in groups
-    of ``channel_lanes``, the regular kernels' pack layout.
+    of ``channel_lanes``, the regular kernels' pack layout. With tap pairs
+    (``depthwise_tap_pairs``: ``wp`` is [KH, KW/2, C', 2], ``kw`` the kernel's width) each
+    packed element is an int32 holding a pixel's channel and its right neighbour's.
     """
     kernel = KERNELS[kernel_name]
     n, h, w, c = (int(v) for v in x.shape)
-    kh, kw, cp = (int(v) for v in wp.shape)
+    pairs = len(wp.shape) == 4  # [KH, KW/2, C', 2]: two taps per instruction
+    kh, kwp, cp = (int(v) for v in wp.shape[:3])
+    kw = kw or kwp  # pairs: the kernel's width, its taps rounded up to pairs in ``wp``
     cl = channel_lanes(c, kernel.lanes)
-    (pt, pl, pb, pr), (sh, sw), (dh, dw), (oh, ow) = conv_geometry(h, w, kh, kw, padding, strides, dilation)
-    xpad = te.compute(
-        (n, h + pt + pb, w + pl + pr, cp // cl, cl),
-        lambda b, y, xx, cc, l: tirx.if_then_else(
+    geometry = conv_geometry(h, w, kh, kw, padding, strides, dilation)
+    (pt, pl, pb, pr), (sh, sw), (dh, dw), (oh, ow) = geometry
+
+    def read(b, y, xx, cc, l):
+        return tirx.if_then_else(
             tirx.all(cc * cl + l < c, y >= pt, y < h + pt, xx >= pl, xx < w + pl),
             x[b, y - pt, xx - pl, tirx.Min(cc * cl + l, c - 1)],
             tirx.const(0, x.dtype),
-        ),
+        )
+
+    if pairs:
+        # Element xx: column g * xx and the one dw on, as the int16 halves of an int32. Taps read
+        # columns x * sw + 2 * rx * dw, all multiples of g: a stride of 2 packs every other one.
+        g = math.gcd(sw, 2 * dw)
+        cols = ((ow - 1) * sw + 2 * (kwp - 1) * dw) // g + 1
+        value = lambda b, y, xx, cc, l: (  # noqa: E731
+            read(b, y, xx * g, cc, l).astype("int16").astype("uint16").astype("int32")
+            | (read(b, y, xx * g + dw, cc, l).astype("int32") << 16))
+        interior = [-(-pl // g), -(-(w + pl - dw) // g)]
+    else:
+        g, cols, value, interior = 1, w + pl + pr, read, [pl, w + pl]
+    xpad = te.compute(
+        (n, h + pt + pb, cols, cp // cl, cl),
+        value,
         name="int8_pack",
-        attrs={PACK_INTERIOR_ATTR: [pt, h + pt, pl, w + pl]},
+        attrs={PACK_INTERIOR_ATTR: [pt, h + pt, *interior]},
     )
     ry = te.reduce_axis((0, kh), name="ry")
-    rx = te.reduce_axis((0, kw), name="rx")
-    valid = sum(pt <= y * sh + r * dh < h + pt for y in range(oh) for r in range(kh))
-    inline_pad = int(1 - valid / (oh * kh) > _PAD_ROW_SHARE)
+    rx = te.reduce_axis((0, kwp), name="rx")
+    inline_pad = int(_inline_pad(h, kh, geometry))
+    assert not (pairs and inline_pad), "tap pairs need the pack"
+
+    def tap(b, y, xx, o):
+        col = (xx * sw + 2 * rx * dw) // g if pairs else xx * sw + rx * dw
+        a = xpad[b, y * sh + ry * dh, col, o // cl, o % cl]
+        if pairs:  # as ``int8_intrin.pair_tap_intrin`` spells it
+            return (a.astype("int16").astype("int32") * wp[ry, rx, o, 0].astype("int32")
+                    + tirx.shift_right(a, 16) * wp[ry, rx, o, 1].astype("int32"))
+        return a.astype("int32") * wp[ry, rx, o].astype("int32")
+
     acc = te.compute(
         (n, oh, ow, cp),
-        lambda b, y, xx, o: te.sum(
-            xpad[b, y * sh + ry * dh, xx * sw + rx * dw, o // cl, o % cl].astype("int32")
-            * wp[ry, rx, o].astype("int32"),
-            axis=[ry, rx],
-        ),
+        lambda b, y, xx, o: te.sum(tap(b, y, xx, o), axis=[ry, rx]),
         name="int8_conv",
         attrs={KERNEL_ATTR: kernel_name, DEPTHWISE_ATTR: 1, LAYOUT_ATTR: "NHWC", TILE_ATTR: [cl, inline_pad]},
     )
@@ -465,14 +545,15 @@ def _schedule_pack(sch: s_tir.Schedule, block, depthwise: bool) -> None:
 
 
 def _finish(sch: s_tir.Schedule, block, parallel_loops, r_first, tile_loops, lane_loop, intrin,
-            packed: bool = False):
+            packed: bool = False, macs_per_step: int = 1):
     """Shared tail of both schedules: pack stage (unless ``packed``: already placed), parallel
-    outer loops, then the lane loop tensorized with ``intrin`` (or vectorized when None)."""
+    outer loops, then the lane loop tensorized with ``intrin`` (or vectorized when None).
+    ``macs_per_step``: products per iteration of the block's loops (2 for tap pairs)."""
     annotations = sch.get(block).annotations
     if not packed:
         _schedule_pack(sch, block, DEPTHWISE_ATTR in annotations and not _nhwc(annotations))
     least = _PARALLEL_MIN_MACS_DEPTHWISE if DEPTHWISE_ATTR in annotations else _PARALLEL_MIN_MACS
-    if np.prod([_extent(sch, l) for l in sch.get_loops(block)]) >= least:
+    if macs_per_step * np.prod([_extent(sch, l) for l in sch.get_loops(block)]) >= least:
         sch.parallel(sch.fuse(*parallel_loops))
     if intrin is None:
         sch.vectorize(lane_loop)  # before the init is split off: vectorize needs a whole reduction block
@@ -771,4 +852,5 @@ def _schedule_depthwise_nhwc(sch: s_tir.Schedule, block, kernel: DotKernel) -> N
         return
     sch.compute_at(pack, chunk, preserve_unit_loops=True)
     _vectorize_channels_run(sch, sch.fuse(*sch.get_loops(pack)[-2:]), unroll=True)
-    _finish(sch, block, parallel, ry, (x_t,), o_l, tap_intrin(kernel, cl, act), packed=True)
+    intrin = pair_tap_intrin(kernel, cl) if act == "int32" else tap_intrin(kernel, cl, act)
+    _finish(sch, block, parallel, ry, (x_t,), o_l, intrin, packed=True, macs_per_step=2 if act == "int32" else 1)

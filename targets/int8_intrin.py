@@ -275,6 +275,63 @@ def tap_intrin(kernel: "DotKernel", lanes: int, act: str):
 _taps: set = set()
 
 
+def _pair_tap_desc(lanes: int):
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (lanes,), "int32", offset_factor=1)
+        B = T.match_buffer(b, (lanes, 2), "int8", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:lanes], B[0:lanes, 0:2])
+            T.writes(C[0:lanes])
+            for i in T.serial(0, lanes):
+                with T.sblock("update"):
+                    vi = T.axis.remap("S", [i])
+                    C[vi] = C[vi] + (T.cast(T.cast(A[vi], "int16"), "int32") * T.cast(B[vi, 0], "int32")
+                                     + T.shift_right(A[vi], 16) * T.cast(B[vi, 1], "int32"))
+
+    return desc
+
+
+def _pair_tap_impl(kernel: str, lanes: int):
+    name, accumulates = _TAP_OPS[kernel][lanes]
+    vec, pairs = f"int32x{lanes}", f"int16x{2 * lanes}"
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (lanes,), "int32", offset_factor=1)
+        B = T.match_buffer(b, (lanes, 2), "int8", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:lanes], B[0:lanes, 0:2])
+            T.writes(C[0:lanes])
+            if accumulates:
+                C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(name), C[T.ramp(T.int32(0), 1, lanes)],
+                    T.reinterpret(A.vload([0], dtype=vec), dtype=pairs),
+                    T.cast(B.vload([0, 0], dtype=f"int8x{2 * lanes}"), pairs), dtype=vec)
+            else:
+                C[T.ramp(T.int32(0), 1, lanes)] = C[T.ramp(T.int32(0), 1, lanes)] + T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(name), T.reinterpret(A.vload([0], dtype=vec), dtype=pairs),
+                    T.cast(B.vload([0, 0], dtype=f"int8x{2 * lanes}"), pairs), dtype=vec)
+
+    return impl
+
+
+def pair_tap_intrin(kernel: "DotKernel", lanes: int):
+    """Name of the registered two-tap depthwise intrinsic for ``kernel``'s ISA and ``lanes``
+    channels (None where it has none): ``A`` holds each channel's two activations as the int16
+    halves of an int32 (``int8_conv``'s pair pack), ``B`` the two taps' weights, and one pair
+    multiply-add does both taps of ``lanes`` channels (the one-tap intrinsic: one)."""
+    if lanes not in _TAP_OPS.get(kernel.name, {}):
+        return None
+    name = f"tvm_compress_tap_pair_{kernel.name}_{lanes}"
+    if name not in _taps:
+        s_tir.TensorIntrin.register(name, _pair_tap_desc(lanes), _pair_tap_impl(kernel.name, lanes), override=True)
+        _taps.add(name)
+    return name
+
+
 KERNELS: Dict[str, DotKernel] = {
     "vpdpbusd": DotKernel("vpdpbusd", 16, 4, ("uint8", "int8"), "uint8", max_acc=24,
                           cpu_features=("avx512vnni",), registers=32),

@@ -1,4 +1,4 @@
-"""PackInt8Conv: int8 conv2d with a constant weight -> packed-weight dot-product kernel.
+"""PackInt8Conv: int8 conv2d and matmul with a constant weight -> packed-weight dot-product kernel.
 
 Needs: realized int8 convolutions (``QuantizeRealize``: ``R.nn.conv2d`` with int8/uint8 data, a
 constant int8 weight, int32 output, NCHW/OIHW or, after ``Int8ChannelsLast``, NHWC/HWIO, groups 1
@@ -11,7 +11,9 @@ Runs before ``LegalizeOps``: each such call becomes a ``call_tir`` of ``int8_con
 with the weight packed offline, marked out-element-wise fusable so FuseOps still fuses the
 requantize epilogue into it. ``ScheduleInt8Conv`` must run after FuseTIR to schedule it.
 Depthwise convolutions get a vector kernel (no dot instruction): along output columns in
-NCHW, along channels in NHWC. Other
+NCHW, along channels in NHWC (on x86 two columns' taps per pair multiply-add,
+``int8_conv.depthwise_tap_pairs``). An int8 ``matmul`` with a constant 2-d weight (a dense
+layer) runs the 1x1 convolutions' kernel, its rows as pixels (``int8_conv.packed_matmul``). Other
 convolutions (float, other grouped ones, activations the kernel cannot take) are left alone.
 """
 
@@ -31,18 +33,21 @@ from tvm_compress.errors import TargetError
 from tvm_compress.specs import json_attr
 
 from .int8_conv import (
+    depthwise_tap_pairs,
     layer_kernel,
     pack_depthwise_weight,
     pack_weight,
     packed_conv2d,
     packed_depthwise_conv2d,
+    packed_matmul,
     shift_compensation,
 )
 from .int8_intrin import KERNELS, DotKernel
 
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
-# Module attribute (JSON): how many convolutions each dot kernel runs, and the depthwise ones
-# ({"pmaddubsw": 30, "pmaddwd": 2, "depthwise": 12}), for the compile report.
+_MATMUL = tvm.ir.Op.get("relax.matmul")
+# Module attribute (JSON): how many convolutions and dense layers each dot kernel runs, and the
+# depthwise convolutions ({"pmaddubsw": 30, "pmaddwd": 2, "depthwise": 12}), for the compile report.
 INT8_KERNELS_ATTR = "tvm_compress.int8_kernels"
 _CONST = is_const()
 _OUT_EWISE_FUSABLE = 4  # relax.transform's OpPatternKind kOutEWiseFusable
@@ -107,8 +112,35 @@ class _Packer(PyExprMutator):
             return "depthwise"
         return None  # other grouped convolutions keep the generic kernels
 
+    def _matmul(self, call):
+        """A packed kernel for ``matmul(x, W)`` with a constant 2-d int8 ``W`` (else None)."""
+        data, weight = call.args
+        if not (
+            _CONST.match(weight)
+            and weight.value.dtype == "int8"
+            and len(weight.value.shape) == 2
+            and str(data.ty.dtype) in self.kernel.act_dtypes
+            and str(call.attrs.out_dtype) == "int32"
+            and data.ty.ndim >= 2
+            and all(isinstance(d, tvm.tirx.IntImm) for d in data.ty.shape)
+        ):
+            return None
+        w = np.ascontiguousarray(weight.value.numpy().T)[:, :, None, None]  # [N, K, 1, 1]
+        kernel = layer_kernel(w, self.kernel)
+        self.count += 1
+        self.kernels[kernel.name] += 1
+        shift = kernel.shift(str(data.ty.dtype))
+        comp = relax.const(shift_compensation(w, shift)) if shift else None
+        return self.builder_.call_te(
+            packed_matmul, data, relax.const(pack_weight(w, kernel)), comp, int(w.shape[0]), kernel.name,
+            primfunc_name_hint="int8_matmul", primfunc_attrs={"op_pattern": _OUT_EWISE_FUSABLE},
+        )
+
     def visit_call_(self, call):
         call = super().visit_call_(call)
+        if call.op.same_as(_MATMUL):
+            packed = self._matmul(call)
+            return call if packed is None else packed
         if not call.op.same_as(_CONV2D):
             return call
         kind = self._kind(call)
@@ -127,7 +159,10 @@ class _Packer(PyExprMutator):
         )
         self.count += 1
         if kind == "depthwise":
-            args = [data, relax.const(pack_depthwise_weight(w, self.kernel, layout))]
+            pairs = layout == "NHWC" and depthwise_tap_pairs(
+                self.kernel, [int(v) for v in data.ty.shape], *w.shape[2:], geometry[1], geometry[0], geometry[2])
+            args = [data, relax.const(pack_depthwise_weight(w, self.kernel, layout, pairs))]
+            geometry = (*geometry, int(w.shape[3]))
             self.kernels["depthwise"] += 1
         else:
             kernel = layer_kernel(w, self.kernel)
@@ -147,7 +182,7 @@ class _Packer(PyExprMutator):
 
 @tvm.transform.module_pass(opt_level=0, name="PackInt8Conv")
 class PackInt8Conv:
-    """Replace eligible int8 convolutions by packed-weight kernels for ``kernel``."""
+    """Replace eligible int8 convolutions and matmuls by packed-weight kernels for ``kernel``."""
 
     def __init__(self, kernel: DotKernel):
         self.kernel = kernel
@@ -164,5 +199,5 @@ class PackInt8Conv:
 
 
 def int8_kernels(mod: tvm.IRModule) -> dict:
-    """Convolutions per packed kernel ``PackInt8Conv`` left in ``mod`` ({}: none)."""
+    """Convolutions and dense layers per packed kernel ``PackInt8Conv`` left in ``mod`` ({}: none)."""
     return json_attr(mod, INT8_KERNELS_ATTR, {})

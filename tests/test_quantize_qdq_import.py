@@ -104,8 +104,8 @@ def test_qdq_model_realizes_to_integer_compute(qdq_model):
 @pytest.mark.parametrize("target_name", ["x86-avx2", "x86"])
 @pytest.mark.parametrize("activation", ["QInt8", "QUInt8"])
 def test_qdq_model_through_packed_int8_kernels(tmp_path_factory, activation, target_name):
-    """The same models through the x86 lowering: conv and depthwise layers become hand-scheduled
-    packed kernels. onnxruntime's int8 activations here have zero point -128 (explicit
+    """The same models through the x86 lowering: conv, depthwise and dense layers become
+    hand-scheduled packed kernels. onnxruntime's int8 activations here have zero point -128 (explicit
     zero-point pad + per-channel correction); its uint8 ones have zero point 0."""
     from tvm_compress import pipeline
     from tvm_compress.loader import load_onnx
@@ -122,10 +122,10 @@ def test_qdq_model_through_packed_int8_kernels(tmp_path_factory, activation, tar
     scheduled = pipeline.Schedule(profile)(lowered)
     kernels = [f for f in scheduled.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
     hand = [f for f in kernels if "tvm_compress.int8_dot" in f.script()]
-    assert len(hand) == 3 and all(f.attrs["tirx.is_scheduled"] for f in hand)  # c1, dw, c2
-    # The dense convolutions call the dot intrinsic on broadcast activations; the depthwise
-    # one multiply-adds vectors of channels (a tap intrinsic, no broadcast), and the dense
-    # layer keeps a generic kernel.
-    assert len([f for f in hand if _is_dot(f)]) == 2 and len([f for f in hand if _is_tap(f)]) == 1
+    assert len(hand) == 4 and all(f.attrs["tirx.is_scheduled"] for f in hand)  # c1, dw, c2, dense
+    # The dense convolutions and the dense layer call the dot intrinsic on broadcast
+    # activations; the depthwise one multiply-adds vectors of channels (a tap intrinsic, no
+    # broadcast).
+    assert len([f for f in hand if _is_dot(f)]) == 3 and len([f for f in hand if _is_tap(f)]) == 1
     fn = relax.VirtualMachine(tvm.compile(scheduled, target), tvm.cpu())["main"]
     _assert_matches_onnxruntime(fn, qdq_path, seed=2)

@@ -269,15 +269,16 @@ def _binary_kernels(mod, log) -> dict:
 
 
 def _int8_kernels(mod, preferred, log) -> dict:
-    """Convolutions per packed int8 kernel ({}: none); said when some layer could not take the
-    target's kernel ``preferred`` (``pmaddubsw``: weights that could saturate its int16 sums)."""
+    """Convolutions and dense layers per packed int8 kernel ({}: none); said when some layer
+    could not take the target's kernel ``preferred`` (``pmaddubsw``: weights that could
+    saturate its int16 sums)."""
     from tvm_compress.targets.int8_pack import int8_kernels
 
     kernels = int8_kernels(mod)
     others = {k: n for k, n in kernels.items() if k not in ("depthwise", preferred)}
     if others:
         said = ", ".join(f"{n} on {k}" for k, n in sorted(others.items()))
-        log(f"int8: {kernels.get(preferred, 0)} convs on {preferred}, {said} (exact where {preferred}'s "
+        log(f"int8: {kernels.get(preferred, 0)} layers on {preferred}, {said} (exact where {preferred}'s "
             f"int16 pair sums could saturate, or for 1-2 input channels)")
     return kernels
 
