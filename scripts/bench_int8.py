@@ -245,7 +245,7 @@ def speed_table(float_lib, int8_lib, layers, x, profile, out_shapes=None):
     """Per layer shape: time of its kernel (conv/matmul + fused epilogue) in each artifact.
     ``out_shapes``: the ONNX graph's output shape per layer name (``_onnx_out_shapes``)."""
     from tvm_compress.passes.quantize_realize import layer_key
-    from tvm_compress.targets.int8_conv import pack_depthwise_weight, pack_weight
+    from tvm_compress.targets.int8_conv import column_taps, pack_depthwise_weight, pack_weight
     from tvm_compress.targets import get_family
     from tvm_compress.targets.int8_intrin import KERNELS
     from tvm_compress.targets.int8_pack import target_kernel
@@ -267,8 +267,11 @@ def speed_table(float_lib, int8_lib, layers, x, profile, out_shapes=None):
         if dot is not None:  # a matmul [K, N] runs as the 1x1 conv [N, K, 1, 1] (packed_matmul)
             zeros = np.zeros(w if len(w) == 4 else (w[1], w[0], 1, 1), np.int8)
             packed.add(pack_weight(zeros, dot).shape)
-            if dot.exact_fallback:  # layers the fast kernel cannot run exactly (layer_kernel)
-                packed.add(pack_weight(zeros, KERNELS[dot.exact_fallback]).shape)
+            for k in (dot, *([KERNELS[dot.exact_fallback]] if dot.exact_fallback else [])):
+                # the fallback: layers the fast kernel cannot run exactly (layer_kernel)
+                packed.add(pack_weight(zeros, k).shape)
+                if zeros.shape[1] == 1 and zeros.shape[3] > 1:  # one input channel (column_taps)
+                    packed.add(pack_weight(column_taps(zeros, k.depth), k).shape)
             if len(w) == 4 and w[1] == 1:
                 packed.add(pack_depthwise_weight(zeros, dot).shape)
                 packed.add(pack_depthwise_weight(zeros, dot, "NHWC").shape)  # channels-last int8

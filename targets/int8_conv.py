@@ -65,6 +65,18 @@ def pack_weight(w: np.ndarray, kernel: DotKernel) -> np.ndarray:
 _PAIR_WEIGHT_LIMIT = 32767 // 255
 
 
+def column_taps(w: np.ndarray, taps: int) -> np.ndarray:
+    """A single-channel conv's OIHW weight ``[O, 1, KH, KW]`` -> ``[O, taps, KH, ceil(KW / taps)]``:
+    columns ``q * taps + j`` of each row as input channel ``j`` (zero past ``KW``). With a pack
+    that puts a pixel and its ``taps - 1`` right neighbours in a pixel's channels
+    (``packed_conv2d``'s ``kw``), one dot step multiplies ``taps`` columns of the kernel: a 3x3
+    conv on one channel is 3 dot steps of 4 instead of 9 of which three quarters are padding."""
+    o, _, kh, kw = w.shape
+    q = -(-kw // taps)
+    rows = np.pad(w[:, 0], ((0, 0), (0, 0), (0, q * taps - kw)))
+    return np.ascontiguousarray(rows.reshape(o, kh, q, taps).transpose(0, 3, 1, 2))
+
+
 def layer_kernel(w: np.ndarray, kernel: DotKernel) -> DotKernel:
     """The kernel that runs the OIHW int8 weight ``w`` exactly: ``kernel`` unless it sums
     products in saturating int16 pairs (adjacent input channels, as packed) and a pair of
@@ -161,10 +173,13 @@ def packed_conv2d(
     dilation: Sequence[int],
     kernel_name: str,
     layout: str = "NCHW",
+    kw: int = 0,
 ) -> te.Tensor:
     """NCHW (or NHWC) int8/uint8 x packed int8 -> int32 in the same layout (``out_channels``
     of them); ``comp``: the shift's correction (``shift_compensation``) when
-    ``kernel.shift(x.dtype)`` is not 0."""
+    ``kernel.shift(x.dtype)`` is not 0. ``kw``: a single-channel conv's width when ``wp`` packs
+    its ``column_taps``; the pack's channel ``k`` of a pixel is then the pixel ``k`` columns
+    (times the dilation) to its right."""
     kernel = KERNELS[kernel_name]
     shift = kernel.shift(str(x.dtype))
     rows = layout == "rows"  # ``packed_matmul``: [..., K] rows as the pixels of a one-column map
@@ -186,17 +201,24 @@ def packed_conv2d(
             return x[(y, *index, c)]
         return x[b, y, xx, c] if nhwc else x[b, c, y, xx]
 
-    ocb, kh, kw, icb, lanes, depth = (int(v) for v in wp.shape)
+    ocb, kh, kwp, icb, lanes, depth = (int(v) for v in wp.shape)
+    taps = icb * depth if kw else 1  # columns per packed pixel (``column_taps``)
+    kw = kw or kwp
     (pt, pl, pb, pr), (sh, sw), (dh, dw), (oh, ow) = conv_geometry(h, w, kh, kw, padding, strides, dilation)
     dt = kernel.packed_dtype
     tile_oc, tile_w, owp = dense_tile(kernel, ocb, ow)
     # Wide enough for the padded output columns too (they read zeros).
-    cols = max(w + pl + pr, (owp - 1) * sw + (kw - 1) * dw + 1)
+    cols = max(w + pl + pr, (owp - 1) * sw + (kwp - 1) * taps * dw + 1)
     # Pack: zero padding (rows, columns; channels up to whole dot steps), all channels of a
     # pixel contiguous (NHWC) in the intrinsic's dtype: one dot step's ``depth`` channels are
     # one scalar load, and the reduction over channels streams through memory. (Channel planes
     # of ``depth`` instead made each step jump a plane: 3x slower on 96-channel 3x3 convs.)
     def pack(b, y, xx, c, d):
+        if taps > 1:  # channel k: the pixel k columns on
+            col = xx + (c * depth + d) * dw
+            value = _packed_value(read(b, 0, y - pt, col - pl), shift, dt)
+            return tirx.if_then_else(tirx.all(y >= pt, y < h + pt, col >= pl, col < w + pl),
+                                     value, tirx.const(shift, dt))
         value = _packed_value(read(b, tirx.Min(c * depth + d, ic - 1), y - pt, xx - pl), shift, dt)
         if (pt, pb, pl, cols) == (0, 0, 0, w):
             # Only channels padded (the read is clamped): a select vectorizes, where a
@@ -210,15 +232,15 @@ def packed_conv2d(
         (n, h + pt + pb, cols, icb, depth),
         pack,
         name="int8_pack",
-        attrs={PACK_INTERIOR_ATTR: [pt, h + pt, pl, w + pl]},
+        attrs={PACK_INTERIOR_ATTR: [pt, h + pt, pl, w + pl - (taps - 1) * dw]},
     )
     ry = te.reduce_axis((0, kh), name="ry")
-    rx = te.reduce_axis((0, kw), name="rx")
+    rx = te.reduce_axis((0, kwp), name="rx")
     rc = te.reduce_axis((0, icb * depth), name="rc")
 
     def dot(b, o, y, xx):
         return te.sum(
-            xpack[b, y * sh + ry * dh, xx * sw + rx * dw, rc // depth, rc % depth].astype("int32")
+            xpack[b, y * sh + ry * dh, xx * sw + rx * taps * dw, rc // depth, rc % depth].astype("int32")
             * wp[o // lanes, ry, rx, rc // depth, o % lanes, rc % depth].astype("int32"),
             axis=[ry, rx, rc],
         )

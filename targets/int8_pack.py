@@ -33,6 +33,7 @@ from tvm_compress.errors import TargetError
 from tvm_compress.specs import json_attr
 
 from .int8_conv import (
+    column_taps,
     depthwise_tap_pairs,
     layer_kernel,
     pack_depthwise_weight,
@@ -165,12 +166,15 @@ class _Packer(PyExprMutator):
             geometry = (*geometry, int(w.shape[3]))
             self.kernels["depthwise"] += 1
         else:
-            kernel = layer_kernel(w, self.kernel)
+            # One input channel: a pixel and its right neighbours as its channels (column_taps).
+            kw = int(w.shape[3]) if w.shape[1] == 1 and w.shape[3] > 1 else 0
+            kernel = layer_kernel(column_taps(w, self.kernel.depth) if kw else w, self.kernel)
+            wk = column_taps(w, kernel.depth) if kw else w
             self.kernels[kernel.name] += 1
             shift = kernel.shift(str(data.ty.dtype))
-            comp = relax.const(shift_compensation(w, shift)) if shift else None
-            args = [data, relax.const(pack_weight(w, kernel)), comp, int(w.shape[0])]
-            geometry = (*geometry[:3], kernel.name, layout)
+            comp = relax.const(shift_compensation(wk, shift)) if shift else None
+            args = [data, relax.const(pack_weight(wk, kernel)), comp, int(w.shape[0])]
+            geometry = (*geometry[:3], kernel.name, layout, kw)
         return self.builder_.call_te(
             packed_depthwise_conv2d if kind == "depthwise" else packed_conv2d,
             *args,

@@ -19,7 +19,7 @@ from tvm_compress.cache import runner_cache_dir
 from tvm_compress.targets import get_family, get_target, load_target_files, qemu
 from tvm_compress.targets.arches import QEMU_ARCHES
 from tvm_compress.targets.int8_conv import (
-    dense_tile, depthwise_tap_pairs, layer_kernel, pack_depthwise_weight, pack_weight,
+    column_taps, dense_tile, depthwise_tap_pairs, layer_kernel, pack_depthwise_weight, pack_weight,
 )
 from tvm_compress.targets.int8_intrin import KERNELS, register, tap_intrin
 from tvm_compress.targets.int8_pack import PackInt8Conv, int8_kernels, target_kernel
@@ -132,6 +132,7 @@ CASES = {
     "depthwise-5x5": ((1, 24, 10, 13), (24, 1, 5, 5), (1, 1), (2, 2), (1, 1), 24, "uint8"),
     "depthwise-odd-stride2": ((1, 10, 9, 9), (10, 1, 3, 3), (2, 2), (1, 1), (1, 1), 10, "int8"),
     "depthwise-dilated": ((1, 16, 12, 14), (16, 1, 3, 3), (1, 1), (2, 2), (2, 2), 16, "int8"),
+    "single-channel": ((1, 1, 11, 14), (8, 1, 3, 3), (1, 1), (1, 1), (1, 1), 1, "int8"),  # column_taps
 }
 
 
@@ -206,6 +207,53 @@ def test_depthwise_taps_run_in_pairs(stride, dilation, kw, pairs):
     got = relax.VirtualMachine(tvm.compile(scheduled, target), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
     ref = _reference(x, w, stride, padding, dilation, 24).astype(np.float32) * np.float32(0.5)
     np.testing.assert_array_equal(got, ref)
+
+
+def test_column_taps_layout():
+    """One input channel: kernel columns q * taps + j become input channel j of a kernel
+    ceil(KW / taps) wide, zero past KW."""
+    w = np.arange(2 * 3 * 5, dtype=np.int8).reshape(2, 1, 3, 5)
+    wt = column_taps(w, 4)
+    assert wt.shape == (2, 4, 3, 2)
+    np.testing.assert_array_equal(wt.transpose(0, 2, 3, 1).reshape(2, 3, 8)[:, :, :5], w[:, 0])
+    assert not wt[:, 1:, :, 1].any()
+
+
+@pytest.mark.parametrize("target_name, limit, kernel", [
+    ("x86-avx2", 64, "pmaddubsw"),  # column pairs within 128: the fast kernel
+    ("x86-avx2", 128, "pmaddwd"),  # pairs that could saturate: the exact one, 2 columns a step
+    ("x86", 128, None),  # the preset's first kernel this CPU has
+])
+@pytest.mark.parametrize("kw, stride, dilation, padding", [
+    (3, (1, 1), (1, 1), (1, 1)), (5, (2, 2), (1, 1), (2, 2)), (3, (1, 2), (2, 2), (2, 1)),
+])
+def test_single_channel_conv_packs_columns_as_channels(target_name, limit, kernel, kw, stride, dilation, padding):
+    """A conv on one input channel (a grayscale or spectrogram input) packs each pixel with its
+    right neighbours as its channels (``column_taps``): a 3x3 kernel is 3 dot steps of 4 on
+    pmaddubsw instead of 9 steps three quarters padding (the demo's 1 -> 16 conv 0.8-0.9x
+    its float kernel before). Exact against int64 numpy with any stride, dilation, padding."""
+    rng = np.random.default_rng(14)
+    x = rng.integers(-128, 128, (1, 1, 15, 18)).astype("int8")
+    w = rng.integers(-limit, limit + (limit < 128), (12, 1, 3, kw)).astype(np.int8)
+    kernel = kernel or target_kernel(get_target(target_name)).name
+    mod = _conv_module(x.shape, w, "int8", stride, padding, dilation)
+    packed = PackInt8Conv(target_kernel(get_target(target_name)))(mod)
+    assert int8_kernels(packed) == {kernel: 1}
+    depth = KERNELS[kernel].depth
+    (call,) = [c for c in _calls(packed) if c.op.same_as(CALL_TIR)]
+    assert tuple(int(d) for d in call.args[1].fields[1].value.shape)[1:4] == (3, -(-kw // depth), 1)
+    scheduled, target = _lower(mod, target_name)
+    assert len(_scheduled_kernels(scheduled)) == 1 and len(_dot_calls(scheduled)) == 1
+    if tvm.target.codegen.target_has_features(list(KERNELS[kernel].cpu_features), get_target("x86").tvm_target()):
+        got = relax.VirtualMachine(tvm.compile(scheduled, target), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+        ref = _reference(x, w, stride, padding, dilation, 1).astype(np.float32) * np.float32(0.5)
+        np.testing.assert_array_equal(got, ref)
+
+
+def _calls(mod):
+    calls = []
+    relax.analysis.post_order_visit(mod["main"], lambda e: calls.append(e) if isinstance(e, relax.Call) else None)
+    return calls
 
 
 def _matmul_module(x_shape, w, act):
@@ -664,7 +712,7 @@ def test_dotprod_kernels_use_sdot():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["odd-channels-stride2", "depthwise-odd-stride2"])
+@pytest.mark.parametrize("name", ["odd-channels-stride2", "depthwise-odd-stride2", "single-channel"])
 def test_sdot_kernels_exact_under_qemu(name, tmp_path):
     ok, why = qemu.can_run("aarch64", cache_dir=RUNNER_CACHE)
     if not ok:
@@ -678,6 +726,24 @@ def test_sdot_kernels_exact_under_qemu(name, tmp_path):
     )
     (got,) = qemu.run_library(lib, "aarch64", [x], cache_dir=RUNNER_CACHE).outputs
     np.testing.assert_array_equal(got, _reference(x, w, *geometry).astype(np.float32) * np.float32(0.5))
+
+
+@pytest.mark.slow
+def test_sdot_matmul_exact_under_qemu(tmp_path):
+    """A dense layer on the packed sdot kernel, cross-compiled and run under qemu."""
+    ok, why = qemu.can_run("aarch64", cache_dir=RUNNER_CACHE)
+    if not ok:
+        pytest.skip(why)
+    rng = np.random.default_rng(15)
+    x = rng.integers(-128, 128, (3, 70)).astype("int8")
+    w = rng.integers(-128, 128, (70, 24)).astype(np.int8)
+    scheduled, target = _lower(_matmul_module(x.shape, w, "int8"), "aarch64-dotprod")
+    assert len(_dot_calls(scheduled)) == 1
+    lib = tmp_path / "m.so"
+    tvm.compile(scheduled, target).export_library(
+        str(lib), fcompile=tvm.support.cc.cross_compiler(QEMU_ARCHES["aarch64"]["cxx"]))
+    (got,) = qemu.run_library(lib, "aarch64", [x], cache_dir=RUNNER_CACHE).outputs
+    np.testing.assert_array_equal(got, (x.astype(np.int64) @ w.astype(np.int64)).astype(np.float32) * np.float32(0.5))
 
 
 def test_unknown_dot_kernel_in_target_file_is_one_line_error(tmp_path):

@@ -44,6 +44,13 @@ def test_weight_pairs_fit_int16_pair_sums():
     np.testing.assert_allclose(q * s.reshape(-1, 1, 1, 1), w, atol=float(s.max()) / 2 + 1e-6)
     m = RNG.standard_normal((8, 16)).astype("float32")
     assert all(np.array_equal(a, b) for a, b in zip(weight_qparams(m, 0, pair_sums=True), weight_qparams(m, 0)))
+    # one input channel: the kernels pair kernel columns 2k, 2k+1 (column_taps)
+    c = RNG.standard_normal((4, 1, 3, 3)).astype("float32")
+    c[0, 0, 2, 0], c[0, 0, 2, 1] = -4.0, -3.5
+    cq, cs = weight_qparams(c, 0, pair_sums=True)
+    cols = np.pad(cq.astype(np.int32), ((0, 0), (0, 0), (0, 0), (0, 1))).reshape(4, 3, 2, 2)
+    assert np.maximum(cols, 0).sum(axis=3).max() <= 128 and np.maximum(-cols, 0).sum(axis=3).max() <= 128
+    np.testing.assert_allclose(cs[0], 7.5 / 127, rtol=1e-6)
 
 
 def test_percentile_clips_an_outlier_minmax_does_not():
