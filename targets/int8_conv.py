@@ -82,7 +82,8 @@ def layer_kernel(w: np.ndarray, kernel: DotKernel) -> DotKernel:
     products in saturating int16 pairs (adjacent input channels, as packed) and a pair of
     ``w`` could overflow one; then its exact fallback (``DotKernel.exact_fallback``). The
     fallback also takes 1-2 input channels: padded to ``kernel``'s 4-channel dot step, twice
-    the fallback's, they lose its 2x rate (the demo's 1 -> 16 conv 0.77x on ``pmaddubsw``)."""
+    the fallback's, they lose its 2x rate (a one-channel conv wider than one column gets
+    ``column_taps`` first, so its channels are whole steps)."""
     if not kernel.int16_pairs:
         return kernel
     fallback = KERNELS[kernel.exact_fallback]
