@@ -183,11 +183,10 @@ def packed_conv2d(
     (times the dilation) to its right."""
     kernel = KERNELS[kernel_name]
     shift = kernel.shift(str(x.dtype))
-    rows = layout == "rows"  # ``packed_matmul``: [..., K] rows as the pixels of a one-column map
+    rows = layout == "rows"  # ``packed_matmul``: [..., K] rows as the pixels of a map
     nhwc = layout == "NHWC" or rows
-    lead = [int(v) for v in x.shape[:-1]]
     if rows:
-        n, h, w, ic = 1, int(np.prod(lead)), 1, int(x.shape[-1])
+        n, (h, w), ic = 1, matmul_map(x.shape), int(x.shape[-1])
     elif nhwc:
         n, h, w, ic = (int(v) for v in x.shape)
     else:
@@ -195,11 +194,7 @@ def packed_conv2d(
 
     def read(b, c, y, xx):
         if rows:
-            index = []
-            for extent in reversed(lead[1:]):
-                index.insert(0, y % extent)
-                y = y // extent
-            return x[(y, *index, c)]
+            return x[(*_lead_index(x.shape, y, xx), c)]
         return x[b, y, xx, c] if nhwc else x[b, c, y, xx]
 
     ocb, kh, kwp, icb, lanes, depth = (int(v) for v in wp.shape)
@@ -255,19 +250,35 @@ def packed_conv2d(
     return _compensate(acc, comp, out_channels, ow, "NHWC" if nhwc else layout)
 
 
+def matmul_map(shape) -> Tuple[int, int]:
+    """The map (rows, columns) of ``packed_matmul``'s pixels for a ``[..., K]`` input: its
+    leading dimensions other than 1, at most two (one: a single row)."""
+    lead = [int(v) for v in shape[:-1] if int(v) != 1]
+    assert len(lead) <= 2, f"packed_matmul takes at most two leading dimensions other than 1, not {shape}"
+    return (lead[0], lead[1]) if len(lead) == 2 else (1, lead[0] if lead else 1)
+
+
+def _lead_index(shape, y, xx):
+    """The leading index of ``shape`` at map pixel (y, xx): 0 on unit dimensions (affine, so a
+    tile's epilogue stays a contiguous region of the map)."""
+    wide = [i for i, v in enumerate(shape[:-1]) if int(v) != 1]
+    coords = dict(zip(wide, [y, xx] if len(wide) == 2 else [xx]))
+    return [coords.get(i, 0) for i in range(len(shape) - 1)]
+
+
 def packed_matmul(x: te.Tensor, wp: te.Tensor, comp: Optional[te.Tensor], out_features: int,
                   kernel_name: str) -> te.Tensor:
     """int8/uint8 ``[..., K]`` x a ``[K, N]`` int8 weight packed as the 1x1 convolution
-    ``[N, K, 1, 1]`` (``pack_weight``) -> int32 ``[..., N]``: each row is a pixel of a
-    one-column channels-last map, so a dense layer runs the convolutions' dot kernel."""
+    ``[N, K, 1, 1]`` (``pack_weight``) -> int32 ``[..., N]``: the rows are the pixels of a
+    channels-last map (``matmul_map``: tokens of a batch as one row), so a dense layer runs the
+    convolutions' dot kernel with tiles of several rows."""
     acc = packed_conv2d(x, wp, comp, out_features, (1, 1), (0, 0, 0, 0), (1, 1), kernel_name, layout="rows")
     lead = [int(v) for v in x.shape[:-1]]
+    wide = [i for i, v in enumerate(lead) if v != 1]
 
     def row(*index):
-        flat = index[0]
-        for extent, i in zip(lead[1:], index[1:-1]):
-            flat = flat * extent + i
-        return acc[0, flat, 0, index[-1]]
+        y, xx = ([index[i] for i in wide] if len(wide) == 2 else [0, index[wide[0]] if wide else 0])
+        return acc[0, y, xx, index[-1]]
 
     return te.compute((*lead, out_features), row, name="int8_matmul_rows")
 

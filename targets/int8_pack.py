@@ -124,6 +124,7 @@ class _Packer(PyExprMutator):
             and str(call.attrs.out_dtype) == "int32"
             and data.ty.ndim >= 2
             and all(isinstance(d, tvm.tirx.IntImm) for d in data.ty.shape)
+            and sum(int(d) != 1 for d in list(data.ty.shape)[:-1]) <= 2  # a map of rows (matmul_map)
         ):
             return None
         w = np.ascontiguousarray(weight.value.numpy().T)[:, :, None, None]  # [N, K, 1, 1]

@@ -270,10 +270,11 @@ def _matmul_module(x_shape, w, act):
 
 
 @pytest.mark.parametrize("target_name", ["x86-avx2", "x86"])
-@pytest.mark.parametrize("x_shape, n, act", [((1, 576), 128, "int8"), ((3, 5, 37), 20, "uint8"), ((7, 64), 10, "int8")])
+@pytest.mark.parametrize("x_shape, n, act", [((1, 576), 128, "int8"), ((3, 5, 37), 20, "uint8"), ((7, 64), 10, "int8"),
+                                              ((1, 24, 40), 24, "int8")])
 def test_int8_matmul_runs_the_packed_dot_kernel(x_shape, n, act, target_name):
     """An int8 matmul with a constant weight (a dense layer QuantizeRealize left) runs the
-    convolutions' packed dot kernel, its rows the pixels of a one-column map: the demo's
+    convolutions' packed dot kernel, its rows the pixels of a one-row map: the demo's
     576 -> 128 layer 0.78x its float kernel's speed on the generic int8 kernel, 1.25x packed.
     Weights within [-64, 64] take pmaddubsw; exact against int64 numpy for any leading shape."""
     rng = np.random.default_rng(13)
@@ -293,7 +294,7 @@ def test_int8_matmul_runs_the_packed_dot_kernel(x_shape, n, act, target_name):
 
 def test_pack_leaves_other_convolutions_alone():
     """Before == Expected: float convs, grouped (not depthwise) convs, non-constant weights,
-    and activations the kernel cannot take stay as they are."""
+    activations the kernel cannot take and matmuls whose rows form no map stay as they are."""
     rng = np.random.default_rng(2)
     w8 = rng.integers(-128, 128, (8, 4, 3, 3)).astype(np.int8)
     untouched = [
@@ -301,6 +302,8 @@ def test_pack_leaves_other_convolutions_alone():
         (_conv_module((1, 8, 8, 8), w8, "uint8", groups=2), "pmaddwd"),
         (_conv_module((1, 4, 8, 8), w8, "int8", w_const=False), "pmaddwd"),
         (_conv_module((1, 4, 8, 8), w8, "uint8"), "sdot"),  # sdot takes int8 activations only
+        # a matmul over three leading dimensions other than 1 (no map of rows)
+        (_matmul_module((2, 3, 4, 16), rng.integers(-128, 128, (16, 8)).astype(np.int8), "int8"), "pmaddwd"),
     ]
     for before, kernel in untouched:
         after = PackInt8Conv(KERNELS[kernel])(before)
