@@ -256,6 +256,23 @@ def _calls(mod):
     return calls
 
 
+def test_depthwise_pair_pack_moves_one_register_at_a_time():
+    """The pair pack (int32 per channel) vectorizes a pixel's channels one register at a time:
+    in 32-lane vectors (four AVX2 registers, two conditional reads each) the PP-OCRv4
+    recognizer's 480-channel 5x5 kernel ran 0.91x its unpaired speed."""
+    rng = np.random.default_rng(16)
+    x = rng.integers(-128, 128, (1, 96, 6, 20)).astype("int8")
+    w = rng.integers(-128, 128, (96, 1, 5, 5)).astype(np.int8)
+    scheduled, target = _lower(_conv_module(x.shape, w, "int8", (2, 1), (2, 2), groups=96), "x86-avx2")
+    (gv,) = _scheduled_kernels(scheduled)
+    sch = tvm.s_tir.Schedule(scheduled[gv])
+    loops = [sch.get(l) for l in sch.get_loops(sch.get_sblock("int8_pack"))]
+    assert [int(l.extent) for l in loops if l.kind == tvm.tirx.ForKind.VECTORIZED] == [8]
+    got = relax.VirtualMachine(tvm.compile(scheduled, target), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    ref = _reference(x, w, (2, 1), (2, 2), (1, 1), 96).astype(np.float32) * np.float32(0.5)
+    np.testing.assert_array_equal(got, ref)
+
+
 def _matmul_module(x_shape, w, act):
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType(x_shape, act))
