@@ -885,10 +885,12 @@ def _schedule_depthwise_nhwc(sch: s_tir.Schedule, block, kernel: DotKernel) -> N
         _finish(sch, block, parallel, ry, (x_t,), o_l, None, packed=True)
         return
     sch.compute_at(pack, chunk, preserve_unit_loops=True)
-    # Pairs (int32) in vectors of one register: in vectors of 32 lanes (four AVX2 registers,
-    # two conditional reads each) the recognizer's 480-channel 5x5 stride (2, 1) kernel ran
-    # 0.91x its unpaired speed, 1.0x this way; the detector's stride-2 ones 1.06-1.10x faster.
-    widths = (kernel.lanes,) if act == "int32" else (64, 32, 16, 8, 4)
+    # Pairs (int32) in vectors of at most one register (``channel_lanes`` divides the run): in
+    # vectors of 32 lanes (four AVX2 registers, two conditional reads each) the recognizer's
+    # 480-channel 5x5 stride (2, 1) kernel ran 0.91x its unpaired speed, 1.0x this way; the
+    # detector's stride-2 ones 1.06-1.10x faster. (24 channels on 16 lanes as one 24-lane
+    # vector: 5.8x slower.)
+    widths = (kernel.lanes, kernel.lanes // 2, kernel.lanes // 4) if act == "int32" else (64, 32, 16, 8, 4)
     _vectorize_channels_run(sch, sch.fuse(*sch.get_loops(pack)[-2:]), unroll=True, widths=widths)
     intrin = pair_tap_intrin(kernel, cl) if act == "int32" else tap_intrin(kernel, cl, act)
     _finish(sch, block, parallel, ry, (x_t,), o_l, intrin, packed=True, macs_per_step=2 if act == "int32" else 1)
