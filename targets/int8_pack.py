@@ -127,16 +127,23 @@ class _Packer(PyExprMutator):
             and sum(int(d) != 1 for d in list(data.ty.shape)[:-1]) <= 2  # a map of rows (matmul_map)
         ):
             return None
-        w = np.ascontiguousarray(weight.value.numpy().T)[:, :, None, None]  # [N, K, 1, 1]
-        kernel = layer_kernel(w, self.kernel)
         self.count += 1
-        self.kernels[kernel.name] += 1
-        shift = kernel.shift(str(data.ty.dtype))
-        comp = relax.const(shift_compensation(w, shift)) if shift else None
+        kernel, args = self._dot_args(data, np.ascontiguousarray(weight.value.numpy().T)[:, :, None, None])
         return self.builder_.call_te(
-            packed_matmul, data, relax.const(pack_weight(w, kernel)), comp, int(w.shape[0]), kernel.name,
+            packed_matmul, *args, kernel.name,
             primfunc_name_hint="int8_matmul", primfunc_attrs={"op_pattern": _OUT_EWISE_FUSABLE},
         )
+
+    def _dot_args(self, data, w: np.ndarray, kw: int = 0):
+        """The dot kernel that runs OIHW ``w`` exactly (``layer_kernel``; on ``column_taps``
+        when ``kw``) and the packed call's first arguments: data, packed weight, the shift's
+        correction, output channels."""
+        kernel = layer_kernel(column_taps(w, self.kernel.depth) if kw else w, self.kernel)
+        wk = column_taps(w, kernel.depth) if kw else w
+        self.kernels[kernel.name] += 1
+        shift = kernel.shift(str(data.ty.dtype))
+        comp = relax.const(shift_compensation(wk, shift)) if shift else None
+        return kernel, [data, relax.const(pack_weight(wk, kernel)), comp, int(w.shape[0])]
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
@@ -169,12 +176,7 @@ class _Packer(PyExprMutator):
         else:
             # One input channel: a pixel and its right neighbours as its channels (column_taps).
             kw = int(w.shape[3]) if w.shape[1] == 1 and w.shape[3] > 1 else 0
-            kernel = layer_kernel(column_taps(w, self.kernel.depth) if kw else w, self.kernel)
-            wk = column_taps(w, kernel.depth) if kw else w
-            self.kernels[kernel.name] += 1
-            shift = kernel.shift(str(data.ty.dtype))
-            comp = relax.const(shift_compensation(wk, shift)) if shift else None
-            args = [data, relax.const(pack_weight(wk, kernel)), comp, int(w.shape[0])]
+            kernel, args = self._dot_args(data, w, kw)
             geometry = (*geometry[:3], kernel.name, layout, kw)
         return self.builder_.call_te(
             packed_depthwise_conv2d if kind == "depthwise" else packed_conv2d,
