@@ -266,7 +266,6 @@ def speed_table(float_lib, int8_lib, layers, x, profile, out_shapes=None):
         packed = {w}
         if dot is not None:  # a matmul [K, N] runs as the 1x1 conv [N, K, 1, 1] (packed_matmul)
             zeros = np.zeros(w if len(w) == 4 else (w[1], w[0], 1, 1), np.int8)
-            packed.add(pack_weight(zeros, dot).shape)
             for k in (dot, *([KERNELS[dot.exact_fallback]] if dot.exact_fallback else [])):
                 # the fallback: layers the fast kernel cannot run exactly (layer_kernel)
                 packed.add(pack_weight(zeros, k).shape)

@@ -890,7 +890,8 @@ def _schedule_depthwise_nhwc(sch: s_tir.Schedule, block, kernel: DotKernel) -> N
     # 480-channel 5x5 stride (2, 1) kernel ran 0.91x its unpaired speed, 1.0x this way; the
     # detector's stride-2 ones 1.06-1.10x faster. (24 channels on 16 lanes as one 24-lane
     # vector: 5.8x slower.)
-    widths = (kernel.lanes, kernel.lanes // 2, kernel.lanes // 4) if act == "int32" else (64, 32, 16, 8, 4)
+    pairs = act == "int32"  # the pair pack (``depthwise_tap_pairs``)
+    widths = (kernel.lanes, kernel.lanes // 2, kernel.lanes // 4) if pairs else (64, 32, 16, 8, 4)
     _vectorize_channels_run(sch, sch.fuse(*sch.get_loops(pack)[-2:]), unroll=True, widths=widths)
-    intrin = pair_tap_intrin(kernel, cl) if act == "int32" else tap_intrin(kernel, cl, act)
-    _finish(sch, block, parallel, ry, (x_t,), o_l, intrin, packed=True, macs_per_step=2 if act == "int32" else 1)
+    intrin = pair_tap_intrin(kernel, cl) if pairs else tap_intrin(kernel, cl, act)
+    _finish(sch, block, parallel, ry, (x_t,), o_l, intrin, packed=True, macs_per_step=2 if pairs else 1)

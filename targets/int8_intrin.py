@@ -275,37 +275,27 @@ def tap_intrin(kernel: "DotKernel", lanes: int, act: str):
 _taps: set = set()
 
 
-def _pair_tap_desc(lanes: int):
-    @T.prim_func(s_tir=True)
-    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (lanes,), "int32", offset_factor=1)
-        B = T.match_buffer(b, (lanes, 2), "int8", offset_factor=1)
-        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
-        with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:lanes], B[0:lanes, 0:2])
-            T.writes(C[0:lanes])
-            for i in T.serial(0, lanes):
-                with T.sblock("update"):
-                    vi = T.axis.remap("S", [i])
-                    C[vi] = C[vi] + (T.cast(T.cast(A[vi], "int16"), "int32") * T.cast(B[vi, 0], "int32")
-                                     + T.shift_right(A[vi], 16) * T.cast(B[vi, 1], "int32"))
-
-    return desc
-
-
-def _pair_tap_impl(kernel: str, lanes: int):
+def _pair_tap(kernel: str, lanes: int, desc: bool):
+    """The two-tap intrinsic's description (``desc``: what tensorize matches, as
+    ``int8_conv._depthwise_nhwc`` spells it) or its implementation (one pair multiply-add)."""
     name, accumulates = _TAP_OPS[kernel][lanes]
     vec, pairs = f"int32x{lanes}", f"int16x{2 * lanes}"
 
     @T.prim_func(s_tir=True)
-    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+    def func(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (lanes,), "int32", offset_factor=1)
         B = T.match_buffer(b, (lanes, 2), "int8", offset_factor=1)
         C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:lanes], B[0:lanes, 0:2])
             T.writes(C[0:lanes])
-            if accumulates:
+            if desc:
+                for i in T.serial(0, lanes):
+                    with T.sblock("update"):
+                        vi = T.axis.remap("S", [i])
+                        C[vi] = C[vi] + (T.cast(T.cast(A[vi], "int16"), "int32") * T.cast(B[vi, 0], "int32")
+                                         + T.shift_right(A[vi], 16) * T.cast(B[vi, 1], "int32"))
+            elif accumulates:
                 C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
                     T.llvm_lookup_intrinsic_id(name), C[T.ramp(T.int32(0), 1, lanes)],
                     T.reinterpret(A.vload([0], dtype=vec), dtype=pairs),
@@ -315,7 +305,7 @@ def _pair_tap_impl(kernel: str, lanes: int):
                     T.llvm_lookup_intrinsic_id(name), T.reinterpret(A.vload([0], dtype=vec), dtype=pairs),
                     T.cast(B.vload([0, 0], dtype=f"int8x{2 * lanes}"), pairs), dtype=vec)
 
-    return impl
+    return func
 
 
 def pair_tap_intrin(kernel: "DotKernel", lanes: int):
@@ -327,7 +317,8 @@ def pair_tap_intrin(kernel: "DotKernel", lanes: int):
         return None
     name = f"tvm_compress_tap_pair_{kernel.name}_{lanes}"
     if name not in _taps:
-        s_tir.TensorIntrin.register(name, _pair_tap_desc(lanes), _pair_tap_impl(kernel.name, lanes), override=True)
+        s_tir.TensorIntrin.register(name, _pair_tap(kernel.name, lanes, True), _pair_tap(kernel.name, lanes, False),
+                                    override=True)
         _taps.add(name)
     return name
 
