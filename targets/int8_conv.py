@@ -892,6 +892,13 @@ def _schedule_depthwise_nhwc(sch: s_tir.Schedule, block, kernel: DotKernel) -> N
     # vector: 5.8x slower.)
     pairs = act == "int32"  # the pair pack (``depthwise_tap_pairs``)
     widths = (kernel.lanes, kernel.lanes // 2, kernel.lanes // 4) if pairs else (64, 32, 16, 8, 4)
-    _vectorize_channels_run(sch, sch.fuse(*sch.get_loops(pack)[-2:]), unroll=True, widths=widths)
+    # Padding columns split off as in ``_schedule_pack`` (the rows' test is one per row here):
+    # the detector's 160x160 16-channel pair kernel 1.05x faster without a branch per vector.
+    # (A band of columns packs from its own first column: the map's bounds are not its loop's.)
+    _, _, col_lo, col_hi = (int(v) for v in sch.get(pack).annotations[PACK_INTERIOR_ATTR])
+    cols = _partition(sch, sch.get_loops(pack)[-3], col_lo, col_hi)[0] if col_chunks == 1 else [None]
+    for piece in cols:
+        (blk,) = sch.get_child_blocks(piece) if len(cols) > 1 else [pack]
+        _vectorize_channels_run(sch, sch.fuse(*sch.get_loops(blk)[-2:]), unroll=True, widths=widths)
     intrin = pair_tap_intrin(kernel, cl) if pairs else tap_intrin(kernel, cl, act)
     _finish(sch, block, parallel, ry, (x_t,), o_l, intrin, packed=True, macs_per_step=2 if pairs else 1)
