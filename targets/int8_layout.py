@@ -42,12 +42,83 @@ def int8_convs(func: relax.Function, act_dtypes) -> list:
             and c.attrs.data_layout == "NCHW"]
 
 
+_OP_GATE = {name: tvm.ir.Op.get(f"relax.{name}") for name in ("multiply", "add", "clip", "minimum", "maximum")}
+
+
+def _uses(func: relax.Function) -> dict:
+    """How many expressions read each variable of ``func`` (calls, tuples, block outputs)."""
+    count: dict = {}
+
+    def visit(expr):
+        reads = expr.args if isinstance(expr, relax.Call) else expr.fields if isinstance(expr, relax.Tuple) \
+            else [expr.body] if isinstance(expr, relax.SeqExpr) else []
+        for arg in reads:
+            if isinstance(arg, relax.Var):
+                count[arg] = count.get(arg, 0) + 1
+
+    relax.analysis.post_order_visit(func, visit)
+    return count
+
+
 @mutator
 class _SpellQuantize(PyExprMutator):
     """Per-tensor ``quantize(x, s, zp)`` -> ``astype(maximum(minimum(round(x * (1 / s)) + zp,
     max), min))`` and ``dequantize(q, s, zp)`` -> ``astype(astype(q, int32) - zp, float32) * s``: the
     expressions ``LegalizeOps`` gives them (but for the reciprocal), in ops ``ConvertLayout`` can
-    move."""
+    move. A quantized hard-swish ``x * clip(x * a + b, 0, 1)`` (``HardSwishAsHardSigmoid``'s form)
+    takes the reciprocal into its gate: ``x * clip(x * a/s + b/s, 0, 1/s)``, one multiply less per
+    value in the epilogue."""
+
+    def __init__(self, uses=None):
+        super().__init__()
+        self.uses = uses or {}
+
+    def _bound(self, expr, op):
+        value = self.lookup_binding(expr) if isinstance(expr, relax.Var) else expr
+        return value if isinstance(value, relax.Call) and value.op.same_as(_OP_GATE[op]) else None
+
+    def _gate(self, expr):
+        """(z, lo, hi) of ``clip(z, lo, hi)`` in any of its spellings, else None."""
+        clip = self._bound(expr, "clip")
+        if clip is not None:
+            lo, hi = (getattr(arg.value, "value", arg.value) for arg in clip.args[1:])
+            return clip.args[0], float(lo), float(hi)
+        for outer, inner in (("minimum", "maximum"), ("maximum", "minimum")):
+            top = self._bound(expr, outer)
+            low = self._bound(top.args[0], inner) if top is not None else None
+            bounds = [scalar_value(v) for v in (low.args[1], top.args[1])] if low is not None else [None]
+            if None not in bounds:
+                lo, hi = sorted(float(v) for v in bounds)
+                return low.args[0], lo, hi
+        return None
+
+    def _hard_swish(self, y):
+        """(x, a, b) when ``y`` is ``x * clip(x * a + b, 0, 1)`` read by nothing else, else None."""
+        product = self._bound(y, "multiply")
+        if product is None or self.uses.get(y, 0) != 1:
+            return None
+        for x, gate in (product.args, product.args[::-1]):
+            parts = self._gate(gate)
+            if parts is None or parts[1:] != (0.0, 1.0):
+                continue
+            shift = self._bound(parts[0], "add")
+            scale = self._bound(shift.args[0], "multiply") if shift is not None else None
+            if scale is not None and scale.args[0].same_as(x):
+                a, b = scalar_value(scale.args[1]), scalar_value(shift.args[1])
+                if a is not None and b is not None:
+                    return x, float(a), float(b)
+        return None
+
+    def _times(self, y, k: float, dtype: str):
+        """``y * k`` for ``k > 0``, through a hard-swish's gate where ``y`` is one."""
+        hs = self._hard_swish(y)
+        if hs is None or not k > 0:
+            return self.builder_.emit(relax.op.multiply(y, relax.const(k, dtype)))
+        x, a, b = hs
+        bb = self.builder_
+        z = bb.emit(relax.op.add(bb.emit(relax.op.multiply(x, relax.const(float(np.float32(a) * np.float32(k)), dtype))),
+                                 relax.const(float(np.float32(b) * np.float32(k)), dtype)))
+        return bb.emit(relax.op.multiply(x, bb.emit(relax.op.clip(z, 0.0, float(np.float32(k))))))
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
@@ -68,7 +139,7 @@ class _SpellQuantize(PyExprMutator):
         # times the reciprocal: a vector divide costs as much as a 3x3 depthwise conv's taps
         # (onnxruntime's requantize multiplies too); off by one step only where x / s lies
         # within an ulp of a rounding boundary
-        x = bb.emit(relax.op.multiply(call.args[0], relax.const(float(np.float32(1) / np.float32(scale)), src)))
+        x = self._times(call.args[0], float(np.float32(1) / np.float32(scale)), src)
         x = bb.emit(relax.op.add(bb.emit(relax.op.round(x)), relax.const(float(zero), src)))
         info = np.iinfo(dtype)
         x = bb.emit(relax.op.minimum(x, relax.const(float(info.max), src)))
@@ -115,7 +186,7 @@ class Int8ChannelsLast:
         try:
             converted = copy_module(mod)
             for gv in names:
-                converted[gv] = _ScalarConstants().visit_expr(_SpellQuantize().visit_expr(converted[gv]))
+                converted[gv] = _ScalarConstants().visit_expr(_SpellQuantize(_uses(converted[gv])).visit_expr(converted[gv]))
             converted = relax.transform.ConvertLayout(LAYOUTS)(relax.transform.Normalize()(converted))
             out = copy_module(mod)
             for gv in names:

@@ -153,6 +153,55 @@ def test_spelled_quantize_is_the_legalized_expression():
     np.testing.assert_array_equal(outs[0], outs[1])
 
 
+def _hard_swish_quantize(scale, gate_scale=1.0, second_user=False):
+    """v -> hard-swish (``HardSwishAsHardSigmoid``'s form; gate times ``gate_scale``) ->
+    quantize(scale) -> int8, or the spelled expression ``Expected`` when ``gate_scale`` != 1."""
+    bb = relax.BlockBuilder()
+    v = relax.Var("v", relax.TensorType((1, 4, 3, 3), "float32"))
+    with bb.function("main", [v]):
+        with bb.dataflow():
+            k = np.float32(gate_scale)
+            z = bb.emit(relax.op.add(bb.emit(relax.op.multiply(v, relax.const(float(np.float32(1 / 6) * k), "float32"))),
+                                     relax.const(float(np.float32(0.5) * k), "float32")))
+            y = bb.emit(relax.op.multiply(v, bb.emit(relax.op.clip(z, 0.0, float(k)))))
+            if gate_scale == 1.0:
+                q = bb.emit(relax.op.quantize(y, relax.const(np.float32(scale)), relax.const(0, "int8"), out_dtype="int8"))
+            else:
+                r = bb.emit(relax.op.add(bb.emit(relax.op.round(y)), relax.const(0.0, "float32")))
+                r = bb.emit(relax.op.maximum(bb.emit(relax.op.minimum(r, relax.const(127.0, "float32"))),
+                                             relax.const(-128.0, "float32")))
+                q = bb.emit(relax.op.astype(r, "int8"))
+            out = bb.emit_output((q, y) if second_user else q)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def test_quantized_hard_swish_takes_the_reciprocal_scale_into_its_gate():
+    """quantize(x * clip(x / 6 + 0.5, 0, 1), s) -> x * clip(x * (1/6)/s + 0.5/s, 0, 1/s), rounded:
+    one multiply less per value, the same int8 values but where x * gate / s lies within an ulp
+    of a rounding boundary. Not where the hard-swish has another reader (it would run twice)."""
+    from tvm_compress.targets.int8_layout import _SpellQuantize, _uses
+
+    def spell(mod):
+        func = _SpellQuantize(_uses(mod["main"])).visit_expr(mod["main"])
+        return tvm.IRModule({"main": relax.analysis.remove_all_unused(func)})
+
+    scale = 0.05
+    mod = _hard_swish_quantize(scale)
+    spelled = spell(mod)
+    tvm.ir.assert_structural_equal(spelled, _hard_swish_quantize(scale, gate_scale=float(np.float32(1) / np.float32(scale))))
+    x = np.random.default_rng(3).uniform(-8, 8, (1, 4, 3, 3)).astype("float32")
+    outs = [relax.VirtualMachine(tvm.compile(relax.transform.LegalizeOps()(m), "llvm"), tvm.cpu())["main"](
+        tvm.runtime.tensor(x)).numpy().astype(int) for m in (mod, spelled)]
+    assert np.abs(outs[0] - outs[1]).max() <= 1 and (outs[0] == outs[1]).mean() > 0.9
+    shared = spell(_hard_swish_quantize(scale, second_user=True))
+    from tvm_compress.relax_utils import scalar_value
+
+    multiplies = [c for c in _calls(shared["main"], tvm.ir.Op.get("relax.multiply"))
+                  if scalar_value(c.args[1]) is not None and np.isclose(float(scalar_value(c.args[1])), 1 / scale)]
+    assert len(multiplies) == 1
+
+
 def test_modules_without_packable_convs_are_left_alone():
     rng = np.random.default_rng(4)
     bb = relax.BlockBuilder()
