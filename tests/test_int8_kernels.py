@@ -475,6 +475,24 @@ def test_avxvnni_kernels_use_256_bit_vnni(name):
         np.testing.assert_array_equal(got, _reference(x, w, *geometry).astype(np.float32) * np.float32(0.5))
 
 
+@pytest.mark.parametrize("channels, width", [(16, 16), (48, 16), (192, 8)])
+def test_depthwise_epilogue_runs_over_a_tile_of_few_channels(channels, width):
+    """A channels-last depthwise kernel with few channels (16, 48) requantizes its tile of pixels
+    once, all channels at once in wide vectors, after the last channel vector's taps; with many
+    (192), after each channel vector (8 lanes on AVX2). Exact either way."""
+    rng = np.random.default_rng(5)
+    x = rng.integers(-128, 128, (1, channels, 20, 20)).astype("int8")
+    w = rng.integers(-128, 128, (channels, 1, 3, 3)).astype(np.int8)
+    scheduled, target = _lower(_conv_module(x.shape, w, "int8", padding=(1, 1), groups=channels), "x86-avx2")
+    (gv,) = _scheduled_kernels(scheduled)
+    (tail_loops,) = [loops for b, loops in _leaf_blocks(scheduled[gv].body)
+                     if str(b.writes[0].source.dtype) == "float32"]
+    assert [int(l.extent) for l in tail_loops if l.kind == tvm.tirx.ForKind.VECTORIZED] == [width]
+    got = relax.VirtualMachine(tvm.compile(scheduled, target), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    ref = _reference(x, w, (1, 1), (1, 1), (1, 1), channels).astype(np.float32) * np.float32(0.5)
+    np.testing.assert_array_equal(got, ref)
+
+
 @pytest.mark.parametrize("shape, chunks", [((1, 32, 40, 40), 2), ((1, 32, 80, 80), 4), ((1, 32, 3, 128), 6)])
 def test_depthwise_packs_per_chunk_of_rows(shape, chunks):
     """Each parallel chunk of output rows packs the rows it reads (a pass over the whole map
