@@ -24,7 +24,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from tvm_compress.relax_utils import const_value, copy_module, is_constant, scalar_value
+from tvm_compress.relax_utils import const_value, copy_module, is_constant, scalar_value, static_shape
 
 from .channels_last import LAYOUT_ATTR, LAYOUTS, _calls, _CancelMoves, _FlattenIntoWeights, _ScalarConstants
 
@@ -67,7 +67,8 @@ class _SpellQuantize(PyExprMutator):
     expressions ``LegalizeOps`` gives them (but for the reciprocal), in ops ``ConvertLayout`` can
     move. A quantized hard-swish ``x * clip(x * a + b, 0, 1)`` (``HardSwishAsHardSigmoid``'s form)
     takes the reciprocal into its gate: ``x * clip(x * a/s + b/s, 0, 1/s)``, one multiply less per
-    value in the epilogue."""
+    value in the epilogue; a feature map scaled by a per-channel gate (squeeze-excite) takes it
+    into the gate: ``x * (g * (1/s))``, a multiply per channel instead of per value."""
 
     def __init__(self, uses=None):
         super().__init__()
@@ -109,13 +110,31 @@ class _SpellQuantize(PyExprMutator):
                     return x, float(a), float(b)
         return None
 
+    def _broadcast_product(self, y):
+        """(large, small) factors of ``y = large * small`` read by nothing else, where ``small``
+        has at most a quarter of ``y``'s elements (a squeeze-excite gate scaling a feature
+        map), else None."""
+        product = self._bound(y, "multiply")
+        if product is None or self.uses.get(y, 0) != 1:
+            return None
+        sizes = [static_shape(a) for a in product.args]
+        if None in sizes:
+            return None
+        large, small = sorted(zip(product.args, sizes), key=lambda a: -int(np.prod(a[1])))
+        return (large[0], small[0]) if 4 * int(np.prod(small[1])) <= int(np.prod(large[1])) else None
+
     def _times(self, y, k: float, dtype: str):
-        """``y * k`` for ``k > 0``, through a hard-swish's gate where ``y`` is one."""
-        hs = self._hard_swish(y)
-        if hs is None or not k > 0:
-            return self.builder_.emit(relax.op.multiply(y, relax.const(k, dtype)))
-        x, a, b = hs
+        """``y * k``: through a hard-swish's gate (``k > 0``) or into the smaller factor of a
+        broadcast product (``gate * k`` per channel instead of per pixel) where ``y`` is one."""
         bb = self.builder_
+        hs = self._hard_swish(y) if k > 0 else None
+        if hs is None:
+            factors = self._broadcast_product(y)
+            if factors is not None:
+                large, small = factors
+                return bb.emit(relax.op.multiply(large, bb.emit(relax.op.multiply(small, relax.const(k, dtype)))))
+            return bb.emit(relax.op.multiply(y, relax.const(k, dtype)))
+        x, a, b = hs
         z = bb.emit(relax.op.add(bb.emit(relax.op.multiply(x, relax.const(float(np.float32(a) * np.float32(k)), dtype))),
                                  relax.const(float(np.float32(b) * np.float32(k)), dtype)))
         return bb.emit(relax.op.multiply(x, bb.emit(relax.op.clip(z, 0.0, float(np.float32(k))))))

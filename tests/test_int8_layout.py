@@ -202,6 +202,36 @@ def test_quantized_hard_swish_takes_the_reciprocal_scale_into_its_gate():
     assert len(multiplies) == 1
 
 
+def test_quantized_excite_product_takes_the_reciprocal_scale_into_the_gate():
+    """quantize(x * g, s) with a per-channel gate g (squeeze-excite) -> round(x * (g * (1/s))):
+    the scale multiplies the 4 gate values, not each of the 144 products."""
+    from tvm_compress.targets.int8_layout import _SpellQuantize, _uses
+
+    def module(spelled):
+        bb = relax.BlockBuilder()
+        x = relax.Var("x", relax.TensorType((1, 4, 6, 6), "float32"))
+        g = relax.Var("g", relax.TensorType((1, 4, 1, 1), "float32"))
+        with bb.function("main", [x, g]):
+            with bb.dataflow():
+                if spelled:
+                    y = bb.emit(relax.op.multiply(x, bb.emit(relax.op.multiply(g, relax.const(20.0, "float32")))))
+                    r = bb.emit(relax.op.add(bb.emit(relax.op.round(y)), relax.const(0.0, "float32")))
+                    r = bb.emit(relax.op.maximum(bb.emit(relax.op.minimum(r, relax.const(127.0, "float32"))),
+                                                 relax.const(-128.0, "float32")))
+                    q = bb.emit(relax.op.astype(r, "int8"))
+                else:
+                    y = bb.emit(relax.op.multiply(x, g))
+                    q = bb.emit(relax.op.quantize(y, relax.const(np.float32(0.05)), relax.const(0, "int8"),
+                                                  out_dtype="int8"))
+                out = bb.emit_output(q)
+            bb.emit_func_output(out)
+        return bb.get()
+
+    before = module(False)
+    func = _SpellQuantize(_uses(before["main"])).visit_expr(before["main"])
+    tvm.ir.assert_structural_equal(tvm.IRModule({"main": relax.analysis.remove_all_unused(func)}), module(True))
+
+
 def test_modules_without_packable_convs_are_left_alone():
     rng = np.random.default_rng(4)
     bb = relax.BlockBuilder()
