@@ -828,9 +828,8 @@ def _vectorize_channels(sch: s_tir.Schedule, tail, lanes: int) -> None:
         sch.vectorize(sch.split(inner, [None, width])[1] if extent > width else inner)
 
 
-# Channels up to which a channels-last depthwise kernel's epilogue runs once per tile of pixels
-# (``_schedule_depthwise_nhwc``).
-_TAIL_ROW_CHANNELS = 96
+# TVM keeps an accumulator tile of fewer bytes than this on the stack (``_ACC_SCOPE``).
+_STACK_ACC_BYTES = 1024
 
 
 def _row_chunks(rows: int, cores: int) -> int:
@@ -881,11 +880,13 @@ def _schedule_depthwise_nhwc(sch: s_tir.Schedule, block, kernel: DotKernel) -> N
         chunk, parallel = y_o, (n, y_o)
     tail = _inline_epilogue(sch, block)
     # The epilogue after the tile's last channel vector, over all its channels at once where
-    # they are few: wider requantize vectors and stores (AVX2: the detector's 16-channel 160x160
-    # kernel 1.22x faster, its 48- and 96-channel ones 1.06-1.15x; 192 channels 0.93-0.98x, and
-    # the taps that test padding inline, 0.76-0.91x). Otherwise after each channel vector.
+    # their accumulators stay on the stack (``_ACC_SCOPE``): wider requantize vectors and stores
+    # (AVX2: the detector's 16-channel 160x160 kernel 1.22x faster, 48 channels 1.07-1.15x).
+    # Larger tiles came from the workspace pool in every iteration (PP-LCNet's 64-channel
+    # kernels: the model 1.07x slower, though each kernel alone ran faster); the taps that test
+    # padding inline were 0.76-0.91x. Otherwise after each channel vector.
     cp = int(sch.get(block).writes[0].source.shape[-1])
-    at = x_o if not inline_pad and cl < cp <= _TAIL_ROW_CHANNELS else o_o
+    at = x_o if not inline_pad and cl < cp and tile * cp * 4 < _STACK_ACC_BYTES else o_o
     if tail is not None:
         sch.reverse_compute_at(tail, at, preserve_unit_loops=True)
         _vectorize_channels(sch, tail, cl)

@@ -475,11 +475,12 @@ def test_avxvnni_kernels_use_256_bit_vnni(name):
         np.testing.assert_array_equal(got, _reference(x, w, *geometry).astype(np.float32) * np.float32(0.5))
 
 
-@pytest.mark.parametrize("channels, width", [(16, 16), (48, 16), (192, 8)])
+@pytest.mark.parametrize("channels, width", [(16, 16), (48, 16), (64, 8), (192, 8)])
 def test_depthwise_epilogue_runs_over_a_tile_of_few_channels(channels, width):
-    """A channels-last depthwise kernel with few channels (16, 48) requantizes its tile of pixels
-    once, all channels at once in wide vectors, after the last channel vector's taps; with many
-    (192), after each channel vector (8 lanes on AVX2). Exact either way."""
+    """A channels-last depthwise kernel whose tile of accumulators (5 pixels here) stays under
+    TVM's 1 KiB stack limit (16, 48 channels) requantizes the tile once, all channels at once in
+    wide vectors, after the last channel vector's taps; with more (64: 1280 bytes, 192), after
+    each channel vector (8 lanes on AVX2). Exact either way."""
     rng = np.random.default_rng(5)
     x = rng.integers(-128, 128, (1, channels, 20, 20)).astype("int8")
     w = rng.integers(-128, 128, (channels, 1, 3, 3)).astype(np.int8)
