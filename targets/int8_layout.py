@@ -24,7 +24,9 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from tvm_compress.relax_utils import const_value, copy_module, is_constant, scalar_value, static_shape
+from tvm_compress.relax_utils import (
+    bound_call, clip_bounds, const_value, copy_module, is_constant, scalar_value, static_shape,
+)
 
 from .channels_last import LAYOUT_ATTR, LAYOUTS, _calls, _CancelMoves, _FlattenIntoWeights, _ScalarConstants
 
@@ -75,15 +77,13 @@ class _SpellQuantize(PyExprMutator):
         self.uses = uses or {}
 
     def _bound(self, expr, op):
-        value = self.lookup_binding(expr) if isinstance(expr, relax.Var) else expr
-        return value if isinstance(value, relax.Call) and value.op.same_as(_OP_GATE[op]) else None
+        return bound_call(self, expr, _OP_GATE[op])
 
     def _gate(self, expr):
         """(z, lo, hi) of ``clip(z, lo, hi)`` in any of its spellings, else None."""
         clip = self._bound(expr, "clip")
         if clip is not None:
-            lo, hi = (getattr(arg.value, "value", arg.value) for arg in clip.args[1:])
-            return clip.args[0], float(lo), float(hi)
+            return (clip.args[0], *clip_bounds(clip))
         for outer, inner in (("minimum", "maximum"), ("maximum", "minimum")):
             top = self._bound(expr, outer)
             low = self._bound(top.args[0], inner) if top is not None else None

@@ -35,7 +35,7 @@ import tvm
 from tvm import relax, te, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from tvm_compress.relax_utils import const_value, is_constant, scalar_value
+from tvm_compress.relax_utils import bound_call, clip_bounds, const_value, is_constant, scalar_value
 
 from .base import KernelHook
 
@@ -67,9 +67,7 @@ class _RoundToInt(PyExprMutator):
         self.count = 0
 
     def _bound(self, expr, op):
-        """``expr``'s value when it is a call of ``op`` (through its variable binding)."""
-        value = self.lookup_binding(expr) if isinstance(expr, relax.Var) else expr
-        return value if isinstance(value, relax.Call) and value.op.same_as(_OP[op]) else None
+        return bound_call(self, expr, _OP[op])
 
     def _range(self, expr, depth: int = 0):
         """(lo, hi) bounds of ``expr``'s values (see the module docstring), else None."""
@@ -92,7 +90,7 @@ class _RoundToInt(PyExprMutator):
             return (float(np.iinfo(dtype).min), float(np.iinfo(dtype).max)) if "int" in dtype else None
         if op == "clip":
             a = self._range(expr.args[0], depth + 1)
-            lo, hi = (float(getattr(b.value, "value", b.value)) for b in expr.args[1:])
+            lo, hi = clip_bounds(expr)
             return (min(max(a[0], lo), hi), min(max(a[1], lo), hi)) if a is not None else (lo, hi)
         if op in ("sigmoid", "tanh"):
             return (0.0 if op == "sigmoid" else -1.0), 1.0

@@ -27,6 +27,18 @@ def scalar_value(expr):
     return value.reshape(()).item() if value.size == 1 else None
 
 
+def bound_call(mutator, expr, op):
+    """``expr``'s value when it is a call of ``op``, through its variable binding in the function
+    ``mutator`` (a ``PyExprMutator``) is building, else None."""
+    value = mutator.lookup_binding(expr) if isinstance(expr, relax.Var) else expr
+    return value if isinstance(value, relax.Call) and value.op.same_as(op) else None
+
+
+def clip_bounds(call: relax.Call):
+    """(lo, hi) of a ``clip`` call as floats (its bounds are PrimValues)."""
+    return tuple(float(getattr(arg.value, "value", arg.value)) for arg in call.args[1:3])
+
+
 def const(value: np.ndarray, dtype: Optional[str] = None) -> relax.Expr:
     value = np.asarray(value)
     if dtype is not None:
