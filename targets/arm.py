@@ -20,12 +20,13 @@ from .sparse_hook import BLOCK_SPARSE
 from .channels_last import CHANNELS_LAST
 from .dense_columns import DENSE_COLUMNS
 from .packed_dense import PACKED_DENSE
+from .pooled_conv import POOLED_CONV
 from .softmax_rows import SOFTMAX_ROWS
 
 
 class _ArmFamily(TargetFamily):
     arch = ""
-    kernel_hooks = (INT8_DOT, BLOCK_SPARSE, BINARY, CHANNELS_LAST, DENSE_COLUMNS, PACKED_DENSE, SOFTMAX_ROWS)
+    kernel_hooks = (POOLED_CONV, INT8_DOT, BLOCK_SPARSE, BINARY, CHANNELS_LAST, DENSE_COLUMNS, PACKED_DENSE, SOFTMAX_ROWS)
 
     def tvm_target(self, profile: TargetProfile):
         spec = dict(profile.target)

@@ -25,7 +25,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from tvm_compress.relax_utils import (
-    bound_call, clip_bounds, const_value, copy_module, is_constant, scalar_value, static_shape,
+    bound_call, clip_bounds, const_value, copy_module, is_constant, scalar_value, static_shape, use_counts,
 )
 
 from .channels_last import LAYOUT_ATTR, LAYOUTS, _calls, _CancelMoves, _FlattenIntoWeights, _ScalarConstants
@@ -45,21 +45,6 @@ def int8_convs(func: relax.Function, act_dtypes) -> list:
 
 
 _OP_GATE = {name: tvm.ir.Op.get(f"relax.{name}") for name in ("multiply", "add", "clip", "minimum", "maximum")}
-
-
-def _uses(func: relax.Function) -> dict:
-    """How many expressions read each variable of ``func`` (calls, tuples, block outputs)."""
-    count: dict = {}
-
-    def visit(expr):
-        reads = expr.args if isinstance(expr, relax.Call) else expr.fields if isinstance(expr, relax.Tuple) \
-            else [expr.body] if isinstance(expr, relax.SeqExpr) else []
-        for arg in reads:
-            if isinstance(arg, relax.Var):
-                count[arg] = count.get(arg, 0) + 1
-
-    relax.analysis.post_order_visit(func, visit)
-    return count
 
 
 @mutator
@@ -205,7 +190,7 @@ class Int8ChannelsLast:
         try:
             converted = copy_module(mod)
             for gv in names:
-                converted[gv] = _ScalarConstants().visit_expr(_SpellQuantize(_uses(converted[gv])).visit_expr(converted[gv]))
+                converted[gv] = _ScalarConstants().visit_expr(_SpellQuantize(use_counts(converted[gv])).visit_expr(converted[gv]))
             converted = relax.transform.ConvertLayout(LAYOUTS)(relax.transform.Normalize()(converted))
             out = copy_module(mod)
             for gv in names:

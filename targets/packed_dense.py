@@ -42,7 +42,7 @@ import tvm
 from tvm import relax, te, topi
 
 from tvm_compress.layers import with_layer
-from tvm_compress.relax_utils import const, const_value, is_constant, static_shape
+from tvm_compress.relax_utils import ELEMENTWISE_OPS, const, const_value, is_constant, static_shape
 
 from .base import KernelHook
 from .cpu_schedule import TILE_SCOPE_ATTR, dense_rows, vector_width
@@ -52,12 +52,6 @@ _OP_MATMUL = tvm.ir.Op.get("relax.matmul")
 _OP_PERMUTE = tvm.ir.Op.get("relax.permute_dims")
 _OP_CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _OP_RESHAPE = tvm.ir.Op.get("relax.reshape")
-# Element-wise ops a flattened conv's epilogue may hold (bias, activations, a residual add,
-# and a requantize: round, clamp, astype, in an int8 build's float layers).
-_ELEMENTWISE = tuple(tvm.ir.Op.get(f"relax.{n}") for n in (
-    "add", "subtract", "multiply", "divide", "maximum", "minimum", "power", "clip", "nn.relu",
-    "sigmoid", "tanh", "exp", "erf", "sqrt", "negative", "abs", "nn.gelu", "nn.silu",
-    "round", "floor", "ceil", "astype"))
 _OUT_EWISE_FUSABLE = 4  # relax.transform's OpPatternKind kOutEWiseFusable
 
 
@@ -161,7 +155,7 @@ class _Pack(relax.expr_functor.PyExprMutator):
             return self._matmul(call)
         if call.op.same_as(_OP_CONV2D):
             return self._conv(call)
-        if any(call.op.same_as(op) for op in _ELEMENTWISE):
+        if any(call.op.same_as(op) for op in ELEMENTWISE_OPS):
             return self._flat_epilogue(call)
         return call
 

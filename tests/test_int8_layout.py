@@ -180,10 +180,11 @@ def test_quantized_hard_swish_takes_the_reciprocal_scale_into_its_gate():
     """quantize(x * clip(x / 6 + 0.5, 0, 1), s) -> x * clip(x * (1/6)/s + 0.5/s, 0, 1/s), rounded:
     one multiply less per value, the same int8 values but where x * gate / s lies within an ulp
     of a rounding boundary. Not where the hard-swish has another reader (it would run twice)."""
-    from tvm_compress.targets.int8_layout import _SpellQuantize, _uses
+    from tvm_compress.relax_utils import use_counts
+    from tvm_compress.targets.int8_layout import _SpellQuantize
 
     def spell(mod):
-        func = _SpellQuantize(_uses(mod["main"])).visit_expr(mod["main"])
+        func = _SpellQuantize(use_counts(mod["main"])).visit_expr(mod["main"])
         return tvm.IRModule({"main": relax.analysis.remove_all_unused(func)})
 
     scale = 0.05
@@ -205,7 +206,8 @@ def test_quantized_hard_swish_takes_the_reciprocal_scale_into_its_gate():
 def test_quantized_excite_product_takes_the_reciprocal_scale_into_the_gate():
     """quantize(x * g, s) with a per-channel gate g (squeeze-excite) -> round(x * (g * (1/s))):
     the scale multiplies the 4 gate values, not each of the 144 products."""
-    from tvm_compress.targets.int8_layout import _SpellQuantize, _uses
+    from tvm_compress.relax_utils import use_counts
+    from tvm_compress.targets.int8_layout import _SpellQuantize
 
     def module(spelled):
         bb = relax.BlockBuilder()
@@ -228,7 +230,7 @@ def test_quantized_excite_product_takes_the_reciprocal_scale_into_the_gate():
         return bb.get()
 
     before = module(False)
-    func = _SpellQuantize(_uses(before["main"])).visit_expr(before["main"])
+    func = _SpellQuantize(use_counts(before["main"])).visit_expr(before["main"])
     tvm.ir.assert_structural_equal(tvm.IRModule({"main": relax.analysis.remove_all_unused(func)}), module(True))
 
 

@@ -5,10 +5,17 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 import numpy as np
+import tvm
 from tvm import relax, tirx
 from tvm.relax.dpl import is_const
 
 _CONST = is_const()
+# Element-wise ops (one output element from the same element of each operand, broadcasting):
+# bias, activations, a residual add, and a requantize (round, clamp, astype).
+ELEMENTWISE_OPS = tuple(tvm.ir.Op.get(f"relax.{n}") for n in (
+    "add", "subtract", "multiply", "divide", "maximum", "minimum", "power", "clip", "nn.relu",
+    "sigmoid", "tanh", "exp", "erf", "sqrt", "negative", "abs", "nn.gelu", "nn.silu",
+    "round", "floor", "ceil", "astype"))
 
 
 def is_constant(expr) -> bool:
@@ -32,6 +39,21 @@ def bound_call(mutator, expr, op):
     ``mutator`` (a ``PyExprMutator``) is building, else None."""
     value = mutator.lookup_binding(expr) if isinstance(expr, relax.Var) else expr
     return value if isinstance(value, relax.Call) and value.op.same_as(op) else None
+
+
+def use_counts(func: relax.Function) -> dict:
+    """How many expressions read each variable of ``func`` (calls, tuples, block outputs)."""
+    count: dict = {}
+
+    def visit(expr):
+        reads = expr.args if isinstance(expr, relax.Call) else expr.fields if isinstance(expr, relax.Tuple) \
+            else [expr.body] if isinstance(expr, relax.SeqExpr) else []
+        for arg in reads:
+            if isinstance(arg, relax.Var):
+                count[arg] = count.get(arg, 0) + 1
+
+    relax.analysis.post_order_visit(func, visit)
+    return count
 
 
 def clip_bounds(call: relax.Call):
