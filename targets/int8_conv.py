@@ -633,6 +633,13 @@ def _schedule_dense(sch: s_tir.Schedule, block, kernel: DotKernel) -> None:
     if mode == "pixels":
         sch.reorder(n, y, x_o, o_o, ry, rx, rc_o, x_t, o_t, o_l, r_inner)
         parallel = (n, y)
+        # Rows that do not split evenly over the cores (3 on two: one core did two) are cut
+        # into bands of columns too, as in ``_schedule_depthwise_nhwc``.
+        cores = _target_cores()
+        x_tiles = _extent(sch, x_o)
+        if (_extent(sch, n) * _extent(sch, y)) % cores and x_tiles >= 2 * cores and x_tiles % cores == 0:
+            x_c, x_o = sch.split(x_o, [cores, None])
+            parallel = (n, y, x_c)
     elif nhwc:
         # Rows outermost: the parallel loop's chunks are bands of rows. With the lane groups
         # outermost the two cores each took half of every pixel's channels, in step, and wrote
@@ -728,7 +735,8 @@ def _pack_mode(sch: s_tir.Schedule, block, reduce_loops, lane_tiles: int):
     small enough to run serially (the classifier's 1x1 kernels 1.2-2.3x faster; the detector's
     with 6-45 groups over parallel packs 5-20 % slower, measured with the groups outermost).
     ``pixels``: more groups over a small map run inside each pixel tile, packed once, in
-    parallel over rows (over rows and tiles it measured slower): 7-19 % faster than ``lanes``
+    parallel over rows (over rows and tiles it measured slower; rows that do not split evenly
+    over the cores, over rows and bands of columns): 7-19 % faster than ``lanes``
     on the classifier's 16 -> 88, 16 -> 104 and 32 -> 200 convs. Also instead of ``lanes`` where
     the reduction is at most ``_SHORT_REDUCTION`` dot steps: such a kernel mostly moves memory,
     and ``lanes`` passes over the map once per group (the detector's 12 -> 96 conv on AVX-512,
