@@ -633,13 +633,6 @@ def _schedule_dense(sch: s_tir.Schedule, block, kernel: DotKernel) -> None:
     if mode == "pixels":
         sch.reorder(n, y, x_o, o_o, ry, rx, rc_o, x_t, o_t, o_l, r_inner)
         parallel = (n, y)
-        # Rows that do not split evenly over the cores (3 on two: one core did two) are cut
-        # into bands of columns too, as in ``_schedule_depthwise_nhwc``.
-        cores = _target_cores()
-        x_tiles = _extent(sch, x_o)
-        if (_extent(sch, n) * _extent(sch, y)) % cores and x_tiles >= 2 * cores and x_tiles % cores == 0:
-            x_c, x_o = sch.split(x_o, [cores, None])
-            parallel = (n, y, x_c)
     elif nhwc:
         # Rows outermost: the parallel loop's chunks are bands of rows. With the lane groups
         # outermost the two cores each took half of every pixel's channels, in step, and wrote
@@ -651,6 +644,8 @@ def _schedule_dense(sch: s_tir.Schedule, block, kernel: DotKernel) -> None:
     else:
         sch.reorder(n, o_o, y, x_o, ry, rx, rc_o, x_t, o_t, o_l, r_inner)
         parallel = (n, o_o, y)
+    if nhwc:
+        x_o, parallel = _column_bands(sch, x_o, parallel)
     crop = _narrow_crop(sch, block, lanes) if nhwc else None
     tail = _inline_epilogue(sch, crop) if crop is not None else None
     if tail is not None:
@@ -695,6 +690,27 @@ def _schedule_dense(sch: s_tir.Schedule, block, kernel: DotKernel) -> None:
     _finish(sch, block, parallel, ry, (x_t, o_t), o_l, kernel.intrin, packed=mode is not None)
 
 
+# Fewer parallel chunks than this that the cores do not divide leave a core idle long enough
+# to matter (3 on two cores: a third of the time; 15: a fifteenth).
+_FEW_CHUNKS = 16
+
+
+def _column_bands(sch: s_tir.Schedule, x_o, parallel: tuple):
+    """Chunks of the ``parallel`` loops (rows outermost) that do not split evenly over the
+    cores, and are few (3 rows of a 3x96 map on two cores: one core did two), cut into bands
+    of the pixel tiles' loop ``x_o`` too, right under the rows, as in
+    ``_schedule_depthwise_nhwc``: (the tile loop, the parallel loops)."""
+    cores = _target_cores()
+    chunks = int(np.prod([_extent(sch, l) for l in parallel]))
+    x_tiles = _extent(sch, x_o)
+    if chunks % cores == 0 or chunks >= _FEW_CHUNKS or x_tiles < 2 * cores or x_tiles % cores:
+        return x_o, parallel
+    x_c, x_o = sch.split(x_o, [cores, None])
+    rows, rest = parallel[:2], parallel[2:]
+    sch.reorder(*rows, x_c, *rest, x_o)
+    return x_o, (*rows, x_c, *rest)
+
+
 def _narrow_crop(sch: s_tir.Schedule, block, lanes: int):
     """The block that keeps fewer channels than one vector of an NHWC accumulator (a detector
     head's 4 of 8 lanes), else None. Kept as a copy per register tile (one short vector per
@@ -735,8 +751,8 @@ def _pack_mode(sch: s_tir.Schedule, block, reduce_loops, lane_tiles: int):
     small enough to run serially (the classifier's 1x1 kernels 1.2-2.3x faster; the detector's
     with 6-45 groups over parallel packs 5-20 % slower, measured with the groups outermost).
     ``pixels``: more groups over a small map run inside each pixel tile, packed once, in
-    parallel over rows (over rows and tiles it measured slower; rows that do not split evenly
-    over the cores, over rows and bands of columns): 7-19 % faster than ``lanes``
+    parallel over rows (over rows and tiles it measured slower; few rows that do not split
+    evenly over the cores, over rows and bands of columns): 7-19 % faster than ``lanes``
     on the classifier's 16 -> 88, 16 -> 104 and 32 -> 200 convs. Also instead of ``lanes`` where
     the reduction is at most ``_SHORT_REDUCTION`` dot steps: such a kernel mostly moves memory,
     and ``lanes`` passes over the map once per group (the detector's 12 -> 96 conv on AVX-512,
