@@ -43,9 +43,20 @@ if tvm.ir.Op.get("tirx.nearbyint").get_attr("TVectorizable") is None:
 # conv 2x slower, row reductions 2x slower), so kernels opt in.
 TILE_SCOPE_ATTR = "tvm_compress.tile_scope"
 
+# Block annotation of a conv whose output a pool reads in windows of this many rows, the
+# conv's rows grouped by window (``packed_dense.packed_conv2d_nhwc``): ``_schedule_pooled``.
+POOL_ATTR = "tvm_compress.pool_window"
+
 # Widest output-row tile (16 floats = one AVX-512 / two AVX2 registers); narrower divisors of
 # the row length are taken when 16 does not divide it (e.g. 14 -> 7).
 _MAX_WIDTH, _MIN_WIDTH = 16, 4
+
+
+def target_cores() -> int:
+    """Cores of the current target (its ``num-cores``; 2 where it names none)."""
+    target = Target.current(allow_none=True)
+    cores = int(target.attrs.get("num-cores", 0) or 0) if target is not None else 0
+    return cores if cores > 0 else 2
 
 
 def _extent(sch: s_tir.Schedule, loop) -> Optional[int]:
@@ -500,7 +511,7 @@ class CPUFallback(CPUScheduleRule):
             return None
         if func.attrs is not None and func.attrs.get("tirx.is_scheduled", False):
             return None
-        for schedule in (self._schedule_rows, self._schedule):
+        for schedule in (self._schedule_pooled, self._schedule_rows, self._schedule):
             try:
                 sch = schedule(func, target)
             except Exception:  # noqa: BLE001  (a block this rule does not understand stays naive)
@@ -508,6 +519,54 @@ class CPUFallback(CPUScheduleRule):
             if sch is not None:
                 return sch
         return None
+
+    def _schedule_pooled(self, func, target):
+        """A conv with its pool (``POOL_ATTR``) and the element-wise ops after the pool: in
+        parallel over the pooled rows, each computing the conv rows its windows read (a
+        register tile of columns x vectors, as ``_schedule`` tiles a conv) and then the pool
+        and its epilogue on them while they are in cache. The conv's output never goes to
+        memory as a whole, and the pool is no kernel of its own."""
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        conv = [i.block_rv for i in infos if POOL_ATTR in sch.get(i.block_rv).annotations]
+        if len(conv) != 1:
+            return None
+        (conv,) = conv
+        infos = _inline(sch, infos)
+        *_, last = infos
+        if last.is_reduction() or sch.get(last.block_rv).same_as(sch.get(conv)):
+            return None
+        out = last.block_rv
+        loops = sch.get_loops(out)
+        if len(loops) < 3 or any(_extent(sch, l) is None for l in loops):
+            return None  # [(n,) pooled rows, pooled columns, channels]: unit loops dropped
+        cores = int(target.attrs.get("num-cores", self.num_cores) or self.num_cores)
+        *rows, _, channels = loops
+        par = sch.fuse(*rows) if len(rows) > 1 else rows[0]
+        if _extent(sch, par) >= cores and _work(sch, sch.get_loops(conv)) >= PARALLEL_MIN_ELEMS:
+            sch.parallel(par)
+        self._vectorize_row(sch, channels)
+        sch.compute_at(conv, par, preserve_unit_loops=True)
+        kinds = ["R" if iv.iter_type == tirx.IterVar.CommReduce else "S" for iv in sch.get(conv).iter_vars]
+        under = sch.get_loops(conv)[-len(kinds):]
+        s_loops = [l for l, k in zip(under, kinds) if k == "S"]
+        r_loops = [l for l, k in zip(under, kinds) if k == "R"]
+        width = vector_width(_extent(sch, s_loops[-1]), self.lanes)
+        if width is None or not r_loops:
+            return None
+        outer, inner = sch.split(s_loops[-1], factors=[None, width])
+        rows, block_inner = _block_rows(sch, conv, [*s_loops[:-1], outer], -(-width // self.lanes))
+        sch.reorder(*rows, *r_loops, *block_inner, inner)
+        for loop in block_inner:
+            sch.unroll(loop)
+        local = sch.cache_write(conv, 0, "local")
+        sch.reverse_compute_at(local, rows[-1], preserve_unit_loops=True)
+        sch.vectorize(sch.get_loops(local)[-1])
+        sch.vectorize(sch.get_loops(conv)[-1])
+        sch.decompose_reduction(conv, r_loops[0])
+        return sch
 
     def _schedule_rows(self, func, target):
         """Kernels of several blocks that reduce along rows (softmax, layer norm, a mean over

@@ -25,7 +25,7 @@ from tvm import s_tir, te, tirx
 
 from tvm_compress.specs import pair_weight_sums
 
-from .cpu_schedule import PARALLEL_MIN_ELEMS, reads_within
+from .cpu_schedule import PARALLEL_MIN_ELEMS, reads_within, target_cores
 from .int8_intrin import KERNELS, DotKernel, pair_tap_intrin, register, tap_intrin
 
 # Block annotation that marks the convolution for ``schedule_packed_conv`` (set by the compute).
@@ -700,7 +700,7 @@ def _column_bands(sch: s_tir.Schedule, x_o, parallel: tuple):
     cores, and are few (3 rows of a 3x96 map on two cores: one core did two), cut into bands
     of the pixel tiles' loop ``x_o`` too, right under the rows, as in
     ``_schedule_depthwise_nhwc``: (the tile loop, the parallel loops)."""
-    cores = _target_cores()
+    cores = target_cores()
     chunks = int(np.prod([_extent(sch, l) for l in parallel]))
     x_tiles = _extent(sch, x_o)
     if chunks % cores == 0 or chunks >= _FEW_CHUNKS or x_tiles < 2 * cores or x_tiles % cores:
@@ -865,12 +865,6 @@ def _row_chunks(rows: int, cores: int) -> int:
     return even[0] if even else next((d for d in divisors if d >= cores), rows)
 
 
-def _target_cores() -> int:
-    target = tvm.target.Target.current(allow_none=True)
-    cores = int(target.attrs.get("num-cores", 0) or 0) if target is not None else 0
-    return cores if cores > 0 else 2
-
-
 def _schedule_depthwise_nhwc(sch: s_tir.Schedule, block, kernel: DotKernel) -> None:
     cl, inline_pad = (int(v) for v in sch.get(block).annotations[TILE_ATTR])
     (pack,) = sch.get_producers(block)
@@ -886,7 +880,7 @@ def _schedule_depthwise_nhwc(sch: s_tir.Schedule, block, kernel: DotKernel) -> N
     # Chunks of output rows, each packing the input rows it reads inside the parallel loop:
     # packed in one pass over the map first, by both threads, every chunk read rows the
     # other core had just written (1.07-2.1x slower on the detector's and classifier's maps).
-    cores = _target_cores()
+    cores = target_cores()
     row_chunks = _row_chunks(_extent(sch, y), cores)
     y_o, y_i = sch.split(y, [row_chunks, None])
     # Rows that do not split evenly over the cores (3 on two: one core did two) are cut into

@@ -37,22 +37,35 @@ registers first). Numbers: docs/benchmarks.md.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import tvm
 from tvm import relax, te, topi
 
 from tvm_compress.layers import with_layer
-from tvm_compress.relax_utils import ELEMENTWISE_OPS, const, const_value, is_constant, static_shape
+from tvm_compress.relax_utils import ELEMENTWISE_OPS, const, const_value, is_constant, static_shape, use_counts
 
 from .base import KernelHook
-from .cpu_schedule import TILE_SCOPE_ATTR, dense_rows, vector_width
+from .cpu_schedule import POOL_ATTR, TILE_SCOPE_ATTR, dense_rows, target_cores, vector_width
 from .int8_conv import conv_geometry
+from .pooled_conv import epilogue_chain
 
 _OP_MATMUL = tvm.ir.Op.get("relax.matmul")
 _OP_PERMUTE = tvm.ir.Op.get("relax.permute_dims")
 _OP_CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _OP_RESHAPE = tvm.ir.Op.get("relax.reshape")
 _OUT_EWISE_FUSABLE = 4  # relax.transform's OpPatternKind kOutEWiseFusable
+_OP_MAX_POOL = tvm.ir.Op.get("relax.nn.max_pool2d")
+_OP_CALL_TIR = tvm.ir.Op.get("relax.call_tir")
+# Ops a max pool commutes with, exactly: f non-decreasing gives max(f(a), f(b)) = f(max(a, b)),
+# and rounding keeps that (fl(a + c) never decreases as a grows). Multiply and divide only by
+# constants > 0, subtract and divide only with the pooled value first (``_monotone``).
+_MONOTONE = {tvm.ir.Op.get(f"relax.{n}"): n for n in (
+    "add", "subtract", "multiply", "divide", "maximum", "minimum", "clip", "nn.relu")}
+# Rows of pooled output the cores must split about evenly for a conv to take its pool: on
+# fewer, uneven rows (3 on two cores) the pool's kernel of its own measured faster.
+_POOL_BALANCE = 1.15
 
 
 def pack_weight(weight: np.ndarray, panel: int) -> np.ndarray:
@@ -98,9 +111,11 @@ def packed_dense(data: te.Tensor, panels: te.Tensor, padded_rows: int = 0) -> te
     return te.compute((*outer, rows, columns), lambda *idx: acc[idx], name="packed_dense_rows")
 
 
-def packed_conv2d_nhwc(data: te.Tensor, panels: te.Tensor, strides, padding, dilation) -> te.Tensor:
+def packed_conv2d_nhwc(data: te.Tensor, panels: te.Tensor, strides, padding, dilation, pool: int = 0) -> te.Tensor:
     """NHWC ``data`` x the weight packed ``[O / P, KH, KW, I, P]`` -> NHWC; ``padding`` (top,
-    left, bottom, right) as a pad stage of its own, as TOPI's ``conv2d_nhwc`` has it."""
+    left, bottom, right) as a pad stage of its own, as TOPI's ``conv2d_nhwc`` has it.
+    ``pool`` > 1: then a max pool of ``pool`` x ``pool`` windows, stride ``pool``, on the rows
+    and columns its windows cover, the conv's rows grouped by window (``POOL_ATTR``)."""
     n, h, w, ci = (int(d) for d in data.shape)
     blocks, kh, kw, _, panel = (int(d) for d in panels.shape)
     (pt, pl, pb, pr), (sh, sw), (dh, dw), (oh, ow) = conv_geometry(h, w, kh, kw, padding, strides, dilation)
@@ -109,11 +124,22 @@ def packed_conv2d_nhwc(data: te.Tensor, panels: te.Tensor, strides, padding, dil
     ry = te.reduce_axis((0, kh), name="ry")
     rx = te.reduce_axis((0, kw), name="rx")
     rc = te.reduce_axis((0, ci), name="rc")
-    return te.compute(
-        (n, oh, ow, blocks * panel),
-        lambda b, y, x, o: te.sum(data[b, y * sh + ry * dh, x * sw + rx * dw, rc]
-                                  * panels[o // panel, ry, rx, rc, o % panel], axis=[ry, rx, rc]),
-        name="packed_conv2d")
+
+    def product(b, y, x, o):
+        return te.sum(data[b, y * sh + ry * dh, x * sw + rx * dw, rc] * panels[o // panel, ry, rx, rc, o % panel],
+                      axis=[ry, rx, rc])
+
+    if pool <= 1:
+        return te.compute((n, oh, ow, blocks * panel), product, name="packed_conv2d")
+    ph, pw = oh // pool, ow // pool
+    conv = te.compute((n, ph, pool, pw * pool, blocks * panel), lambda b, y, dy, x, o: product(b, y * pool + dy, x, o),
+                      name="packed_conv2d", attrs={POOL_ATTR: pool})
+
+    def window_max(b, y, x, o):
+        values = [conv[b, y, dy, x * pool + dx, o] for dy in range(pool) for dx in range(pool)]
+        return functools.reduce(tvm.tirx.max, values)
+
+    return te.compute((n, ph, pw, blocks * panel), window_max, name="max_pool")
 
 
 @relax.expr_functor.mutator
@@ -122,6 +148,9 @@ class _Pack(relax.expr_functor.PyExprMutator):
         super().__init__(mod)
         self.lanes = lanes
         self.packed = 0
+        self.uses: dict = {}
+        self.panel_convs: dict = {}
+        self.replaced: list = []
 
     def _constant_weight(self, expr):
         """``expr``'s value when it is a constant or a permuted constant (a Gemm's ``transB``
@@ -155,6 +184,8 @@ class _Pack(relax.expr_functor.PyExprMutator):
             return self._matmul(call)
         if call.op.same_as(_OP_CONV2D):
             return self._conv(call)
+        if call.op.same_as(_OP_MAX_POOL):
+            return self._pooled(call)
         if any(call.op.same_as(op) for op in ELEMENTWISE_OPS):
             return self._flat_epilogue(call)
         return call
@@ -216,11 +247,76 @@ class _Pack(relax.expr_functor.PyExprMutator):
             return call  # one panel: the slice is contiguous already
         attrs = call.attrs
         self.packed += 1
-        out = self.builder_.call_te(
-            packed_conv2d_nhwc, call.args[0], const(pack_conv_weight(weight, panel)), [int(v) for v in attrs.strides],
-            [int(v) for v in attrs.padding], [int(v) for v in attrs.dilation],
-            primfunc_name_hint="packed_conv2d", primfunc_attrs={"op_pattern": _OUT_EWISE_FUSABLE})
-        return with_layer(out, call)
+        geometry = ([int(v) for v in attrs.strides], [int(v) for v in attrs.padding], [int(v) for v in attrs.dilation])
+        out = with_layer(self.builder_.call_te(
+            packed_conv2d_nhwc, call.args[0], const(pack_conv_weight(weight, panel)), *geometry,
+            primfunc_name_hint="packed_conv2d", primfunc_attrs={"op_pattern": _OUT_EWISE_FUSABLE}), call)
+        # A pool after it may take it over (``_pooled``): known by its kernel's GlobalVar.
+        self.panel_convs[out.args[0]] = (call.args[0], weight, geometry, call)
+        return out
+
+    def _pooled_source(self, value):
+        """(data, HWIO weight, attrs) of a channels-last float conv ``value`` (as this pass
+        leaves it: a plain conv, or its kernel on the weight in panels), else None."""
+        if value.op.same_as(_OP_CONV2D):
+            attrs = value.attrs
+            if attrs.data_layout != "NHWC" or attrs.kernel_layout != "HWIO" or int(attrs.groups) != 1 \
+                    or str(attrs.out_layout) not in ("", "NHWC") or value.ty.dtype != "float32" \
+                    or value.args[0].ty.dtype != "float32":
+                return None
+            weight = self._constant_weight(value.args[1])
+            if weight is None or weight.dtype != np.float32 or static_shape(value.args[0]) is None:
+                return None
+            return value.args[0], weight, ([int(v) for v in attrs.strides], [int(v) for v in attrs.padding],
+                                           [int(v) for v in attrs.dilation]), value
+        return self.panel_convs.get(value.args[0]) if value.op.same_as(_OP_CALL_TIR) else None
+
+    def _pooled(self, call):
+        """``max_pool2d(f(conv))`` with windows of ``k`` x ``k``, stride ``k``, and ``f``
+        element-wise and non-decreasing (bias, ReLU, clip) -> ``f(conv with its pool)``: one
+        kernel computing, per row of pooled output, the conv rows its windows read, their
+        maximum, and ``f`` on a quarter of the values (k = 2). Exact: a max commutes with
+        non-decreasing functions."""
+        attrs = call.attrs
+        shape, out = static_shape(call.args[0]), static_shape(call)
+        k = [int(v) for v in attrs.pool_size]
+        if shape is None or out is None or len(shape) != 4 or str(attrs.layout) != "NHWC" \
+                or str(attrs.out_layout or "NHWC") != "NHWC" or k[0] != k[1] or k[0] < 2 \
+                or [int(v) for v in attrs.strides] != k or any(int(v) != 1 for v in attrs.dilation) \
+                or any(int(v) for v in attrs.padding) or attrs.ceil_mode:
+            return call
+        rows, cores = out[0] * out[1], target_cores()
+        if -(-rows // cores) * cores > _POOL_BALANCE * rows:
+            return call
+        chain = epilogue_chain(self.lookup_binding, self.uses, call.args[0], (1, 2), self._monotone,
+                               lambda value: self._pooled_source(value) is not None)
+        if chain is None:
+            return call
+        root = chain[0][0]
+        data, weight, (strides, padding, dilation), layer = self._pooled_source(root)
+        if root.op.same_as(_OP_CALL_TIR):
+            self.replaced.append(root.args[0])
+        panel = panel_width(weight.shape[3], self.lanes) or weight.shape[3]
+        self.packed += 1
+        value = with_layer(self.builder_.call_te(
+            packed_conv2d_nhwc, data, const(pack_conv_weight(weight, panel)), strides, padding, dilation, k[0],
+            primfunc_name_hint="packed_conv2d", primfunc_attrs={"op_pattern": _OUT_EWISE_FUSABLE}), layer)
+        for op, at in chain[1:]:
+            args = list(op.args)
+            args[at] = self.builder_.emit(value)
+            value = relax.Call(op.op, args, op.attrs, op.ty_args)
+        return value
+
+    @staticmethod
+    def _monotone(op, at: int) -> bool:
+        """Whether ``op`` never decreases as its operand ``at`` grows (``_MONOTONE``)."""
+        name = next((n for o, n in _MONOTONE.items() if op.op.same_as(o)), None)
+        if name is None or (name in ("subtract", "divide") and at != 0):
+            return False
+        if name in ("multiply", "divide"):
+            other = op.args[1 - at]
+            return is_constant(other) and bool(np.all(const_value(other) > 0))
+        return True
 
     def _conv1x1(self, call, weight):
         """A 1x1, unpadded, ungrouped channels-last conv is a dense layer over the map's pixels:
@@ -306,8 +402,14 @@ class PackedDense:
         rewriter = _Pack(mod, self.lanes)
         for gv, func in list(mod.functions.items()):
             if isinstance(func, relax.Function):
+                rewriter.uses = use_counts(func)
                 rewriter.builder_.update_func(gv, relax.analysis.remove_all_unused(rewriter.visit_expr(func)))
-        return rewriter.builder_.get() if rewriter.packed else mod
+        if not rewriter.packed:
+            return mod
+        out = rewriter.builder_.get()
+        # the panel kernels a pooled conv replaced
+        return tvm.IRModule({gv: f for gv, f in out.functions_items() if not any(gv.same_as(r) for r in rewriter.replaced)},
+                            attrs=out.attrs, global_infos=out.global_infos)
 
 
 class PackedDenseKernels(KernelHook):

@@ -60,33 +60,33 @@ def _varies_along(arg, shape, axes) -> bool:
     return len(full) != len(shape) or any(full[a] != 1 for a in axes)
 
 
+def epilogue_chain(lookup, uses: dict, expr, axes, accept, is_root) -> Optional[list]:
+    """[(root, None), (element-wise op, the position of the chain's operand)...] from ``expr``
+    back to the call ``is_root`` accepts (a conv): each value read once (``uses``), each op one
+    ``accept(op, position)`` takes, every other operand the same at every pixel (``axes``: the
+    rows and columns); None where it is not such a chain. ``lookup``: a variable's value."""
+    chain = []
+    while isinstance(expr, relax.Var) and uses.get(expr, 0) == 1:
+        value = lookup(expr)
+        if not isinstance(value, relax.Call):
+            return None
+        if is_root(value):
+            return [(value, None), *chain[::-1]]
+        shape = static_shape(value)
+        along = [i for i, a in enumerate(value.args) if _varies_along(a, shape, axes)]
+        if shape is None or len(along) != 1 or not accept(value, along[0]):
+            return None
+        chain.append((value, along[0]))
+        expr = value.args[along[0]]
+    return None
+
+
 @mutator
 class _Trim(PyExprMutator):
     def __init__(self, mod, uses: dict):
         super().__init__(mod)
         self.uses = uses
         self.trimmed = 0
-
-    def _chain(self, expr, axes):
-        """[(conv2d, None), (element-wise op, the position of the chain's operand)...] from
-        ``expr`` back to the conv, each value read once and every other operand the same at
-        every pixel (``axes``: rows and columns); None where it is not such a chain."""
-        chain = []
-        while isinstance(expr, relax.Var) and self.uses.get(expr, 0) == 1:
-            value = self.lookup_binding(expr)
-            if not isinstance(value, relax.Call):
-                return None
-            if value.op.same_as(_OP_CONV2D):
-                return [(value, None), *chain[::-1]]
-            if not any(value.op.same_as(op) for op in _EPILOGUE):
-                return None
-            shape = static_shape(value)
-            along = [i for i, a in enumerate(value.args) if _varies_along(a, shape, axes)]
-            if shape is None or len(along) != 1:
-                return None
-            chain.append((value, along[0]))
-            expr = value.args[along[0]]
-        return None
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
@@ -95,7 +95,9 @@ class _Trim(PyExprMutator):
         attrs = call.attrs
         axes = _axes(str(attrs.layout))
         shape, out = static_shape(call.args[0]), static_shape(call)
-        chain = self._chain(call.args[0], axes)
+        chain = epilogue_chain(self.lookup_binding, self.uses, call.args[0], axes,
+                               lambda op, _at: any(op.op.same_as(e) for e in _EPILOGUE),
+                               lambda value: value.op.same_as(_OP_CONV2D))
         pads = [int(p) for p in attrs.padding]
         if chain is None or shape is None or out is None or attrs.ceil_mode or pads[2] or pads[3]:
             return call

@@ -476,3 +476,117 @@ def test_flattened_pointwise_convs_match_onnxruntime(pointwise_model, tmp_path, 
     rep = tvm_compress.compile(pointwise_model, tmp_path / "p.so", target=target, bench_runs=0, log=quiet)
     assert rep["conv_layout"]["layout"] == "NHWC"
     assert rep["verified"] and rep["max_rel_err"] < 1e-5, rep["max_rel_err"]
+
+
+def _conv_pool_module(data_shape, weight, pool=2, epilogue=("bias", "relu"), pool_kw=None, padding=1):
+    """NHWC conv -> ``epilogue`` ops -> max pool, as ``ConvertLayout`` leaves a conv block."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(data_shape, "float32"))
+    channels = weight.shape[0]
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(_nhwc_conv(x, weight, padding=padding))
+            for op in epilogue:
+                if op == "bias":
+                    bias = np.random.default_rng(4).standard_normal((1, 1, 1, channels)).astype("float32")
+                    y = bb.emit(relax.op.add(y, relax.const(bias)))
+                elif op == "relu":
+                    y = bb.emit(relax.op.nn.relu(y))
+                elif op == "clip":
+                    y = bb.emit(relax.op.clip(y, 0.0, 6.0))
+                elif op.startswith("scale"):  # scale<value>
+                    y = bb.emit(relax.op.multiply(y, relax.const(np.float32(op[5:]))))
+                elif op == "sigmoid":
+                    y = bb.emit(relax.op.sigmoid(y))
+            kw = pool_kw or {"pool_size": pool, "strides": pool}
+            out = bb.emit_output(relax.op.nn.max_pool2d(y, layout="NHWC", **kw))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _blocks(stmt, loops=()) -> list:
+    """(block, the loops around it, outermost first) for every block under ``stmt``."""
+    if isinstance(stmt, tvm.tirx.For):
+        return _blocks(stmt.body, (*loops, stmt))
+    if isinstance(stmt, tvm.tirx.SeqStmt):
+        return [b for st in stmt.seq for b in _blocks(st, loops)]
+    if isinstance(stmt, tvm.s_tir.SBlockRealize):
+        return [(stmt.block, loops), *_blocks(stmt.block.body, loops)]
+    return _blocks(stmt.body, loops) if hasattr(stmt, "body") else []
+
+
+def _pool_blocks(mod):
+    """The blocks of ``mod``'s prim funcs that carry a pool window (``POOL_ATTR``)."""
+    from tvm_compress.targets.cpu_schedule import POOL_ATTR
+
+    return [b for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)
+            for b, _ in _blocks(f.body) if POOL_ATTR in b.annotations]
+
+
+@pytest.mark.parametrize("data_shape,out_channels,epilogue", [
+    ((1, 14, 14, 16), 32, ("bias", "relu")),        # two 16-wide panels
+    ((1, 28, 28, 1), 16, ("bias", "relu")),         # one panel: the weight as it is
+    ((1, 16, 16, 8), 24, ("clip", "scale0.5")),     # relu6, then a positive scale
+])
+def test_a_conv_takes_its_max_pool_and_the_epilogue_follows_on_the_pooled_map(data_shape, out_channels, epilogue):
+    """conv -> bias -> ReLU -> 2x2 max pool -> one kernel: the conv rows each pooled row reads,
+    their maximum, then bias and ReLU on the pooled map (exact: they never decrease)."""
+    w = np.random.default_rng(3).standard_normal((out_channels, data_shape[3], 3, 3)).astype("float32")
+    before = _conv_pool_module(data_shape, w, epilogue=epilogue)
+    after = PackedDense(8)(before)
+    calls = _calls(after["main"])
+    assert not any(c.op.same_as(tvm.ir.Op.get("relax.nn.max_pool2d")) for c in calls)
+    assert len(_pool_blocks(after)) == 1
+    # the epilogue runs on the pooled map
+    pooled = [data_shape[0], data_shape[1] // 2, data_shape[2] // 2, out_channels]
+    assert all([int(d) for d in c.ty.shape] == pooled for c in calls if not c.op.same_as(_CALL_TIR))
+    # no kernel of the conv it replaced is left in the module
+    assert sum(isinstance(f, tvm.tirx.PrimFunc) for _, f in after.functions_items()) == 1
+    _assert_same_results(before, after, data_shape, seed=5)
+
+
+@pytest.mark.parametrize("data_shape,epilogue,pool_kw", [
+    ((1, 14, 14, 16), ("bias", "scale-0.5"), None),                                  # a max turns into a min
+    ((1, 14, 14, 16), ("bias", "sigmoid"), None),                                   # rounding of an approximation
+    ((1, 15, 15, 16), ("bias", "relu"), {"pool_size": 3, "strides": 2}),            # overlapping windows
+    ((1, 14, 14, 16), ("bias", "relu"), {"pool_size": 2, "strides": 2, "padding": 1}),
+    ((1, 6, 6, 16), ("bias", "relu"), None),                                        # 3 pooled rows on 2 cores
+])
+def test_pools_it_leaves_to_a_kernel_of_their_own(data_shape, epilogue, pool_kw):
+    w = np.random.default_rng(3).standard_normal((32, data_shape[3], 3, 3)).astype("float32")
+    after = PackedDense(8)(_conv_pool_module(data_shape, w, epilogue=epilogue, pool_kw=pool_kw))
+    assert any(c.op.same_as(tvm.ir.Op.get("relax.nn.max_pool2d")) for c in _calls(after["main"]))
+    assert not _pool_blocks(after)
+
+
+def test_the_pooled_kernel_computes_each_pooled_row_inside_one_parallel_loop():
+    """The default schedule runs the pooled rows in parallel, each computing its conv rows and
+    their pool and epilogue in the same iteration: one parallel loop, holding every block but
+    the input's pad."""
+    from tvm_compress.targets import get_family, get_target
+
+    w = np.random.default_rng(3).standard_normal((32, 16, 3, 3)).astype("float32")
+    after = PackedDense(8)(_conv_pool_module((1, 28, 28, 16), w))
+    profile = get_target("x86-avx2")
+    with profile.tvm_target():
+        lowered = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                                            relax.transform.FuseOps(), relax.transform.FuseTIR()])(after)
+    (gv,) = [gv for gv, f in lowered.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    target = get_family(profile.family).tvm_target(profile)
+    sch = CPUFallback(lanes=8).apply(lowered[gv], target, False)
+    func = sch.mod["main"]
+    blocks = [(b.name_hint, [l for l in loops if l.kind == tvm.tirx.ForKind.PARALLEL]) for b, loops in _blocks(func.body)]
+    (par,) = {p for _, loops in blocks for p in loops}
+    assert int(par.extent) == 14
+    assert {name for name, loops in blocks if not loops} == {"root", "pad_temp"}
+    rng = np.random.default_rng(6)
+    inputs = [rng.standard_normal([int(d) for d in p.shape]).astype(str(p.dtype)) for p in func.params[:-1]]
+    outs = []
+    for f in (func, lowered[gv]):
+        lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target)
+        args = [*(tvm.runtime.tensor(a) for a in inputs),
+                tvm.runtime.tensor(np.zeros([int(d) for d in f.params[-1].shape], "float32"))]
+        lib(*args)
+        outs.append(args[-1].numpy())
+    assert np.abs(outs[1]).max() > 1
+    np.testing.assert_array_equal(outs[0], outs[1])
