@@ -64,9 +64,10 @@ def test_odd_length_elementwise_is_not_vectorized_and_parallel_only_when_large(l
 
 
 def test_small_kernels_run_serially(demo_model):
-    """The demo model's max-pools and its input transpose write a few thousand elements: no
+    """The demo model's max-pool and its input transpose write a few thousand elements: no
     parallel loop (waking the pool cost 0.5 us per kernel, more than their work); its convs
-    stay parallel."""
+    stay parallel. (Of its three pools two run inside their convs' kernels, ``PackedDense``;
+    the third, on 3 rows that two cores do not split evenly, has a kernel of its own.)"""
     prepared = tvm_compress.prepare_onnx(demo_model, {"input": (1, 1, 28, 28)})
     target = get_target("x86").tvm_target()
     with target:
@@ -74,7 +75,7 @@ def test_small_kernels_run_serially(demo_model):
             tvm.transform.Sequential(lowering_passes(get_target("x86")))(prepared.to_relax()))
     kinds = {gv.name_hint: _loop_kinds(f) for gv, f in sched.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
     pools = [n for n in kinds if n.startswith("max_pool2d")]
-    assert len(pools) == 3 and all(tvm.tirx.ForKind.PARALLEL not in kinds[n] for n in pools), kinds
+    assert len(pools) == 1 and all(tvm.tirx.ForKind.PARALLEL not in kinds[n] for n in pools), kinds
     assert all(tvm.tirx.ForKind.PARALLEL in k for n, k in kinds.items() if "conv2d" in n)
 
 
