@@ -221,3 +221,14 @@ def test_a_subcommand_is_one_registered_module(monkeypatch, capsys):
     assert main(["hello", "--who", "board"]) == 0
     assert capsys.readouterr().out.strip() == "hello board"
     assert {c.name for c in commands.commands()} >= {"compile", "run", "inspect", "targets", "demo", "hello"}
+
+
+def test_demo_runs_the_presets_that_apply_to_its_float_trained_model():
+    """``make demo`` compresses the bundled model with int8, pruning and low-rank (the README's
+    list); binary needs a network trained binarized and failed on it in every demo run."""
+    from tvm_compress.demo import demo_pass_sets
+    from tvm_compress.pass_registry import get_preset
+
+    sets = demo_pass_sets()
+    assert sets[0].passes == () and sorted(s.label for s in sets[1:]) == ["lowrank", "prune", "quantize"]
+    assert all(get_preset(s.label).lossy for s in sets[1:])
