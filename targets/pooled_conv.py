@@ -12,9 +12,8 @@ same (its windows read the same values). Exact.
 Needs: ``conv2d`` -> element-wise ops (each operand a scalar or constant along the map's rows
 and columns, every intermediate read once) -> ``max_pool2d`` / ``avg_pool2d``, static shapes.
 Where the conv's padding is too small to shed (the rows lie inside the input), it sheds what
-it can. Runs
-before legalization, first among the kernel hooks' rewrites (the int8, layout and packing
-rewrites see the trimmed conv). Numbers: docs/benchmarks.md.
+it can. Runs before legalization, first among the kernel hooks' rewrites (the int8, layout
+and packing rewrites see the trimmed conv). Numbers: docs/benchmarks.md.
 """
 
 from __future__ import annotations
