@@ -16,6 +16,7 @@ from .prune import Prune, PruneConfig
 from .quantize import Quantize, QuantizeConfig
 from .quantize_annotate import QuantizeAnnotate, QuantizeAnnotateConfig
 from .quantize_realize import QuantizeRealize, QuantizeRealizeConfig
+from .stack_reduce_to_binary import StackReduceToBinary
 from .te_calls_to_ops import TeCallsToOps
 
 __all__ = [
@@ -38,5 +39,6 @@ __all__ = [
     "QuantizeConfig",
     "QuantizeRealize",
     "QuantizeRealizeConfig",
+    "StackReduceToBinary",
     "TeCallsToOps",
 ]

@@ -1,36 +1,62 @@
-"""TeCallsToOps: element-wise TE kernels the ONNX importer emits back into Relax ops.
+"""TeCallsToOps: TE kernels the ONNX importer emits back into Relax ops.
 
 Needs: an imported module (the importer's ``Clip`` becomes ``call_tir(maximum, (x, lo))`` and
-``call_tir(minimum, (x, hi))``, each bound a scalar computed from constants). Runs at import,
-before the compression passes: as ``R.maximum`` / ``R.minimum`` these are element-wise
-ops every pass understands (a channel pruned before a clip stays prunable, fusion and int8
-epilogues see an op), and the compiled kernels are the same. A call is replaced only when its
-PrimFunc is structurally the one TOPI builds for those shapes, so nothing else is touched.
+``call_tir(minimum, (x, hi))``, each bound a scalar computed from constants; its constant
+``Pad`` becomes ``call_tir(pad, (x,))``). Runs at import, before the compression passes: as
+``R.maximum`` / ``R.minimum`` / ``R.nn.pad`` these are ops every pass understands (a channel
+pruned before a clip stays prunable, fusion and int8 epilogues see an op, a model padded by
+an explicit ``Pad``, as TensorFlow exports ``SAME`` convs, can still change layout), and the
+compiled kernels are the same. A call is replaced only when its PrimFunc is structurally the
+one TOPI builds for those shapes, so nothing else is touched. Pads are recognized with value
+zero (the ONNX default) and at most ``_MAX_PAD_TRIES`` ways to split the padding.
 """
 
 from __future__ import annotations
 
+import itertools
+
+import numpy as np
 import tvm
 import tvm_ffi
 from tvm import relax, topi
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
-from tvm_compress.relax_utils import copy_module, is_constant, relax_functions
+from tvm_compress.relax_utils import copy_module, is_constant, relax_functions, static_shape
 
 # TOPI computes the importer uses, and the Relax op computing the same
 _OPS = ((topi.maximum, relax.op.maximum), (topi.minimum, relax.op.minimum))
+_MAX_PAD_TRIES = 256
 
 
-def _topi_func(compute, x, c):
-    """The PrimFunc ``bb.emit_te(compute, x, c)`` makes for these argument types."""
+def _te_func(compute, *args):
+    """The PrimFunc ``bb.emit_te(compute, *args)`` makes for these argument types."""
     bb = relax.BlockBuilder()
-    xv, cv = relax.Var("x", x.ty), relax.Var("c", c.ty)
-    with bb.function("main", [xv, cv]):
+    params = [relax.Var(f"a{i}", a.ty) for i, a in enumerate(args)]
+    with bb.function("main", params):
         with bb.dataflow():
-            out = bb.emit_output(bb.emit_te(compute, xv, cv))
+            out = bb.emit_output(bb.emit_te(compute, *params))
         bb.emit_func_output(out)
     mod = bb.get()
     return next(f for _, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc))
+
+
+def _pad_widths(prim, x, call, cache) -> "list | None":
+    """``R.nn.pad``'s widths when ``prim`` is TOPI's zero pad of ``x`` to ``call``'s shape:
+    each way of splitting the shapes' difference before/after is built and compared."""
+    src, dst = static_shape(x), static_shape(call)
+    if src is None or dst is None or len(src) != len(dst) or any(d < s for s, d in zip(src, dst)):
+        return None
+    extra = [d - s for s, d in zip(src, dst)]
+    if not any(extra) or np.prod([e + 1 for e in extra]) > _MAX_PAD_TRIES:
+        return None
+    for before in itertools.product(*(range(e + 1) for e in extra)):
+        after = [e - b for e, b in zip(extra, before)]
+        key = ("pad", str(x.ty), tuple(before), tuple(after))
+        if key not in cache:
+            cache[key] = _te_func(lambda t, b=list(before), a=after: topi.nn.pad(t, b, a, 0.0), x)
+        if tvm_ffi.structural_equal(prim, cache[key], map_free_vars=True):
+            return [w for pair in zip(before, after) for w in pair]
+    return None
 
 
 def _scalar_constant(expr, bindings) -> "relax.Constant | None":
@@ -70,6 +96,9 @@ class TeCallsToOps:
             if not isinstance(call, relax.Call):
                 return call
             args = call.args[1]
+            if isinstance(args, relax.Tuple) and len(args.fields) == 1:
+                widths = _pad_widths(mod[call.args[0]], args.fields[0], call, cache)
+                return call if widths is None else relax.op.nn.pad(args.fields[0], widths)
             if not isinstance(args, relax.Tuple) or len(args.fields) != 2:
                 return call
             x, c = args.fields
@@ -80,7 +109,7 @@ class TeCallsToOps:
             for compute, op in _OPS:
                 key = (id(compute), str(x.ty), str(c.ty))
                 if key not in cache:
-                    cache[key] = _topi_func(compute, x, c)
+                    cache[key] = _te_func(compute, x, c)
                 if tvm_ffi.structural_equal(prim, cache[key], map_free_vars=True):
                     return op(x, c)
             return call

@@ -59,6 +59,13 @@ KEEP_NCHW = 1.5
 # fused into the convs).
 MIN_TIMED_MACS = 1_000_000
 
+# Relax has no layout rule for these element-wise ops of one tensor (ConvertLayout would convert
+# back to NCHW and forth around each: 19 pairs of transposes in openWakeWord's embedding CNN,
+# and its pools then not taken by the convs); their attributes do not name an axis: relu's rule.
+for _name in ("relax.nn.leakyrelu", "relax.nn.softplus"):
+    if tvm.ir.Op.get(_name).get_attr("FRelaxInferLayout") is None:
+        tvm.ir.Op.get(_name).set_attr("FRelaxInferLayout", tvm.ir.Op.get("relax.nn.relu").get_attr("FRelaxInferLayout"))
+
 
 @mutator
 class _ScalarConstants(PyExprMutator):

@@ -28,12 +28,13 @@ HWIO weight is ``KH * KW * I`` runs of ``P`` floats ``O * 4`` bytes apart, a str
 them onto a few cache sets when ``O`` is 256 or 384, so the slice fell out of L2 (3x3 convs
 with 256-512 channels 1.7-2.4x faster in panels, narrower ones unchanged).
 
-Such a conv followed by a max pool of k x k windows at stride k, through element-wise ops that
-never decrease (bias, ReLU, clip, positive scales), takes the pool into its kernel: the conv's
-rows grouped by window, their maximum, then those ops on the pooled map (a max commutes with
-them, exactly), scheduled per pooled row (``cpu_schedule.CPUFallback._schedule_pooled``). The
-pool is no kernel of its own and the conv's output never goes to memory whole (the demo model
-0.94x -> 0.81x onnxruntime's time). Not where the pooled rows split unevenly over the cores.
+Such a conv followed by a max pool of kh x kw windows at a stride of the window, through
+element-wise ops that never decrease (bias, ReLU, leaky ReLU, clip, positive scales), takes
+the pool into its kernel: the conv's rows grouped by window, their maximum, then those ops on
+the pooled map (a max commutes with them, exactly), scheduled per pooled row
+(``cpu_schedule.CPUFallback._schedule_pooled``). The pool is no kernel of its own and the
+conv's output never goes to memory whole (the demo model 0.94x -> 0.81x onnxruntime's time).
+Not where the pooled rows split unevenly over the cores.
 
 Needs a float32 ``matmul`` whose second operand is a constant 2-D weight (or its transpose: a
 Gemm with ``transB`` imported without ``fold``), or an ungrouped NHWC/HWIO ``conv2d`` with a
@@ -67,9 +68,10 @@ _OP_MAX_POOL = tvm.ir.Op.get("relax.nn.max_pool2d")
 _OP_CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 # Ops a max pool commutes with, exactly: f non-decreasing gives max(f(a), f(b)) = f(max(a, b)),
 # and rounding keeps that (fl(a + c) never decreases as a grows). Multiply and divide only by
-# constants > 0, subtract and divide only with the pooled value first (``_monotone``).
+# constants > 0, subtract and divide only with the pooled value first, leaky relu with a slope
+# >= 0 (``_monotone``).
 _MONOTONE = {tvm.ir.Op.get(f"relax.{n}"): n for n in (
-    "add", "subtract", "multiply", "divide", "maximum", "minimum", "clip", "nn.relu")}
+    "add", "subtract", "multiply", "divide", "maximum", "minimum", "clip", "nn.relu", "nn.leakyrelu")}
 # Rows of pooled output the cores must split about evenly for a conv to take its pool: on
 # fewer, uneven rows (3 on two cores) the pool's kernel of its own measured faster.
 _POOL_BALANCE = 1.15
@@ -118,11 +120,12 @@ def packed_dense(data: te.Tensor, panels: te.Tensor, padded_rows: int = 0) -> te
     return te.compute((*outer, rows, columns), lambda *idx: acc[idx], name="packed_dense_rows")
 
 
-def packed_conv2d_nhwc(data: te.Tensor, panels: te.Tensor, strides, padding, dilation, pool: int = 0) -> te.Tensor:
+def packed_conv2d_nhwc(data: te.Tensor, panels: te.Tensor, strides, padding, dilation, pool=0) -> te.Tensor:
     """NHWC ``data`` x the weight packed ``[O / P, KH, KW, I, P]`` -> NHWC; ``padding`` (top,
     left, bottom, right) as a pad stage of its own, as TOPI's ``conv2d_nhwc`` has it.
-    ``pool`` > 1: then a max pool of ``pool`` x ``pool`` windows, stride ``pool``, on the rows
-    and columns its windows cover, the conv's rows grouped by window (``POOL_ATTR``)."""
+    ``pool`` (``k`` or ``(kh, kw)``, more than one element): then a max pool of such windows,
+    stride the window, on the rows and columns its windows cover, the conv's rows grouped by
+    window (``POOL_ATTR``)."""
     n, h, w, ci = (int(d) for d in data.shape)
     blocks, kh, kw, _, panel = (int(d) for d in panels.shape)
     (pt, pl, pb, pr), (sh, sw), (dh, dw), (oh, ow) = conv_geometry(h, w, kh, kw, padding, strides, dilation)
@@ -136,14 +139,15 @@ def packed_conv2d_nhwc(data: te.Tensor, panels: te.Tensor, strides, padding, dil
         return te.sum(data[b, y * sh + ry * dh, x * sw + rx * dw, rc] * panels[o // panel, ry, rx, rc, o % panel],
                       axis=[ry, rx, rc])
 
-    if pool <= 1:
+    py, px = (pool, pool) if isinstance(pool, int) else pool
+    if py * px <= 1:
         return te.compute((n, oh, ow, blocks * panel), product, name="packed_conv2d")
-    ph, pw = oh // pool, ow // pool
-    conv = te.compute((n, ph, pool, pw * pool, blocks * panel), lambda b, y, dy, x, o: product(b, y * pool + dy, x, o),
-                      name="packed_conv2d", attrs={POOL_ATTR: pool})
+    ph, pw = oh // py, ow // px
+    conv = te.compute((n, ph, py, pw * px, blocks * panel), lambda b, y, dy, x, o: product(b, y * py + dy, x, o),
+                      name="packed_conv2d", attrs={POOL_ATTR: py * px})
 
     def window_max(b, y, x, o):
-        values = [conv[b, y, dy, x * pool + dx, o] for dy in range(pool) for dx in range(pool)]
+        values = [conv[b, y, dy, x * px + dx, o] for dy in range(py) for dx in range(px)]
         return functools.reduce(tvm.tirx.max, values)
 
     return te.compute((n, ph, pw, blocks * panel), window_max, name="max_pool")
@@ -280,16 +284,16 @@ class _Pack(relax.expr_functor.PyExprMutator):
         return self.panel_convs.get(value.args[0]) if value.op.same_as(_OP_CALL_TIR) else None
 
     def _pooled(self, call):
-        """``max_pool2d(f(conv))`` with windows of ``k`` x ``k``, stride ``k``, and ``f``
+        """``max_pool2d(f(conv))`` with windows of ``kh`` x ``kw``, stride the window, and ``f``
         element-wise and non-decreasing (bias, ReLU, clip) -> ``f(conv with its pool)``: one
         kernel computing, per row of pooled output, the conv rows its windows read, their
-        maximum, and ``f`` on a quarter of the values (k = 2). Exact: a max commutes with
+        maximum, and ``f`` on a quarter of the values (2 x 2). Exact: a max commutes with
         non-decreasing functions."""
         attrs = call.attrs
         shape, out = static_shape(call.args[0]), static_shape(call)
         k = [int(v) for v in attrs.pool_size]
         if shape is None or out is None or len(shape) != 4 or str(attrs.layout) != "NHWC" \
-                or str(attrs.out_layout or "NHWC") != "NHWC" or k[0] != k[1] or k[0] < 2 \
+                or str(attrs.out_layout or "NHWC") != "NHWC" or k[0] * k[1] < 2 \
                 or [int(v) for v in attrs.strides] != k or any(int(v) != 1 for v in attrs.dilation) \
                 or any(int(v) for v in attrs.padding) or attrs.ceil_mode:
             return call
@@ -307,7 +311,7 @@ class _Pack(relax.expr_functor.PyExprMutator):
         panel = panel_width(weight.shape[3], self.lanes) or weight.shape[3]
         self.packed += 1
         value = with_layer(self.builder_.call_te(
-            packed_conv2d_nhwc, data, const(pack_conv_weight(weight, panel)), strides, padding, dilation, k[0],
+            packed_conv2d_nhwc, data, const(pack_conv_weight(weight, panel)), strides, padding, dilation, k,
             primfunc_name_hint="packed_conv2d", primfunc_attrs={"op_pattern": _OUT_EWISE_FUSABLE}), layer)
         for op, at in chain[1:]:
             args = list(op.args)
@@ -324,6 +328,8 @@ class _Pack(relax.expr_functor.PyExprMutator):
         if name in ("multiply", "divide"):
             other = op.args[1 - at]
             return is_constant(other) and bool(np.all(const_value(other) > 0))
+        if name == "nn.leakyrelu":
+            return float(op.attrs.alpha) >= 0
         return True
 
     def _conv1x1(self, call, weight):

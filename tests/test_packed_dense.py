@@ -498,6 +498,8 @@ def _conv_pool_module(data_shape, weight, pool=2, epilogue=("bias", "relu"), poo
                     y = bb.emit(relax.op.multiply(y, relax.const(np.float32(op[5:]))))
                 elif op == "sigmoid":
                     y = bb.emit(relax.op.sigmoid(y))
+                elif op.startswith("leaky"):  # leaky<slope>
+                    y = bb.emit(relax.op.nn.leakyrelu(y, float(op[5:])))
             kw = pool_kw or {"pool_size": pool, "strides": pool}
             out = bb.emit_output(relax.op.nn.max_pool2d(y, layout="NHWC", **kw))
         bb.emit_func_output(out)
@@ -523,22 +525,26 @@ def _pool_blocks(mod):
             for b, _ in _blocks(f.body) if POOL_ATTR in b.annotations]
 
 
-@pytest.mark.parametrize("data_shape,out_channels,epilogue", [
-    ((1, 14, 14, 16), 32, ("bias", "relu")),        # two 16-wide panels
-    ((1, 28, 28, 1), 16, ("bias", "relu")),         # one panel: the weight as it is
-    ((1, 16, 16, 8), 24, ("clip", "scale0.5")),     # relu6, then a positive scale
+@pytest.mark.parametrize("data_shape,out_channels,epilogue,window", [
+    ((1, 14, 14, 16), 32, ("bias", "relu"), (2, 2)),             # two 16-wide panels
+    ((1, 28, 28, 1), 16, ("bias", "relu"), (2, 2)),              # one panel: the weight as it is
+    ((1, 16, 16, 8), 24, ("clip", "scale0.5"), (2, 2)),          # relu6, then a positive scale
+    ((1, 12, 16, 24), 48, ("bias", "leaky0.2"), (1, 2)),         # a window along the rows only
+    ((1, 19, 9, 8), 16, ("bias", "leaky0.1", "relu"), (3, 2)),   # a row and a column left over
 ])
-def test_a_conv_takes_its_max_pool_and_the_epilogue_follows_on_the_pooled_map(data_shape, out_channels, epilogue):
-    """conv -> bias -> ReLU -> 2x2 max pool -> one kernel: the conv rows each pooled row reads,
-    their maximum, then bias and ReLU on the pooled map (exact: they never decrease)."""
+def test_a_conv_takes_its_max_pool_and_the_epilogue_follows_on_the_pooled_map(data_shape, out_channels, epilogue,
+                                                                              window):
+    """conv -> bias -> ReLU -> max pool (stride the window) -> one kernel: the conv rows each
+    pooled row reads, their maximum, then bias and ReLU on the pooled map (exact: they never
+    decrease)."""
     w = np.random.default_rng(3).standard_normal((out_channels, data_shape[3], 3, 3)).astype("float32")
-    before = _conv_pool_module(data_shape, w, epilogue=epilogue)
+    before = _conv_pool_module(data_shape, w, epilogue=epilogue, pool_kw={"pool_size": window, "strides": window})
     after = PackedDense(8)(before)
     calls = _calls(after["main"])
     assert not any(c.op.same_as(tvm.ir.Op.get("relax.nn.max_pool2d")) for c in calls)
     assert len(_pool_blocks(after)) == 1
     # the epilogue runs on the pooled map
-    pooled = [data_shape[0], data_shape[1] // 2, data_shape[2] // 2, out_channels]
+    pooled = [data_shape[0], data_shape[1] // window[0], data_shape[2] // window[1], out_channels]
     assert all([int(d) for d in c.ty.shape] == pooled for c in calls if not c.op.same_as(_CALL_TIR))
     # no kernel of the conv it replaced is left in the module
     assert sum(isinstance(f, tvm.tirx.PrimFunc) for _, f in after.functions_items()) == 1
@@ -548,6 +554,8 @@ def test_a_conv_takes_its_max_pool_and_the_epilogue_follows_on_the_pooled_map(da
 @pytest.mark.parametrize("data_shape,epilogue,pool_kw", [
     ((1, 14, 14, 16), ("bias", "scale-0.5"), None),                                  # a max turns into a min
     ((1, 14, 14, 16), ("bias", "sigmoid"), None),                                   # rounding of an approximation
+    ((1, 14, 14, 16), ("bias", "leaky-0.5"), None),                                 # a negative slope
+    ((1, 14, 14, 16), ("bias", "relu"), {"pool_size": (1, 2), "strides": (1, 1)}),  # stride not the window
     ((1, 15, 15, 16), ("bias", "relu"), {"pool_size": 3, "strides": 2}),            # overlapping windows
     ((1, 14, 14, 16), ("bias", "relu"), {"pool_size": 2, "strides": 2, "padding": 1}),
     ((1, 6, 6, 16), ("bias", "relu"), None),                                        # 3 pooled rows on 2 cores

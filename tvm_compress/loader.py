@@ -80,7 +80,8 @@ def import_passes(model: Optional[onnx.ModelProto] = None) -> list:
     onnxruntime computes, to an ulp of the importer's)."""
     from tvm import relax
 
-    from tvm_compress.passes import Conv1dToConv2d, ConvTransposeToConv, HardSwishAsHardSigmoid, TeCallsToOps
+    from tvm_compress.passes import (Conv1dToConv2d, ConvTransposeToConv, HardSwishAsHardSigmoid,
+                                     StackReduceToBinary, TeCallsToOps)
 
     from .layers import NameLayers, onnx_layer_names
 
@@ -90,6 +91,7 @@ def import_passes(model: Optional[onnx.ModelProto] = None) -> list:
         # one around an If); the passes rewrite dataflow blocks, so form them around the Ifs.
         relax.transform.ConvertToDataflow(),
         TeCallsToOps(),
+        StackReduceToBinary(),
         HardSwishAsHardSigmoid(),
         ConvTransposeToConv(),
         Conv1dToConv2d(),
