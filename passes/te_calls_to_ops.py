@@ -1,8 +1,8 @@
 """TeCallsToOps: TE kernels the ONNX importer emits back into Relax ops.
 
 Needs: an imported module (the importer's ``Clip`` becomes ``call_tir(maximum, (x, lo))`` and
-``call_tir(minimum, (x, hi))``, each bound a scalar computed from constants; its constant
-``Pad`` becomes ``call_tir(pad, (x,))``). Runs at import, before the compression passes: as
+``call_tir(minimum, (x, hi))``, each bound a scalar, most often computed from constants; its
+constant ``Pad`` becomes ``call_tir(pad, (x,))``). Runs at import, before the compression passes: as
 ``R.maximum`` / ``R.minimum`` / ``R.nn.pad`` these are ops every pass understands (a channel
 pruned before a clip stays prunable, fusion and int8 epilogues see an op, a model padded by
 an explicit ``Pad``, as TensorFlow exports ``SAME`` convs, can still change layout), and the
@@ -102,7 +102,9 @@ class TeCallsToOps:
             if not isinstance(args, relax.Tuple) or len(args.fields) != 2:
                 return call
             x, c = args.fields
-            c = _scalar_constant(c, var2val)
+            # a bound computed from the data (a clip to the map's maximum minus 80 dB) stays a
+            # variable; one computed from constants becomes the constant
+            c = _scalar_constant(c, var2val) or (c if getattr(c.ty, "ndim", None) == 0 else None)
             if c is None:
                 return call
             prim = mod[call.args[0]]

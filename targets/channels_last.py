@@ -36,6 +36,7 @@ from tvm_compress.specs import json_attr
 
 from .base import KernelHook
 from .cpu_schedule import vector_width
+from .dense_columns import CONV_ANY_GAIN_FROM, padded_columns, worth_padding
 
 _OP_CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _OP_CALL_TIR = tvm.ir.Op.get("relax.call_tir")
@@ -122,10 +123,19 @@ def _macs(conv: relax.Call) -> float:
     return float(np.prod([int(d) for d in conv.ty.shape]) * np.prod(weight[1:]))
 
 
-def _keeps_nchw(out_nchw, stride_w: int, lanes: int) -> bool:
+def _channel_use(channels: int, macs: float, lanes: int) -> float:
+    """``_lane_use`` of the channels in NHWC, padded to whole registers where ``PadDenseColumns``
+    pads them (257 STFT bins -> 264)."""
+    use = _lane_use(channels, lanes)
+    if worth_padding(channels, macs, lanes, CONV_ANY_GAIN_FROM):
+        use = max(use, channels / padded_columns(channels, lanes))
+    return use
+
+
+def _keeps_nchw(out_nchw, stride_w: int, macs: float, lanes: int) -> bool:
     """A conv whose output rows fill the vectors much better than its channels (24 channels
     of 160-wide maps) stays NCHW, between two transposes."""
-    return _lane_use(out_nchw[3], lanes, strided=stride_w > 1) >= KEEP_NCHW * _lane_use(out_nchw[1], lanes)
+    return _lane_use(out_nchw[3], lanes, strided=stride_w > 1) >= KEEP_NCHW * _channel_use(out_nchw[1], macs, lanes)
 
 
 def channels_last_gain(func: relax.Function, lanes: int) -> float:
@@ -140,8 +150,8 @@ def channels_last_gain(func: relax.Function, lanes: int) -> float:
         macs = _macs(call)
         stride_w = int(call.attrs.strides[1])
         nchw += macs / _lane_use(out[3], lanes, strided=stride_w > 1)
-        mixed += macs / max(_lane_use(out[3], lanes, strided=stride_w > 1), _lane_use(out[1], lanes)) \
-            if _keeps_nchw(out, stride_w, lanes) else macs / _lane_use(out[1], lanes)
+        mixed += macs / max(_lane_use(out[3], lanes, strided=stride_w > 1), _channel_use(out[1], macs, lanes)) \
+            if _keeps_nchw(out, stride_w, macs, lanes) else macs / _channel_use(out[1], macs, lanes)
     return nchw / mixed
 
 
@@ -158,7 +168,8 @@ class _BackToNCHW(PyExprMutator):
         if not call.op.same_as(_OP_CONV2D) or call.attrs.data_layout != "NHWC" or call.attrs.kernel_layout != "HWIO":
             return call
         n, h, w, c = (int(d) for d in call.ty.shape)
-        if not _keeps_nchw((n, c, h, w), int(call.attrs.strides[1]), self.lanes):
+        kh, kw, ci, _ = (int(d) for d in call.args[1].ty.shape)
+        if not _keeps_nchw((n, c, h, w), int(call.attrs.strides[1]), n * h * w * c * kh * kw * ci, self.lanes):
             return call
         x = self.builder_.emit(relax.op.permute_dims(call.args[0], [0, 3, 1, 2]))
         weight = self.builder_.emit(relax.op.permute_dims(call.args[1], [3, 2, 0, 1]))

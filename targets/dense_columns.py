@@ -11,6 +11,11 @@ registers better than the widths that divide it, and takes the real columns back
 ViT's 197 tokens) gets zero rows up to a multiple of 8 the same way. Matmuls of two
 activations (attention's Q x K^T and P x V) are padded too, by pad kernels on the operands: 197
 score columns had no vector width at all (a 6x197x64x197 product took 4 ms, 95 us padded).
+Channels-last convs with a constant weight are dense layers over their pixels and get zero
+output channels the same way: an STFT front end's 257 frequency bins (openWakeWord's
+melspectrogram, 257 = a prime) ran on one lane per vector, 8.5x slower than padded to 264.
+Where the unpadded width fills under half the lanes, layers from ``MIN_MACS / 64`` are padded
+(convs only then).
 
 Runs before legalization, after the int8, sparse and binary rewrites (their kernels are no
 float matmul). Numbers: docs/benchmarks.md.
@@ -24,15 +29,26 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from tvm_compress.layers import with_layer
-from tvm_compress.relax_utils import const, const_value, is_constant, static_shape
+from tvm_compress.relax_utils import const, const_value, is_constant, permuted_constant, static_shape
 
 from .base import KernelHook, rewrite_functions
 from .cpu_schedule import vector_width
 
 _OP_MATMUL = tvm.ir.Op.get("relax.matmul")
+_OP_CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 # The slice is a kernel of its own: on smaller layers (the recognizer's 40x120x360 neck
 # matmuls) it cost more than the fuller registers saved.
 MIN_MACS = 1 << 22
+# ... unless the padding at least doubles the lanes in use
+_MIN_GAIN_MACS, _LANE_GAIN = MIN_MACS >> 6, 2.0
+# Convs only for that: 24-72 channels on 16 lanes (MobileNets on AVX-512) fill half of each
+# register; whether padding them pays was not measured.
+CONV_ANY_GAIN_FROM = float("inf")
+
+
+def conv_macs(out_nhwc, weight_hwio) -> float:
+    """MACs of an NHWC conv with output shape ``out_nhwc`` and an HWIO weight."""
+    return float(np.prod(out_nhwc)) * float(np.prod(weight_hwio[:3]))
 
 
 def lane_use(columns: int, lanes: int) -> float:
@@ -47,6 +63,16 @@ def padded_columns(columns: int, lanes: int) -> int:
     width leaves empty (6625 -> 6640 on 16 lanes), else ``columns``."""
     padded = -(-columns // lanes) * lanes
     return padded if columns / padded > lane_use(columns, lanes) else columns
+
+
+def worth_padding(columns: int, macs: float, lanes: int, any_gain_from: float = MIN_MACS) -> bool:
+    """Whether a layer of ``macs`` with ``columns`` outputs per row gets padded columns: from
+    ``any_gain_from`` MACs where padding fills the registers better at all, from ``MIN_MACS /
+    64`` where it at least doubles the lanes in use."""
+    padded = padded_columns(columns, lanes)
+    if padded == columns:
+        return False
+    return macs >= any_gain_from or (macs >= _MIN_GAIN_MACS and columns / padded >= _LANE_GAIN * lane_use(columns, lanes))
 
 
 # The default schedule's register tile takes up to 8 rows that divide the row count; with no
@@ -72,6 +98,8 @@ class _PadColumns(PyExprMutator):
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
+        if call.op.same_as(_OP_CONV2D):
+            return self._conv(call)
         if not call.op.same_as(_OP_MATMUL) or call.ty.dtype != "float32":
             return call
         second = call.args[1]
@@ -85,17 +113,16 @@ class _PadColumns(PyExprMutator):
             if dims is None or len(dims) < 2 or second.ty.dtype != "float32":
                 return call
             inner, columns = dims[-2:]
-        padded = padded_columns(columns, self.lanes)
         shape = list(call.ty.shape)
         rows = 1
         for d in shape[:-1]:
             rows *= int(d) if isinstance(d, tvm.tirx.IntImm) else 1 << 20
-        if rows * inner * columns < MIN_MACS:
-            return call
+        macs = rows * inner * columns
+        padded = padded_columns(columns, self.lanes) if worth_padding(columns, macs, self.lanes) else columns
         data_dims = static_shape(call.args[0])
         lines = int(shape[-2]) if len(shape) >= 2 and isinstance(shape[-2], tvm.tirx.IntImm) \
             and data_dims is not None and len(data_dims) >= 2 else None
-        lines_padded = padded_rows(lines) if lines is not None else None
+        lines_padded = padded_rows(lines) if lines is not None and macs >= MIN_MACS else lines
         if padded == columns and lines_padded == lines:
             return call
         self.padded += 1
@@ -111,6 +138,29 @@ class _PadColumns(PyExprMutator):
             if lines_padded != lines else relax.op.strided_slice(out, axes=[ndim - 1], begin=[0], end=[columns])
 
 
+    def _conv(self, call):
+        """An ungrouped channels-last float conv with a constant HWIO weight: zero output
+        channels (the weight's last axis), sliced back."""
+        attrs = call.attrs
+        shape = static_shape(call)
+        if shape is None or call.ty.dtype != "float32" or attrs.data_layout != "NHWC" \
+                or attrs.kernel_layout != "HWIO" or str(attrs.out_layout) not in ("", "NHWC") \
+                or int(attrs.groups) != 1:
+            return call
+        weight = permuted_constant(self, call.args[1])
+        if weight is None:
+            return call
+        columns = weight.shape[3]
+        if weight.dtype != np.float32 or not worth_padding(columns, conv_macs(shape, weight.shape), self.lanes,
+                                                               CONV_ANY_GAIN_FROM):
+            return call
+        self.padded += 1
+        padded = padded_columns(columns, self.lanes)
+        weight = const(np.pad(weight, ((0, 0), (0, 0), (0, 0), (0, padded - columns))))
+        out = self.builder_.emit(with_layer(relax.Call(call.op, [call.args[0], weight], attrs), call))
+        return relax.op.strided_slice(out, axes=[3], begin=[0], end=[columns])
+
+
 def _pad_widths(ndim: int, axis: int, after: int) -> list:
     """``relax.op.nn.pad``'s flat (before, after) list: ``after`` zeros at the end of ``axis``."""
     widths = [0] * (2 * ndim)
@@ -120,9 +170,9 @@ def _pad_widths(ndim: int, axis: int, after: int) -> list:
 
 @tvm.transform.module_pass(opt_level=0, name="PadDenseColumns")
 class PadDenseColumns:
-    """Float matmuls -> the same on zero-padded columns and rows, sliced back, where whole
-    registers of ``lanes`` float32 fit the padded width, or a 4-8 row tile the padded rows,
-    better."""
+    """Float matmuls and channels-last convs -> the same on zero-padded columns (and a matmul's
+    rows), sliced back, where whole registers of ``lanes`` float32 fit the padded width, or a
+    4-8 row tile the padded rows, better."""
 
     def __init__(self, lanes: int):
         self.lanes = lanes

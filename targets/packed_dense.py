@@ -52,7 +52,8 @@ import tvm
 from tvm import relax, te, topi
 
 from tvm_compress.layers import with_layer
-from tvm_compress.relax_utils import ELEMENTWISE_OPS, const, const_value, is_constant, static_shape, use_counts
+from tvm_compress.relax_utils import (ELEMENTWISE_OPS, const, const_value, is_constant, permuted_constant, static_shape,
+                                      use_counts)
 
 from .base import KernelHook
 from .cpu_schedule import POOL_ATTR, TILE_SCOPE_ATTR, dense_rows, target_cores, vector_width
@@ -60,7 +61,6 @@ from .int8_conv import conv_geometry
 from .pooled_conv import epilogue_chain
 
 _OP_MATMUL = tvm.ir.Op.get("relax.matmul")
-_OP_PERMUTE = tvm.ir.Op.get("relax.permute_dims")
 _OP_CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _OP_RESHAPE = tvm.ir.Op.get("relax.reshape")
 _OUT_EWISE_FUSABLE = 4  # relax.transform's OpPatternKind kOutEWiseFusable
@@ -164,18 +164,7 @@ class _Pack(relax.expr_functor.PyExprMutator):
         self.replaced: list = []
 
     def _constant_weight(self, expr):
-        """``expr``'s value when it is a constant or a permuted constant (a Gemm's ``transB``
-        before constant folding, a conv's OIHW -> HWIO weight after ``ConvertLayout``), else
-        None."""
-        if is_constant(expr):
-            return const_value(expr)
-        bound = self.lookup_binding(expr) if isinstance(expr, relax.Var) else None
-        if isinstance(bound, relax.Call) and bound.op.same_as(_OP_PERMUTE) and is_constant(bound.args[0]):
-            value = const_value(bound.args[0])
-            axes = bound.attrs.axes
-            axes = list(range(value.ndim))[::-1] if axes is None else [int(a) for a in axes]
-            return np.ascontiguousarray(value.transpose(axes))
-        return None
+        return permuted_constant(self, expr)
 
     def _flat_source(self, expr, shape):
         """The ``[..., P, C]`` tensor ``expr`` (of ``shape``) was reshaped from by a flattened

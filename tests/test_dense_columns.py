@@ -192,3 +192,73 @@ def test_attention_of_197_tokens_matches_onnxruntime(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     rep = tvm_compress.compile(path, tmp_path / "a.so", target="x86", bench_runs=0, log=quiet)
     assert rep["verified"] and rep["max_rel_err"] < 1e-5, rep["max_rel_err"]
+
+
+def _nhwc_conv_module(data_shape, weight_oihw, strides=(1, 1)):
+    """An NHWC conv on an OIHW constant permuted to HWIO, as ``ConvertLayout`` leaves it."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(data_shape, "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            w = bb.emit(relax.op.permute_dims(relax.const(weight_oihw), [2, 3, 1, 0]))
+            out = bb.emit_output(relax.op.nn.conv2d(x, w, strides=strides, data_layout="NHWC", kernel_layout="HWIO"))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def test_a_conv_with_channels_no_register_divides_gets_zero_channels_and_a_slice():
+    """257 output channels (an STFT's frequency bins: a prime) filled one lane per vector:
+    the HWIO weight gets 7 zero output channels, the conv's output is sliced back to 257."""
+    w = np.random.default_rng(7).standard_normal((257, 1, 1, 64)).astype("float32")
+    after = PadDenseColumns(8)(_nhwc_conv_module((1, 1, 512, 1), w, strides=(1, 16)))
+    hwio = np.pad(w.transpose(2, 3, 1, 0), ((0, 0), (0, 0), (0, 0), (0, 7)))
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 1, 512, 1), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            wide = bb.emit(relax.op.nn.conv2d(x, relax.const(hwio), strides=(1, 16), data_layout="NHWC",
+                                              kernel_layout="HWIO"))
+            out = bb.emit_output(relax.op.strided_slice(wide, axes=[3], begin=[0], end=[257]))
+        bb.emit_func_output(out)
+    # (the unused permute of the old weight is left for dead-code removal)
+    tvm.ir.assert_structural_equal(relax.transform.DeadCodeElimination()(after), bb.get())
+
+
+@pytest.mark.parametrize("data_shape,out_channels,lanes", [
+    ((1, 28, 28, 32), 24, 16),  # half of each register: not measured to pay for convs
+    ((1, 4, 4, 8), 257, 8),     # 33K MACs: too small for a slice kernel
+    ((1, 8, 8, 16), 64, 8),     # whole registers already
+])
+def test_convs_it_leaves_alone(data_shape, out_channels, lanes):
+    w = np.random.default_rng(8).standard_normal((out_channels, data_shape[3], 1, 1)).astype("float32")
+    mod = _nhwc_conv_module(data_shape, w)
+    assert PadDenseColumns(lanes)(mod).same_as(mod)
+
+
+@pytest.mark.parametrize("target", ["x86", "x86-avx2"])
+def test_an_stft_front_end_matches_onnxruntime(tmp_path, target):
+    """Audio samples -> Conv1d to 257 bins (real and imaginary, stride 32) -> power -> mel
+    MatMul, as openWakeWord's melspectrogram exports it: channels-last with padded channels,
+    and the same results as onnxruntime."""
+    rng = np.random.default_rng(9)
+    nodes = [helper.make_node("Unsqueeze", ["x", "axis1"], ["x3"])]
+    for part in ("re", "im"):
+        nodes += [helper.make_node("Conv", ["x3", f"w_{part}"], [f"c_{part}"], kernel_shape=[128], strides=[32]),
+                  helper.make_node("Transpose", [f"c_{part}"], [f"t_{part}"], perm=[0, 2, 1]),
+                  helper.make_node("Mul", [f"t_{part}", f"t_{part}"], [f"p_{part}"])]
+    nodes += [helper.make_node("Add", ["p_re", "p_im"], ["power"]), helper.make_node("MatMul", ["power", "mel"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "stft", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1024])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 29, 16])],
+        [numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+         numpy_helper.from_array(rng.standard_normal((257, 1, 128)).astype("float32") * 0.1, "w_re"),
+         numpy_helper.from_array(rng.standard_normal((257, 1, 128)).astype("float32") * 0.1, "w_im"),
+         numpy_helper.from_array(np.abs(rng.standard_normal((257, 16))).astype("float32"), "mel")])
+    path = tmp_path / "stft.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    rep = tvm_compress.compile(path, tmp_path / "stft.so", target=target, bench_runs=0, log=quiet)
+    assert rep["conv_layout"]["layout"] == "NHWC"
+    # both weights stored with 264 (8 lanes) or 272 (16 lanes) output channels
+    padded = padded_columns(257, 16 if target == "x86" else 8)
+    assert rep["weight_bytes_after"] == (2 * 128 * padded + 257 * 16) * 4, rep["weight_bytes_after"]
+    assert rep["verified"] and rep["max_rel_err"] < 1e-5, rep["max_rel_err"]

@@ -84,6 +84,21 @@ def test_the_importers_zero_pads_become_relax_pads():
     assert kept["main"].script().count("R.call_tir") == 1
 
 
+def test_a_clip_to_a_bound_computed_from_the_data_becomes_maximum():
+    """melspectrogram's ``Clip(x, max(x) - 80)``: the importer's call_tir(maximum) of a 0-d
+    variable -> R.maximum(x, bound) (then no kernel of its own keeps the convs NCHW)."""
+    def importer_form(bb, xs):
+        floor = bb.emit(relax.op.subtract(bb.emit(relax.op.max(xs[0])), relax.const(np.float32(80))))
+        return bb.emit_te(topi.maximum, xs[0], floor)
+
+    def as_op(bb, xs):
+        floor = bb.emit(relax.op.subtract(bb.emit(relax.op.max(xs[0])), relax.const(np.float32(80))))
+        return bb.emit(relax.op.maximum(xs[0], floor))
+
+    after = relax.transform.CanonicalizeBindings()(TeCallsToOps()(_function(importer_form, shapes=[SHAPE])))
+    tvm.ir.assert_structural_equal(after, _function(as_op, shapes=[SHAPE]))
+
+
 def _tf_style_model(path):
     """NHWC input, an explicit Pad, a reshape to NCHW (one channel), then conv blocks as
     TensorFlow exports them (conv -> LeakyReLU -> Max with a (1,1,1,1) constant) with 2x2 and

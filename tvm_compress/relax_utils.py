@@ -10,6 +10,7 @@ from tvm import relax, tirx
 from tvm.relax.dpl import is_const
 
 _CONST = is_const()
+_OP_PERMUTE = tvm.ir.Op.get("relax.permute_dims")
 # Element-wise ops (one output element from the same element of each operand, broadcasting):
 # bias, activations, a residual add, and a requantize (round, clamp, astype).
 ELEMENTWISE_OPS = tuple(tvm.ir.Op.get(f"relax.{n}") for n in (
@@ -39,6 +40,21 @@ def bound_call(mutator, expr, op):
     ``mutator`` (a ``PyExprMutator``) is building, else None."""
     value = mutator.lookup_binding(expr) if isinstance(expr, relax.Var) else expr
     return value if isinstance(value, relax.Call) and value.op.same_as(op) else None
+
+
+def permuted_constant(mutator, expr) -> Optional[np.ndarray]:
+    """``expr``'s value when it is a constant or a permuted constant (a Gemm's ``transB``
+    before constant folding, a conv's OIHW -> HWIO weight after ``ConvertLayout``), through its
+    binding in the function ``mutator`` is building, else None."""
+    if is_constant(expr):
+        return const_value(expr)
+    bound = bound_call(mutator, expr, _OP_PERMUTE)
+    if bound is None or not is_constant(bound.args[0]):
+        return None
+    value = const_value(bound.args[0])
+    axes = bound.attrs.axes
+    axes = list(range(value.ndim))[::-1] if axes is None else [int(a) for a in axes]
+    return np.ascontiguousarray(value.transpose(axes))
 
 
 def use_counts(func: relax.Function) -> dict:
