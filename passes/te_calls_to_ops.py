@@ -4,9 +4,9 @@ Needs: an imported module (the importer's ``Clip`` becomes ``call_tir(maximum, (
 ``call_tir(minimum, (x, hi))``, each bound a scalar, most often computed from constants; its
 constant ``Pad`` becomes ``call_tir(pad, (x,))``). Runs at import, before the compression passes: as
 ``R.maximum`` / ``R.minimum`` / ``R.nn.pad`` these are ops every pass understands (a channel
-pruned before a clip stays prunable, fusion and int8 epilogues see an op, a model padded by
-an explicit ``Pad``, as TensorFlow exports ``SAME`` convs, can still change layout), and the
-compiled kernels are the same. A call is replaced only when its PrimFunc is structurally the
+pruned before a clip stays prunable, fusion and int8 epilogues see an op, a model with a
+``Pad`` that onnxruntime's load-time fusion does not fold into a conv, such as one before a
+reshape, can still change layout), and the compiled kernels are the same. A call is replaced only when its PrimFunc is structurally the
 one TOPI builds for those shapes, so nothing else is touched. Pads are recognized with value
 zero (the ONNX default) and at most ``_MAX_PAD_TRIES`` ways to split the padding.
 """
