@@ -29,7 +29,7 @@ them onto a few cache sets when ``O`` is 256 or 384, so the slice fell out of L2
 with 256-512 channels 1.7-2.4x faster in panels, narrower ones unchanged).
 
 Such a conv followed by a max pool of kh x kw windows at a stride of the window, through
-element-wise ops that never decrease (bias, ReLU, leaky ReLU, clip, positive scales), takes
+element-wise ops that never decrease (bias, ReLU, leaky ReLU, PReLU, clip, positive scales), takes
 the pool into its kernel: the conv's rows grouped by window, their maximum, then those ops on
 the pooled map (a max commutes with them, exactly), scheduled per pooled row
 (``cpu_schedule.CPUFallback._schedule_pooled``). The pool is no kernel of its own and the
@@ -52,8 +52,8 @@ import tvm
 from tvm import relax, te, topi
 
 from tvm_compress.layers import with_layer
-from tvm_compress.relax_utils import (ELEMENTWISE_OPS, const, const_value, is_constant, permuted_constant, static_shape,
-                                      use_counts)
+from tvm_compress.relax_utils import (ELEMENTWISE_OPS, bound_call, const, const_value, is_constant, permuted_constant,
+                                      static_shape, use_counts)
 
 from .base import KernelHook
 from .cpu_schedule import POOL_ATTR, TILE_SCOPE_ATTR, dense_rows, target_cores, vector_width
@@ -69,9 +69,10 @@ _OP_CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 # Ops a max pool commutes with, exactly: f non-decreasing gives max(f(a), f(b)) = f(max(a, b)),
 # and rounding keeps that (fl(a + c) never decreases as a grows). Multiply and divide only by
 # constants > 0, subtract and divide only with the pooled value first, leaky relu with a slope
-# >= 0 (``_monotone``).
+# >= 0, PReLU with constant slopes >= 0 (MTCNN's conv -> PReLU -> max pool) (``_monotone``).
 _MONOTONE = {tvm.ir.Op.get(f"relax.{n}"): n for n in (
-    "add", "subtract", "multiply", "divide", "maximum", "minimum", "clip", "nn.relu", "nn.leakyrelu")}
+    "add", "subtract", "multiply", "divide", "maximum", "minimum", "clip", "nn.relu", "nn.leakyrelu",
+    "nn.prelu")}
 # Rows of pooled output the cores must split about evenly for a conv to take its pool: on
 # fewer, uneven rows (3 on two cores) the pool's kernel of its own measured faster.
 _POOL_BALANCE = 1.15
@@ -308,18 +309,27 @@ class _Pack(relax.expr_functor.PyExprMutator):
             value = relax.Call(op.op, args, op.attrs, op.ty_args)
         return value
 
-    @staticmethod
-    def _monotone(op, at: int) -> bool:
+    def _monotone(self, op, at: int) -> bool:
         """Whether ``op`` never decreases as its operand ``at`` grows (``_MONOTONE``)."""
         name = next((n for o, n in _MONOTONE.items() if op.op.same_as(o)), None)
         if name is None or (name in ("subtract", "divide") and at != 0):
             return False
-        if name in ("multiply", "divide"):
-            other = op.args[1 - at]
-            return is_constant(other) and bool(np.all(const_value(other) > 0))
+        if name in ("multiply", "divide", "nn.prelu"):
+            other = self._constant_operand(op.args[1 - at])
+            if other is None or (name == "nn.prelu" and at != 0):
+                return False
+            return bool(np.all(other > 0)) if name != "nn.prelu" else bool(np.all(other >= 0))
         if name == "nn.leakyrelu":
             return float(op.attrs.alpha) >= 0
         return True
+
+    def _constant_operand(self, expr) -> "np.ndarray | None":
+        """``expr``'s value when it is a constant, or a reshape of one (the importer reshapes
+        PReLU's ``(C, 1, 1)`` slopes to ``(C,)``), else None."""
+        if is_constant(expr):
+            return const_value(expr)
+        bound = bound_call(self, expr, _OP_RESHAPE)
+        return const_value(bound.args[0]) if bound is not None and is_constant(bound.args[0]) else None
 
     def _conv1x1(self, call, weight):
         """A 1x1, unpadded, ungrouped channels-last conv is a dense layer over the map's pixels:

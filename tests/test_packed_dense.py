@@ -500,6 +500,9 @@ def _conv_pool_module(data_shape, weight, pool=2, epilogue=("bias", "relu"), poo
                     y = bb.emit(relax.op.sigmoid(y))
                 elif op.startswith("leaky"):  # leaky<slope>
                     y = bb.emit(relax.op.nn.leakyrelu(y, float(op[5:])))
+                elif op.startswith("prelu"):  # prelu<sign>: per-channel slopes of that sign
+                    slopes = np.abs(np.random.default_rng(5).standard_normal(channels)).astype("float32") * 0.3
+                    y = bb.emit(relax.op.nn.prelu(y, relax.const(slopes if op[5:] == "+" else -slopes), axis=3))
             kw = pool_kw or {"pool_size": pool, "strides": pool}
             out = bb.emit_output(relax.op.nn.max_pool2d(y, layout="NHWC", **kw))
         bb.emit_func_output(out)
@@ -531,6 +534,7 @@ def _pool_blocks(mod):
     ((1, 16, 16, 8), 24, ("clip", "scale0.5"), (2, 2)),          # relu6, then a positive scale
     ((1, 12, 16, 24), 48, ("bias", "leaky0.2"), (1, 2)),         # a window along the rows only
     ((1, 19, 9, 8), 16, ("bias", "leaky0.1", "relu"), (3, 2)),   # a row and a column left over
+    ((1, 12, 12, 8), 16, ("bias", "prelu+"), (2, 2)),            # MTCNN's conv -> PReLU -> pool
 ])
 def test_a_conv_takes_its_max_pool_and_the_epilogue_follows_on_the_pooled_map(data_shape, out_channels, epilogue,
                                                                               window):
@@ -555,6 +559,7 @@ def test_a_conv_takes_its_max_pool_and_the_epilogue_follows_on_the_pooled_map(da
     ((1, 14, 14, 16), ("bias", "scale-0.5"), None),                                  # a max turns into a min
     ((1, 14, 14, 16), ("bias", "sigmoid"), None),                                   # rounding of an approximation
     ((1, 14, 14, 16), ("bias", "leaky-0.5"), None),                                 # a negative slope
+    ((1, 14, 14, 16), ("bias", "prelu-"), None),                                    # negative slopes
     ((1, 14, 14, 16), ("bias", "relu"), {"pool_size": (1, 2), "strides": (1, 1)}),  # stride not the window
     ((1, 15, 15, 16), ("bias", "relu"), {"pool_size": 3, "strides": 2}),            # overlapping windows
     ((1, 14, 14, 16), ("bias", "relu"), {"pool_size": 2, "strides": 2, "padding": 1}),
@@ -598,3 +603,31 @@ def test_the_pooled_kernel_computes_each_pooled_row_inside_one_parallel_loop():
         outs.append(args[-1].numpy())
     assert np.abs(outs[1]).max() > 1
     np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_an_mtcnn_style_block_takes_its_pool_through_prelu_and_matches_onnxruntime(tmp_path):
+    """Conv -> PRelu (slopes per channel, shaped (C, 1, 1) as exported) -> 2x2 max pool, as
+    MTCNN's P-Net has it: channels-last, the pool inside the conv's kernel, same results."""
+    from tvm_compress.loader import load_onnx
+    from tvm_compress.pipeline import lowering_passes
+    from tvm_compress.targets import get_target
+
+    rng = np.random.default_rng(14)
+    inits = [numpy_helper.from_array(a.astype("float32"), n) for n, a in (
+        ("w0", rng.standard_normal((10, 3, 3, 3)) * 0.3), ("b0", rng.standard_normal(10) * 0.1),
+        ("a0", np.abs(rng.standard_normal((10, 1, 1))) * 0.25), ("w1", rng.standard_normal((16, 10, 3, 3)) * 0.3))]
+    nodes = [helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], kernel_shape=[3, 3]),
+             helper.make_node("PRelu", ["c0", "a0"], ["p0"]),
+             helper.make_node("MaxPool", ["p0"], ["m0"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Conv", ["m0", "w1"], ["y"], kernel_shape=[3, 3])]
+    graph = helper.make_graph(nodes, "pnet", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 48, 48])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 21, 21])], inits)
+    path = tmp_path / "pnet.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    profile = get_target("x86-avx2")
+    with profile.tvm_target():
+        lowered = tvm.transform.Sequential(lowering_passes(profile))(load_onnx(path))
+    kernels = [gv.name_hint for gv, f in lowered.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert not [k for k in kernels if "pool" in k], kernels
+    rep = tvm_compress.compile(path, tmp_path / "pnet.so", target="x86-avx2", bench_runs=0, log=quiet)
+    assert rep["verified"] and rep["max_rel_err"] < 1e-5, rep["max_rel_err"]
