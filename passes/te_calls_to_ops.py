@@ -2,13 +2,14 @@
 
 Needs: an imported module (the importer's ``Clip`` becomes ``call_tir(maximum, (x, lo))`` and
 ``call_tir(minimum, (x, hi))``, each bound a scalar, most often computed from constants; its
-constant ``Pad`` becomes ``call_tir(pad, (x,))``). Runs at import, before the compression passes: as
-``R.maximum`` / ``R.minimum`` / ``R.nn.pad`` these are ops every pass understands (a channel
-pruned before a clip stays prunable, fusion and int8 epilogues see an op, a model with a
+constant ``Pad`` becomes ``call_tir(pad, (x,))``). Runs at import, before the compression
+passes: as ``R.maximum`` / ``R.minimum`` / ``R.nn.pad`` these are ops every pass understands (a
+channel pruned before a clip stays prunable, fusion and int8 epilogues see an op, a model with a
 ``Pad`` that onnxruntime's load-time fusion does not fold into a conv, such as one before a
-reshape, can still change layout), and the compiled kernels are the same. A call is replaced only when its PrimFunc is structurally the
-one TOPI builds for those shapes, so nothing else is touched. Pads are recognized with value
-zero (the ONNX default) and at most ``_MAX_PAD_TRIES`` ways to split the padding.
+reshape, can still change layout), and the compiled kernels are the same. A call is replaced
+only when its PrimFunc is structurally the one TOPI builds for those shapes, so nothing else is
+touched. Pads are recognized with value zero (the ONNX default) and at most ``_MAX_PAD_TRIES``
+ways to split the padding.
 """
 
 from __future__ import annotations
@@ -104,8 +105,10 @@ class TeCallsToOps:
             x, c = args.fields
             # a bound computed from the data (a clip to the map's maximum minus 80 dB) stays a
             # variable; one computed from constants becomes the constant
-            c = _scalar_constant(c, var2val) or (c if getattr(c.ty, "ndim", None) == 0 else None)
-            if c is None:
+            folded = _scalar_constant(c, var2val)
+            if folded is not None:
+                c = folded
+            elif getattr(c.ty, "ndim", None) != 0:
                 return call
             prim = mod[call.args[0]]
             for compute, op in _OPS:
