@@ -36,7 +36,7 @@ from tvm_compress.specs import json_attr
 
 from .base import KernelHook
 from .cpu_schedule import vector_width
-from .dense_columns import CONV_ANY_GAIN_FROM, padded_columns, worth_padding
+from .dense_columns import CONV_ANY_GAIN_FROM, conv_macs, padded_columns, worth_padding
 
 _OP_CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _OP_CALL_TIR = tvm.ir.Op.get("relax.call_tir")
@@ -168,8 +168,8 @@ class _BackToNCHW(PyExprMutator):
         if not call.op.same_as(_OP_CONV2D) or call.attrs.data_layout != "NHWC" or call.attrs.kernel_layout != "HWIO":
             return call
         n, h, w, c = (int(d) for d in call.ty.shape)
-        kh, kw, ci, _ = (int(d) for d in call.args[1].ty.shape)
-        if not _keeps_nchw((n, c, h, w), int(call.attrs.strides[1]), n * h * w * c * kh * kw * ci, self.lanes):
+        macs = conv_macs((n, h, w, c), [int(d) for d in call.args[1].ty.shape])
+        if not _keeps_nchw((n, c, h, w), int(call.attrs.strides[1]), macs, self.lanes):
             return call
         x = self.builder_.emit(relax.op.permute_dims(call.args[0], [0, 3, 1, 2]))
         weight = self.builder_.emit(relax.op.permute_dims(call.args[1], [3, 2, 0, 1]))

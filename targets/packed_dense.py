@@ -164,9 +164,6 @@ class _Pack(relax.expr_functor.PyExprMutator):
         self.panel_convs: dict = {}
         self.replaced: list = []
 
-    def _constant_weight(self, expr):
-        return permuted_constant(self, expr)
-
     def _flat_source(self, expr, shape):
         """The ``[..., P, C]`` tensor ``expr`` (of ``shape``) was reshaped from by a flattened
         conv or its epilogue, else None."""
@@ -208,7 +205,7 @@ class _Pack(relax.expr_functor.PyExprMutator):
         return with_layer(out, layer)
 
     def _matmul(self, call):
-        weight = self._constant_weight(call.args[1])
+        weight = permuted_constant(self, call.args[1])
         data = call.args[0]
         if weight is None or call.ty.dtype != "float32":
             return call
@@ -230,7 +227,7 @@ class _Pack(relax.expr_functor.PyExprMutator):
                 or attrs.kernel_layout != "HWIO" or str(attrs.out_layout) not in ("", "NHWC") \
                 or int(attrs.groups) != 1:
             return call
-        weight = self._constant_weight(call.args[1])
+        weight = permuted_constant(self, call.args[1])
         if weight is None or weight.dtype != np.float32:
             return call
         if weight.shape[:2] == (1, 1) and all(int(v) == 0 for v in attrs.padding):
@@ -266,7 +263,7 @@ class _Pack(relax.expr_functor.PyExprMutator):
                     or str(attrs.out_layout) not in ("", "NHWC") or value.ty.dtype != "float32" \
                     or value.args[0].ty.dtype != "float32":
                 return None
-            weight = self._constant_weight(value.args[1])
+            weight = permuted_constant(self, value.args[1])
             if weight is None or weight.dtype != np.float32 or static_shape(value.args[0]) is None:
                 return None
             return value.args[0], weight, ([int(v) for v in attrs.strides], [int(v) for v in attrs.padding],
