@@ -311,8 +311,11 @@ def depthwise_tap_pairs(kernel: DotKernel, x_shape, kh: int, kw: int, padding, s
     instead of once per tap."""
     n, h, w, c = (int(v) for v in x_shape)
     geometry = conv_geometry(h, w, kh, kw, padding, strides, dilation)
-    return (kw > 1 and not _inline_pad(h, kh, geometry)
-            and pair_tap_intrin(kernel, channel_lanes(c, kernel.lanes)) is not None)
+    return _pairable(kernel, c, kw) and not _inline_pad(h, kh, kw, geometry, paired=True)
+
+
+def _pairable(kernel: DotKernel, channels: int, kw: int) -> bool:
+    return kw > 1 and pair_tap_intrin(kernel, channel_lanes(channels, kernel.lanes)) is not None
 
 
 def channel_lanes(channels: int, lanes: int) -> int:
@@ -378,15 +381,28 @@ def packed_depthwise_conv2d(
 
 
 # Share of a depthwise kernel's taps falling on padding rows above which the padding is read
-# as a condition per tap instead of packed zeros: the condition skips those taps, the pack
-# multiplies them. 5x5 kernels on the PP-OCR classifier's 2-3 row maps (40-60 % padding
-# taps) 1.9-2.5x faster that way; on 6 rows (20 %) 0.6x.
+# as a condition per tap instead of packed zeros, where the ISA has no pair tap: the condition
+# skips those taps, the pack multiplies them. 5x5 kernels on the PP-OCR classifier's 2-3 row
+# maps (40-60 % padding taps) 1.9-2.5x faster that way; on 6 rows (20 %) 0.6x.
 _PAD_ROW_SHARE = 0.3
 
 
-def _inline_pad(h: int, kh: int, geometry) -> bool:
+def _row_window(h: int, kh: int, geometry) -> int:
+    """Kernel rows a packed pair kernel runs per output row: the most that reach the map
+    from any output row (all ``kh`` on maps taller than the kernel; 3 of 5 on 3 rows)."""
+    (pt, _, _, _), (sh, _), (dh, _), (oh, _) = geometry
+    return max(sum(pt <= y * sh + r * dh < h + pt for r in range(kh)) for y in range(oh))
+
+
+def _inline_pad(h: int, kh: int, kw: int, geometry, paired: bool) -> bool:
+    """Whether a depthwise kernel tests padding rows per tap instead of packing them.
+
+    ``paired``: the packed kernel takes two taps per instruction over ``_row_window`` rows;
+    the test pays where the taps off the padding rows are fewer than those instructions."""
     (pt, _, _, _), (sh, _), (dh, _), (oh, _) = geometry
     valid = sum(pt <= y * sh + r * dh < h + pt for y in range(oh) for r in range(kh))
+    if paired:
+        return valid * kw < -(-kw // 2) * oh * _row_window(h, kh, geometry)
     return 1 - valid / (oh * kh) > _PAD_ROW_SHARE
 
 
@@ -433,18 +449,28 @@ def _depthwise_nhwc(x, wp, strides, padding, dilation, kernel_name, kw=0):
         name="int8_pack",
         attrs={PACK_INTERIOR_ATTR: [pt, h + pt, *interior]},
     )
-    ry = te.reduce_axis((0, kh), name="ry")
-    rx = te.reduce_axis((0, kwp), name="rx")
-    inline_pad = int(_inline_pad(h, kh, geometry))
+    inline_pad = int(_inline_pad(h, kh, kw, geometry, pairs or _pairable(kernel, c, kw)))
     assert not (pairs and inline_pad), "tap pairs need the pack"
+    # Pairs run only the kernel rows that reach the map (``_row_window``): output row y from
+    # kernel row ``first(y)``, its first real one, moved up where fewer than ``window`` follow
+    # (the extra rows read packed zeros). 5x5 kernels on 3 rows: 9 pair taps instead of 15.
+    window = _row_window(h, kh, geometry) if pairs else kh
+    ry = te.reduce_axis((0, window), name="ry")
+    rx = te.reduce_axis((0, kwp), name="rx")
+
+    def first(y):
+        if window == kh:
+            return 0
+        return tirx.min(tirx.max(tirx.floordiv(pt - y * sh + dh - 1, dh), 0), kh - window)
 
     def tap(b, y, xx, o):
         col = (xx * sw + 2 * rx * dw) // g if pairs else xx * sw + rx * dw
-        a = xpad[b, y * sh + ry * dh, col, o // cl, o % cl]
+        r = first(y) + ry
+        a = xpad[b, y * sh + r * dh, col, o // cl, o % cl]
         if pairs:  # as ``int8_intrin.pair_tap_intrin`` spells it
-            return (a.astype("int16").astype("int32") * wp[ry, rx, o, 0].astype("int32")
-                    + tirx.shift_right(a, 16) * wp[ry, rx, o, 1].astype("int32"))
-        return a.astype("int32") * wp[ry, rx, o].astype("int32")
+            return (a.astype("int16").astype("int32") * wp[r, rx, o, 0].astype("int32")
+                    + tirx.shift_right(a, 16) * wp[r, rx, o, 1].astype("int32"))
+        return a.astype("int32") * wp[r, rx, o].astype("int32")
 
     acc = te.compute(
         (n, oh, ow, cp),

@@ -531,21 +531,50 @@ def test_depthwise_on_a_prime_width_is_tensorized(target_name):
         np.testing.assert_array_equal(got, ref)
 
 
-@pytest.mark.parametrize("rows, packed", [(2, False), (3, False), (6, True)])
-def test_depthwise_on_few_rows_reads_padding_as_a_condition(rows, packed):
-    """A 5x5 depthwise conv on 2-3 rows has 40-60 % of its taps on padding rows: the kernel
-    reads the map with a bounds condition per tap (skipped taps) instead of packing zeros
-    and multiplying them; on 6 rows (20 %) it packs."""
+@pytest.mark.parametrize("target_name, rows, packed, window", [
+    ("x86-avx2", 2, True, 2), ("x86-avx2", 3, True, 3), ("x86-avx2", 6, True, 5), ("aarch64-dotprod", 3, False, 5)])
+def test_depthwise_on_few_rows_skips_padding_rows(target_name, rows, packed, window):
+    """A 5x5 depthwise conv on 2-3 rows has 40-60 % of its taps on padding rows. With pair
+    taps (x86) the packed kernel runs only the kernel rows that reach the map: ``window``
+    rows per output row, from one that depends on the row (3 rows: kernel rows 2-4, 1-3,
+    0-2), exact. Without them (ARM) the kernel reads the map with a bounds condition per tap
+    instead of packing it; on 6 rows (20 % padding taps) it packs."""
     rng = np.random.default_rng(10)
     x = rng.integers(-128, 128, (1, 32, rows, 128)).astype("int8")
     w = rng.integers(-128, 128, (32, 1, 5, 5)).astype(np.int8)
-    scheduled, target = _lower(_conv_module(x.shape, w, "int8", padding=(2, 2), groups=32), "x86-avx2")
+    scheduled, target = _lower(_conv_module(x.shape, w, "int8", padding=(2, 2), groups=32), target_name)
     (gv,) = _scheduled_kernels(scheduled)
     sch = tvm.s_tir.Schedule(scheduled[gv])
     assert bool(_pack_blocks(sch.mod["main"])) == packed
     assert bool(_tap_calls(scheduled)) == packed
+    if not packed:
+        return  # the choice only: sdot kernels run under qemu in test_sdot_kernels_exact_under_qemu
+    taps = sch.get(sch.get_sblock("int8_conv_update_o"))
+    assert [int(v.dom.extent) for v in taps.iter_vars if v.iter_type == tvm.tirx.IterVar.CommReduce] == [window, 3]
     got = relax.VirtualMachine(tvm.compile(scheduled, target), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
     ref = _reference(x, w, (1, 1), (2, 2), (1, 1), 32).astype(np.float32) * np.float32(0.5)
+    np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("rows, k, stride, dilation, window", [
+    (4, 5, (1, 1), (1, 1), 4),  # the first and last rows start one padding row early
+    (3, 3, (1, 1), (2, 2), 2),  # dilated: the middle row's window ends on a padding row
+    (4, 5, (2, 2), (1, 1), 4),  # strided
+])
+def test_depthwise_row_window_exact(rows, k, stride, dilation, window):
+    """Row windows on strided and dilated kernels, and where an output row has fewer real
+    kernel rows than the window: exact against int64 numpy."""
+    rng = np.random.default_rng(13)
+    x = rng.integers(-128, 128, (1, 24, rows, 40)).astype("int8")
+    w = rng.integers(-128, 128, (24, 1, k, k)).astype(np.int8)
+    padding = (k // 2 * dilation[0], k // 2 * dilation[1])
+    scheduled, target = _lower(_conv_module(x.shape, w, "int8", stride, padding, dilation, 24), "x86-avx2")
+    (gv,) = _scheduled_kernels(scheduled)
+    sch = tvm.s_tir.Schedule(scheduled[gv])
+    taps = sch.get(sch.get_sblock("int8_conv_update_o"))
+    assert [int(v.dom.extent) for v in taps.iter_vars if v.iter_type == tvm.tirx.IterVar.CommReduce][0] == window
+    got = relax.VirtualMachine(tvm.compile(scheduled, target), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    ref = _reference(x, w, stride, padding, dilation, 24).astype(np.float32) * np.float32(0.5)
     np.testing.assert_array_equal(got, ref)
 
 
