@@ -25,6 +25,7 @@ from tvm import s_tir, te, tirx
 
 from tvm_compress.specs import pair_weight_sums
 
+from .conv_geometry import conv_geometry, first_row, real_rows, row_window
 from .cpu_schedule import PARALLEL_MIN_ELEMS, reads_within, target_cores
 from .int8_intrin import KERNELS, DotKernel, pair_tap_intrin, register, tap_intrin
 
@@ -152,16 +153,6 @@ def dense_tile(kernel: DotKernel, lane_groups: int, out_w: int) -> Tuple[int, in
             if best is None or cost < best[0] - 1e-9:
                 best = (cost, tile_oc, tile_w, padded)
     return best[1:]
-
-
-def conv_geometry(h, w, kh, kw, padding, strides, dilation):
-    """Integer padding, strides, dilation and the output size of a convolution."""
-    pt, pl, pb, pr = (int(v) for v in padding)
-    sh, sw = (int(v) for v in strides)
-    dh, dw = (int(v) for v in dilation)
-    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
-    ow = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
-    return (pt, pl, pb, pr), (sh, sw), (dh, dw), (oh, ow)
 
 
 def packed_conv2d(
@@ -387,23 +378,22 @@ def packed_depthwise_conv2d(
 _PAD_ROW_SHARE = 0.3
 
 
-def _row_window(h: int, kh: int, geometry) -> int:
-    """Kernel rows a packed pair kernel runs per output row: the most that reach the map
-    from any output row (all ``kh`` on maps taller than the kernel; 3 of 5 on 3 rows)."""
-    (pt, _, _, _), (sh, _), (dh, _), (oh, _) = geometry
-    return max(sum(pt <= y * sh + r * dh < h + pt for r in range(kh)) for y in range(oh))
-
-
 def _inline_pad(h: int, kh: int, kw: int, geometry, paired: bool) -> bool:
     """Whether a depthwise kernel tests padding rows per tap instead of packing them.
 
-    ``paired``: the packed kernel takes two taps per instruction over ``_row_window`` rows;
+    ``paired``: the packed kernel takes two taps per instruction over ``row_window`` rows;
     the test pays where the taps off the padding rows are fewer than those instructions."""
-    (pt, _, _, _), (sh, _), (dh, _), (oh, _) = geometry
-    valid = sum(pt <= y * sh + r * dh < h + pt for y in range(oh) for r in range(kh))
+    oh = geometry[3][0]
+    valid = sum(real_rows(h, kh, geometry))
     if paired:
-        return valid * kw < -(-kw // 2) * oh * _row_window(h, kh, geometry)
+        return valid * kw < -(-kw // 2) * oh * _pair_window(h, kh, geometry)
     return 1 - valid / (oh * kh) > _PAD_ROW_SHARE
+
+
+def _pair_window(h: int, kh: int, geometry) -> int:
+    """Kernel rows per output row of a pair kernel: ``row_window``, undilated only (a dilated
+    window's first row is a lookup, which the tap intrinsic's pattern does not match)."""
+    return row_window(h, kh, geometry) if geometry[2][0] == 1 else kh
 
 
 def _depthwise_nhwc(x, wp, strides, padding, dilation, kernel_name, kw=0):
@@ -451,21 +441,15 @@ def _depthwise_nhwc(x, wp, strides, padding, dilation, kernel_name, kw=0):
     )
     inline_pad = int(_inline_pad(h, kh, kw, geometry, pairs or _pairable(kernel, c, kw)))
     assert not (pairs and inline_pad), "tap pairs need the pack"
-    # Pairs run only the kernel rows that reach the map (``_row_window``): output row y from
-    # kernel row ``first(y)``, its first real one, moved up where fewer than ``window`` follow
-    # (the extra rows read packed zeros). 5x5 kernels on 3 rows: 9 pair taps instead of 15.
-    window = _row_window(h, kh, geometry) if pairs else kh
+    # Pairs run only the kernel rows that reach the map (``row_window``): 5x5 kernels on 3
+    # rows 9 pair taps instead of 15.
+    window = _pair_window(h, kh, geometry) if pairs else kh
     ry = te.reduce_axis((0, window), name="ry")
     rx = te.reduce_axis((0, kwp), name="rx")
 
-    def first(y):
-        if window == kh:
-            return 0
-        return tirx.min(tirx.max(tirx.floordiv(pt - y * sh + dh - 1, dh), 0), kh - window)
-
     def tap(b, y, xx, o):
         col = (xx * sw + 2 * rx * dw) // g if pairs else xx * sw + rx * dw
-        r = first(y) + ry
+        r = first_row(y, kh, window, geometry) + ry
         a = xpad[b, y * sh + r * dh, col, o // cl, o % cl]
         if pairs:  # as ``int8_intrin.pair_tap_intrin`` spells it
             return (a.astype("int16").astype("int32") * wp[r, rx, o, 0].astype("int32")

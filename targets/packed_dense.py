@@ -56,8 +56,8 @@ from tvm_compress.relax_utils import (ELEMENTWISE_OPS, bound_call, const, const_
                                       static_shape, use_counts)
 
 from .base import KernelHook
+from .conv_geometry import conv_geometry
 from .cpu_schedule import POOL_ATTR, TILE_SCOPE_ATTR, dense_rows, target_cores, vector_width
-from .int8_conv import conv_geometry
 from .pooled_conv import epilogue_chain
 
 _OP_MATMUL = tvm.ir.Op.get("relax.matmul")
