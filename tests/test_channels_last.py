@@ -309,6 +309,10 @@ def test_lower_times_the_candidates_and_lowers_the_faster(times, chosen, tmp_pat
     assert first == {"times_ms": {"NCHW": times[0], "NHWC": times[1]}, "chosen": chosen}
     assert second == {**first, "cached": True}
     assert layout["reason"].startswith("timed: NCHW ")
+    # other kernel code (an upgrade): the choice is timed again
+    monkeypatch.setattr(pipeline, "kernels_fingerprint", lambda: "other")
+    pipeline.Lower(get_target("x86"), env)(_wide_conv(channels=32, width=96, height=48))
+    assert asked == [["NCHW", "NHWC"]] * 2
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,8 @@ Stages (each a pass of the pipeline's ``Sequential``, named as below):
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -85,8 +87,10 @@ class Lower:
             variants = hook.candidates(mod, self.profile)
             if len(variants) < 2:
                 continue
-            # Cached like tuning records: the same model and target get the same choice again.
-            path = cache_root() / "choices" / f"{tuning.measurement_key(mod, self.profile.tvm_target())}-{hook.name}.json"
+            # Cached like tuning records: the same model and target get the same choice again,
+            # as long as the kernels timed are the same code (``kernels_fingerprint``).
+            key = tuning.measurement_key(mod, self.profile.tvm_target())
+            path = cache_root() / "choices" / f"{key}-{hook.name}-{kernels_fingerprint()}.json"
             choice = _read_choice(path, variants)
             if choice is None:
                 choice = self._time(hook.name, variants)
@@ -115,6 +119,20 @@ class Lower:
         best = min(range(len(names)), key=times.__getitem__)
         chosen = names[best] if times[0] >= MIN_TIMED_WIN * times[best] else names[0]
         return {"times_ms": dict(zip(names, (round(t, 4) for t in times))), "chosen": chosen}
+
+
+@functools.lru_cache(maxsize=None)
+def kernels_fingerprint() -> str:
+    """A hash of the kernel hooks' source (``tvm_compress.targets``): a variant timed with other
+    kernels (a cached choice from before an upgrade: NCHW against NHWC convs timed before the
+    NHWC depthwise kernels got faster) is timed again."""
+    import tvm_compress.targets as targets
+
+    digest = hashlib.sha256()
+    for source in sorted(Path(targets.__file__).parent.glob("*.py")):
+        digest.update(source.name.encode())
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def _read_choice(path: Path, variants: Dict[str, tvm.IRModule]) -> Optional[Dict[str, Any]]:
