@@ -8,15 +8,18 @@ sigmoid (legalized to ``1 / (1 + exp(-x))``: SiLU/swish activations, squeeze-exc
 detector heads), softmax, GELU (``erf``), Mish and tanh-GELU pays it. Here the float32 forms
 (scalar or vector) become arithmetic that vectorizes:
 
-- ``exp``: ``n = round(x * log2(e))``, ``r = x - n * ln(2)`` (ln 2 in two parts, Cody-Waite),
+- ``exp``: ``n = round(x * log2(e))`` (rounded by adding and subtracting 1.5 * 2^23),
+  ``r = x - n * ln(2)`` (ln 2 in two parts, Cody-Waite),
   ``exp(x) = p(r) * 2^n`` with Cephes' degree-7 polynomial ``p`` on [-ln2/2, ln2/2] and ``2^n``
   built in the exponent bits as two factors, so that results that overflow are ``inf``, those
   that underflow reach the denormals and 0;
 - ``tanh`` and ``erf``: ``x * P(x^2) / Q(x^2)`` on a clamped range (the rational
   approximations Eigen uses), +-1 beyond it.
 
-``sigmoid`` is ``1 / (1 + exp(-x))`` with that ``exp`` and a single NaN test (TVM's rule
-spelled it with ``exp``, so its NaN test ran inside too: a SiLU epilogue 4 % faster).
+``sigmoid`` is ``1 / (1 + exp(-x))`` with that ``exp`` on the range where ``2^n`` is one
+normal float (the sigmoid is 1 or under the smallest normal beyond it) and a single NaN test
+(TVM's rule spelled it with ``exp``, so its NaN test ran inside too: a SiLU epilogue 4 %
+faster; the single factor and the rounding below another 1.2x).
 
 NaN stays NaN. Against float64: relative error under 2e-7 (``exp``, sigmoid), 3e-7 (``tanh``)
 and absolute 4e-7 (``erf``) (``tests/test_fast_math.py``); 4-8x faster than the C library calls.
@@ -40,7 +43,8 @@ _POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
          1.6666665459e-1, 5.0000001201e-1)
 # Below -104 exp underflows to 0 in float32, above 89 it overflows; clamping keeps n in range.
 _LOW, _HIGH = -104.0, 89.0
-_OFFSET = 256  # x * log2(e) + 0.5 + 256 > 0 on the clamped range: truncation is floor
+_SIGMOID_LOW, _SIGMOID_HIGH = -87.3, 88.7
+_ROUND, _ROUND_BITS = 12582912.0, 0x4B400000  # 1.5 * 2^23 and its float32 bits
 
 
 def _f32(value: float) -> tvm.tirx.PrimExpr:
@@ -52,22 +56,31 @@ def _pow2(n, float_type: str):
     return tirx.reinterpret(float_type, tirx.shift_left(n + tirx.const(127, "int32"), tirx.const(23, "int32")))
 
 
-def fast_exp(x, dtype: str):
-    """``exp(x)`` for a float32 (or float32xN) expression, in vectorizable arithmetic."""
+def _reduced(x, low: float, high: float, dtype: str):
+    """``(n, p(r))`` with ``x = n * ln2 + r`` (``x`` clamped to [low, high], ``n`` the nearest
+    integer to ``x * log2(e)`` as int32 lanes, ``|r| <= ln2 / 2``) and ``exp(r) = p(r)``."""
     lanes = tvm.DataType(dtype).lanes
     int_type = "int32" if lanes == 1 else f"int32x{lanes}"
-    xc = tirx.max(tirx.min(x, _f32(_HIGH)), _f32(_LOW))
-    n = tirx.Cast(int_type, xc * _f32(_LOG2E) + _f32(0.5 + _OFFSET)) - tirx.const(_OFFSET, "int32")
-    fn = tirx.Cast(dtype, n)
+    xc = tirx.max(tirx.min(x, _f32(high)), _f32(low))
+    # Nearest integer in float arithmetic: v + 1.5 * 2^23 keeps round(v) in its low mantissa
+    # bits (|v| < 2^22), read back as an int; a vector round instruction is no portable
+    # alternative (ARMv7 NEON has none: one C library call per element).
+    t = xc * _f32(_LOG2E) + _f32(_ROUND)
+    fn = t - _f32(_ROUND)
+    n = tirx.reinterpret(int_type, t) - tirx.const(_ROUND_BITS, "int32")
     r = xc - fn * _f32(_LN2_HI) - fn * _f32(_LN2_LO)
     p = _f32(_POLY[0])
     for c in _POLY[1:]:
         p = p * r + _f32(c)
-    y = p * r * r + r + _f32(1.0)
+    return n, p * r * r + r + _f32(1.0)
+
+
+def fast_exp(x, dtype: str):
+    """``exp(x)`` for a float32 (or float32xN) expression, in vectorizable arithmetic."""
+    n, y = _reduced(x, _LOW, _HIGH, dtype)
     # 2^n as 2^(n>>1) * 2^(n - (n>>1)): each factor a normal float for n in [-151, 129]
     half = tirx.shift_right(n, tirx.const(1, "int32"))
-    result = y * _pow2(half, dtype) * _pow2(n - half, dtype)
-    return result
+    return y * _pow2(half, dtype) * _pow2(n - half, dtype)
 
 
 # Rational approximations x * P(x^2) / Q(x^2), coefficients from lowest degree (Eigen's).
@@ -98,8 +111,12 @@ def _odd_rational(x, spec):
 
 
 def fast_sigmoid(x, dtype: str):
-    """``1 / (1 + exp(-x))`` with ``fast_exp``."""
-    return _f32(1.0) / (_f32(1.0) + fast_exp(-x, dtype))
+    """``1 / (1 + exp(-x))`` with ``exp`` on [-87.3, 88.7], where ``2^n`` is one normal float
+    (n in [-126, 128]; 2^128 is inf): below, the sigmoid's result is 1 either way, above, a
+    denormal or 0 (the division flushes them). Three operations fewer than ``fast_exp``: SiLU
+    kernels 1.2x (AVX2) and 1.26x (AVX-512) faster."""
+    n, y = _reduced(-x, _SIGMOID_LOW, _SIGMOID_HIGH, dtype)
+    return _f32(1.0) / (_f32(1.0) + y * _pow2(n, dtype))
 
 
 _ATTR = "llvm.FLowerIntrinsic"
