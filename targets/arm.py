@@ -19,7 +19,7 @@ from .binary_hook import BINARY
 from .sparse_hook import BLOCK_SPARSE
 from .channels_last import CHANNELS_LAST
 from .dense_columns import DENSE_COLUMNS
-from .depthwise_rows import DEPTHWISE_ROWS
+from .float_depthwise import FLOAT_DEPTHWISE
 from .packed_dense import PACKED_DENSE
 from .pooled_conv import POOLED_CONV
 from .softmax_rows import SOFTMAX_ROWS
@@ -27,7 +27,7 @@ from .softmax_rows import SOFTMAX_ROWS
 
 class _ArmFamily(TargetFamily):
     arch = ""
-    kernel_hooks = (POOLED_CONV, INT8_DOT, BLOCK_SPARSE, BINARY, CHANNELS_LAST, DEPTHWISE_ROWS, DENSE_COLUMNS, PACKED_DENSE, SOFTMAX_ROWS)
+    kernel_hooks = (POOLED_CONV, INT8_DOT, BLOCK_SPARSE, BINARY, CHANNELS_LAST, FLOAT_DEPTHWISE, DENSE_COLUMNS, PACKED_DENSE, SOFTMAX_ROWS)
 
     def tvm_target(self, profile: TargetProfile):
         spec = dict(profile.target)

@@ -22,7 +22,7 @@ from .binary_hook import BINARY
 from .sparse_hook import BLOCK_SPARSE
 from .channels_last import CHANNELS_LAST
 from .dense_columns import DENSE_COLUMNS
-from .depthwise_rows import DEPTHWISE_ROWS
+from .float_depthwise import FLOAT_DEPTHWISE
 from .packed_dense import PACKED_DENSE
 from .pooled_conv import POOLED_CONV
 from .softmax_rows import SOFTMAX_ROWS
@@ -65,7 +65,7 @@ def missing_features(target: tvm.target.Target, flags) -> list:
 @register_family
 class X86Family(TargetFamily):
     name = "x86"
-    kernel_hooks = (POOLED_CONV, INT8_DOT, ROUND_TO_INT, BLOCK_SPARSE, BINARY, CHANNELS_LAST, DEPTHWISE_ROWS, DENSE_COLUMNS, PACKED_DENSE, SOFTMAX_ROWS)
+    kernel_hooks = (POOLED_CONV, INT8_DOT, ROUND_TO_INT, BLOCK_SPARSE, BINARY, CHANNELS_LAST, FLOAT_DEPTHWISE, DENSE_COLUMNS, PACKED_DENSE, SOFTMAX_ROWS)
 
     def tvm_target(self, profile: TargetProfile) -> tvm.target.Target:
         spec = dict(profile.target)

@@ -1,7 +1,8 @@
-"""Float depthwise convs on maps shorter than their kernel run over the kernel rows that reach the
-map (``DepthwiseRowWindow``, a kernel hook of the CPU families): the rewrite, the convs it leaves
-alone, the kernel against numpy on strides, dilations and uneven padding, and a text-line
-model against onnxruntime."""
+"""Float depthwise convs in a kernel of their own (``FloatDepthwise``, a kernel hook of the CPU
+families): channels-last ones read their padding inline, those on maps shorter than their
+kernel run over the kernel rows that reach the map. The rewrite, the convs it leaves alone,
+the kernel against numpy on strides, dilations and uneven padding, and models against
+onnxruntime."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from tvm import relax
 
 import tvm_compress
 from tvm_compress.targets.conv_geometry import conv_geometry, first_row, real_rows, row_window
-from tvm_compress.targets.depthwise_rows import DepthwiseRowWindow, windowed_depthwise
+from tvm_compress.targets.float_depthwise import FloatDepthwise, depthwise_conv2d
 
 quiet = lambda m: None  # noqa: E731
 
@@ -45,7 +46,7 @@ def _expected(x_shape, w, layout, strides, padding, dilation):
     x = relax.Var("x", relax.TensorType(x_shape, "float32"))
     with bb.function("main", [x]):
         with bb.dataflow():
-            y = bb.emit(bb.call_te(windowed_depthwise, x, relax.const(w), strides, padding, dilation, layout,
+            y = bb.emit(bb.call_te(depthwise_conv2d, x, relax.const(w), strides, padding, dilation, layout,
                                    primfunc_name_hint="depthwise_conv2d", primfunc_attrs={"op_pattern": 4}))
             y = bb.emit(relax.op.nn.relu(y))
             out = bb.emit_output(y)
@@ -99,26 +100,51 @@ def test_every_real_kernel_row_lies_in_the_window():
 def test_a_depthwise_conv_on_three_rows_runs_its_row_window(layout):
     x_shape = (1, 24, 3, 40) if layout == "NCHW" else (1, 3, 40, 24)
     w = _weight(24, 5, 5, layout)
-    after = DepthwiseRowWindow()(_conv_module(x_shape, w, layout, padding=(2, 2)))
+    after = FloatDepthwise()(_conv_module(x_shape, w, layout, padding=(2, 2)))
     expected = _expected(x_shape, w, layout, [1, 1], [2, 2, 2, 2], [1, 1])
     tvm.ir.assert_structural_equal(after, expected)
 
 
+@pytest.mark.parametrize("x_shape", [(1, 40, 40, 24), (1, 3, 40, 24)])
+def test_a_padded_channels_last_depthwise_conv_reads_its_padding_inline(x_shape):
+    """NHWC with padding, on a tall map (whole window) or a short one: one kernel, no pad
+    kernel before it."""
+    from tvm_compress.pipeline import lowering_passes
+    from tvm_compress.targets import get_target
+
+    w = _weight(24, 5, 5, "NHWC")
+    before = _conv_module(x_shape, w, "NHWC", padding=(2, 2))
+    tvm.ir.assert_structural_equal(FloatDepthwise()(before), _expected(x_shape, w, "NHWC", [1, 1], [2, 2, 2, 2], [1, 1]))
+    profile = get_target("x86-avx2")
+    with profile.tvm_target():
+        lowered = tvm.transform.Sequential(lowering_passes(profile))(before)
+    (kernel,) = [f for f in lowered.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    script = kernel.script()
+    assert 'T.sblock("depthwise_conv2d")' in script and "pad" not in script.replace("padding", "")
+
+
 @pytest.mark.parametrize("x_shape, weight_shape, attrs", [
-    ((1, 24, 6, 40), (24, 1, 5, 5), {"padding": (2, 2)}),  # rows enough: the window is the kernel
+    ((1, 24, 6, 40), (24, 1, 5, 5), {"padding": (2, 2)}),  # NCHW, rows enough: the window is the kernel
     ((1, 24, 3, 40), (24, 1, 1, 5), {"padding": (0, 2)}),  # one kernel row
     ((1, 24, 3, 40), (24, 2, 5, 5), {"padding": (2, 2), "groups": 12}),  # grouped, not depthwise
     ((1, 24, 3, 40), (48, 1, 5, 5), {"padding": (2, 2)}),  # a channel multiplier of 2
     ((1, 24, 3, 40), (24, 24, 5, 5), {"padding": (2, 2), "groups": 1}),  # a regular conv
+    ((1, 24, 8, 40), (24, 1, 3, 3), {"padding": (0, 0), "layout": "NHWC"}),  # NHWC without padding
 ])
 def test_convs_it_leaves_alone(x_shape, weight_shape, attrs):
     w = np.random.default_rng(1).standard_normal(weight_shape).astype("float32")
-    before = _conv_module(x_shape, w, **attrs)
-    tvm.ir.assert_structural_equal(DepthwiseRowWindow()(before), before)
+    attrs = dict(attrs)
+    layout = attrs.pop("layout", "NCHW")
+    if layout == "NHWC":
+        x_shape, w = (x_shape[0], x_shape[2], x_shape[3], x_shape[1]), w.transpose(2, 3, 1, 0).copy()
+    before = _conv_module(x_shape, w, layout, **attrs)
+    tvm.ir.assert_structural_equal(FloatDepthwise()(before), before)
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("rows, k, strides, padding, dilation", [
+    (9, 3, (1, 1), (1, 1, 1, 1), (1, 1)),  # tall: the whole kernel (NHWC: padding inline)
+    (9, 5, (2, 2), (2, 1, 1, 2), (1, 1)),  # tall, strided, uneven padding
     (3, 5, (1, 1), (2, 2, 2, 2), (1, 1)),
     (2, 5, (1, 1), (2, 2, 2, 2), (1, 1)),
     (4, 5, (1, 1), (2, 2, 2, 2), (1, 1)),  # rows starting on a padding row
@@ -140,7 +166,7 @@ def test_the_windowed_kernel_equals_numpy(layout, rows, k, strides, padding, dil
     with profile.tvm_target():
         lowered = tvm.transform.Sequential(lowering_passes(profile))(mod)
     kernels = [gv.name_hint for gv, f in lowered.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
-    assert any("depthwise_conv2d" in k for k in kernels), kernels
+    assert any("depthwise_conv2d" in k for k in kernels) or (layout == "NCHW" and rows == 9), kernels
     ex = tvm.compile(Schedule(profile)(lowered), profile.tvm_target())
     got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(xin)).numpy()
     if layout == "NHWC":
