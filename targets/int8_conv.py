@@ -847,7 +847,9 @@ def _vectorize_channels(sch: s_tir.Schedule, tail, lanes: int) -> None:
     its per-channel scales through a lane index modulo 24, a gather of scalar loads (an 8 -> 24
     1x1 conv on AVX-512 8x slower than its float kernel). A run no such width divides is left
     to LLVM's loop vectorizer: TVM's 4-wide vectors of a 12-channel requantize were 12 % slower
-    than what LLVM made of the scalar loop."""
+    than what LLVM made of the scalar loop. A run of 2 or 4 channels alone (a squeeze-excite
+    conv's on one pixel) is one short vector: LLVM ran that requantize lane by lane, a branch
+    per lane for its ReLU."""
     loops = sch.get_loops(tail)
     inner = loops[-1]
     extent = _extent(sch, inner)
@@ -858,6 +860,8 @@ def _vectorize_channels(sch: s_tir.Schedule, tail, lanes: int) -> None:
         extent = _extent(sch, inner)
         widths = widths[:3]
     width = next((v for v in widths if extent % v == 0), None)
+    if width is None and extent < lanes and extent & (extent - 1) == 0:
+        width = extent  # one short vector (a squeeze conv's 2 channels on one pixel)
     if width is not None:
         sch.vectorize(sch.split(inner, [None, width])[1] if extent > width else inner)
 

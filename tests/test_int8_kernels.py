@@ -730,6 +730,24 @@ def test_sixteen_lane_epilogue_keeps_channel_vectors(channels, out_channels):
         np.testing.assert_array_equal(got, _reference(x, w, (1, 1), (0, 0), (1, 1), 1).astype(np.float32) * np.float32(0.5))
 
 
+@pytest.mark.parametrize("out_channels", [2, 4])
+def test_squeeze_conv_on_one_pixel_requantizes_in_one_vector(out_channels):
+    """A squeeze-excite conv's 2-4 output channels on one pixel: its epilogue is one short
+    vector (left to LLVM it ran lane by lane, a branch per lane for a ReLU; the PP-OCR
+    classifier's 8 -> 2 conv 0.8x its float kernel), and exact."""
+    rng = np.random.default_rng(out_channels)
+    x = rng.integers(0, 256, (1, 8, 1, 1)).astype("uint8")
+    w = rng.integers(-64, 64, (out_channels, 8, 1, 1)).astype(np.int8)
+    profile = get_target("x86-avx2")
+    scheduled, target = _lowered_for(profile, x, w)
+    (gv,) = _scheduled_kernels(scheduled)
+    (tail,) = [loops for b, loops in _leaf_blocks(scheduled[gv].body) if b.name_hint == "T_multiply"]
+    assert int(tail[-1].extent) == out_channels and tail[-1].kind == tvm.tirx.ForKind.VECTORIZED
+    if get_family("x86").can_run(profile)[0]:
+        got = relax.VirtualMachine(tvm.compile(scheduled, target), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+        np.testing.assert_array_equal(got, _reference(x, w, (1, 1), (0, 0), (1, 1), 1).astype(np.float32) * np.float32(0.5))
+
+
 def test_dense_tile_pads_ragged_widths_to_whole_tiles():
     """Widths without a good divisor are padded to whole register tiles; exact ones are not."""
     k = KERNELS["pmaddwd"]
