@@ -39,7 +39,8 @@ from tvm_compress.relax_utils import bound_call, clip_bounds, const_value, is_co
 
 from .base import KernelHook
 
-_OP = {name: tvm.ir.Op.get(f"relax.{name}") for name in ("astype", "maximum", "minimum", "add", "round")}
+_OP = {name: tvm.ir.Op.get(f"relax.{name}")
+       for name in ("astype", "maximum", "minimum", "add", "round", "multiply", "nn.relu")}
 _OP_BOUND = {tvm.ir.Op.get(f"relax.{name}"): name for name in (
     "astype", "multiply", "add", "subtract", "maximum", "minimum", "clip", "call_tir", "nn.relu", "mean",
     "sigmoid", "tanh", "concat", "reshape", "permute_dims", "strided_slice", "nn.max_pool2d",
@@ -128,6 +129,18 @@ class _RoundToInt(PyExprMutator):
         info = np.iinfo(dtype)
         return int(value) if value.is_integer() and info.min <= value <= info.max else None
 
+    def _without_relu(self, scaled):
+        """``relu(y) * k`` -> ``y * k`` where ``k > 0``: before a round and a clamp from ``lo >= 0``
+        the ReLU changes nothing (``lrint`` is monotone, ``lrint(0) = 0``; a NaN gives ``lo``
+        either way), and it cost an instruction per vector in every such epilogue."""
+        product = bound_call(self, scaled, _OP["multiply"])
+        if product is None or not is_constant(product.args[1]) or not (const_value(product.args[1]) > 0).all():
+            return scaled
+        relu = bound_call(self, product.args[0], _OP["nn.relu"])
+        if relu is None:
+            return scaled
+        return self.builder_.emit(relax.op.multiply(relu.args[0], product.args[1]))
+
     def visit_call_(self, call):
         call = super().visit_call_(call)
         dtype = str(call.attrs.dtype) if call.op.same_as(_OP["astype"]) else None
@@ -146,11 +159,12 @@ class _RoundToInt(PyExprMutator):
         if lo is None or hi is None or rounded is None or str(rounded.args[0].ty.dtype) != "float32":
             return call
         bb = self.builder_
+        scaled = self._without_relu(rounded.args[0]) if lo >= 0 else rounded.args[0]
         # a margin for the float32 rounding of the bounded ops themselves
-        bounds = self._range(rounded.args[0])
+        bounds = self._range(scaled)
         bound = None if bounds is None else max(abs(bounds[0]), abs(bounds[1]))
         capped = bound is None or bound * 1.001 >= _CAP
-        q = bb.emit(bb.call_te(_round_to_int32, rounded.args[0], capped, primfunc_name_hint="round_to_int",
+        q = bb.emit(bb.call_te(_round_to_int32, scaled, capped, primfunc_name_hint="round_to_int",
                                primfunc_attrs={"op_pattern": _ELEMWISE}))
         q = bb.emit(relax.op.minimum(q, relax.const(hi, "int32")))
         q = bb.emit(relax.op.maximum(q, relax.const(lo, "int32")))

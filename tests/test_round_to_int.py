@@ -19,14 +19,16 @@ from tvm_compress.targets import get_family, get_target
 from tvm_compress.targets.round_to_int import ROUND_TO_INT, RoundToInt
 
 
-def _requantize(dtype: str, lo: float, hi: float, zero: float = 0.0, source: str = "float32", scale: float = 0.5):
+def _requantize(dtype: str, lo: float, hi: float, zero: float = 0.0, source: str = "float32", scale=0.5,
+                relu: bool = False):
     """round(x * scale) + zero clamped to [lo, hi], cast to ``dtype``; an integer ``source`` is cast
-    to float32 first (an accumulator's requantize)."""
+    to float32 first (an accumulator's requantize); ``relu``: x through a ReLU first."""
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((4, 64), source))
     with bb.function("main", [x]):
         with bb.dataflow():
             v = bb.emit(relax.op.astype(x, "float32")) if source != "float32" else x
+            v = bb.emit(relax.op.nn.relu(v)) if relu else v
             y = bb.emit(relax.op.multiply(v, relax.const(np.float32(scale))))
             y = bb.emit(relax.op.add(bb.emit(relax.op.round(y)), relax.const(np.float32(zero))))
             y = bb.emit(relax.op.minimum(y, relax.const(np.float32(hi))))
@@ -77,13 +79,40 @@ def test_leaves_other_chains(dtype, lo, hi, zero):
     tvm.ir.assert_structural_equal(RoundToInt()(before), before)
 
 
-@pytest.mark.parametrize("dtype, lo, hi", [("int8", -128, 127), ("uint8", 0, 255), ("int8", 0, 127)])
-def test_exact_and_one_conversion_on_x86(dtype, lo, hi):
+def _relu_calls(mod) -> int:
+    relu = tvm.ir.Op.get("relax.nn.relu")
+    calls = []
+    tvm_ffi.structural_walk(mod["main"].body, [(relax.Call, lambda c: calls.append(c.op.same_as(relu)))], order="post")
+    return sum(calls)
+
+
+@pytest.mark.parametrize("dtype, lo, hi, scale, dropped", [
+    ("uint8", 0, 255, 0.5, True),
+    ("int8", 0, 127, np.array([0.5, 0.25] * 32, np.float32), True),  # per channel, all positive
+    ("int8", -128, 127, 0.5, False),  # the clamp keeps negatives: the ReLU matters
+    ("uint8", 0, 255, np.array([0.5, -0.25] * 32, np.float32), False),  # a negative scale flips it
+])
+def test_relu_before_a_clamp_from_zero_is_dropped(dtype, lo, hi, scale, dropped):
+    """``clamp(lrint(relu(y) * k), lo >= 0, hi)`` = ``clamp(lrint(y * k), lo, hi)`` for ``k > 0``: one
+    instruction less per vector in every ReLU layer's int8 epilogue."""
+    scale = np.float32(scale) if np.isscalar(scale) else scale
+    before = _requantize(dtype, lo, hi, scale=scale, relu=True)
+    after = RoundToInt()(before)
+    assert _relu_calls(before) == 1 and _relu_calls(after) == (0 if dropped else 1)
+    if dropped:
+        without = RoundToInt()(_requantize(dtype, lo, hi, scale=scale))
+        tvm.ir.assert_structural_equal(relax.transform.CanonicalizeBindings()(after),
+                                       relax.transform.CanonicalizeBindings()(without))
+
+
+@pytest.mark.parametrize("dtype, lo, hi, relu", [("int8", -128, 127, False), ("uint8", 0, 255, False),
+                                                  ("int8", 0, 127, False), ("uint8", 0, 255, True)])
+def test_exact_and_one_conversion_on_x86(dtype, lo, hi, relu):
     profile = get_target("x86-avx2")
     assert ROUND_TO_INT in get_family(profile.family).hooks(profile)
     target = profile.tvm_target()
     with target:  # the product's lowering and default schedules, the rewrite among its hooks
-        lowered = tvm.transform.Sequential(pipeline.lowering_passes(profile))(_requantize(dtype, lo, hi))
+        lowered = tvm.transform.Sequential(pipeline.lowering_passes(profile))(_requantize(dtype, lo, hi, relu=relu))
     assert [gv for gv in lowered.functions if "round_to_int" in gv.name_hint]
     mod = pipeline.Schedule(profile)(lowered)
     # Half-way values both ways, the int8 edges, far outside the range, float32 extremes.
@@ -94,7 +123,7 @@ def test_exact_and_one_conversion_on_x86(dtype, lo, hi):
                                                      3.4e38, -3.4e38, 1e-30, -1e-30, 0.0, -0.0]
     executable = tvm.compile(mod, target)
     got = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
-    ref = np.clip(np.rint(x * np.float32(0.5)), lo, hi).astype(dtype)
+    ref = np.clip(np.rint((np.maximum(x, 0) if relu else x) * np.float32(0.5)), lo, hi).astype(dtype)
     np.testing.assert_array_equal(got, ref)
     (llvm_mod,) = [m for m in executable.mod.imports if m.kind == "llvm"]
     asm = llvm_mod.inspect_source("s")
