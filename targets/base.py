@@ -201,7 +201,7 @@ class TargetFamily:
 def kernel_build_config(profile: TargetProfile) -> Dict[str, Any]:
     """PassContext config of a library's final build. TVM's packed API checks every argument
     of every kernel call (type, device, dtype, each dimension): about 10 ns a call, a third of
-    a squeeze-excite conv on one pixel, and 25-45 % of the library's bytes. Only the model's VM
+    a squeeze-excite conv on one pixel, and 5-50 % of the library's bytes. Only the model's VM
     function calls its kernels, with the buffers it allocated after checking the model's
     inputs itself, so they are off unless a preset sets ``features.kernel_arg_checks``."""
     if profile.features.get("kernel_arg_checks", False):
