@@ -20,6 +20,7 @@ from .sparse_hook import BLOCK_SPARSE
 from .channels_last import CHANNELS_LAST
 from .dense_columns import DENSE_COLUMNS
 from .float_depthwise import FLOAT_DEPTHWISE
+from .separable_resize import SEPARABLE_RESIZE
 from .packed_dense import PACKED_DENSE
 from .pooled_conv import POOLED_CONV
 from .softmax_rows import SOFTMAX_ROWS
@@ -27,7 +28,8 @@ from .softmax_rows import SOFTMAX_ROWS
 
 class _ArmFamily(TargetFamily):
     arch = ""
-    kernel_hooks = (POOLED_CONV, INT8_DOT, BLOCK_SPARSE, BINARY, CHANNELS_LAST, FLOAT_DEPTHWISE, DENSE_COLUMNS, PACKED_DENSE, SOFTMAX_ROWS)
+    kernel_hooks = (POOLED_CONV, INT8_DOT, BLOCK_SPARSE, BINARY,
+                    CHANNELS_LAST, FLOAT_DEPTHWISE, SEPARABLE_RESIZE, DENSE_COLUMNS, PACKED_DENSE, SOFTMAX_ROWS)
 
     def tvm_target(self, profile: TargetProfile):
         spec = dict(profile.target)

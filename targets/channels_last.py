@@ -44,6 +44,7 @@ _OP_PERMUTE = tvm.ir.Op.get("relax.permute_dims")
 _OP_RESHAPE = tvm.ir.Op.get("relax.reshape")
 _OP_MATMUL = tvm.ir.Op.get("relax.matmul")
 _OP_CLIP = tvm.ir.Op.get("relax.clip")
+_OP_RESIZE2D = tvm.ir.Op.get("relax.image.resize2d")
 _ELEMENTWISE = tuple(tvm.ir.Op.get(f"relax.{n}") for n in ("add", "subtract", "multiply", "divide",
                                                             "maximum", "minimum", "power"))
 LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
@@ -218,6 +219,33 @@ class _CancelMoves(PyExprMutator):
         return relax.op.reshape(src, _shape(call))
 
 
+@mutator
+class _TransposeBeforeUpsample(PyExprMutator):
+    """``permute_dims(resize2d(x_nhwc), [0, 3, 1, 2])`` of a resize that enlarges the map ->
+    ``resize2d(permute_dims(x_nhwc, [0, 3, 1, 2]))`` in NCHW: the transpose moves the smaller
+    map, and a segmentation head's upsampled output is written in the order it is stored
+    (LR-ASPP's 8x upsampling to its NCHW output read its NHWC input by gathers). Exact: a
+    resize computes each channel alone, the same arithmetic in either layout."""
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if not call.op.same_as(_OP_PERMUTE) or call.attrs.axes is None \
+                or [int(a) for a in call.attrs.axes] != [0, 3, 1, 2]:
+            return call
+        resize = self.lookup_binding(call.args[0]) if isinstance(call.args[0], relax.Var) else None
+        if not (isinstance(resize, relax.Call) and resize.op.same_as(_OP_RESIZE2D) and _static(resize)
+                and str(resize.attrs.layout) == "NHWC"):
+            return call
+        if np.prod(_shape(resize)) <= np.prod(_shape(resize.args[0])):
+            return call
+        a = resize.attrs
+        x = self.builder_.emit(relax.op.permute_dims(resize.args[0], [0, 3, 1, 2]))
+        return with_layer(relax.op.image.resize2d(
+            x, resize.args[1], [float(v) for v in a.roi], "NCHW", a.method, a.coordinate_transformation_mode,
+            a.rounding_method, float(a.cubic_alpha), int(a.cubic_exclude), float(a.extrapolation_value),
+            a.out_dtype or None), resize)
+
+
 def _shape(expr) -> list:
     return [int(d) for d in expr.ty.shape]
 
@@ -302,6 +330,7 @@ class ChannelsLast:
             out = copy_module(mod)
             for gv in names:
                 func = _BackToNCHW(converted, self.lanes).visit_expr(converted[gv])
+                func = _TransposeBeforeUpsample(tvm.IRModule({gv: func})).visit_expr(func)
                 func = _CancelMoves(tvm.IRModule({gv: func})).visit_expr(func)
                 # The transposes the flatten no longer reads are dropped.
                 out[gv] = relax.analysis.remove_all_unused(_FlattenIntoWeights(converted).visit_expr(func))

@@ -47,6 +47,10 @@ TILE_SCOPE_ATTR = "tvm_compress.tile_scope"
 # conv's rows grouped by window (``packed_dense.packed_conv2d_nhwc``): ``_schedule_pooled``.
 POOL_ATTR = "tvm_compress.pool_window"
 
+# TVM's block annotation that MetaSchedule's AutoInline reads ("disable": never inline the
+# block); the default schedule keeps such blocks too (a resize's row pass, ``separable_resize``).
+NO_INLINE_ATTR = "meta_schedule.inline_rule"
+
 # Widest output-row tile (16 floats = one AVX-512 / two AVX2 registers); narrower divisors of
 # the row length are taken when 16 does not divide it (e.g. 14 -> 7).
 _MAX_WIDTH, _MIN_WIDTH = 16, 4
@@ -108,13 +112,15 @@ def reads_within(sch: s_tir.Schedule, consumer, producer) -> bool:
 
 
 def _inline(sch: s_tir.Schedule, infos):
-    """Inline elementwise producers and consumers, but keep padding as its own loop nest: a
-    pad inlined into a convolution puts a bounds check in the innermost reduction loop."""
+    """Inline elementwise producers and consumers, but keep padding as its own loop nest (a
+    pad inlined into a convolution puts a bounds check in the innermost reduction loop) and
+    blocks marked ``NO_INLINE_ATTR``."""
     changed = True
     while changed:
         changed = False
         for info in list(infos):
-            if info.is_reduction() or info.is_data_pad(sch):
+            if info.is_reduction() or info.is_data_pad(sch) \
+                    or str(sch.get(info.block_rv).annotations.get(NO_INLINE_ATTR, "")) == "disable":
                 continue
             for primitive in (sch.compute_inline, sch.reverse_compute_inline):
                 try:

@@ -23,6 +23,7 @@ from .sparse_hook import BLOCK_SPARSE
 from .channels_last import CHANNELS_LAST
 from .dense_columns import DENSE_COLUMNS
 from .float_depthwise import FLOAT_DEPTHWISE
+from .separable_resize import SEPARABLE_RESIZE
 from .packed_dense import PACKED_DENSE
 from .pooled_conv import POOLED_CONV
 from .softmax_rows import SOFTMAX_ROWS
@@ -65,7 +66,8 @@ def missing_features(target: tvm.target.Target, flags) -> list:
 @register_family
 class X86Family(TargetFamily):
     name = "x86"
-    kernel_hooks = (POOLED_CONV, INT8_DOT, ROUND_TO_INT, BLOCK_SPARSE, BINARY, CHANNELS_LAST, FLOAT_DEPTHWISE, DENSE_COLUMNS, PACKED_DENSE, SOFTMAX_ROWS)
+    kernel_hooks = (POOLED_CONV, INT8_DOT, ROUND_TO_INT, BLOCK_SPARSE, BINARY,
+                    CHANNELS_LAST, FLOAT_DEPTHWISE, SEPARABLE_RESIZE, DENSE_COLUMNS, PACKED_DENSE, SOFTMAX_ROWS)
 
     def tvm_target(self, profile: TargetProfile) -> tvm.target.Target:
         spec = dict(profile.target)

@@ -149,6 +149,38 @@ def test_a_flatten_after_nhwc_reorders_the_dense_weight_instead_of_transposing()
     np.testing.assert_allclose(got, x.transpose(0, 3, 1, 2).reshape(1, -1) @ w.T, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("size, moved", [((160, 160), True), ((10, 10), False)])
+def test_a_transpose_after_an_upsampling_resize_moves_before_it(size, moved):
+    """``permute_dims(resize2d(x_nhwc), [0, 3, 1, 2])`` -> ``resize2d(permute_dims(x_nhwc))``
+    in NCHW where the resize enlarges the map (the transpose moves fewer elements, the resize
+    writes the order the output is stored in); a shrinking resize keeps its order. Same numbers."""
+    from tvm_compress.targets.channels_last import _TransposeBeforeUpsample
+
+    def module(transpose_first: bool):
+        bb = relax.BlockBuilder()
+        x = relax.Var("x", relax.TensorType((1, 20, 20, 5), "float32"))
+        with bb.function("main", [x]):
+            with bb.dataflow():
+                if transpose_first:
+                    y = bb.emit(relax.op.permute_dims(x, [0, 3, 1, 2]))
+                    y = bb.emit(relax.op.image.resize2d(y, size, layout="NCHW", rounding_method="floor"))
+                else:
+                    y = bb.emit(relax.op.image.resize2d(x, size, layout="NHWC", rounding_method="floor"))
+                    y = bb.emit(relax.op.permute_dims(y, [0, 3, 1, 2]))
+                gv = bb.emit_output(y)
+            bb.emit_func_output(gv)
+        return bb.get()
+
+    before = module(False)
+    after = relax.transform.Normalize()(tvm.IRModule(
+        {"main": relax.analysis.remove_all_unused(_TransposeBeforeUpsample(before).visit_expr(before["main"]))}))
+    tvm.ir.assert_structural_equal(after["main"], (module(True) if moved else before)["main"])
+    x = np.random.default_rng(2).standard_normal((1, 20, 20, 5)).astype("float32")
+    run = lambda m: relax.VirtualMachine(tvm.compile(m, "llvm"), tvm.cpu())["main"](  # noqa: E731
+        tvm.runtime.tensor(x)).numpy()
+    np.testing.assert_array_equal(run(after), run(before))
+
+
 def test_wide_rows_and_few_channels_stay_nchw():
     """A classifier-like conv (8 channels, 96-wide rows): NCHW fills the vectors; unchanged."""
     bb = relax.BlockBuilder()
