@@ -9,6 +9,7 @@ from .binary import Binary, BinaryConfig
 from .calibrate import Calibrate, CalibrateConfig
 from .conv1d_to_conv2d import Conv1dToConv2d
 from .conv_transpose_to_conv import ConvTransposeToConv
+from .drop_padding_taps import DropPaddingTaps
 from .fold import Fold, FoldConfig
 from .hard_swish import HardSwishAsHardSigmoid
 from .lowrank import LowRank, LowRankConfig
@@ -26,6 +27,7 @@ __all__ = [
     "CalibrateConfig",
     "Conv1dToConv2d",
     "ConvTransposeToConv",
+    "DropPaddingTaps",
     "Fold",
     "FoldConfig",
     "HardSwishAsHardSigmoid",

@@ -80,8 +80,8 @@ def import_passes(model: Optional[onnx.ModelProto] = None) -> list:
     onnxruntime computes, to an ulp of the importer's)."""
     from tvm import relax
 
-    from tvm_compress.passes import (Conv1dToConv2d, ConvTransposeToConv, HardSwishAsHardSigmoid,
-                                     StackReduceToBinary, TeCallsToOps)
+    from tvm_compress.passes import (Conv1dToConv2d, ConvTransposeToConv, DropPaddingTaps,
+                                     HardSwishAsHardSigmoid, StackReduceToBinary, TeCallsToOps)
 
     from .layers import NameLayers, onnx_layer_names
 
@@ -95,6 +95,7 @@ def import_passes(model: Optional[onnx.ModelProto] = None) -> list:
         HardSwishAsHardSigmoid(),
         ConvTransposeToConv(),
         Conv1dToConv2d(),
+        DropPaddingTaps(),
     ]
 
 
