@@ -12,7 +12,8 @@ channels at any map size. Relax's ``ConvertLayout`` moves the element-wise requa
 with the convolutions; ``R.quantize`` has no layout rule, so per-tensor quantizations are
 first spelled as the element-wise ops it legalizes to (same expression, same values), and
 the weights' transposes are folded into constants for the packer. A flatten into a dense
-layer reads the NHWC tensor with the dense weight's rows reordered (``_FlattenIntoWeights``).
+layer reads the NHWC tensor with the dense weight's rows reordered (``_FlattenIntoWeights``),
+and a transpose back to NCHW after an upsampling resize moves before it, as in ``ChannelsLast``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from tvm_compress.relax_utils import (
     bound_call, clip_bounds, const_value, copy_module, is_constant, scalar_value, static_shape, use_counts,
 )
 
-from .channels_last import LAYOUT_ATTR, LAYOUTS, _calls, _CancelMoves, _FlattenIntoWeights, _ScalarConstants
+from .channels_last import (LAYOUT_ATTR, LAYOUTS, _calls, _CancelMoves, _FlattenIntoWeights, _ScalarConstants,
+                            _TransposeBeforeUpsample)
 
 _OP_CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _OP_QUANTIZE = tvm.ir.Op.get("relax.quantize")
@@ -195,6 +197,7 @@ class Int8ChannelsLast:
             out = copy_module(mod)
             for gv in names:
                 func = _FoldPermutedConstants().visit_expr(converted[gv])
+                func = _TransposeBeforeUpsample(tvm.IRModule({gv: func})).visit_expr(func)
                 func = _CancelMoves(tvm.IRModule({gv: func})).visit_expr(func)
                 # A flatten into a dense layer reads the NHWC tensor, the weight's rows reordered.
                 func = _FlattenIntoWeights(tvm.IRModule({gv: func})).visit_expr(func)

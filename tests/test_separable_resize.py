@@ -147,6 +147,28 @@ def test_a_segmentation_head_matches_onnxruntime(tmp_path, target):
     assert rep["verified"] and rep["max_rel_err"] < 1e-5, rep["max_rel_err"]
 
 
+def test_an_int8_segmentation_head_upsamples_in_two_passes_too(tmp_path):
+    """Quantized, the convs keep int8 activations channels-last (``Int8ChannelsLast``); its
+    transpose to the NCHW output moves before the float resize as in the float build."""
+    from tvm_compress.loader import load_onnx
+    from tvm_compress.passes import Quantize, QuantizeConfig
+    from tvm_compress.pipeline import lowering_passes
+    from tvm_compress.pass_registry import PassEnv
+    from tvm_compress.targets import get_family, get_target
+
+    model = _segmentation_head(tmp_path / "seg.onnx")
+    profile = get_target("x86-avx2")
+    env = PassEnv(facts=get_family(profile.family).facts(profile), log=quiet)
+    mod = Quantize(QuantizeConfig(calib="random", calib_samples=8), env)(load_onnx(model))
+    with profile.tvm_target():
+        lowered = tvm.transform.Sequential(lowering_passes(profile))(mod)
+    kernels = [f for f in lowered.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert sum("resize_rows" in [b.name_hint for b in _blocks(f)] for f in kernels) == 1
+    rep = tvm_compress.compile(model, tmp_path / "seg.so", target="x86-avx2", passes="quantize",
+                               pass_configs={"quantize": {"calib": "random"}}, bench_runs=0, log=quiet)
+    assert rep["verified"]
+
+
 def test_metaschedule_tunes_the_two_pass_kernel(tmp_path):
     """A few trials: MetaSchedule reads the row pass's annotation (TVM's ``inline_rule``, a
     string) without error, and the tuned library still matches onnxruntime."""
