@@ -310,3 +310,29 @@ def test_image_folder_without_images(tmp_path):
     (tmp_path / "notes.txt").write_text("no images here")
     with pytest.raises(DataError, match="has no images"):
         load_calibration(str(tmp_path), [("x", (1, 3, 8, 8), "float32")], Preprocess(), 100)
+
+
+def test_large_models_run_their_calibration_copy_on_scheduled_kernels(monkeypatch):
+    """From ``SCHEDULE_FROM_MACS`` the host build schedules the module with the default CPU
+    schedule first (LegalizeOps' naive loops took 490 s to quantize ConvNeXt-Tiny, 29 s
+    scheduled); it computes what the naive build does."""
+    from tvm_compress.passes import _host
+    from tvm_compress.targets import cpu_schedule
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 16, 24, 24), "float32"))
+    w = np.random.default_rng(5).standard_normal((32, 16, 3, 3)).astype("float32")
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.relu(relax.op.nn.conv2d(x, relax.const(w), padding=1)))
+            out = bb.emit_output(relax.op.mean(y, axis=[2, 3]))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    data = np.random.default_rng(6).standard_normal((1, 16, 24, 24)).astype("float32")
+    naive = _host.host_run(mod)(data)
+    scheduled_with = []
+    default = cpu_schedule.cpu_default_schedule
+    monkeypatch.setattr(cpu_schedule, "cpu_default_schedule", lambda lanes: scheduled_with.append(lanes) or default(lanes))
+    monkeypatch.setattr(_host, "SCHEDULE_FROM_MACS", 0)
+    np.testing.assert_allclose(_host.host_run(mod)(data), naive, rtol=1e-5, atol=1e-5)
+    assert scheduled_with == [8]
