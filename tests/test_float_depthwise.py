@@ -225,16 +225,3 @@ def test_a_text_line_block_matches_onnxruntime(tmp_path, target, width, inline):
     assert ("pad_temp" not in kernel.script()) == inline
     rep = tvm_compress.compile(model, tmp_path / "line.so", target=target, bench_runs=0, log=quiet)
     assert rep["verified"] and rep["max_rel_err"] < 1e-5, rep["max_rel_err"]
-
-
-def test_the_hook_is_on_for_the_cpu_families_unless_a_preset_turns_it_off():
-    import dataclasses
-
-    from tvm_compress.targets import get_family, get_target
-    from tvm_compress.targets.float_depthwise import FLOAT_DEPTHWISE
-
-    for name in ("x86", "x86-avx2", "aarch64", "armv7"):
-        profile = get_target(name)
-        assert FLOAT_DEPTHWISE in get_family(profile.family).hooks(profile)
-        off = dataclasses.replace(profile, features={**profile.features, "float_depthwise": False})
-        assert FLOAT_DEPTHWISE not in get_family(profile.family).hooks(off)

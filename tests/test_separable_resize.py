@@ -175,16 +175,3 @@ def test_metaschedule_tunes_the_two_pass_kernel(tmp_path):
     model = _segmentation_head(tmp_path / "seg.onnx", size=10, factor=4)
     rep = tvm_compress.compile(model, tmp_path / "seg.so", target="x86-avx2", tune_trials=6, bench_runs=0, log=quiet)
     assert rep["verified"] and rep["max_rel_err"] < 1e-5, rep["max_rel_err"]
-
-
-def test_the_hook_is_on_for_the_cpu_families_unless_a_preset_turns_it_off():
-    import dataclasses
-
-    from tvm_compress.targets import get_family, get_target
-    from tvm_compress.targets.separable_resize import SEPARABLE_RESIZE
-
-    for name in ("x86", "x86-avx2", "aarch64", "armv7"):
-        profile = get_target(name)
-        assert SEPARABLE_RESIZE in get_family(profile.family).hooks(profile)
-        off = dataclasses.replace(profile, features={**profile.features, "separable_resize": False})
-        assert SEPARABLE_RESIZE not in get_family(profile.family).hooks(off)

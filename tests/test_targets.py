@@ -131,3 +131,19 @@ def test_kernel_argument_checks_are_off_unless_a_preset_keeps_them(demo_model, t
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(libs["x86-avx2"])), tvm.cpu())
     with pytest.raises(Exception, match="29 vs. 28"):  # the VM's own check of the model's input
         vm["main"](tvm.runtime.tensor(np.zeros((1, 1, 28, 29), np.float32)))
+
+
+@pytest.mark.parametrize("module, hook, feature", [
+    ("float_depthwise", "FLOAT_DEPTHWISE", "float_depthwise"),
+    ("separable_resize", "SEPARABLE_RESIZE", "separable_resize"),
+])
+def test_float_kernel_hooks_are_on_for_the_cpu_families_unless_a_preset_turns_them_off(module, hook, feature):
+    import dataclasses
+    import importlib
+
+    hook = getattr(importlib.import_module(f"tvm_compress.targets.{module}"), hook)
+    for name in ("x86", "x86-avx2", "aarch64", "armv7"):
+        profile = get_target(name)
+        assert hook in get_family(profile.family).hooks(profile)
+        off = dataclasses.replace(profile, features={**profile.features, feature: False})
+        assert hook not in get_family(profile.family).hooks(off)
