@@ -76,6 +76,8 @@ class _Rewriter(PyExprMutator):
         c0, c1, left, right = cols or (0, w.shape[3] - 1, left, right)
         self.dropped += 1
         kept = np.ascontiguousarray(w[:, :, r0:r1 + 1, c0:c1 + 1])
+        # One tap left along an axis: its dilation means nothing (int8 packs treat dilated convs apart).
+        dh, dw = (1 if kept.shape[2] == 1 else dh), (1 if kept.shape[3] == 1 else dw)
         return with_layer(relax.op.nn.conv2d(
             data, relax.const(kept), strides=[sh, sw], padding=[top, left, bottom, right],
             dilation=[dh, dw], groups=int(attrs.groups), data_layout="NCHW", kernel_layout="OIHW",

@@ -34,9 +34,11 @@ def _conv_module(x_shape, w, **attrs):
 
 
 @pytest.mark.parametrize("x_shape, w_shape, attrs, rows, cols, kept_attrs", [
-    # an ASPP conv at rate 24 on a 20x20 map: only the centre tap reads the map
-    ((1, 8, 20, 20), (4, 8, 3, 3), {"padding": 24, "dilation": 24}, slice(1, 2), slice(1, 2),
-     {"padding": 0, "dilation": 24}),
+    # an ASPP conv at rate 24 on a 20x20 map: only the centre tap reads the map (a plain 1x1 conv)
+    ((1, 8, 20, 20), (4, 8, 3, 3), {"padding": 24, "dilation": 24}, slice(1, 2), slice(1, 2), {"padding": 0}),
+    # rate 12 on an 8x20 map: the middle kernel row, the columns still dilated
+    ((1, 8, 8, 20), (4, 8, 3, 3), {"padding": 12, "dilation": 12}, slice(1, 2), slice(0, 3),
+     {"padding": (0, 12, 0, 12), "dilation": (1, 12)}),
     # a 3x3 conv on a one-pixel map
     ((1, 8, 1, 1), (4, 8, 3, 3), {"padding": 1}, slice(1, 2), slice(1, 2), {"padding": 0}),
     # a 3x3 conv on a one-row map: its middle row, the columns as they were
