@@ -151,7 +151,7 @@ def qparams(lo: float, hi: float, mode: str) -> Tuple[float, int, str]:
 def weight_qparams(w: np.ndarray, axis: int, pair_sums: bool = False) -> Tuple[np.ndarray, np.ndarray]:
     """Per-output-channel symmetric int8: (int8 weights, float32 scales).
 
-    ``pair_sums`` (a conv weight, groups 1, output channels on ``axis`` 0, for kernels that add
+    ``pair_sums`` (a conv weight, not depthwise, output channels on ``axis`` 0, for kernels that add
     the products of input channels 2k and 2k+1 in saturating int16, or of kernel columns 2k and
     2k+1 of a single-channel conv, ``TargetFacts.int8_pair_sums``):
     each channel's scale is also large enough that every pair's same-signed weights add up to

@@ -214,8 +214,8 @@ class _QDQEmitter(PyExprMutator):
                 return
             w = ru.const_value(w_expr)
             axis = weight_axis(self.layer_kind[layer])
-            # only plain convs run the pair-summing dot kernels (depthwise ones have exact taps)
-            wq, ws = weight_qparams(w, axis, self.weight_pairs and self.layer_kind[layer] == "conv2d")
+            # plain and grouped convs run the pair-summing dot kernels (depthwise ones have exact taps)
+            wq, ws = weight_qparams(w, axis, self.weight_pairs and self.layer_kind[layer] in ("conv2d", "grouped_conv2d"))
             self.weight_info[layer] = {"scale": ws, "axis": axis}
             dq = relax.op.dequantize(
                 relax.const(wq, "int8"), relax.const(ws, "float32"), relax.const(0, "int8"), axis=axis

@@ -6,8 +6,9 @@ kernel's first stage packs the NCHW activations the same way (zero padding, ``de
 innermost, in the intrinsic's dtype; int8 activations shifted into uint8 for unsigned x signed
 dots, corrected by a per-channel ``comp`` after the sum). The schedule keeps a register tile of
 ``tile_w`` output columns x ``tile_oc`` lane groups in int32 accumulators over the whole
-reduction, then runs the fused epilogue (requantize) on it. Depthwise convolutions use plain
-vectors along output columns instead (see ``packed_depthwise_conv2d``).
+reduction, then runs the fused epilogue (requantize) on it. Grouped convolutions run the same
+kernel, each output channel reducing over its own group's inputs (``group_weight``). Depthwise
+convolutions use plain vectors along output columns instead (see ``packed_depthwise_conv2d``).
 
 Channels-last activations (``Int8ChannelsLast``) use the same kernels with NHWC indexing: the
 pack becomes a contiguous copy of each pixel's channels, the epilogue stores vectors of
@@ -34,6 +35,8 @@ KERNEL_ATTR = "tvm_compress.int8_dot"
 DEPTHWISE_ATTR = "tvm_compress.int8_depthwise"
 PACK_INTERIOR_ATTR = "tvm_compress.pack_interior"
 TILE_ATTR = "tvm_compress.int8_tile"
+# Output channels per group of a grouped convolution (``packed_conv2d``'s ``group_out``).
+GROUP_ATTR = "tvm_compress.int8_group"
 # "NHWC" on kernels whose activations are channels-last (``Int8ChannelsLast``); NCHW otherwise.
 LAYOUT_ATTR = "tvm_compress.int8_layout"
 # A parallel region costs microseconds to start: small packs (``PARALLEL_MIN_ELEMS``) and
@@ -91,6 +94,28 @@ def layer_kernel(w: np.ndarray, kernel: DotKernel) -> DotKernel:
     if -(-w.shape[1] // kernel.depth) * kernel.depth >= 2 * -(-w.shape[1] // fallback.depth) * fallback.depth:
         return fallback
     return kernel if pair_weight_sums(w).max() <= _PAIR_WEIGHT_LIMIT else fallback
+
+
+def group_weight(w: np.ndarray, groups: int, lanes: int) -> Optional[Tuple[np.ndarray, int]]:
+    """A grouped conv's OIHW weight ``[OC, IC / groups, KH, KW]`` as one whose groups are whole
+    lane groups of output channels: (weight, output channels per group), None where the group
+    width and ``lanes`` divide neither way. A group of ``lanes`` or a multiple of it stays as it
+    is; narrower groups (RegNet's 8 on 16 lanes, ResNeXt's 4 on 8) are taken ``lanes / width``
+    at a time as one group of ``lanes`` outputs over their inputs together, the weight block
+    diagonal (zeros across the groups: that many times the products, in whole vectors)."""
+    oc, icg, kh, kw = w.shape
+    width = oc // groups
+    if width % lanes == 0:
+        return w, width
+    if lanes % width:
+        return None
+    k = lanes // width
+    merged = -(-groups // k)
+    out = np.zeros((merged * lanes, k * icg, kh, kw), w.dtype)
+    for g in range(groups):
+        j = g % k
+        out[g * width:(g + 1) * width, j * icg:(j + 1) * icg] = w[g * width:(g + 1) * width]
+    return out, lanes
 
 
 def shift_compensation(w: np.ndarray, shift: int) -> np.ndarray:
@@ -166,12 +191,15 @@ def packed_conv2d(
     kernel_name: str,
     layout: str = "NCHW",
     kw: int = 0,
+    group_out: int = 0,
 ) -> te.Tensor:
     """NCHW (or NHWC) int8/uint8 x packed int8 -> int32 in the same layout (``out_channels``
     of them); ``comp``: the shift's correction (``shift_compensation``) when
     ``kernel.shift(x.dtype)`` is not 0. ``kw``: a single-channel conv's width when ``wp`` packs
     its ``column_taps``; the pack's channel ``k`` of a pixel is then the pixel ``k`` columns
-    (times the dilation) to its right."""
+    (times the dilation) to its right. ``group_out``: a grouped conv's output channels per
+    group (``group_weight``), whole lane groups; ``wp`` then packs one group's input channels
+    (whole dot steps), and output channel ``o`` reduces over group ``o // group_out``'s."""
     kernel = KERNELS[kernel_name]
     shift = kernel.shift(str(x.dtype))
     rows = layout == "rows"  # ``packed_matmul``: [..., K] rows as the pixels of a map
@@ -193,7 +221,11 @@ def packed_conv2d(
     kw = kw or kwp
     (pt, pl, pb, pr), (sh, sw), (dh, dw), (oh, ow) = conv_geometry(h, w, kh, kw, padding, strides, dilation)
     dt = kernel.packed_dtype
-    tile_oc, tile_w, owp = dense_tile(kernel, ocb, ow)
+    # A register tile's lane groups share their activations: one group's at most.
+    tile_oc, tile_w, owp = dense_tile(kernel, group_out // lanes if group_out else ocb, ow)
+    group_steps = icb if group_out else 0  # dot steps of one group's inputs
+    if group_out:
+        icb *= ocb * lanes // group_out
     # Wide enough for the padded output columns too (they read zeros).
     cols = max(w + pl + pr, (owp - 1) * sw + (kwp - 1) * taps * dw + 1)
     # Pack: zero padding (rows, columns; channels up to whole dot steps), all channels of a
@@ -223,16 +255,19 @@ def packed_conv2d(
     )
     ry = te.reduce_axis((0, kh), name="ry")
     rx = te.reduce_axis((0, kwp), name="rx")
-    rc = te.reduce_axis((0, icb * depth), name="rc")
+    rc = te.reduce_axis((0, (group_steps or icb) * depth), name="rc")
 
     def dot(b, o, y, xx):
+        step = o // group_out * group_steps + rc // depth if group_out else rc // depth
         return te.sum(
-            xpack[b, y * sh + ry * dh, xx * sw + rx * taps * dw, rc // depth, rc % depth].astype("int32")
+            xpack[b, y * sh + ry * dh, xx * sw + rx * taps * dw, step, rc % depth].astype("int32")
             * wp[o // lanes, ry, rx, rc // depth, o % lanes, rc % depth].astype("int32"),
             axis=[ry, rx, rc],
         )
 
     attrs = {KERNEL_ATTR: kernel_name, TILE_ATTR: [tile_oc, tile_w], LAYOUT_ATTR: "NHWC" if nhwc else layout}
+    if group_out:
+        attrs[GROUP_ATTR] = group_out
     if nhwc:
         acc = te.compute((n, oh, owp, ocb * lanes), lambda b, y, xx, o: dot(b, o, y, xx),
                          name="int8_conv", attrs=attrs)
@@ -770,7 +805,7 @@ def _pack_mode(sch: s_tir.Schedule, block, reduce_loops, lane_tiles: int):
     epilogue runs on accumulators still in registers, where ``pixels`` stores and reloads them
     (the same conv on AVX2, 12 lane groups: 44 us, 70 us as ``pixels``)."""
     (pack,) = sch.get_producers(block)
-    if any(_extent(sch, l) != 1 for l in reduce_loops):
+    if any(_extent(sch, l) != 1 for l in reduce_loops) or GROUP_ATTR in sch.get(block).annotations:
         return None
     interior = [int(v) for v in sch.get(pack).annotations[PACK_INTERIOR_ATTR]]
     _, rows, cols, groups, depth = (int(v) for v in sch.get(pack).writes[0].source.shape)

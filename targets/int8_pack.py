@@ -1,8 +1,8 @@
 """PackInt8Conv: int8 conv2d and matmul with a constant weight -> packed-weight dot-product kernel.
 
 Needs: realized int8 convolutions (``QuantizeRealize``: ``R.nn.conv2d`` with int8/uint8 data, a
-constant int8 weight, int32 output, NCHW/OIHW or, after ``Int8ChannelsLast``, NHWC/HWIO, groups 1
-or depthwise) and a target whose preset names a dot
+constant int8 weight, int32 output, NCHW/OIHW or, after ``Int8ChannelsLast``, NHWC/HWIO, groups 1,
+depthwise, or groups whose width fits the lanes, ``int8_conv.group_weight``) and a target whose preset names a dot
 kernel its CPU has (``features.int8_dot``: ``vpdpbusd`` on x86 AVX-512 VNNI, ``avxvnni`` on x86
 AVX-VNNI, ``pmaddubsw`` (or the exact but slower ``pmaddwd``) on x86 AVX2, ``sdot`` on AArch64
 ``+dotprod``). On ``pmaddubsw`` a layer whose weights could saturate its int16 pair sums runs
@@ -14,7 +14,8 @@ Depthwise convolutions get a vector kernel (no dot instruction): along output co
 NCHW, along channels in NHWC (on x86 two columns' taps per pair multiply-add,
 ``int8_conv.depthwise_tap_pairs``). An int8 ``matmul`` with a constant 2-d weight (a dense
 layer) runs the 1x1 convolutions' kernel, its rows as pixels (``int8_conv.packed_matmul``). Other
-convolutions (float, other grouped ones, activations the kernel cannot take) are left alone.
+convolutions (float, grouped ones whose width fits the lanes neither way, activations the kernel
+cannot take) are left alone.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from tvm_compress.specs import json_attr
 from .int8_conv import (
     column_taps,
     depthwise_tap_pairs,
+    group_weight,
     layer_kernel,
     pack_depthwise_weight,
     pack_weight,
@@ -111,6 +113,9 @@ class _Packer(PyExprMutator):
             return "conv"
         if groups == channels == oc and icg == 1:
             return "depthwise"
+        grouped = group_weight(np.zeros((oc, icg, 1, 1), np.int8), groups, self.kernel.lanes)
+        if grouped is not None and grouped[0].shape[1] % self.kernel.depth == 0:
+            return "grouped"
         return None  # other grouped convolutions keep the generic kernels
 
     def _matmul(self, call):
@@ -173,6 +178,11 @@ class _Packer(PyExprMutator):
             args = [data, relax.const(pack_depthwise_weight(w, self.kernel, layout, pairs))]
             geometry = (*geometry, int(w.shape[3]))
             self.kernels["depthwise"] += 1
+        elif kind == "grouped":
+            w, group_out = group_weight(w, int(attrs.groups), self.kernel.lanes)
+            kernel, args = self._dot_args(data, w)
+            args[-1] = int(weight.value.shape[attrs.kernel_layout.index("O")])
+            geometry = (*geometry[:3], kernel.name, layout, 0, group_out)
         else:
             # One input channel: a pixel and its right neighbours as its channels (column_taps).
             kw = int(w.shape[3]) if w.shape[1] == 1 and w.shape[3] > 1 else 0

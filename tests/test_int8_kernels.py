@@ -5,6 +5,7 @@ Reference: int64 numpy convolution of the same integers; the kernels must match 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from tvm_compress.cache import runner_cache_dir
 from tvm_compress.targets import get_family, get_target, load_target_files, qemu
 from tvm_compress.targets.arches import QEMU_ARCHES
 from tvm_compress.targets.int8_conv import (
-    column_taps, dense_tile, depthwise_tap_pairs, layer_kernel, pack_depthwise_weight, pack_weight,
+    column_taps, dense_tile, depthwise_tap_pairs, group_weight, layer_kernel, pack_depthwise_weight, pack_weight,
 )
 from tvm_compress.targets.int8_intrin import KERNELS, register, tap_intrin
 from tvm_compress.targets.int8_pack import PackInt8Conv, int8_kernels, target_kernel
@@ -28,6 +29,7 @@ from tvm_compress.targets.int8_schedule import _marked_block
 RUNNER_CACHE = runner_cache_dir()
 CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 CALL_TIR = tvm.ir.Op.get("relax.call_tir")
+PERMUTE = tvm.ir.Op.get("relax.permute_dims")
 
 
 def _conv_module(x_shape, w, act="uint8", stride=(1, 1), padding=(0, 0), dilation=(1, 1),
@@ -153,6 +155,11 @@ CASES = {
     "depthwise-odd-stride2": ((1, 10, 9, 9), (10, 1, 3, 3), (2, 2), (1, 1), (1, 1), 10, "int8"),
     "depthwise-dilated": ((1, 16, 12, 14), (16, 1, 3, 3), (1, 1), (2, 2), (2, 2), 16, "int8"),
     "single-channel": ((1, 1, 11, 14), (8, 1, 3, 3), (1, 1), (1, 1), (1, 1), 1, "int8"),  # column_taps
+    # groups of 8 channels (RegNet's): whole groups on 8 lanes, two at a time on 16; 5 groups
+    # leave the last pair half empty
+    "grouped-8": ((1, 40, 9, 10), (40, 8, 3, 3), (1, 1), (1, 1), (1, 1), 5, "uint8"),
+    # groups of 4 (ResNeXt's first stage): two at a time on 8 lanes, four on 16, one on sdot's 4
+    "grouped-4-stride2": ((1, 32, 9, 11), (32, 4, 3, 3), (2, 2), (1, 1), (1, 1), 8, "int8"),
 }
 
 
@@ -181,6 +188,26 @@ def test_pack_weight_layouts_round_trip():
     s = KERNELS["sdot"]
     dw = rng.integers(-128, 128, (6, 1, 5, 5)).astype(np.int8)
     np.testing.assert_array_equal(pack_depthwise_weight(dw, s), dw[:, 0])  # taps stay scalars
+
+
+@pytest.mark.parametrize("groups, width, lanes, shape", [
+    (4, 16, 8, (64, 3, 3, 3)),    # whole lane groups: the weight as it is
+    (5, 8, 16, (48, 6, 3, 3)),    # two groups of 8 per 16 lanes, the last pair half empty
+    (8, 4, 8, (32, 6, 3, 3)),
+])
+def test_group_weight_blocks_groups_into_whole_lane_groups(groups, width, lanes, shape):
+    rng = np.random.default_rng(8)
+    w = rng.integers(-128, 128, (groups * width, 3, 3, 3)).astype(np.int8)
+    wg, group_out = group_weight(w, groups, lanes)
+    assert wg.shape == shape and group_out == max(width, lanes)
+    k = group_out // width  # original groups per packed group
+    for g in range(groups):
+        rows = wg[g * width:(g + 1) * width]
+        j = g % k
+        np.testing.assert_array_equal(rows[:, j * 3:(j + 1) * 3], w[g * width:(g + 1) * width])
+        assert not np.delete(rows, np.s_[j * 3:(j + 1) * 3], axis=1).any()  # zeros across groups
+    assert not wg[groups * width:].any()
+    assert group_weight(w[:18], 6, 8) is None  # groups of 3 fit 8 lanes neither way
 
 
 def test_depthwise_tap_pair_weights():
@@ -344,13 +371,14 @@ def test_int8_matmul_runs_the_packed_dot_kernel(x_shape, n, act, target_name):
 
 
 def test_pack_leaves_other_convolutions_alone():
-    """Before == Expected: float convs, grouped (not depthwise) convs, non-constant weights,
+    """Before == Expected: float convs, grouped convs whose groups do not fit the lanes, non-constant weights,
     activations the kernel cannot take and matmuls whose rows form no map stay as they are."""
     rng = np.random.default_rng(2)
     w8 = rng.integers(-128, 128, (8, 4, 3, 3)).astype(np.int8)
     untouched = [
         (_conv_module((1, 4, 8, 8), w8.astype("float32"), "float32"), "pmaddwd"),
-        (_conv_module((1, 8, 8, 8), w8, "uint8", groups=2), "pmaddwd"),
+        # groups of 3 output channels: neither whole lane groups nor a divisor of 8 lanes
+        (_conv_module((1, 8, 8, 8), w8[:6], "uint8", groups=2), "pmaddwd"),
         (_conv_module((1, 4, 8, 8), w8, "int8", w_const=False), "pmaddwd"),
         (_conv_module((1, 4, 8, 8), w8, "uint8"), "sdot"),  # sdot takes int8 activations only
         # a matmul over three leading dimensions other than 1 (no map of rows)
@@ -388,7 +416,7 @@ def test_pack_rewrites_int8_and_depthwise_convs():
 
 
 def _is_depthwise(name):
-    return CASES[name][5] > 1
+    return CASES[name][1][1] == 1 and CASES[name][5] > 1
 
 
 @pytest.mark.parametrize("target_name, instruction", [
@@ -419,6 +447,24 @@ def test_x86_kernels_exact_and_use_dot_instructions(name, act, target_name, inst
     else:
         # vpmulld: 2 micro-ops and 10 cycles' latency on Intel cores
         assert re.search(r"\b(vpmaddwd|vpdpwssd)\s", asm) and not re.search(r"\bvpmulld\s", asm)
+
+
+@pytest.mark.parametrize("name", ["grouped-8", "grouped-4-stride2"])
+def test_grouped_convs_run_the_dot_kernel_in_the_imported_layout_too(name):
+    """``features.int8_layout = "NCHW"``: grouped convs still take the packed dot kernel (one
+    per conv, counted under its name), exact."""
+    profile = get_target("x86-avx2")
+    profile = dataclasses.replace(profile, features={**profile.features, "int8_layout": "NCHW"})
+    mod, x, w, geometry = _case(name, pairs=True)
+    with profile.tvm_target():
+        lowered = tvm.transform.Sequential(pipeline.lowering_passes(profile))(mod)
+    assert int8_kernels(lowered) == {"pmaddubsw": 1}
+    assert not [c for c in _calls(lowered) if c.op.same_as(PERMUTE)]  # no channels-last rewrite
+    scheduled = pipeline.Schedule(profile)(lowered)
+    assert len(_dot_calls(scheduled)) == 1 and _scheduled_kernels(scheduled)
+    got = relax.VirtualMachine(tvm.compile(scheduled, profile.tvm_target()), tvm.cpu())["main"](
+        tvm.runtime.tensor(x)).numpy()
+    np.testing.assert_array_equal(got, _reference(x, w, *geometry).astype(np.float32) * np.float32(0.5))
 
 
 def test_layers_whose_pairs_could_saturate_run_the_exact_kernel():
@@ -842,7 +888,7 @@ def test_conv_without_epilogue_still_scheduled():
 
 
 def test_dotprod_kernels_use_sdot():
-    for name in ("3x3", "depthwise-5x5"):
+    for name in ("3x3", "depthwise-5x5", "grouped-8"):
         mod, *_ = _case(name, act="int8")
         scheduled, target = _lower(mod, "aarch64-dotprod")
         assert _scheduled_kernels(scheduled)
@@ -851,7 +897,7 @@ def test_dotprod_kernels_use_sdot():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["odd-channels-stride2", "depthwise-odd-stride2", "single-channel"])
+@pytest.mark.parametrize("name", ["odd-channels-stride2", "depthwise-odd-stride2", "single-channel", "grouped-4-stride2"])
 def test_sdot_kernels_exact_under_qemu(name, tmp_path):
     ok, why = qemu.can_run("aarch64", cache_dir=RUNNER_CACHE)
     if not ok:

@@ -53,6 +53,29 @@ def test_weight_pairs_fit_int16_pair_sums():
     np.testing.assert_allclose(cs[0], 7.5 / 127, rtol=1e-6)
 
 
+def test_grouped_conv_weights_fit_pair_sums_too():
+    """A grouped conv runs the same pair-summing dot kernels as a plain one
+    (``int8_conv.group_weight``): with ``weight_pairs`` its int8 weight fits the pairs as well."""
+    from tvm_compress.relax_utils import const_value, is_constant
+    from tvm_compress.specs import pair_weight_sums
+
+    w = RNG.standard_normal((16, 8, 3, 3)).astype("float32") * 0.3
+    w[:, 0], w[:, 1] = 2.0, 1.9  # every output channel: two large same-signed neighbours
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 16, 8, 8), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            gv = bb.emit_output(relax.op.nn.conv2d(x, relax.const(w), padding=1, groups=2))
+        bb.emit_func_output(gv)
+    data = RNG.uniform(0, 1, (4, 16, 8, 8)).astype("float32")
+    for pairs, fits in ((True, True), (False, False)):
+        found = []
+        relax.analysis.post_order_visit(_calibrate(bb.get(), data, weight_pairs=pairs)["main"],
+                                        lambda e: found.append(const_value(e)) if is_constant(e) else None)
+        (q,) = [v for v in found if v.dtype == np.int8 and v.ndim == 4]
+        assert (pair_weight_sums(q).max() <= 128) == fits
+
+
 def test_percentile_clips_an_outlier_minmax_does_not():
     x = np.abs(RNG.standard_normal(200_000)).astype("float32")
     x[123] = 1000.0
