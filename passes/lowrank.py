@@ -88,6 +88,9 @@ class LowRankConfig(CalibDataConfig):
     def whitened(self) -> bool:
         return self.method == "whitened" or (self.method == "auto" and self.calib is not None)
 
+    def needs_calibration(self, model) -> bool:
+        return self.method == "whitened"
+
 
 @dataclass
 class _Layer:

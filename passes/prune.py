@@ -93,6 +93,9 @@ class PruneConfig(CalibDataConfig):
             raise PassOptionError(f"--prune-block must be RxC with R, C >= 1, got {self.block!r}")
         if int(self.max_blocks) < 0:
             raise PassOptionError(f"--prune-max-blocks must be >= 0, got {self.max_blocks}")
+
+    def needs_calibration(self, model) -> bool:
+        return self.recover != "none"
         if float(self.min_speedup) < 0:
             raise PassOptionError(f"--prune-min-speedup must be >= 0, got {self.min_speedup}")
         if self.recover != "none" and self.kind != "channel":

@@ -25,6 +25,9 @@ from .quantize_annotate import LAYER_KINDS, QuantizeAnnotate, QuantizeAnnotateCo
 from .quantize_realize import QuantizeRealize, QuantizeRealizeConfig
 
 
+_ONNX_QDQ = ("QuantizeLinear", "DequantizeLinear")
+
+
 @dataclass(frozen=True)
 class QuantizeConfig(CalibDataConfig):
     """All options of the int8 flow (see QuantizeAnnotateConfig and CalibrateConfig); the
@@ -48,6 +51,10 @@ class QuantizeConfig(CalibDataConfig):
         self.annotate_config()
         self.calibrate_config()
         self.realize_config()
+
+    def needs_calibration(self, model) -> bool:
+        # a QDQ model carries its own quantization
+        return not any(n.op_type in _ONNX_QDQ for n in model.graph.node)
 
     def realize_config(self) -> QuantizeRealizeConfig:
         return QuantizeRealizeConfig(speed_table=self.speed_table, slow_layers=self.slow_layers)

@@ -112,6 +112,21 @@ def test_bad_input_one_line_error_no_output(argv, pattern, tmp_path, capsys, con
     assert not list(tmp_path.glob(".*tmp*")), "temporary files left behind"
 
 
+@pytest.mark.parametrize("argv, who", [
+    (["--passes", "quantize"], "quantize"),
+    (["--passes", "prune", "--prune-recover", "lstsq"], "prune"),
+    (["--passes", "lowrank", "--lowrank-method", "whitened"], "lowrank"),
+])
+def test_missing_calibration_data_is_refused_before_import(argv, who, dense_model, tmp_path, capsys):
+    code = main(["compile", str(dense_model), "-o", str(tmp_path / "out.so"), *argv])
+    out, err = capsys.readouterr()
+    assert "import:" not in out and "pass:" not in out  # nothing ran first
+    assert code != 0 and err.strip().splitlines() == [
+        f"tvm-compress: error: {who} needs calibration data: --calib FILE.npz|FILE.npy|IMAGE_DIR "
+        "(or --calib random, accuracy unknown)"]
+    assert not (tmp_path / "out.so").exists()
+
+
 def test_unwritable_directory(dense_model, tmp_path, capsys):
     if hasattr(__import__("os"), "geteuid") and __import__("os").geteuid() == 0:
         # root writes anywhere; a path under a regular file is unwritable for everyone

@@ -78,6 +78,22 @@ def qdq_model(tmp_path_factory):
     return _make_qdq(tmp_path_factory, "QInt8")
 
 
+def test_only_a_float_model_needs_calibration_data(qdq_model, tmp_path):
+    """``compile`` refuses ``quantize`` without ``--calib`` before importing a float model; a
+    QDQ model carries its scales and compiles without one."""
+    import tvm_compress
+    from tvm_compress.errors import DataError
+
+    float_path, qdq_path = qdq_model
+    with pytest.raises(DataError, match="quantize needs calibration data"):
+        tvm_compress.compile(float_path, tmp_path / "f.so", target="x86-avx2", passes="quantize", log=lambda m: None)
+    assert not (tmp_path / "f.so").exists()
+    logs = []
+    tvm_compress.compile(qdq_path, tmp_path / "q.so", target="x86-avx2", passes="quantize", bench_runs=1,
+                         log=logs.append)
+    assert (tmp_path / "q.so").exists() and any("realizing its own quantization" in m for m in logs)
+
+
 def test_qdq_model_realizes_to_integer_compute(qdq_model):
     from tvm_compress.loader import load_onnx
 

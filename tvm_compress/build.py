@@ -20,6 +20,7 @@ from tvm import relax
 from tvm_compress.targets import TargetProfile, get_family, get_target
 
 from . import kernel_check, pipeline, remote, verify
+from .calib_data import missing_calibration
 from .errors import OutputError, TargetError, VerificationError
 from .fileutil import atomic_path, check_writable, write_json
 from .layers import layer_stats, totals, weight_stats
@@ -105,6 +106,7 @@ def compile(  # noqa: A001  (the product's verb)
     prepared = prepare_onnx(model, input_shapes)
     for note in prepared.notes:
         log(f"note: {note}")
+    _check_calibration(names, pass_configs, prepared.model)
     if verify_input is not None:
         inputs = verify.inputs_from_file(verify_input, prepared.inputs)
         input_source = str(verify_input)
@@ -266,6 +268,17 @@ def _binary_kernels(mod, log) -> dict:
         log(f"binary: {xnor} of {len(layers)} layers on XNOR/popcount kernels, {chains} fused chains "
             f"(bit-packed output)")
     return layers
+
+
+def _check_calibration(names, pass_configs, model) -> None:
+    """Refuse a pass that needs calibration data and has none before the model is imported
+    (not after the passes before it ran)."""
+    for name in names:
+        preset = get_preset(name)
+        if preset.reads_calibration:
+            config = make_config(preset, (pass_configs or {}).get(name))
+            if config.calib is None and config.needs_calibration(model):
+                raise missing_calibration(name)
 
 
 def _int8_kernels(mod, preferred, log) -> dict:

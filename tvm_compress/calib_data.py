@@ -194,6 +194,12 @@ def _load_image_folder(folder: Path, shape: Sequence[int], prep: Preprocess, lim
     return np.stack(out)
 
 
+def missing_calibration(who: str) -> DataError:
+    """The error for a pass ``who`` that needs calibration data and was given none."""
+    return DataError(f"{who} needs calibration data: --calib FILE.npz|FILE.npy|IMAGE_DIR "
+                     "(or --calib random, accuracy unknown)")
+
+
 def load_calibration(
     spec, inputs: Sequence[Tuple[str, Sequence[int], str]], prep: Preprocess, limit: int, log=print,
     who: str = "quantize",
@@ -205,10 +211,7 @@ def load_calibration(
     """
     names = [n for n, _, _ in inputs]
     if spec is None:
-        raise DataError(
-            f"{who} needs calibration data: --calib FILE.npz|FILE.npy|IMAGE_DIR "
-            "(or --calib random, accuracy unknown)"
-        )
+        raise missing_calibration(who)
     if isinstance(spec, Mapping) or isinstance(spec, np.ndarray):
         arrays = dict(spec) if isinstance(spec, Mapping) else {names[0]: spec}
         labels = arrays.pop("labels", None)
@@ -283,6 +286,12 @@ class CalibDataConfig:
     calib_std: Tuple[float, ...] = (1.0,)
     calib_layout: str = "NCHW"
     calib_bgr: bool = False
+
+    def needs_calibration(self, model) -> bool:
+        """Whether the pass, so configured, reads calibration data on the ONNX ``model``
+        (``onnx.ModelProto``): the driver refuses a missing ``calib`` before importing it.
+        Passes for which the data is optional say when it is not needed."""
+        return True
 
     @property
     def preprocess(self) -> Preprocess:
