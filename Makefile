@@ -9,13 +9,15 @@ STAMP  := $(VENV)/.installed
 setup: $(STAMP)
 	@bash scripts/setup_system.sh
 
-# Re-install when the pinned dependencies change.
-$(STAMP): pyproject.toml
+# Re-install when the pinned dependencies (here or in pyproject.toml) change.
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	# Real published models for the slow tests and benchmarks (PP-OCRv4, Apache-2.0).
 	$(PY) -m pip install -q --no-deps rapidocr-onnxruntime==1.4.4
+	# Silero VAD's ONNX exports (an LSTM after convs, one inside an If; MIT).
+	$(PY) -m pip install -q --no-deps silero-vad==6.2.3
 	@touch $(STAMP)
 
 demo: setup

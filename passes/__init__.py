@@ -17,6 +17,7 @@ from .prune import Prune, PruneConfig
 from .quantize import Quantize, QuantizeConfig
 from .quantize_annotate import QuantizeAnnotate, QuantizeAnnotateConfig
 from .quantize_realize import QuantizeRealize, QuantizeRealizeConfig
+from .share_constants import ShareConstants
 from .stack_reduce_to_binary import StackReduceToBinary
 from .te_calls_to_ops import TeCallsToOps
 
@@ -41,6 +42,7 @@ __all__ = [
     "QuantizeConfig",
     "QuantizeRealize",
     "QuantizeRealizeConfig",
+    "ShareConstants",
     "StackReduceToBinary",
     "TeCallsToOps",
 ]

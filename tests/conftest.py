@@ -106,7 +106,8 @@ def dense_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def unsupported_model(tmp_path_factory) -> Path:
-    """A valid ONNX graph with two op types the Relax importer lacks (LSTM, QLinearConv)."""
+    """A valid ONNX graph with two op types the Relax importer lacks (QLinearConv, and an LSTM
+    with ``clip``, which ``onnx_rnn`` does not unroll)."""
     path = tmp_path_factory.mktemp("models") / "unsupported.onnx"
     rng = np.random.default_rng(0)
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 1, 4])
@@ -120,7 +121,7 @@ def unsupported_model(tmp_path_factory) -> Path:
         numpy_helper.from_array(rng.integers(0, 255, (2, 1, 1, 1)).astype(np.uint8), "wq"),
     ]
     nodes = [
-        helper.make_node("LSTM", ["x", "W", "R"], ["y"], name="encoder_lstm", hidden_size=3),
+        helper.make_node("LSTM", ["x", "W", "R"], ["y"], name="encoder_lstm", hidden_size=3, clip=2.0),
         helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"], name="q"),
         helper.make_node("Unsqueeze", ["xq", "axes"], ["xq4"], name="unsq"),
         helper.make_node(

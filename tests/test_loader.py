@@ -61,7 +61,7 @@ def test_unsupported_ops_listed_with_node_names(unsupported_model):
     with pytest.raises(errors.UnsupportedOpError) as info:
         prepare_onnx(unsupported_model)
     msg = str(info.value)
-    assert "LSTM (e.g. node 'encoder_lstm')" in msg
+    assert "LSTM (e.g. node 'encoder_lstm': not unrolled, clip and input_forget are not supported)" in msg
     assert "QLinearConv (e.g. node 'qconv_1')" in msg
     assert "\n" not in msg
 

@@ -76,6 +76,20 @@ def test_grouped_conv_weights_fit_pair_sums_too():
         assert (pair_weight_sums(q).max() <= 128) == fits
 
 
+def test_inputs_of_other_leading_sizes_get_their_own_rows_per_batch():
+    """A sequence input (T, F) beside a recurrent state (1, 1, H): each batch feeds the state
+    its own leading size, not the sequence's (it was given T rows and the model refused them)."""
+    from tvm_compress.calib_data import Preprocess, load_calibration
+
+    inputs = [("x", (6, 5), "float32"), ("h", (1, 1, 3), "float32")]
+    data = load_calibration("random", inputs, Preprocess(), limit=20, log=lambda m: None)
+    feeds = list(data.batches(6))
+    assert len(feeds) == 4  # 20 rows of x in batches of 6, the last one filled up
+    for k, (feed, _) in enumerate(feeds):
+        assert feed["x"].shape == (6, 5) and feed["h"].shape == (1, 1, 3)
+        np.testing.assert_array_equal(feed["h"], data.inputs["h"][k:k + 1])
+
+
 def test_percentile_clips_an_outlier_minmax_does_not():
     x = np.abs(RNG.standard_normal(200_000)).astype("float32")
     x[123] = 1000.0

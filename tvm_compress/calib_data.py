@@ -11,7 +11,7 @@ plus optional labels. uint8 arrays and images get the stated preprocessing (x / 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -39,17 +39,25 @@ class CalibData:
     labels: Optional[np.ndarray] = None
     source: str = ""
     random: bool = False
+    # each input's leading dimension in the model where it is not the first input's (a
+    # recurrent state (1, 1, H) beside a (T, F) sequence): its rows per batch
+    sizes: Dict[str, int] = field(default_factory=dict)
 
     @property
     def count(self) -> int:
         return next(iter(self.inputs.values())).shape[0] if self.inputs else 0
 
     def batches(self, batch: int, limit: Optional[int] = None):
-        """Dicts of (batch, ...) arrays; a short tail is filled up with the first samples."""
+        """Dicts of (batch, ...) arrays (an input of another leading size: that many rows, in
+        turn); a short tail is filled up with the first samples."""
         n = self.count if limit is None else min(self.count, limit)
-        for start in range(0, n, batch):
+        for k, start in enumerate(range(0, n, batch)):
             idx = np.arange(start, start + batch) % n
-            yield {name: arr[idx] for name, arr in self.inputs.items()}, idx[: min(batch, n - start)]
+            feed = {}
+            for name, arr in self.inputs.items():
+                size = self.sizes.get(name, batch)
+                feed[name] = arr[idx] if size == batch else arr[np.arange(k * size, (k + 1) * size) % len(arr)]
+            yield feed, idx[: min(batch, n - start)]
 
 
 def _channels(shape: Sequence[int], layout: str) -> int:
@@ -209,6 +217,12 @@ def load_calibration(
     ``inputs``: (name, shape, dtype) of the model inputs, batch first; ``who``: the pass, for
     messages.
     """
+    data = _load_calibration(spec, inputs, prep, limit, log, who)
+    data.sizes = {name: int(shape[0]) if len(shape) else 1 for name, shape, _ in inputs}
+    return data
+
+
+def _load_calibration(spec, inputs, prep: Preprocess, limit: int, log, who: str) -> CalibData:
     names = [n for n, _, _ in inputs]
     if spec is None:
         raise missing_calibration(who)

@@ -2,7 +2,8 @@
 
 Steps: read and check the file; fix every input's shape (from the model, or ``input_shapes``);
 fold shape-computing subgraphs (Shape -> Gather -> Concat -> Reshape, dynamic Pad ...) with
-onnxruntime's basic graph optimizations; list unsupported ops all at once; then
+onnxruntime's basic graph optimizations; unroll LSTM/GRU nodes over their now fixed sequence
+length (``onnx_rnn``); list unsupported ops all at once; then
 ``tvm.relax.frontend.onnx.from_onnx`` with weights embedded as constants.
 """
 
@@ -23,6 +24,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import ModelError, ShapeError, UnsupportedOpError
+from .onnx_rnn import expand_recurrent
 from .specs import InputSpec, OutputSpec
 
 ShapeMap = Mapping[str, Sequence[int]]
@@ -262,7 +264,9 @@ def _all_nodes(graph: onnx.GraphProto):
                 yield from _all_nodes(g)
 
 
-def check_supported(model: onnx.ModelProto, path: Path) -> None:
+def check_supported(model: onnx.ModelProto, path: Path, why: Optional[Mapping[str, str]] = None) -> None:
+    """Refuse, in one line, every op type the importer cannot take (``why``: a reason by node
+    name, for nodes a rewrite here could have taken but did not)."""
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
     # The importer converts If itself (outside its converter map), into a Relax If.
@@ -272,7 +276,9 @@ def check_supported(model: onnx.ModelProto, path: Path) -> None:
         if node.op_type not in supported and node.op_type not in missing:
             missing[node.op_type] = node.name or "(unnamed)"
     if missing:
-        listed = "; ".join(f"{op} (e.g. node {name!r})" for op, name in sorted(missing.items()))
+        why = why or {}
+        listed = "; ".join(f"{op} (e.g. node {name!r}{': not unrolled, ' + why[name] if name in why else ''})"
+                           for op, name in sorted(missing.items()))
         import tvm
 
         raise UnsupportedOpError(
@@ -316,7 +322,14 @@ def prepare_onnx(
         model = onnx.shape_inference.infer_shapes(model)
     except Exception:
         notes.append("ONNX shape inference failed on the prepared model")
-    check_supported(model, path)
+    unrolled, not_unrolled = expand_recurrent(model)
+    if unrolled:
+        said = " and ".join(f"{n} {op}" for op, n in sorted(unrolled.items()))
+        many = sum(unrolled.values()) > 1
+        notes.append(f"{said} node{'s' if many else ''} unrolled over {'their' if many else 'its'} fixed sequence "
+                     "length (TVM's importer has no recurrent ops; onnxruntime checks against the original)")
+        model = onnx.shape_inference.infer_shapes(model)
+    check_supported(model, path, not_unrolled)
     outputs = []
     for out in model.graph.output:
         tt = out.type.tensor_type

@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 import tvm
 from tvm import relax
 
+from tvm_compress.passes import ShareConstants
 from tvm_compress.targets import TargetProfile, get_family
 
 from . import tuning
@@ -59,6 +60,8 @@ def lowering_passes(profile: Optional[TargetProfile] = None) -> List[tvm.transfo
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
+        # equal copies of one weight (an unrolled LSTM's packed per step) stored once
+        ShareConstants(),
     ]
 
 
