@@ -103,19 +103,34 @@ def _lane_use(extent: int, lanes: int, strided: bool = False) -> float:
 
 
 def _convs(func: relax.Function):
-    """(float NCHW conv2d calls, whether anything else rules the rewrite out)."""
+    """(float NCHW conv2d calls, whether anything else rules the rewrite out: another conv2d,
+    or a TIR kernel (int8, sparse, binary) after a conv; one on the model's input side only,
+    such as the importer's reflection pad before an STFT, runs in the imported layout before
+    the first transpose)."""
     convs, other = [], []
+    after_conv = set()  # variables computed from a conv's output
 
-    def visit(expr):
-        if not isinstance(expr, relax.Call):
-            return
-        if expr.op.same_as(_OP_CALL_TIR):
-            other.append(expr)
-        elif expr.op.same_as(_OP_CONV2D):
-            ok = expr.args[0].ty.dtype == "float32" and expr.attrs.data_layout == "NCHW"
-            (convs if ok else other).append(expr)
+    def reads(expr, names) -> bool:
+        found = []
+        relax.analysis.post_order_visit(expr, lambda e: found.append(e) if isinstance(e, relax.Var)
+                                        and e in names else None)
+        return bool(found)
 
-    relax.analysis.post_order_visit(func, visit)
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            calls = []  # the binding's calls, those inside an If's branches too
+            relax.analysis.post_order_visit(binding.value, lambda e: calls.append(e) if isinstance(e, relax.Call)
+                                            else None)
+            here = [c for c in calls if c.op.same_as(_OP_CONV2D)]
+            for c in here:
+                ok = c.args[0].ty.dtype == "float32" and c.attrs.data_layout == "NCHW"
+                (convs if ok else other).append(c)
+            downstream = bool(here) or reads(binding.value, after_conv)
+            tirs = [c for c in calls if c.op.same_as(_OP_CALL_TIR)]
+            if tirs and (downstream or convs):
+                other.extend(tirs)
+            if downstream:
+                after_conv.add(binding.var)
     return convs, bool(other)
 
 

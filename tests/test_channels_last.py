@@ -229,6 +229,32 @@ def test_kernels_of_other_hooks_keep_the_module_nchw():
     tvm.ir.assert_structural_equal(ChannelsLast(lanes=16)(mod), mod)
 
 
+def test_a_kernel_on_the_input_side_stays_before_the_first_transpose():
+    """A TIR kernel that runs before every conv (the importer's reflection pad ahead of an
+    STFT conv) does not keep the convs NCHW: it runs on the input as imported, the transpose
+    after it (Silero VAD's encoder convs: 0.86 -> 0.27 ms for the model)."""
+    from tvm import topi
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 8, 6, 3), "float32"))  # rows of 5 outputs
+    w = relax.const(np.random.default_rng(0).standard_normal((32, 8, 1, 3)).astype("float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            p = bb.emit(bb.call_te(topi.nn.mirror_pad, x, [0, 0, 0, 2], [0, 0, 0, 2], "REFLECT"))
+            y = bb.emit(relax.op.nn.conv2d(p, w))
+            gv = bb.emit_output(relax.op.nn.relu(y))
+        bb.emit_func_output(gv)
+    mod = bb.get()
+    assert channels_last_gain(mod["main"], 16) > 1.2
+    after = ChannelsLast(lanes=16)(mod)
+    (conv,) = _calls(after["main"], OP_CONV2D)
+    assert conv.attrs.data_layout == "NHWC"
+    x_np = np.random.default_rng(1).standard_normal((1, 8, 6, 3)).astype("float32")
+    run = [relax.VirtualMachine(tvm.compile(m, "llvm"), tvm.cpu())["main"](tvm.runtime.tensor(x_np)).numpy()
+           for m in (mod, after)]
+    np.testing.assert_allclose(run[1], run[0], rtol=1e-5, atol=1e-5)
+
+
 def test_library_matches_onnxruntime(mobile_onnx, tmp_path):
     report = tvm_compress.compile(mobile_onnx, tmp_path / "m.so", input_shapes={"x": (1, 3, 20, 20)},
                                   tune_trials=0, bench_runs=1)

@@ -92,6 +92,31 @@ def test_pipeline_from_relax_registry_names_its_stages(conv_model):
     assert vm["main"](tvm.runtime.tensor(np.zeros((1, 3, 8, 8), "float32"))).numpy().shape == (1, 10)
 
 
+def test_a_nested_pass_that_raised_and_was_caught_leaves_the_stages_whole(conv_model):
+    """A rewrite that catches its inner pass's error (and keeps the module it was given, as
+    ``ChannelsLast`` does when ``ConvertLayout`` fails) leaves that inner pass without its
+    after-hook: the stages after it are still told apart (``lowered`` was lost)."""
+
+    @tvm.transform.module_pass(opt_level=0, name="Fails")
+    def fails(mod, _ctx):
+        raise ValueError("no")
+
+    @tvm.transform.module_pass(opt_level=0, name="FallsBack")
+    def falls_back(mod, _ctx):
+        try:
+            return tvm.transform.Sequential([fails], name="Inner")(mod)
+        except Exception:  # noqa: BLE001
+            return mod
+
+    mod = tvm.transform.Sequential([falls_back], name="lower")
+    flow = pipeline.FlowInstrument(quiet)
+    with tvm.transform.PassContext(instruments=[flow]):
+        tvm.transform.Sequential([mod, tvm.transform.Sequential([], name="schedule")], name=pipeline.PIPELINE)(
+            tvm_compress.load_onnx(conv_model))
+    assert [s["name"] for s in flow.stages] == ["lower", "schedule"] and flow.lowered is not None
+    assert flow.stack == []
+
+
 def _scheduled(mod) -> bool:
     return any(isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and
                f.attrs.get("tirx.is_scheduled", False) for f in mod.functions.values())

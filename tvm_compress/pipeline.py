@@ -270,7 +270,10 @@ class FlowInstrument:
         self.stack.append(info.name)
 
     def run_after_pass(self, mod, info):
-        self.stack.pop()
+        # Down to this pass: a nested one that raised, caught by its caller (a rewrite falling
+        # back to the module it was given), never reached this hook.
+        while self.stack and self.stack.pop() != info.name:
+            pass
         if not (self.stack and self.stack[-1] == PIPELINE):
             return
         rec = {"name": info.name, "seconds": round(time.monotonic() - self._open["start"], 3)}
