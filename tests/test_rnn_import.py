@@ -1,4 +1,4 @@
-"""LSTM and GRU nodes unrolled before import (tvm_compress/onnx_rnn.py).
+"""LSTM, GRU and RNN nodes unrolled before import (tvm_compress/onnx_rnn.py).
 
 The unrolled graph must compute what onnxruntime's own LSTM/GRU kernels compute on the original
 node: checked in onnxruntime for the attribute variants (no TVM in the loop), then end to end
@@ -36,7 +36,7 @@ def _ort(model: onnx.ModelProto, feeds):
 def _node_model(op, attrs, seq_lens=False, peepholes=False, states=False, layout=0, seed=0):
     """One LSTM/GRU node with random constant weights; inputs x (and its initial states)."""
     rng = np.random.default_rng(seed)
-    gates = 4 if op == "LSTM" else 3
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
     dirs = 2 if attrs.get("direction") == "bidirectional" else 1
     x_shape = [T, B, I] if layout == 0 else [B, T, I]
     state_shape = [dirs, B, H] if layout == 0 else [B, dirs, H]
@@ -77,6 +77,8 @@ def _node_model(op, attrs, seq_lens=False, peepholes=False, states=False, layout
     ("GRU", {}, {}),  # linear_before_reset 0: the reset gate before the recurrent matmul
     ("GRU", {"linear_before_reset": 1, "direction": "bidirectional"}, {"states": True}),
     ("GRU", {"direction": "reverse"}, {"states": True, "layout": 1}),
+    ("RNN", {}, {}),
+    ("RNN", {"direction": "bidirectional"}, {"states": True, "seq_lens": True}),
 ])
 def test_unrolled_node_computes_what_onnxruntime_computes(op, attrs, extra):
     model, feeds = _node_model(op, attrs, **extra)

@@ -2,7 +2,7 @@
 
 Steps: read and check the file; fix every input's shape (from the model, or ``input_shapes``);
 fold shape-computing subgraphs (Shape -> Gather -> Concat -> Reshape, dynamic Pad ...) with
-onnxruntime's basic graph optimizations; unroll LSTM/GRU nodes over their now fixed sequence
+onnxruntime's basic graph optimizations; unroll LSTM/GRU/RNN nodes over their now fixed sequence
 length (``onnx_rnn``); list unsupported ops all at once; then
 ``tvm.relax.frontend.onnx.from_onnx`` with weights embedded as constants.
 """

@@ -1,16 +1,16 @@
-"""ONNX ``LSTM`` and ``GRU`` nodes -> their time steps in plain ONNX ops, before import.
+"""ONNX ``LSTM``, ``GRU`` and ``RNN`` nodes -> their time steps in plain ONNX ops, before import.
 
 TVM 0.27's Relax ONNX importer has no converter for the recurrent ops, so speech, keyword
 spotting and CRNN text models were refused. With the input shapes fixed (``prepare_onnx``),
 a sequence has a static length, and a recurrent node is that many steps of matmuls and
 element-wise gates: the input projection of every step is one ``MatMul`` over the whole
 sequence, then each step adds the hidden state's ``MatMul`` and runs the gates (ONNX's
-equations, gate order ``iofc`` / ``zrh``). The result is ordinary dense layers and
+equations, gate order ``iofc`` / ``zrh``; a plain ``RNN`` is one tanh gate). The result is ordinary dense layers and
 element-wise ops, which every pass and kernel here already takes (``quantize`` makes the
 projections int8 dense layers).
 
 Runs in ``prepare_onnx`` after shape subgraphs are folded and shapes inferred; onnxruntime
-still runs the original model, so verification compares against its own LSTM/GRU kernels.
+still runs the original model, so verification compares against its own recurrent kernels.
 A node left as it is (weights computed at run time, a ``sequence_lens`` shorter than the
 sequence, ``clip``, ``input_forget``, activations other than the defaults, an unknown input
 shape) is then refused as an unsupported op, naming it.
@@ -24,7 +24,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-_DEFAULT_ACTIVATIONS = {"LSTM": ["sigmoid", "tanh", "tanh"], "GRU": ["sigmoid", "tanh"]}
+_DEFAULT_ACTIVATIONS = {"LSTM": ["sigmoid", "tanh", "tanh"], "GRU": ["sigmoid", "tanh"], "RNN": ["tanh"]}
+_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
 
 class _Emitter:
@@ -82,7 +83,7 @@ def _attrs(node: onnx.NodeProto) -> dict:
 def _plan(node: onnx.NodeProto, consts: Dict[str, np.ndarray], shapes: Dict[str, tuple]):
     """(the unrolling's inputs, None) when ``node`` can be unrolled, else (None, why not)."""
     a = _attrs(node)
-    gates = 4 if node.op_type == "LSTM" else 3
+    gates = _GATES[node.op_type]
     ins = list(node.input) + [""] * (8 - len(node.input))
     x, w, r, b, seq = ins[:5]
     direction = a.get("direction", "forward")
@@ -112,7 +113,7 @@ def _plan(node: onnx.NodeProto, consts: Dict[str, np.ndarray], shapes: Dict[str,
 def _unroll(node: onnx.NodeProto, plan, em: _Emitter) -> None:
     a, x, (w, r), bias, peep, states, steps, batch, hidden, dirs, layout = plan
     lstm = node.op_type == "LSTM"
-    gates = 4 if lstm else 3
+    gates = _GATES[node.op_type]
     before_reset = int(a.get("linear_before_reset", 0))
     if layout:
         x = em.op("Transpose", [x], perm=[1, 0, 2])
@@ -123,8 +124,8 @@ def _unroll(node: onnx.NodeProto, plan, em: _Emitter) -> None:
         # every step's input projection at once: [T, B, I] x [I, G*H]
         proj = em.op("MatMul", [x, em.const(np.ascontiguousarray(w[d].T), "W")])
         # GRU with linear_before_reset: the reset gate scales Rb_h, so it stays out of the projection
-        in_bias = np.concatenate([wb[:2 * hidden] + rb[:2 * hidden], wb[2 * hidden:]]) if not lstm and before_reset \
-            else wb + rb
+        in_bias = np.concatenate([wb[:2 * hidden] + rb[:2 * hidden], wb[2 * hidden:]]) \
+            if node.op_type == "GRU" and before_reset else wb + rb
         proj = em.op("Add", [proj, em.const(in_bias, "B")])
         rt = np.ascontiguousarray(r[d].T)  # [H, G*H]
         prev = [em.pick(s, d, axis=1 if layout else 0) if s else None for s in states]
@@ -133,7 +134,10 @@ def _unroll(node: onnx.NodeProto, plan, em: _Emitter) -> None:
                   else range(steps - 1, -1, -1)):
             xt = em.pick(proj, t)
             h = prev[0]
-            if lstm:
+            if gates == 1:  # RNN: h_t = tanh(x W + h_{t-1} R + b)
+                h = em.op("Tanh", [xt if h is None else em.op("Add", [xt, em.op("MatMul", [h, em.const(rt, "R")])])])
+                prev = [h]
+            elif lstm:
                 g = xt if h is None else em.op("Add", [xt, em.op("MatMul", [h, em.const(rt, "R")])])
                 gi, go, gf, gc = (em.slice(g, k * hidden, (k + 1) * hidden) for k in range(4))
                 c = prev[1]
@@ -240,7 +244,7 @@ def _expand_graph(graph: onnx.GraphProto, consts: Dict[str, np.ndarray], shapes:
 
 
 def expand_recurrent(model: onnx.ModelProto) -> Tuple[Dict[str, int], Dict[str, str]]:
-    """Unroll, in place, every LSTM/GRU node of ``model`` (and of its If/Loop bodies) that has
+    """Unroll, in place, every LSTM/GRU/RNN node of ``model`` (and of its If/Loop bodies) that has
     constant weights and a static sequence length. Returns how many of each op were unrolled,
     and why each other one was not (by node name)."""
     counts: Dict[str, int] = {}
