@@ -151,7 +151,8 @@ def qparams(lo: float, hi: float, mode: str) -> Tuple[float, int, str]:
 def weight_qparams(w: np.ndarray, axis: int, pair_sums: bool = False) -> Tuple[np.ndarray, np.ndarray]:
     """Per-output-channel symmetric int8: (int8 weights, float32 scales).
 
-    ``pair_sums`` (a conv weight, not depthwise, output channels on ``axis`` 0, for kernels that add
+    ``pair_sums`` (a conv weight, not depthwise, output channels on ``axis`` 0, or a dense one
+    ``[K, N]``, outputs on ``axis`` 1, for kernels that add
     the products of input channels 2k and 2k+1 in saturating int16, or of kernel columns 2k and
     2k+1 of a single-channel conv, ``TargetFacts.int8_pair_sums``):
     each channel's scale is also large enough that every pair's same-signed weights add up to
@@ -161,6 +162,9 @@ def weight_qparams(w: np.ndarray, axis: int, pair_sums: bool = False) -> Tuple[n
     amax = np.max(np.abs(w), axis=red)
     if pair_sums and axis == 0 and w.ndim >= 3 and w.shape[1] > 1:
         amax = np.maximum(amax, pair_weight_sums(w))
+    elif pair_sums and axis == 1 and w.ndim == 2 and w.shape[0] > 1:
+        # a dense weight [K, N]: the kernels pair its rows 2k, 2k+1 (``int8_conv.packed_matmul``)
+        amax = np.maximum(amax, pair_weight_sums(w.T))
     elif pair_sums and axis == 0 and w.ndim == 4 and w.shape[3] > 1:
         # one input channel: the kernels pair its columns 2k, 2k+1 (``int8_conv.column_taps``)
         amax = np.maximum(amax, pair_weight_sums(w.transpose(0, 3, 2, 1)))

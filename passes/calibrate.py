@@ -58,8 +58,8 @@ class CalibrateConfig:
     max_accuracy_drop: same, until top-1 accuracy (percentage points, needs labels) drops at most
         this much.
     eval_samples: calibration samples used to measure error/accuracy for the fallback.
-    weight_pairs: quantize conv weights to fit int16 pair sums (``weight_qparams``); set from
-        the target's ``int8_pair_sums`` by ``Quantize``, not a user option.
+    weight_pairs: quantize conv and dense weights to fit int16 pair sums (``weight_qparams``,
+        ``_pair_layers``); set from the target's ``int8_pair_sums`` by ``Quantize``, not a user option.
     """
 
     calib: Optional[str] = None
@@ -150,6 +150,16 @@ def calibration_module(mod: tvm.IRModule) -> Tuple[tvm.IRModule, List[int]]:
 
 # ---- QDQ emission -------------------------------------------------------------------------------
 
+def _pair_layers(layers) -> frozenset:
+    """Layers whose weights fit the int16 pair sums: those the pair-summing dot kernels run
+    (plain and grouped convs, dense layers), but depthwise convs (exact taps) and dense layers
+    reading a flattened feature map, whose rows the channels-last rewrite reorders
+    (``_FlattenIntoWeights``): pairs fitted in this order would not be its kernel's pairs, and
+    the bit they cost would buy nothing."""
+    return frozenset(l["index"] for l in layers
+                     if l["op"] != "depthwise_conv2d" and not l.get("flattened_input", False))
+
+
 def weight_axis(op_kind: str) -> int:
     # conv2d weights are OIHW, matmul weights [K, N]: the output channel axis.
     return 1 if op_kind == "matmul" else 0
@@ -164,7 +174,7 @@ class _QDQEmitter(PyExprMutator):
     """
 
     def __init__(self, mod, point_params: Dict[int, Tuple[float, int, str]], point_layer: Dict[int, int],
-                 layer_kind: Dict[int, str], int8_layers, mask=None, expose_points=False, weight_pairs=False):
+                 layer_kind: Dict[int, str], int8_layers, mask=None, expose_points=False, weight_pairs=()):
         super().__init__(mod)
         self.expose_points = expose_points
         self.weight_pairs = weight_pairs
@@ -214,8 +224,7 @@ class _QDQEmitter(PyExprMutator):
                 return
             w = ru.const_value(w_expr)
             axis = weight_axis(self.layer_kind[layer])
-            # plain and grouped convs run the pair-summing dot kernels (depthwise ones have exact taps)
-            wq, ws = weight_qparams(w, axis, self.weight_pairs and self.layer_kind[layer] in ("conv2d", "grouped_conv2d"))
+            wq, ws = weight_qparams(w, axis, layer in self.weight_pairs)
             self.weight_info[layer] = {"scale": ws, "axis": axis}
             dq = relax.op.dequantize(
                 relax.const(wq, "int8"), relax.const(ws, "float32"), relax.const(0, "int8"), axis=axis
@@ -228,10 +237,10 @@ class _QDQEmitter(PyExprMutator):
 
 
 def emit_qdq(mod, point_params, point_layer, layer_kind, int8_layers, with_mask=False,
-             expose_points=False, weight_pairs=False):
+             expose_points=False, weight_pairs=()):
     """The QDQ module; ``with_mask``: an extra ``qmask`` input blends each layer in or out;
     ``expose_points``: main also returns the dequantized activations (for measuring errors);
-    ``weight_pairs``: conv weights fit int16 pair sums (``weight_qparams``)."""
+    ``weight_pairs``: the layers whose weights fit int16 pair sums (``weight_qparams``, ``_pair_layers``)."""
     mask = None
     if with_mask:
         n = max(layer_kind) + 1 if layer_kind else 1
@@ -341,6 +350,7 @@ class Calibrate:
             point_stats[pid] = {"min": obs.min, "max": obs.max, "clip": [lo, hi]}
 
         layer_kind = {l["index"]: l["op"] for l in layers}
+        pairs = _pair_layers(layers) if cfg.weight_pairs else frozenset()
         point_layer = {p["id"]: p["layers"][0] for p in points if p["layers"]}
         int8 = [l["index"] for l in layers if l["status"] == "int8"]
         fallback_info = None
@@ -348,7 +358,7 @@ class Calibrate:
             from ._quant_fallback import choose_fallback
 
             masked, _ = emit_qdq(mod, point_params, point_layer, layer_kind, int8, with_mask=True,
-                                 weight_pairs=cfg.weight_pairs)
+                                 weight_pairs=pairs)
             fallback_info = choose_fallback(
                 qc.strip_report(masked), data, batch, names, float_outputs, n_eval, int8,
                 {l["index"]: l["name"] for l in layers}, cfg, self.log,
@@ -362,10 +372,10 @@ class Calibrate:
         used_points = {l["input_point"] for l in layers if l["status"] == "int8"}
         final_params = {pid: p for pid, p in point_params.items() if pid in used_points}
         new_mod, weight_info = emit_qdq(mod, final_params, point_layer, layer_kind, int8,
-                                        weight_pairs=cfg.weight_pairs)
+                                        weight_pairs=pairs)
 
         errors = self._measure_errors(mod, final_params, point_layer, layer_kind, int8, data, batch,
-                                      names, float_points, float_outputs, n_err, cfg.weight_pairs)
+                                      names, float_points, float_outputs, n_err, pairs)
         for l in layers:
             l.pop("sensitivity", None)
             if l.get("input_point") in errors["points"] and l["status"] == "int8":
@@ -402,7 +412,7 @@ class Calibrate:
         return qc.write_report(new_mod, report)
 
     def _measure_errors(self, mod, params, point_layer, layer_kind, int8, data, batch, names,
-                        float_points, float_outputs, n_err, weight_pairs=False) -> dict:
+                        float_points, float_outputs, n_err, weight_pairs=()) -> dict:
         """Relative L2 error of each quantized layer's input and of the outputs (all chosen
         layers int8, simulated) against the float model."""
         exposed, pids = emit_qdq(mod, params, point_layer, layer_kind, int8, expose_points=True,

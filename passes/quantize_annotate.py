@@ -89,6 +89,10 @@ _PASSTHROUGH_OPS = tuple(
 )
 
 
+_RESHAPE = tvm.ir.Op.get("relax.reshape")
+_FLATTEN = tvm.ir.Op.get("relax.flatten")
+
+
 def is_passthrough(call) -> bool:
     return isinstance(call, relax.Call) and any(call.op.same_as(op) for op in _PASSTHROUGH_OPS)
 
@@ -114,6 +118,17 @@ class _Layer:
         self.name = ""
         self.status = "int8"
         self.reason = ""
+        self.flattened = False  # a dense layer reading a flattened feature map (``_flattens_a_map``)
+
+
+def _flattens_a_map(call: relax.Call) -> bool:
+    """A reshape/flatten that merges a 4-D map's channels with its pixels (``[N, C, H, W]``
+    -> ``[N, C*H*W]``, H*W > 1): the rows of a dense weight after it follow the map's layout."""
+    if not (call.op.same_as(_RESHAPE) or call.op.same_as(_FLATTEN)):
+        return False
+    src, out = ru.static_shape(call.args[0]), ru.static_shape(call)
+    return src is not None and out is not None and len(src) == 4 and src[2] * src[3] > 1 \
+        and list(out) == [src[0], src[1] * src[2] * src[3]]
 
 
 def _find_layers(func: relax.Function, first_index: int = 0) -> List[_Layer]:
@@ -160,12 +175,14 @@ def _find_layers(func: relax.Function, first_index: int = 0) -> List[_Layer]:
                 continue
             if str(call.ty.dtype) != "float32":
                 continue
-            source = data
+            source, flattened = data, False
             while isinstance(source, relax.Var) and is_passthrough(var2val.get(source)):
+                flattened = flattened or _flattens_a_map(var2val[source])
                 source = var2val[source].args[0]
             if not isinstance(source, relax.Var):
                 continue
             layer = _Layer(first_index + len(layers), kind, binding.var, call, weight, source)
+            layer.flattened = kind == "matmul" and flattened
             layer.name = layer_name(call) or f"{kind}_{layer.index}"
             layers.append(layer)
     return layers
@@ -286,6 +303,7 @@ class QuantizeAnnotate:
                 "name": layer.name,
                 "op": layer.kind,
                 "weight_shape": list(layer.weight.shape),
+                "flattened_input": layer.flattened,
                 "input_point": sources.get(layer.source) if layer.status == "int8" else None,
                 "status": layer.status,
                 "reason": layer.reason,

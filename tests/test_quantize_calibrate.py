@@ -28,8 +28,8 @@ def _observer(x, bins=16384):
 def test_weight_pairs_fit_int16_pair_sums():
     """``pair_sums``: per output channel, the scale also covers every pair of adjacent input
     channels' same-signed weights (at most 128 after rounding, what 255 x int8 pairs summed in
-    int16 allow); a channel without large same-signed neighbours keeps its plain scale; 2-D
-    (matmul) weights are left as they are."""
+    int16 allow); a channel without large same-signed neighbours keeps its plain scale; a dense
+    weight's pairs are rows of one column."""
     w = RNG.standard_normal((6, 5, 3, 3)).astype("float32")
     w[0, 0, 1, 1], w[0, 1, 1, 1] = 4.0, 3.9  # channel 0: two large same-signed neighbours
     w[1] = 0.01 * np.sign(w[1])
@@ -42,8 +42,14 @@ def test_weight_pairs_fit_int16_pair_sums():
     np.testing.assert_allclose(s[0], 7.9 / 127, rtol=1e-6)  # was 4.0 / 127
     assert s[1] == s_plain[1] and np.array_equal(q[1], q_plain[1])
     np.testing.assert_allclose(q * s.reshape(-1, 1, 1, 1), w, atol=float(s.max()) / 2 + 1e-6)
-    m = RNG.standard_normal((8, 16)).astype("float32")
-    assert all(np.array_equal(a, b) for a, b in zip(weight_qparams(m, 0, pair_sums=True), weight_qparams(m, 0)))
+    # a dense weight [K, N], outputs on axis 1: pairs of rows 2k, 2k+1 in each column
+    m = 0.05 * RNG.standard_normal((16, 8)).astype("float32")
+    m[4, 0], m[5, 0] = 3.0, 2.5
+    mq, ms = weight_qparams(m, 1, pair_sums=True)
+    rows = mq.astype(np.int32).reshape(8, 2, 8)
+    assert np.maximum(rows, 0).sum(axis=1).max() <= 128 and np.maximum(-rows, 0).sum(axis=1).max() <= 128
+    np.testing.assert_allclose(ms[0], 5.5 / 127, rtol=1e-6)
+    assert np.all(ms >= weight_qparams(m, 1)[1])
     # one input channel: the kernels pair kernel columns 2k, 2k+1 (column_taps)
     c = RNG.standard_normal((4, 1, 3, 3)).astype("float32")
     c[0, 0, 2, 0], c[0, 0, 2, 1] = -4.0, -3.5
@@ -74,6 +80,36 @@ def test_grouped_conv_weights_fit_pair_sums_too():
                                         lambda e: found.append(const_value(e)) if is_constant(e) else None)
         (q,) = [v for v in found if v.dtype == np.int8 and v.ndim == 4]
         assert (pair_weight_sums(q).max() <= 128) == fits
+
+
+def test_dense_weights_fit_pair_sums_unless_they_read_a_flattened_map():
+    """A dense layer runs the pair-summing dot kernel on its rows: with ``weight_pairs`` its
+    weight fits the pairs, except after a flatten of a feature map, whose rows the
+    channels-last rewrite reorders (the pairs fitted here would not be the kernel's)."""
+    from tvm_compress.relax_utils import const_value, is_constant
+    from tvm_compress.specs import pair_weight_sums
+
+    w_conv = RNG.standard_normal((8, 4, 1, 1)).astype("float32")
+    w_head = 0.05 * RNG.standard_normal((72, 16)).astype("float32")
+    w_out = 0.05 * RNG.standard_normal((16, 4)).astype("float32")
+    for w in (w_head, w_out):
+        w[0::2, :], w[1::2, :] = 1.0, 0.9  # every column: large same-signed pairs of rows
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 4, 3, 3), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.relu(relax.op.nn.conv2d(x, relax.const(w_conv))))
+            y = bb.emit(relax.op.reshape(y, (1, 72)))
+            y = bb.emit(relax.op.nn.relu(relax.op.matmul(y, relax.const(w_head))))
+            gv = bb.emit_output(relax.op.matmul(y, relax.const(w_out)))
+        bb.emit_func_output(gv)
+    data = RNG.uniform(0, 1, (4, 4, 3, 3)).astype("float32")
+    found = []
+    relax.analysis.post_order_visit(_calibrate(bb.get(), data, weight_pairs=True)["main"],
+                                    lambda e: found.append(const_value(e)) if is_constant(e) else None)
+    int8 = {v.shape: v for v in found if v.dtype == np.int8 and v.ndim == 2}
+    assert pair_weight_sums(int8[(16, 4)].T).max() <= 128   # fitted
+    assert pair_weight_sums(int8[(72, 16)].T).max() > 128    # after the flatten: as plain int8
 
 
 def test_inputs_of_other_leading_sizes_get_their_own_rows_per_batch():

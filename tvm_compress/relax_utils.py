@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -123,16 +124,19 @@ def relax_functions(mod):
 
 
 def constants(mod) -> List[np.ndarray]:
-    """Every distinct tensor constant of the module's Relax functions (what the artifact stores)."""
+    """Every distinct tensor constant of the module's Relax functions (what the artifact stores):
+    equal ones count once, as the library stores them (``passes.ShareConstants``)."""
     seen: Dict[int, np.ndarray] = {}
+    by_content: Dict[tuple, np.ndarray] = {}
 
     def visit(expr):
-        if is_constant(expr):
-            seen.setdefault(hash(expr), expr.value.numpy())
+        if is_constant(expr) and hash(expr) not in seen:
+            value = seen[hash(expr)] = expr.value.numpy()
+            by_content.setdefault((value.dtype.str, value.shape, hashlib.sha1(value.tobytes()).digest()), value)
 
     for _, func in relax_functions(mod):
         relax.analysis.post_order_visit(func, visit)
-    return list(seen.values())
+    return list(by_content.values())
 
 
 def constant_bytes(mod) -> Dict[str, int]:
