@@ -9,33 +9,15 @@ import numpy as np
 import tvm
 from tvm import relax
 
-HOST = {"kind": "llvm"}
+from tvm_compress import host_build
 
-# LegalizeOps' naive loops (one thread, no vectors) took seconds per calibration sample of a
-# 4.5 GMAC model (ConvNeXt-Tiny: 490 s to quantize); from this many MACs the module is
-# scheduled by the default CPU schedule first, whose compile costs more than small models run.
-SCHEDULE_FROM_MACS = 100_000_000
-
-
-def _host_build(mod: tvm.IRModule):
-    from tvm_compress.layers import layer_stats, totals
-
-    if totals(layer_stats(mod))[1] < SCHEDULE_FROM_MACS:
-        return tvm.compile(mod, tvm.target.Target(HOST))
-    from tvm_compress._threads import physical_cores
-    from tvm_compress.pipeline import lowering_passes
-    from tvm_compress.targets.cpu_schedule import cpu_default_schedule
-
-    target = tvm.target.Target({**HOST, "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
-                                "num-cores": physical_cores()})
-    with target:
-        mod = tvm.transform.Sequential([*lowering_passes(), *cpu_default_schedule(lanes=8)])(mod)
-    return tvm.compile(mod, target)
+# from this many MACs the host copy gets the default CPU schedule first (``host_build``)
+SCHEDULE_FROM_MACS = host_build.SCHEDULE_FROM_MACS
 
 
 def host_run(mod: tvm.IRModule):
     """Compile ``mod`` for the host CPU and return ``main`` as a numpy -> numpy callable."""
-    ex = _host_build(mod)
+    ex = host_build.host_executable(mod, SCHEDULE_FROM_MACS)
     vm = relax.VirtualMachine(ex, tvm.cpu())
     fn = vm["main"]
 
