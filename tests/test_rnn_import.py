@@ -183,3 +183,17 @@ def test_silero_vad_compiles_and_matches_onnxruntime(name, shapes, tmp_path):
     rep = tvm_compress.compile(path, tmp_path / "vad.so", input_shapes=shapes, target="x86-avx2", bench_runs=2,
                                log=lambda m: None)
     assert rep["verified"] and rep["max_rel_err"] < 1e-4
+
+
+@pytest.mark.slow
+def test_recurrent_model_matches_onnxruntime_on_aarch64_under_qemu(tmp_path):
+    from tvm_compress.cache import runner_cache_dir
+    from tvm_compress.targets import qemu
+
+    ok, why = qemu.can_run("aarch64", cache_dir=runner_cache_dir())
+    if not ok:
+        pytest.skip(why)
+    path = _export("gru", tmp_path / "gru.onnx")
+    rep = tvm_compress.compile(path, tmp_path / "a.so", input_shapes={"x": (1, 3, 24)}, target="aarch64",
+                               bench_runs=1, log=lambda m: None)
+    assert rep["verified"] and rep["max_rel_err"] < 1e-4
