@@ -174,3 +174,20 @@ def test_the_report_notes_kernels_on_a_fallback_schedule(bench_run):
                                   "failed": [{"rule": "Matmul", "error": "AssertionError: ..."}]}]
     lines = [ln for ln in markdown(rep).splitlines() if ln.startswith("| x86-avx2 | none |")]
     assert len(lines) == 1 and "1 kernel on a fallback schedule" in lines[0]
+
+
+def test_rows_built_by_other_code_are_built_again(conv_model, tmp_path, monkeypatch):
+    """A resumed bench keeps a finished row only if this tool's own code built it: after an
+    upgrade (other pass or kernel code, same model and options) the row is built again."""
+    from tvm_compress import bench
+
+    def run():
+        said = []
+        report = bench.run_bench(conv_model, tmp_path / "out", targets=["x86-avx2"], pass_sets="none", rounds=1,
+                                 plots=False, log=lambda m: said.append(str(m)))
+        assert [r["status"] for r in report["rows"]] == ["ok"]
+        return any("done before, kept" in m for m in said)
+
+    assert not run() and run()
+    monkeypatch.setattr(bench, "code_fingerprint", lambda: "other code")
+    assert not run()

@@ -79,6 +79,28 @@ def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=repr).encode()).hexdigest()[:16]
 
 
+_SOURCE_SUFFIXES = (".py", ".toml", ".cc", ".h")
+
+
+def code_fingerprint() -> str:
+    """This tool's own sources (driver, passes, targets, presets, runner) and TVM's version: a
+    row that other code built is built again, not kept (an upgrade changes what a pass or a
+    kernel does while the model and options stay the same)."""
+    import tvm
+
+    import tvm_compress.passes
+    import tvm_compress.targets
+
+    digest = hashlib.sha256(tvm.__version__.encode())
+    for package in (sys.modules["tvm_compress"], tvm_compress.passes, tvm_compress.targets):
+        root = Path(package.__file__).parent
+        for path in sorted(root.rglob("*")):
+            if path.suffix in _SOURCE_SUFFIXES and "__pycache__" not in path.parts and path.is_file():
+                digest.update(str(path.relative_to(root)).encode())
+                digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def run_bench(
     model: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -141,13 +163,14 @@ def run_bench(
         np.savez(out / "eval_data.npz", **{s.name: a for s, a in zip(specs, evalset["arrays"])})
 
     progress = _Matrix(len(profiles) * len(sets), log)
+    code = code_fingerprint()
     rows = []
     for profile in profiles:
         for ps in sets:
             key = _row_key(profile.name, ps)
             lib = out / "rows" / f"{key}.so"
             row_file = out / "rows" / f"{key}.row.json"  # (f"{key}.json" is the library's manifest)
-            fp = _fingerprint(prepared.sha256, profile.target, profile.features, ps.passes,
+            fp = _fingerprint(code, prepared.sha256, profile.target, profile.features, ps.passes,
                               {n: configs[n] for n in ps.passes}, tune_trials, fold,
                               {s.name: s.shape for s in specs},
                               str(rpc) if profile.name in on_board else None)
