@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -197,3 +198,15 @@ def test_recurrent_model_matches_onnxruntime_on_aarch64_under_qemu(tmp_path):
     rep = tvm_compress.compile(path, tmp_path / "a.so", input_shapes={"x": (1, 3, 24)}, target="aarch64",
                                bench_runs=1, log=lambda m: None)
     assert rep["verified"] and rep["max_rel_err"] < 1e-4
+
+
+def test_inspect_says_the_nodes_were_unrolled(tmp_path, capsys):
+    from tvm_compress.cli import main
+
+    model, _ = _node_model("GRU", {"direction": "bidirectional"})
+    onnx.save(model, str(tmp_path / "gru.onnx"))
+    assert main(["inspect", str(tmp_path / "gru.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "note: 1 GRU node unrolled over its fixed sequence length" in out and "GRU x1" in out
+    assert main(["inspect", str(tmp_path / "gru.onnx"), "--json"]) == 0
+    assert any("unrolled" in n for n in json.loads(capsys.readouterr().out)["notes"])

@@ -47,12 +47,14 @@ def run(args) -> int:
     }
     if note:
         info["note"] = note
+    # what preparing the model did to it (an opset upgrade, recurrent nodes unrolled)
+    info["notes"] = [n for n in [note, *prepared.notes] if n]
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
     print(f"model: {info['model']}")
-    if note:
-        print(f"note: {note}")
+    for line in info["notes"]:
+        print(f"note: {line}")
     for s in info["inputs"]:
         print(f"input  {s['name']}: {s['shape']} {s['dtype']}")
     for o in info["outputs"]:
