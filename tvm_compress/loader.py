@@ -24,7 +24,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import ModelError, ShapeError, UnsupportedOpError
-from .onnx_rnn import expand_recurrent
+from .onnx_rnn import all_nodes, expand_recurrent
 from .specs import InputSpec, OutputSpec
 
 ShapeMap = Mapping[str, Sequence[int]]
@@ -254,16 +254,6 @@ def _fold_with_ort(model: onnx.ModelProto) -> Optional[onnx.ModelProto]:
         return onnx.load(str(dst))
 
 
-def _all_nodes(graph: onnx.GraphProto):
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(attr.g)
-            for g in attr.graphs:
-                yield from _all_nodes(g)
-
-
 def check_supported(model: onnx.ModelProto, path: Path, why: Optional[Mapping[str, str]] = None) -> None:
     """Refuse, in one line, every op type the importer cannot take (``why``: a reason by node
     name, for nodes a rewrite here could have taken but did not)."""
@@ -272,7 +262,7 @@ def check_supported(model: onnx.ModelProto, path: Path, why: Optional[Mapping[st
     # The importer converts If itself (outside its converter map), into a Relax If.
     supported = set(_get_convert_map()) | {"If", "Constant"}
     missing: Dict[str, str] = {}
-    for node in _all_nodes(model.graph):
+    for node in all_nodes(model.graph):
         if node.op_type not in supported and node.op_type not in missing:
             missing[node.op_type] = node.name or "(unnamed)"
     if missing:
@@ -429,4 +419,4 @@ def layer_table(prepared: PreparedModel) -> List[dict]:
 
 
 def op_histogram(model: onnx.ModelProto) -> Dict[str, int]:
-    return dict(Counter(n.op_type for n in _all_nodes(model.graph)).most_common())
+    return dict(Counter(n.op_type for n in all_nodes(model.graph)).most_common())

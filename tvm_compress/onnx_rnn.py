@@ -219,9 +219,8 @@ def _expand_graph(graph: onnx.GraphProto, consts: Dict[str, np.ndarray], shapes:
     nodes: List[onnx.NodeProto] = []
     replaced = set()  # inputs of unrolled nodes: their weights, unused after
     for node in graph.node:
-        for attr in node.attribute:  # If / Loop bodies see the outer graph's names
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                _expand_graph(sub, consts, shapes, counts, refused)
+        for sub in _subgraphs(node):  # If / Loop bodies see the outer graph's names
+            _expand_graph(sub, consts, shapes, counts, refused)
         plan, why = _plan(node, consts, shapes) if node.op_type in _DEFAULT_ACTIVATIONS else (None, None)
         if plan is None:
             if why:
@@ -236,7 +235,7 @@ def _expand_graph(graph: onnx.GraphProto, consts: Dict[str, np.ndarray], shapes:
         replaced.update(node.input)
     del graph.node[:]
     graph.node.extend(nodes)
-    used = {name for n in _walk(graph) for name in n.input}
+    used = {name for n in all_nodes(graph) for name in n.input}
     keep = [i for i in graph.initializer if i.name not in replaced or i.name in used]
     if len(keep) < len(graph.initializer):
         del graph.initializer[:]
@@ -249,14 +248,19 @@ def expand_recurrent(model: onnx.ModelProto) -> Tuple[Dict[str, int], Dict[str, 
     and why each other one was not (by node name)."""
     counts: Dict[str, int] = {}
     refused: Dict[str, str] = {}
-    if any(n.op_type in _DEFAULT_ACTIVATIONS for n in _walk(model.graph)):
+    if any(n.op_type in _DEFAULT_ACTIVATIONS for n in all_nodes(model.graph)):
         _expand_graph(model.graph, {}, {}, counts, refused)
     return counts, refused
 
 
-def _walk(graph: onnx.GraphProto):
+def all_nodes(graph: onnx.GraphProto):
+    """Every node of ``graph`` and of the graphs its nodes hold (If branches, Loop bodies)."""
     for node in graph.node:
         yield node
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                yield from _walk(sub)
+        for sub in _subgraphs(node):
+            yield from all_nodes(sub)
+
+
+def _subgraphs(node: onnx.NodeProto) -> List[onnx.GraphProto]:
+    return [g for attr in node.attribute
+            for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs))]
