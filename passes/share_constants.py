@@ -9,13 +9,11 @@ report counts them the same way (``relax_utils.constants``), so equal copies bec
 
 from __future__ import annotations
 
-import hashlib
-
 import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from tvm_compress.relax_utils import is_constant, relax_functions
+from tvm_compress.relax_utils import content_key, is_constant, relax_functions
 
 
 @mutator
@@ -28,9 +26,7 @@ class _Share(PyExprMutator):
     def visit_generic_const_(self, op):
         if not is_constant(op):
             return op
-        value = op.value.numpy()
-        key = (value.dtype.str, value.shape, hashlib.sha1(value.tobytes()).digest())
-        first = self.first.setdefault(key, op)
+        first = self.first.setdefault(content_key(op.value.numpy()), op)
         if first is not op and not first.same_as(op):
             self.shared += 1
         return first

@@ -123,6 +123,11 @@ def relax_functions(mod):
     return [(gv, f) for gv, f in mod.functions.items() if isinstance(f, relax.Function)]
 
 
+def content_key(value: np.ndarray) -> tuple:
+    """Equal for two arrays exactly when dtype, shape and bytes are equal."""
+    return value.dtype.str, value.shape, hashlib.sha1(value.tobytes()).digest()
+
+
 def constants(mod) -> List[np.ndarray]:
     """Every distinct tensor constant of the module's Relax functions (what the artifact stores):
     equal ones count once, as the library stores them (``passes.ShareConstants``)."""
@@ -132,7 +137,7 @@ def constants(mod) -> List[np.ndarray]:
     def visit(expr):
         if is_constant(expr) and hash(expr) not in seen:
             value = seen[hash(expr)] = expr.value.numpy()
-            by_content.setdefault((value.dtype.str, value.shape, hashlib.sha1(value.tobytes()).digest()), value)
+            by_content.setdefault(content_key(value), value)
 
     for _, func in relax_functions(mod):
         relax.analysis.post_order_visit(func, visit)
