@@ -45,6 +45,7 @@ _OP_RESHAPE = tvm.ir.Op.get("relax.reshape")
 _OP_MATMUL = tvm.ir.Op.get("relax.matmul")
 _OP_CLIP = tvm.ir.Op.get("relax.clip")
 _OP_RESIZE2D = tvm.ir.Op.get("relax.image.resize2d")
+_OP_SQUEEZE = tvm.ir.Op.get("relax.squeeze")
 _ELEMENTWISE = tuple(tvm.ir.Op.get(f"relax.{n}") for n in ("add", "subtract", "multiply", "divide",
                                                             "maximum", "minimum", "power"))
 LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
@@ -70,12 +71,19 @@ for _name in ("relax.nn.leakyrelu", "relax.nn.softplus"):
 
 
 @mutator
-class _ScalarConstants(PyExprMutator):
-    """One-element constants of element-wise ops -> 0-d constants (same values, any layout);
-    ``clip``, which ``ConvertLayout`` does not move, -> ``minimum(maximum(x, lo), hi)``."""
+class _BeforeConvertLayout(PyExprMutator):
+    """What ``ConvertLayout`` needs spelled otherwise: one-element constants of element-wise
+    ops -> 0-d constants (same values, any layout); ``clip``, which it does not move, ->
+    ``minimum(maximum(x, lo), hi)``; ``squeeze``'s negative axes -> their positive numbers (its
+    layout rule fails with ``std::bad_alloc`` on them: Silero VAD's decoder, so every conv of the
+    model stayed NCHW)."""
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
+        rank = getattr(call.args[0].ty, "ndim", -1) if call.args else -1
+        if (call.op.same_as(_OP_SQUEEZE) and rank > 0 and call.attrs.axis is not None
+                and any(int(a) < 0 for a in call.attrs.axis)):
+            return relax.op.squeeze(call.args[0], [int(a) % rank for a in call.attrs.axis])
         if call.op.same_as(_OP_CLIP) and all(isinstance(a, (tirx.IntImm, tirx.FloatImm)) for a in call.args[1:]):
             dtype = call.args[0].ty.dtype
             lo, hi = (relax.const(float(a.value), dtype) for a in call.args[1:])
@@ -196,7 +204,6 @@ class _BackToNCHW(PyExprMutator):
         return relax.op.permute_dims(conv, [0, 2, 3, 1])
 
 
-_OP_SQUEEZE = tvm.ir.Op.get("relax.squeeze")
 _OP_EXPAND = tvm.ir.Op.get("relax.expand_dims")
 _MOVES = (_OP_PERMUTE, _OP_RESHAPE, _OP_SQUEEZE, _OP_EXPAND)
 
@@ -339,7 +346,7 @@ class ChannelsLast:
         try:
             converted = copy_module(mod)
             for gv in names:
-                converted[gv] = _ScalarConstants().visit_expr(converted[gv])
+                converted[gv] = _BeforeConvertLayout().visit_expr(converted[gv])
             # ConvertLayout runs on every function: take back only the chosen ones.
             converted = relax.transform.ConvertLayout(LAYOUTS)(converted)
             out = copy_module(mod)

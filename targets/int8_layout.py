@@ -29,7 +29,7 @@ from tvm_compress.relax_utils import (
     bound_call, clip_bounds, const_value, copy_module, is_constant, scalar_value, static_shape, use_counts,
 )
 
-from .channels_last import (LAYOUT_ATTR, LAYOUTS, _calls, _CancelMoves, _FlattenIntoWeights, _ScalarConstants,
+from .channels_last import (LAYOUT_ATTR, LAYOUTS, _BeforeConvertLayout, _calls, _CancelMoves, _FlattenIntoWeights,
                             _TransposeBeforeUpsample)
 
 _OP_CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
@@ -192,7 +192,7 @@ class Int8ChannelsLast:
         try:
             converted = copy_module(mod)
             for gv in names:
-                converted[gv] = _ScalarConstants().visit_expr(_SpellQuantize(use_counts(converted[gv])).visit_expr(converted[gv]))
+                converted[gv] = _BeforeConvertLayout().visit_expr(_SpellQuantize(use_counts(converted[gv])).visit_expr(converted[gv]))
             converted = relax.transform.ConvertLayout(LAYOUTS)(relax.transform.Normalize()(converted))
             out = copy_module(mod)
             for gv in names:

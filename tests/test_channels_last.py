@@ -181,6 +181,32 @@ def test_a_transpose_after_an_upsampling_resize_moves_before_it(size, moved):
     np.testing.assert_array_equal(run(after), run(before))
 
 
+def test_a_squeeze_with_a_negative_axis_does_not_keep_the_model_nchw():
+    """Relax's squeeze layout rule fails on negative axes (Silero VAD's decoder squeezes a
+    1-D conv's output with axis=-1): the rewrite numbers the axis first, converts and computes
+    the same values."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 64, 1, 2), "float32"))
+    w = relax.const(np.random.default_rng(0).standard_normal((64, 64, 1, 3)).astype("float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.relu(relax.op.nn.conv2d(x, w, strides=[1, 2], padding=[0, 1, 0, 1])))
+            # (1, 64, 1, 1) -> (1, 64, 1) -> (1, 64)
+            gv = bb.emit_output(relax.op.squeeze(bb.emit(relax.op.squeeze(y, axis=[-2])), axis=[-1]))
+        bb.emit_func_output(gv)
+    mod = bb.get()
+    out = ChannelsLast(lanes=16)(mod)
+    assert conv_layout(out)["layout"] == "NHWC", conv_layout(out)
+    arg = np.random.default_rng(1).standard_normal((1, 64, 1, 2)).astype("float32")
+
+    def run(m):
+        return relax.VirtualMachine(tvm.compile(m, "llvm"), tvm.cpu())["main"](tvm.runtime.tensor(arg)).numpy()
+
+    want = run(mod)
+    assert want.shape == (1, 64)
+    np.testing.assert_allclose(run(out), want, rtol=1e-5, atol=1e-5)
+
+
 def test_wide_rows_and_few_channels_stay_nchw():
     """A classifier-like conv (8 channels, 96-wide rows): NCHW fills the vectors; unchanged."""
     bb = relax.BlockBuilder()
