@@ -36,7 +36,8 @@ class _Tvm:
         self.vm = relax.VirtualMachine(self.lib, self.dev)
 
     def prepare(self, arrays):
-        return [self.tvm.runtime.tensor(np.ascontiguousarray(a), self.dev) for a in arrays]
+        # (ascontiguousarray would make a 0-d input, a sample rate say, 1-d)
+        return [self.tvm.runtime.tensor(np.asarray(a, order="C"), self.dev) for a in arrays]
 
     def call(self, args):
         return self.vm["main"](*args)
@@ -73,14 +74,15 @@ class _Tvm:
 
 
 class _Ort:
-    def __init__(self, path, names):
+    def __init__(self, path, names, bound=None):
         from tvm_compress.verify import ort_session
 
         self.sess = ort_session(path)
         self.names = names
+        self.bound = dict(zip(*_arrays(bound))) if bound else {}  # inputs fixed to values
 
     def prepare(self, arrays):
-        return {n: a for n, a in zip(self.names, arrays)}
+        return {**self.bound, **{n: a for n, a in zip(self.names, arrays)}}
 
     def call(self, feed):
         return self.sess.run(None, feed)
@@ -111,7 +113,7 @@ def serve() -> None:
                 break
             if op == "load":
                 names, arrays = _arrays(req["inputs"])
-                engine = _Tvm(req["path"], req["target"]) if req["kind"] == "tvm" else _Ort(req["path"], names)
+                engine = _Tvm(req["path"], req["target"]) if req["kind"] == "tvm" else _Ort(req["path"], names, req.get("bound"))
                 args = engine.prepare(arrays)
                 t0 = time.perf_counter()
                 for _ in range(3):  # warm-up: first-call allocations, page faults, caches

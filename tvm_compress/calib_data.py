@@ -40,7 +40,8 @@ class CalibData:
     source: str = ""
     random: bool = False
     # each input's leading dimension in the model where it is not the first input's (a
-    # recurrent state (1, 1, H) beside a (T, F) sequence): its rows per batch
+    # recurrent state (1, 1, H) beside a (T, F) sequence): its rows per batch; 0 for a 0-d
+    # input (a sample rate), one value per batch
     sizes: Dict[str, int] = field(default_factory=dict)
 
     @property
@@ -56,7 +57,10 @@ class CalibData:
             feed = {}
             for name, arr in self.inputs.items():
                 size = self.sizes.get(name, batch)
-                feed[name] = arr[idx] if size == batch else arr[np.arange(k * size, (k + 1) * size) % len(arr)]
+                if size == 0:
+                    feed[name] = arr[k % len(arr)]
+                else:
+                    feed[name] = arr[idx] if size == batch else arr[np.arange(k * size, (k + 1) * size) % len(arr)]
             yield feed, idx[: min(batch, n - start)]
 
 
@@ -105,7 +109,7 @@ def _fit_array(arr: np.ndarray, name: str, shape: Sequence[int], dtype: str, pre
         arr = _normalize(arr, prep, _channels(shape, prep.layout), prep.layout)
     if not np.issubdtype(arr.dtype, np.number):
         raise DataError(f"calibration data {what} for input {name!r} is not numeric ({arr.dtype})")
-    return np.ascontiguousarray(arr.astype(dtype))
+    return np.asarray(arr.astype(dtype), order="C")
 
 
 def _pick_npz_key(keys: List[str], input_name: str, requested: Optional[str], path: str) -> str:
@@ -218,7 +222,7 @@ def load_calibration(
     messages.
     """
     data = _load_calibration(spec, inputs, prep, limit, log, who)
-    data.sizes = {name: int(shape[0]) if len(shape) else 1 for name, shape, _ in inputs}
+    data.sizes = {name: int(shape[0]) if len(shape) else 0 for name, shape, _ in inputs}
     return data
 
 
