@@ -191,3 +191,26 @@ def test_rows_built_by_other_code_are_built_again(conv_model, tmp_path, monkeypa
     assert not run() and run()
     monkeypatch.setattr(bench, "code_fingerprint", lambda: "other code")
     assert not run()
+
+
+def test_onnxruntime_int8_baseline_takes_a_state_input_of_its_own_leading_size(tmp_path):
+    """A recurrent state (2, 4) beside a (1, 4) frame: each calibration call gets one frame and
+    that frame's two state rows (calibration data holds the inputs' rows stacked)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tvm_compress.bench import ort_static_int8
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "state"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
+         helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    rng = np.random.default_rng(1)
+    calib = {"x": rng.standard_normal((6, 4)).astype(np.float32),
+             "state": rng.standard_normal((12, 4)).astype(np.float32)}
+    out = ort_static_int8(tmp_path / "m.onnx", tmp_path / "q.onnx", calib, sizes={"x": 1, "state": 2})
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops

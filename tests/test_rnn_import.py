@@ -175,15 +175,20 @@ _SILERO = importlib.util.find_spec("silero_vad")
 
 @pytest.mark.slow
 @pytest.mark.skipif(_SILERO is None, reason="pip install --no-deps silero-vad==6.2.3 (make test does)")
-@pytest.mark.parametrize("name, shapes", [
-    ("silero_vad_16k_sequence.onnx", {"input": (12, 576)}),  # an LSTM over 12 steps after the convs
-    ("silero_vad_16k_op15.onnx", {"input": (1, 512), "state": (2, 1, 128)}),  # its LSTM inside an If
+@pytest.mark.parametrize("name, shapes, values", [
+    ("silero_vad_16k_sequence.onnx", {"input": (12, 576)}, None),  # an LSTM over 12 steps after the convs
+    ("silero_vad_16k_op15.onnx", {"input": (1, 512), "state": (2, 1, 128)}, None),  # its LSTM inside an If
+    # the published default file: both sample rates' networks behind If(sr == 16000), their
+    # weights computed inside the branches; the sample rate fixed picks one
+    ("silero_vad.onnx", {"input": (1, 512), "state": (2, 1, 128)}, {"sr": [16000]}),
+    ("silero_vad.onnx", {"input": (1, 256), "state": (2, 1, 128)}, {"sr": [8000]}),
 ])
-def test_silero_vad_compiles_and_matches_onnxruntime(name, shapes, tmp_path):
+def test_silero_vad_compiles_and_matches_onnxruntime(name, shapes, values, tmp_path):
     path = Path(_SILERO.submodule_search_locations[0]) / "data" / name
-    rep = tvm_compress.compile(path, tmp_path / "vad.so", input_shapes=shapes, target="x86-avx2", bench_runs=2,
-                               log=lambda m: None)
+    rep = tvm_compress.compile(path, tmp_path / "vad.so", input_shapes=shapes, input_values=values,
+                               target="x86-avx2", bench_runs=2, log=lambda m: None)
     assert rep["verified"] and rep["max_rel_err"] < 1e-4
+    assert rep["conv_layout"]["layout"] == "NHWC", rep["conv_layout"]
 
 
 @pytest.mark.slow

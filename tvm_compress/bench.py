@@ -108,6 +108,7 @@ def run_bench(
     targets: Sequence[str],
     pass_sets: str | Sequence[PassSet],
     input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
+    input_values: Optional[Mapping[str, Sequence]] = None,
     pass_configs: Optional[Mapping[str, Any]] = None,
     calib: Optional[str] = None,
     eval_data: Optional[str] = None,
@@ -150,7 +151,7 @@ def run_bench(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise OutputError(f"output directory {out} is a file")
-    prepared = prepare_onnx(model, input_shapes)
+    prepared = prepare_onnx(model, input_shapes, input_values=input_values)
     specs = prepared.inputs
     evalset = _load_eval(eval_data, specs) if eval_data else None
     for sub in ("rows", "logs", "baselines"):
@@ -172,7 +173,7 @@ def run_bench(
             row_file = out / "rows" / f"{key}.row.json"  # (f"{key}.json" is the library's manifest)
             fp = _fingerprint(code, prepared.sha256, profile.target, profile.features, ps.passes,
                               {n: configs[n] for n in ps.passes}, tune_trials, fold,
-                              {s.name: s.shape for s in specs},
+                              {s.name: s.shape for s in specs}, {k: v.tolist() for k, v in prepared.bound.items()},
                               str(rpc) if profile.name in on_board else None)
             done = _load_json(row_file)
             if done and done.get("fingerprint") == fp and done["status"] == "ok" and _intact(lib):
@@ -191,6 +192,7 @@ def run_bench(
                     rep = compile_model(
                         prepared.path, lib, target=profile, passes=list(ps.passes),
                         pass_configs={n: configs[n] for n in ps.passes}, input_shapes=input_shapes,
+                        input_values=input_values,
                         verify_input=verify_file, tune_trials=tune_trials,
                         report=out / "rows" / f"{key}.report.json", bench_runs=50, fold=fold,
                         rpc=rpc if profile.name in on_board else None,
@@ -346,6 +348,10 @@ def _baselines(prepared, out: Path, configs, calib: Optional[str], log: LogFn) -
         upgraded = out / "baselines" / "model_upgraded_opset.onnx"
         upgraded.write_bytes(prepared.upgraded)
         base[ORT_FP32] = {"path": str(upgraded), "note": "the model upgraded to a newer opset, 2 threads"}
+    if prepared.bound:  # fed to onnxruntime with every run, as the compiled model holds them
+        bound = out / "baselines" / "bound_inputs.npz"
+        np.savez(bound, **prepared.bound)
+        base[ORT_FP32]["bound"] = str(bound)
     spec = calib or next((getattr(c, "calib", None) for c in configs.values() if getattr(c, "calib", None)), None)
     if spec is None:
         base[ORT_INT8] = {"path": None, "note": "not built: needs calibration data (--calib)"}
@@ -375,26 +381,28 @@ def _ort_int8(prepared, spec: str, path: Path, samples: int = 64) -> None:
                             limit=samples, log=lambda m: None, who="onnxruntime int8")
     fixed = path.with_name("model_fixed_shapes.onnx")
     onnx.save(prepared.model, str(fixed))
-    ort_static_int8(fixed, path, data.inputs)
+    ort_static_int8(fixed, path, data.inputs, sizes=data.sizes)
 
 
 def ort_static_int8(model: str | os.PathLike, out: str | os.PathLike, calib: Mapping[str, np.ndarray],
-                    activations: str = "uint8") -> Path:
+                    activations: str = "uint8", sizes: Optional[Mapping[str, int]] = None) -> Path:
     """onnxruntime's static int8 of ``model`` (QDQ, per-channel int8 weights, ``uint8`` or
-    ``int8`` activations), calibrated one sample at a time on ``calib`` (input name -> N x ...),
-    written to ``out`` (atomically). The baseline ``bench`` compares with."""
+    ``int8`` activations), calibrated one sample at a time on ``calib`` (input name -> N x ...;
+    ``sizes``: an input's rows per sample where that is not 1, a recurrent state's say; 0 for a
+    0-d input), written to ``out`` (atomically). The baseline ``bench`` compares with."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    names = list(calib)
-    count = len(calib[names[0]])
+    from .calib_data import CalibData
+
+    sizes = dict(sizes or {})
+    # One model call per sample: the first input's leading size is the model's batch.
+    feeds = CalibData({n: np.asarray(a) for n, a in calib.items()}, sizes=sizes).batches(
+        sizes.get(next(iter(calib)), 1) or 1)
 
     class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(range(count))
-
         def get_next(self):
-            k = next(self.it, None)
-            return None if k is None else {n: np.asarray(calib[n][k : k + 1]) for n in names}
+            feed = next(feeds, None)
+            return None if feed is None else feed[0]
 
     out = Path(out)
     act = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[activations]
@@ -417,6 +425,7 @@ class _Engine:
     kind: str  # "tvm" | "ort"
     path: str
     target: Optional[str] = None
+    bound: Optional[str] = None  # .npz of inputs fixed to values (onnxruntime on the original model)
 
 
 def _runs_here(profile) -> bool:
@@ -427,7 +436,7 @@ def _runs_here(profile) -> bool:
 def _engines(rows, baselines, profiles) -> List[_Engine]:
     """What runs here for real: baselines and libraries of targets that run natively."""
     by_name = {p.name: p for p in profiles}
-    engines = [_Engine(n, "ort", b["path"]) for n, b in baselines.items() if b["path"]]
+    engines = [_Engine(n, "ort", b["path"], bound=b.get("bound")) for n, b in baselines.items() if b["path"]]
     for row in rows:
         if row["status"] == "ok" and _runs_here(by_name[row["target"]]):
             engines.append(_Engine(row["key"], "tvm", row["library"], row["target"]))
@@ -443,7 +452,7 @@ class _Worker:
             stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1,
         )
         self.ask({"op": "load", "kind": engine.kind, "path": engine.path, "target": engine.target,
-                  "inputs": str(inputs_file)})
+                  "inputs": str(inputs_file), "bound": engine.bound})
 
     def ask(self, req: dict) -> dict:
         self.proc.stdin.write(json.dumps(req) + "\n")

@@ -62,6 +62,7 @@ def compile(  # noqa: A001  (the product's verb)
     passes: str | Sequence[str] | None = None,
     pass_configs: Optional[Mapping[str, Any]] = None,
     input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
+    input_values: Optional[Mapping[str, Sequence]] = None,
     verify_input: Optional[str | os.PathLike] = None,
     tune_trials: int = 0,
     report: Optional[str | os.PathLike] = None,
@@ -103,7 +104,7 @@ def compile(  # noqa: A001  (the product's verb)
         if Path(report).resolve() == manifest.resolve():
             raise OutputError(f"--report {report} would overwrite the manifest written beside {output}")
 
-    prepared = prepare_onnx(model, input_shapes)
+    prepared = prepare_onnx(model, input_shapes, input_values=input_values)
     for note in prepared.notes:
         log(f"note: {note}")
     _check_calibration(names, pass_configs, prepared.model)
@@ -114,7 +115,7 @@ def compile(  # noqa: A001  (the product's verb)
         inputs = verify.random_inputs(prepared.inputs, seed=0)
         input_source = "random (seed 0)"
     # The reference first: a model onnxruntime cannot run is refused before any long work.
-    refs = verify.ort_run(prepared.reference, prepared.inputs, inputs)
+    refs = verify.ort_run(prepared.reference, prepared.inputs, inputs, prepared.bound)
 
     timeable = _timeable(family, profile, rpc)
     env = PassEnv(inputs=list(prepared.inputs), facts=family.facts(profile), log=log,
@@ -172,6 +173,7 @@ def compile(  # noqa: A001  (the product's verb)
                 "pass_configs": {n: _as_dict(make_config(get_preset(n), (pass_configs or {}).get(n))) for n in names},
                 "tune_trials": tune_trials, "fold": fold, "check_kernels": check_kernels,
                 "input_shapes": {i.name: list(i.shape) for i in prepared.inputs},
+                "input_values": {k: v.tolist() for k, v in prepared.bound.items()},
                 "verify_input": input_source,
             },
         )
@@ -419,7 +421,8 @@ def _verify_and_time(family, profile, lib_path, prepared: PreparedModel, inputs,
     if meaningful and bench_runs > 0:
         rec["latency_ms"] = verify.latency_stats(result.times_ms)
         rec["onnxruntime_latency_ms"] = verify.latency_stats(
-            verify.ort_latency(prepared.reference, prepared.inputs, inputs, repeat=bench_runs)
+            verify.ort_latency(prepared.reference, prepared.inputs, inputs, repeat=bench_runs,
+                                bound=prepared.bound)
         )
         log(
             f"latency: median {rec['latency_ms']['median']:.3f} ms "

@@ -1,8 +1,9 @@
 """ONNX -> Relax import that survives real exported models.
 
 Steps: read and check the file; fix every input's shape (from the model, or ``input_shapes``);
-fold shape-computing subgraphs (Shape -> Gather -> Concat -> Reshape, dynamic Pad ...) with
-onnxruntime's basic graph optimizations; unroll LSTM/GRU/RNN nodes over their now fixed sequence
+bind the inputs given values (``input_values``) and inline the ``If`` nodes those decide
+(``onnx_control``); fold shape-computing subgraphs (Shape -> Gather -> Concat -> Reshape,
+dynamic Pad ...) with onnxruntime's basic graph optimizations; unroll LSTM/GRU/RNN nodes over their now fixed sequence
 length (``onnx_rnn``); list unsupported ops all at once; then
 ``tvm.relax.frontend.onnx.from_onnx`` with weights embedded as constants.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import io
 import os
 import tempfile
@@ -24,6 +26,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import ModelError, ShapeError, UnsupportedOpError
+from .onnx_control import bind_inputs, inline_constant_ifs
 from .onnx_rnn import all_nodes, expand_recurrent
 from .specs import InputSpec, OutputSpec
 
@@ -44,6 +47,8 @@ class PreparedModel:
     notes: List[str] = field(default_factory=list)
     # The model upgraded to a newer opset when onnxruntime cannot run the file's own opset.
     upgraded: Optional[bytes] = None
+    # Inputs fixed to values (``input_values``): constants of ``model``, fed to the reference.
+    bound: Dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def reference(self) -> Union[str, bytes]:
@@ -113,6 +118,53 @@ def parse_shape_arg(text: str) -> Tuple[str, tuple]:
     if not shape or any(d <= 0 for d in shape):
         raise ShapeError(f"bad --input-shape {text!r}: dimensions must be positive integers")
     return name.strip(), shape
+
+
+def parse_value_arg(text: str) -> Tuple[str, list]:
+    """``"sr=16000"`` -> ``("sr", [16000])``; ``"mask=1,0,1"`` -> ``("mask", [1, 0, 1])``."""
+    name, sep, vals = text.partition("=")
+    try:
+        values = [float(v) if any(c in v for c in ".eEn") else int(v) for v in vals.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not sep or not name.strip() or not values:
+        raise ShapeError(f"bad --input-value {text!r}: expected NAME=V or NAME=V0,V1,... e.g. sr=16000")
+    return name.strip(), values
+
+
+def _bound_values(model: onnx.ModelProto, given: Mapping[str, Sequence], shapes: Dict[str, tuple]
+                  ) -> Dict[str, np.ndarray]:
+    """The arrays ``input_values`` fix, shaped and typed as their inputs. An input whose shape is
+    dynamic and not given takes the values' own: a scalar for one value, else a vector."""
+    inputs = {i.name: i for i in _graph_inputs(model)}
+    out = {}
+    for name, values in given.items():
+        if name not in inputs:
+            raise ShapeError(f"--input-value names {name!r}, but the model's inputs are: {', '.join(inputs)}")
+        ttype = inputs[name].type.tensor_type
+        dims = list(ttype.shape.dim)
+        if name not in shapes:
+            if ttype.HasField("shape") and all(d.dim_value > 0 for d in dims):
+                shapes[name] = tuple(d.dim_value for d in dims)
+            elif not dims or len(dims) == 1:
+                shapes[name] = () if not dims and len(values) == 1 else (len(values),)
+            else:
+                raise ShapeError(f"--input-value {name}: the input's shape is dynamic; pass --input-shape {name}=...")
+        shape = shapes[name]
+        size = int(np.prod(shape, dtype=np.int64))
+        if len(values) not in (1, size):
+            raise ShapeError(f"--input-value {name}: {len(values)} values for shape {list(shape)} "
+                             f"({size} values, or one for all)")
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(ttype.elem_type))
+        arr = np.asarray(values)
+        if dtype.kind in "iub" and arr.dtype.kind == "f":
+            raise ShapeError(f"--input-value {name}: the input is {dtype}, got {_vals_text(values)}")
+        out[name] = (np.full(shape, arr[0]) if arr.size == 1 else arr.reshape(shape)).astype(dtype)
+    return out
+
+
+def _vals_text(values: Sequence) -> str:
+    return ",".join(str(v) for v in values)
 
 
 def file_sha256(path: Path) -> str:
@@ -237,21 +289,40 @@ def _memory_bytes() -> int:
 
 
 def _fold_with_ort(model: onnx.ModelProto) -> Optional[onnx.ModelProto]:
-    """Constant-fold shape subgraphs via onnxruntime's basic optimizations (ONNX ops only)."""
-    import onnxruntime as ort
+    """Constant-fold shape subgraphs via onnxruntime's basic optimizations (ONNX ops only).
 
+    A model with control flow is folded in a child process: onnxruntime 1.32 crashed (SIGSEGV)
+    folding Silero VAD's nested ``If``s once its sample rate was a constant, which would have
+    ended this process without a word."""
     with tempfile.TemporaryDirectory(prefix="tvmc-fold-") as tmp:
         src, dst = Path(tmp, "in.onnx"), Path(tmp, "folded.onnx")
         onnx.save(model, str(src))
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        opts.optimized_model_filepath = str(dst)
-        opts.log_severity_level = 3
-        try:
-            ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
-        except Exception:
-            return None
-        return onnx.load(str(dst))
+        if any(n.op_type in ("If", "Loop", "Scan") for n in all_nodes(model.graph)):
+            import subprocess
+            import sys
+
+            code = f"import sys\n{inspect.getsource(_ort_fold_file)}\nsys.exit(0 if _ort_fold_file(*sys.argv[1:]) else 1)"
+            ok = subprocess.run([sys.executable, "-c", code, str(src), str(dst)],
+                                capture_output=True, check=False).returncode == 0
+        else:
+            ok = _ort_fold_file(str(src), str(dst))
+        return onnx.load(str(dst)) if ok else None
+
+
+def _ort_fold_file(src, dst):
+    """onnxruntime's basic optimizations of the model file ``src``, saved to ``dst``; False when
+    onnxruntime cannot load it. Self-contained: also run as a child's whole program."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.optimized_model_filepath = dst
+    opts.log_severity_level = 3
+    try:
+        ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+    except Exception:  # noqa: BLE001  (the caller notes that folding did not happen)
+        return False
+    return True
 
 
 def check_supported(model: onnx.ModelProto, path: Path, why: Optional[Mapping[str, str]] = None) -> None:
@@ -278,8 +349,12 @@ def check_supported(model: onnx.ModelProto, path: Path, why: Optional[Mapping[st
 
 
 def prepare_onnx(
-    path: str | os.PathLike, input_shapes: Optional[ShapeMap] = None, fold: bool = True
+    path: str | os.PathLike, input_shapes: Optional[ShapeMap] = None, fold: bool = True,
+    input_values: Optional[Mapping[str, Sequence]] = None,
 ) -> PreparedModel:
+    """Read, check and prepare ``path`` for import (see the module docstring). ``input_values``:
+    inputs fixed to values (a flat list each, or one value for every element), which leave the
+    compiled model's inputs."""
     path = Path(path)
     original = read_onnx(path)
     original, upgraded_from = _upgrade_old_opset(original, path)
@@ -287,7 +362,9 @@ def prepare_onnx(
     model.CopyFrom(original)
     _initializers_are_not_inputs(model)
     given = {k: tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}
-    inputs = _fix_input_shapes(model, given, path)
+    bound = _bound_values(model, input_values or {}, given)
+    inputs = [spec for spec in _fix_input_shapes(model, given, path) if spec.name not in bound]
+    bind_inputs(model, bound)
     # Output / intermediate shapes may still name the old symbolic dims: let inference redo them.
     del model.graph.value_info[:]
     for out in model.graph.output:
@@ -296,6 +373,7 @@ def prepare_onnx(
     if upgraded_from is not None:
         notes.append(f"upgraded from ONNX opset {upgraded_from} to {UPGRADE_OPSET} with onnx's version "
                      f"converter (onnxruntime, the reference, runs opset >= {MIN_ORT_OPSET})")
+    inlined = inline_constant_ifs(model)
     folded = False
     if fold:
         result = _fold_with_ort(model)
@@ -308,6 +386,15 @@ def prepare_onnx(
             keep = [i for i in model.graph.input if i.name in real]
             del model.graph.input[:]
             model.graph.input.extend(keep)
+            # Folding can decide more conditions (shapes through computed pads, say).
+            inlined += inline_constant_ifs(model)
+    if bound:
+        notes.append("input" + ("s " if len(bound) > 1 else " ") + ", ".join(
+            f"{k}={_vals_text(v.reshape(-1)[:4].tolist())}{',...' if v.size > 4 else ''}" for k, v in bound.items())
+            + " fixed: not inputs of the compiled model")
+    if inlined:
+        notes.append(f"{inlined} If node{'s' if inlined > 1 else ''} with a condition known from constants and "
+                     "fixed shapes replaced by the branch taken")
     try:
         model = onnx.shape_inference.infer_shapes(model)
     except Exception:
@@ -327,7 +414,8 @@ def prepare_onnx(
         outputs.append(OutputSpec(out.name, shape, _dtype_name(tt.elem_type) if tt.elem_type else "float32"))
     return PreparedModel(path=path, sha256=file_sha256(path), model=model, original=original,
                          inputs=inputs, outputs=outputs, folded=folded, notes=notes,
-                         upgraded=original.SerializeToString() if upgraded_from is not None else None)
+                         upgraded=original.SerializeToString() if upgraded_from is not None else None,
+                         bound=bound)
 
 
 def _initializers_are_not_inputs(model: onnx.ModelProto) -> None:

@@ -219,7 +219,7 @@ def _expand_graph(graph: onnx.GraphProto, consts: Dict[str, np.ndarray], shapes:
     nodes: List[onnx.NodeProto] = []
     replaced = set()  # inputs of unrolled nodes: their weights, unused after
     for node in graph.node:
-        for sub in _subgraphs(node):  # If / Loop bodies see the outer graph's names
+        for sub in subgraphs(node):  # If / Loop bodies see the outer graph's names
             _expand_graph(sub, consts, shapes, counts, refused)
         plan, why = _plan(node, consts, shapes) if node.op_type in _DEFAULT_ACTIVATIONS else (None, None)
         if plan is None:
@@ -257,10 +257,11 @@ def all_nodes(graph: onnx.GraphProto):
     """Every node of ``graph`` and of the graphs its nodes hold (If branches, Loop bodies)."""
     for node in graph.node:
         yield node
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             yield from all_nodes(sub)
 
 
-def _subgraphs(node: onnx.NodeProto) -> List[onnx.GraphProto]:
+def subgraphs(node: onnx.NodeProto) -> List[onnx.GraphProto]:
+    """The graphs ``node`` holds as attributes (If branches, Loop and Scan bodies)."""
     return [g for attr in node.attribute
             for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs))]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -97,17 +97,20 @@ def _ort_reason(err: Exception) -> str:
     return text.split(" : ", 3)[-1] if "[ONNXRuntimeError]" in text else text or type(err).__name__
 
 
-def ort_run(model, specs: Sequence[InputSpec], inputs: Sequence[np.ndarray]) -> List[np.ndarray]:
+def ort_run(model, specs: Sequence[InputSpec], inputs: Sequence[np.ndarray],
+            bound: Optional[Mapping[str, np.ndarray]] = None) -> List[np.ndarray]:
+    """onnxruntime's outputs for ``inputs`` (and the inputs ``bound`` to fixed values)."""
     sess = ort_session(model)
     try:
-        return sess.run(None, {s.name: x for s, x in zip(specs, inputs)})
+        return sess.run(None, {**(bound or {}), **{s.name: x for s, x in zip(specs, inputs)}})
     except Exception as err:  # noqa: BLE001
         raise VerificationError(f"onnxruntime, the reference, cannot run the model: {_ort_reason(err)}") from None
 
 
-def ort_latency(model_path, specs, inputs, repeat: int, warmup: int = 3) -> List[float]:
+def ort_latency(model_path, specs, inputs, repeat: int, warmup: int = 3,
+                bound: Optional[Mapping[str, np.ndarray]] = None) -> List[float]:
     sess = ort_session(model_path)
-    feed = {s.name: x for s, x in zip(specs, inputs)}
+    feed = {**(bound or {}), **{s.name: x for s, x in zip(specs, inputs)}}
     for _ in range(warmup):
         sess.run(None, feed)
     times = []

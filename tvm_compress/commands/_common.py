@@ -21,6 +21,12 @@ def shapes(args) -> dict:
     return out
 
 
+def values(args) -> dict:
+    from tvm_compress.loader import parse_value_arg
+
+    return dict(parse_value_arg(text) for text in args.input_value or [])
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="ONNX model file")
     p.add_argument(
@@ -28,6 +34,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         action="append",
         metavar="NAME=D0,D1,...",
         help="fix an input's shape (repeat once per input); needed for dynamic dims",
+    )
+    p.add_argument(
+        "--input-value",
+        action="append",
+        metavar="NAME=V[,V...]",
+        help="fix an input to a value (one value fills it), e.g. a sample rate: it becomes a "
+             "constant, branches (If) it decides are taken, and it is no longer an input",
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from . import Command, register_command
-from ._common import add_model_args, add_rpc_args, log_fn, rpc_spec, shapes
+from ._common import add_model_args, add_rpc_args, log_fn, rpc_spec, shapes, values
 
 
 def add_arguments(b: argparse.ArgumentParser) -> None:
@@ -59,7 +59,8 @@ def run(args) -> int:
     report = run_bench(
         args.model, args.out_dir,
         targets=[t.strip() for t in args.targets.split(",") if t.strip()],
-        pass_sets=sets, input_shapes=shapes(args), pass_configs=configs, calib=args.calib,
+        pass_sets=sets, input_shapes=shapes(args), input_values=values(args), pass_configs=configs,
+        calib=args.calib,
         eval_data=args.eval, tune_trials=args.tune_trials, rpc=rpc_spec(args),
         rpc_targets=[t for t in args.rpc_targets.split(",") if t] if args.rpc_targets else None, rounds=args.rounds,
         fold=args.fold, plots=not args.no_plots, verbose=args.verbose, log=log,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from . import Command, register_command
-from ._common import add_model_args, add_rpc_args, add_target_args, log_fn, rpc_spec, shapes
+from ._common import add_model_args, add_rpc_args, add_target_args, log_fn, rpc_spec, shapes, values
 
 
 def add_arguments(c: argparse.ArgumentParser) -> None:
@@ -63,7 +63,7 @@ def run(args) -> int:
         target=args.target,
         passes=names,
         pass_configs=configs,
-        input_shapes=shapes(args),
+        input_shapes=shapes(args), input_values=values(args),
         verify_input=args.verify_input,
         tune_trials=args.tune_trials,
         report=args.report,

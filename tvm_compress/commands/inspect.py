@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from . import Command, register_command
-from ._common import add_model_args, shapes
+from ._common import add_model_args, shapes, values
 
 
 def add_arguments(i) -> None:
@@ -17,10 +17,10 @@ def run(args) -> int:
     from tvm_compress.errors import ShapeError
     from tvm_compress.loader import layer_table, op_histogram, prepare_onnx, read_onnx
 
-    given = shapes(args)
+    given, fixed = shapes(args), values(args)
     note = ""
     try:
-        prepared = prepare_onnx(args.model, given)
+        prepared = prepare_onnx(args.model, given, input_values=fixed)
     except ShapeError:
         if given:
             raise
@@ -28,12 +28,12 @@ def run(args) -> int:
         model = read_onnx(args.model)
         inits = {t.name for t in model.graph.initializer}
         for inp in model.graph.input:
-            if inp.name in inits:
+            if inp.name in inits or inp.name in fixed:
                 continue
             dims = [d.dim_value or 1 for d in inp.type.tensor_type.shape.dim]
             given[inp.name] = tuple(dims)
         note = "dynamic dims assumed 1 (pass --input-shape for real sizes)"
-        prepared = prepare_onnx(args.model, given)
+        prepared = prepare_onnx(args.model, given, input_values=fixed)
     layers = layer_table(prepared)
     info = {
         "model": str(prepared.path),
