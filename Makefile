@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[test]'
 	# Real published models for the slow tests and benchmarks (PP-OCRv4, Apache-2.0).
 	$(PY) -m pip install -q --no-deps rapidocr-onnxruntime==1.4.4
-	# Silero VAD's ONNX exports (an LSTM after convs, one inside an If; MIT).
+	# Silero VAD's ONNX exports (an LSTM after convs, the default file's behind If(sr); MIT).
 	$(PY) -m pip install -q --no-deps silero-vad==6.2.3
+	# Google's Magika file-type model (bytes in, a conv and dense layers; Apache-2.0).
+	$(PY) -m pip install -q --no-deps magika==1.0.3
 	@touch $(STAMP)
 
 demo: setup
