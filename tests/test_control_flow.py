@@ -278,3 +278,10 @@ def test_a_scalar_input_left_as_an_input_calibrates_and_benches(rate_model, tmp_
                              plots=False, log=lambda m: None)
     assert report["inputs"] == {"x": [1, 4, 8, 8], "rate": []}
     assert "median" in report["rows"][0]["timing"], report["rows"][0]["timing"]
+
+
+def test_an_input_deciding_ifs_at_run_time_is_named_in_a_note(rate_model, if_models):
+    prepared = tvm_compress.prepare_onnx(rate_model)
+    assert "input 'rate' decides 1 If node at run time: --input-value rate=V fixes it" in " ".join(prepared.notes)
+    # decided by the data (the mean of a 1x4x8x8 input): no such note
+    assert not any("decides" in n for n in tvm_compress.prepare_onnx(if_models["helper"]).notes)

@@ -26,7 +26,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import ModelError, ShapeError, UnsupportedOpError
-from .onnx_control import bind_inputs, inline_constant_ifs
+from .onnx_control import bind_inputs, deciding_inputs, inline_constant_ifs
 from .onnx_rnn import all_nodes, expand_recurrent
 from .specs import InputSpec, OutputSpec
 
@@ -395,6 +395,9 @@ def prepare_onnx(
     if inlined:
         notes.append(f"{inlined} If node{'s' if inlined > 1 else ''} with a condition known from constants and "
                      "fixed shapes replaced by the branch taken")
+    for name, count in deciding_inputs(model).items():
+        notes.append(f"input {name!r} decides {count} If node{'s' if count > 1 else ''} at run time: "
+                     f"--input-value {name}=V fixes it and compiles only the branch taken")
     try:
         model = onnx.shape_inference.infer_shapes(model)
     except Exception:

@@ -51,6 +51,31 @@ def inline_constant_ifs(model: onnx.ModelProto) -> int:
         inlined += step
 
 
+def deciding_inputs(model: onnx.ModelProto) -> Dict[str, int]:
+    """Graph inputs of one element (a sample rate, a flag) that top-level ``If`` conditions
+    depend on, with how many ``If`` nodes each decides: ``--input-value`` candidates."""
+    producer = {o: n for n in model.graph.node for o in n.output if o}
+    small = {i.name for i in model.graph.input
+             if all(d.HasField("dim_value") and d.dim_value == 1 for d in i.type.tensor_type.shape.dim)}
+    found: Dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type != "If":
+            continue
+        seen, todo, names = set(), [node.input[0]], set()
+        while todo and len(seen) < _MAX_CONE:
+            name = todo.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            if name in small:
+                names.add(name)
+            elif name in producer:
+                todo.extend(i for i in producer[name].input if i)
+        for name in names:
+            found[name] = found.get(name, 0) + 1
+    return found
+
+
 def _inline_pass(model: onnx.ModelProto) -> int:
     if not any(n.op_type == "If" for n in model.graph.node):
         return 0
