@@ -84,6 +84,20 @@ MODELS = {
 }
 
 
+def prepared_model(model: str, onnx_path: str | None = None, shape: str | None = None):
+    """(path, prepared model) for a ``MODELS`` key, or another one-input file (``onnx_path``);
+    ``shape``: the input's shape instead of the usual one, e.g. ``"1,3,960,960"``."""
+    get_path, shapes = MODELS[model]
+    if onnx_path:
+        import onnx
+
+        get_path, shapes = (lambda: Path(onnx_path)), {onnx.load(onnx_path).graph.input[0].name: None}
+    if shape:
+        shapes = {next(iter(shapes)): tuple(int(d) for d in shape.split(","))}
+    path = get_path()
+    return path, tvm_compress.prepare_onnx(path, {k: v for k, v in shapes.items() if v is not None})
+
+
 def _vm_runner(ex, x):
     vm = relax.VirtualMachine(ex, tvm.cpu())
     arg = tvm.runtime.tensor(x)

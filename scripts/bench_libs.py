@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cpu import MODELS  # noqa: E402
+from bench_cpu import MODELS, prepared_model  # noqa: E402
 
 import tvm_compress  # noqa: E402
 from tvm_compress.bench import _Engine, _Worker  # noqa: E402
@@ -41,16 +41,7 @@ def main(argv=None) -> int:
     ap.add_argument("--match", default="", help="with --profile: only kernels whose name contains this")
     args = ap.parse_args(argv)
 
-    get_path, shapes = MODELS[args.model]
-    if args.onnx:
-        import onnx
-
-        get_path, shapes = (lambda: Path(args.onnx)), {onnx.load(args.onnx).graph.input[0].name: None}
-    if args.shape:
-        shapes = {next(iter(shapes)): tuple(int(d) for d in args.shape.split(","))}
-    shapes = {k: v for k, v in shapes.items() if v is not None}
-    path = get_path()
-    prepared = tvm_compress.prepare_onnx(path, shapes)
+    path, prepared = prepared_model(args.model, args.onnx, args.shape)
     x = np.random.default_rng(0).random(prepared.inputs[0].shape, dtype=np.float32)
     engines = [_Engine("onnxruntime fp32 (2 threads)", "ort", str(path))]
     engines += [_Engine(n, "tvm", str(Path(p).resolve()), args.target)

@@ -22,9 +22,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cpu import MODELS  # noqa: E402
+from bench_cpu import MODELS, prepared_model  # noqa: E402
 
-import tvm_compress  # noqa: E402
 from tvm_compress._threads import physical_cores  # noqa: E402
 from tvm_compress.bench import _Engine, _Worker  # noqa: E402
 
@@ -68,15 +67,7 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=30, help="calls per engine per round")
     args = ap.parse_args(argv)
 
-    get_path, shapes = MODELS[args.model]
-    if args.onnx:
-        import onnx
-
-        get_path, shapes = (lambda: Path(args.onnx)), {onnx.load(args.onnx).graph.input[0].name: None}
-    if args.shape:
-        shapes = {next(iter(shapes)): tuple(int(d) for d in args.shape.split(","))}
-    path = get_path()
-    prepared = tvm_compress.prepare_onnx(path, {k: v for k, v in shapes.items() if v is not None})
+    path, prepared = prepared_model(args.model, args.onnx, args.shape)
     spec = prepared.inputs[0]
     rng = np.random.default_rng(0)
     x = rng.random(spec.shape, dtype=np.float32) if spec.dtype.startswith("float") else \
