@@ -112,9 +112,9 @@ def _lane_use(extent: int, lanes: int, strided: bool = False) -> float:
 
 def _convs(func: relax.Function):
     """(float NCHW conv2d calls, whether anything else rules the rewrite out: another conv2d,
-    or a TIR kernel (int8, sparse, binary) after a conv; one on the model's input side only,
-    such as the importer's reflection pad before an STFT, runs in the imported layout before
-    the first transpose)."""
+    or a TIR kernel (int8, sparse, binary) computed from a conv's output; one that is not, such
+    as the importer's reflection pad of an STFT's input, runs in the imported layout before the
+    first transpose). An If's branches are walked binding by binding, each on its own."""
     convs, other = [], []
     after_conv = set()  # variables computed from a conv's output
 
@@ -124,21 +124,31 @@ def _convs(func: relax.Function):
                                         and e in names else None)
         return bool(found)
 
-    for block in func.body.blocks:
-        for binding in block.bindings:
-            calls = []  # the binding's calls, those inside an If's branches too
-            relax.analysis.post_order_visit(binding.value, lambda e: calls.append(e) if isinstance(e, relax.Call)
-                                            else None)
-            here = [c for c in calls if c.op.same_as(_OP_CONV2D)]
-            for c in here:
-                ok = c.args[0].ty.dtype == "float32" and c.attrs.data_layout == "NCHW"
-                (convs if ok else other).append(c)
-            downstream = bool(here) or reads(binding.value, after_conv)
-            tirs = [c for c in calls if c.op.same_as(_OP_CALL_TIR)]
-            if tirs and (downstream or convs):
-                other.extend(tirs)
-            if downstream:
-                after_conv.add(binding.var)
+    def walk(blocks) -> None:
+        for block in blocks:
+            for binding in block.bindings:
+                value = binding.value
+                if isinstance(value, relax.If):  # each branch on its own
+                    bodies = [b for b in (value.true_branch, value.false_branch) if isinstance(b, relax.SeqExpr)]
+                    for branch in bodies:
+                        walk(branch.blocks)
+                    if any(reads(b.body, after_conv) for b in bodies):
+                        after_conv.add(binding.var)
+                    continue
+                calls = []
+                relax.analysis.post_order_visit(value, lambda e: calls.append(e) if isinstance(e, relax.Call)
+                                                else None)
+                here = [c for c in calls if c.op.same_as(_OP_CONV2D)]
+                for c in here:
+                    ok = c.args[0].ty.dtype == "float32" and c.attrs.data_layout == "NCHW"
+                    (convs if ok else other).append(c)
+                downstream = bool(here) or reads(value, after_conv)
+                if downstream:
+                    # a TIR kernel on a conv's output: its own layout, the rewrite is not for it
+                    other.extend(c for c in calls if c.op.same_as(_OP_CALL_TIR))
+                    after_conv.add(binding.var)
+
+    walk(func.body.blocks)
     return convs, bool(other)
 
 

@@ -285,3 +285,47 @@ def test_an_input_deciding_ifs_at_run_time_is_named_in_a_note(rate_model, if_mod
     assert "input 'rate' decides 1 If node at run time: --input-value rate=V fixes it" in " ".join(prepared.notes)
     # decided by the data (the mean of a 1x4x8x8 input): no such note
     assert not any("decides" in n for n in tvm_compress.prepare_onnx(if_models["helper"]).notes)
+
+
+def _padded_branch_model(path):
+    """``If(flag == 1)``: a conv on the small map in each branch, the else-branch's on the input
+    padded by reflection (a TIR kernel after import), as in Silero VAD's branches. TVM's importer
+    computes both branches before the ``If`` (which then picks one's outputs), so that TIR kernel
+    comes after the then-branch's conv without reading it."""
+    rng = np.random.default_rng(2)
+    f32 = TensorProto.FLOAT
+
+    def branch(tag, act):
+        if tag == "a":
+            nodes = [helper.make_node("Conv", ["x", f"{tag}_w"], [f"{tag}_c"], pads=[1, 1, 1, 1])]
+        else:
+            nodes = [helper.make_node("Pad", ["x", "pads"], [f"{tag}_p"], mode="reflect"),
+                     helper.make_node("Conv", [f"{tag}_p", f"{tag}_w"], [f"{tag}_c"])]
+        nodes.append(helper.make_node(act, [f"{tag}_c"], [f"{tag}_y"]))
+        inits = [numpy_helper.from_array(rng.standard_normal((64, 32, 3, 3)).astype(np.float32), f"{tag}_w")]
+        return helper.make_graph(nodes, tag, [], [helper.make_tensor_value_info(f"{tag}_y", f32, [1, 64, 4, 3])],
+                                 inits)
+
+    graph = helper.make_graph(
+        [helper.make_node("Equal", ["flag", "one"], ["c"]),
+         helper.make_node("If", ["c"], ["y"], then_branch=branch("a", "Relu"), else_branch=branch("b", "Sigmoid"))],
+        "g", [helper.make_tensor_value_info("x", f32, [1, 32, 4, 3]),
+              helper.make_tensor_value_info("flag", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("y", f32, [1, 64, 4, 3])],
+        [numpy_helper.from_array(np.array(1, np.int64), "one"),
+         numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize("flag", [1, 0])
+def test_convs_inside_if_branches_go_channels_last(flag, tmp_path):
+    """A TIR kernel that reads no conv's output does not rule the rewrite out, wherever it comes
+    (it had refused the whole module), and both branches still compute the model."""
+    path = _padded_branch_model(tmp_path / "m.onnx")
+    np.savez(tmp_path / "in.npz", x=np.random.default_rng(3).standard_normal((1, 32, 4, 3)).astype(np.float32),
+             flag=np.array(flag, np.int64))
+    rep = tvm_compress.compile(path, tmp_path / "m.so", target="x86-avx2", verify_input=tmp_path / "in.npz",
+                               bench_runs=1, log=lambda m: None)
+    assert rep["verified"] and rep["max_rel_err"] < 1e-5
+    assert rep["conv_layout"]["layout"] == "NHWC" and rep["conv_layout"]["nhwc_convs"] == 2, rep["conv_layout"]

@@ -192,6 +192,17 @@ def test_silero_vad_compiles_and_matches_onnxruntime(name, shapes, values, tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(_SILERO is None, reason="pip install --no-deps silero-vad==6.2.3 (make test does)")
+def test_silero_vad_without_its_sample_rate_is_refused_naming_the_option():
+    from tvm_compress.errors import UnsupportedOpError
+
+    path = Path(_SILERO.submodule_search_locations[0]) / "data" / "silero_vad.onnx"
+    with pytest.raises(UnsupportedOpError, match=r"its weights are computed at run time .*"
+                                                 r"input 'sr' decides 1 If node at run time: --input-value sr=V"):
+        tvm_compress.prepare_onnx(path, {"input": (1, 512), "state": (2, 1, 128)})
+
+
+@pytest.mark.slow
 def test_recurrent_model_matches_onnxruntime_on_aarch64_under_qemu(tmp_path):
     from tvm_compress.cache import runner_cache_dir
     from tvm_compress.targets import qemu

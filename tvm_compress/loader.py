@@ -325,9 +325,10 @@ def _ort_fold_file(src, dst):
     return True
 
 
-def check_supported(model: onnx.ModelProto, path: Path, why: Optional[Mapping[str, str]] = None) -> None:
+def check_supported(model: onnx.ModelProto, path: Path, why: Optional[Mapping[str, str]] = None,
+                    hint: str = "") -> None:
     """Refuse, in one line, every op type the importer cannot take (``why``: a reason by node
-    name, for nodes a rewrite here could have taken but did not)."""
+    name, for nodes a rewrite here could have taken but did not; ``hint``: what may help)."""
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
     # The importer converts If itself (outside its converter map), into a Relax If.
@@ -344,7 +345,7 @@ def check_supported(model: onnx.ModelProto, path: Path, why: Optional[Mapping[st
 
         raise UnsupportedOpError(
             f"{path}: unsupported ONNX ops: {listed}; TVM {tvm.__version__}'s Relax ONNX importer "
-            "has no converter for them"
+            f"has no converter for them{' (' + hint + ')' if hint else ''}"
         )
 
 
@@ -395,9 +396,10 @@ def prepare_onnx(
     if inlined:
         notes.append(f"{inlined} If node{'s' if inlined > 1 else ''} with a condition known from constants and "
                      "fixed shapes replaced by the branch taken")
-    for name, count in deciding_inputs(model).items():
-        notes.append(f"input {name!r} decides {count} If node{'s' if count > 1 else ''} at run time: "
-                     f"--input-value {name}=V fixes it and compiles only the branch taken")
+    deciding = [f"input {name!r} decides {count} If node{'s' if count > 1 else ''} at run time: "
+                f"--input-value {name}=V fixes it and compiles only the branch taken"
+                for name, count in deciding_inputs(model).items()]
+    notes.extend(deciding)
     try:
         model = onnx.shape_inference.infer_shapes(model)
     except Exception:
@@ -409,7 +411,7 @@ def prepare_onnx(
         notes.append(f"{said} node{'s' if many else ''} unrolled over {'their' if many else 'its'} fixed sequence "
                      "length (TVM's importer has no recurrent ops; onnxruntime checks against the original)")
         model = onnx.shape_inference.infer_shapes(model)
-    check_supported(model, path, not_unrolled)
+    check_supported(model, path, not_unrolled, hint="; ".join(deciding))
     outputs = []
     for out in model.graph.output:
         tt = out.type.tensor_type
