@@ -192,7 +192,8 @@ class Int8ChannelsLast:
         try:
             converted = copy_module(mod)
             for gv in names:
-                converted[gv] = _BeforeConvertLayout().visit_expr(_SpellQuantize(use_counts(converted[gv])).visit_expr(converted[gv]))
+                spelled = _SpellQuantize(use_counts(converted[gv])).visit_expr(converted[gv])
+                converted[gv] = _BeforeConvertLayout().visit_expr(spelled)
             converted = relax.transform.ConvertLayout(LAYOUTS)(relax.transform.Normalize()(converted))
             out = copy_module(mod)
             for gv in names:

@@ -113,7 +113,8 @@ def serve() -> None:
                 break
             if op == "load":
                 names, arrays = _arrays(req["inputs"])
-                engine = _Tvm(req["path"], req["target"]) if req["kind"] == "tvm" else _Ort(req["path"], names, req.get("bound"))
+                engine = (_Tvm(req["path"], req["target"]) if req["kind"] == "tvm"
+                          else _Ort(req["path"], names, req.get("bound")))
                 args = engine.prepare(arrays)
                 t0 = time.perf_counter()
                 for _ in range(3):  # warm-up: first-call allocations, page faults, caches

@@ -173,7 +173,7 @@ def run_bench(
             row_file = out / "rows" / f"{key}.row.json"  # (f"{key}.json" is the library's manifest)
             fp = _fingerprint(code, prepared.sha256, profile.target, profile.features, ps.passes,
                               {n: configs[n] for n in ps.passes}, tune_trials, fold,
-                              {s.name: s.shape for s in specs}, {k: v.tolist() for k, v in prepared.bound.items()},
+                              {s.name: s.shape for s in specs}, prepared.bound_values(),
                               str(rpc) if profile.name in on_board else None)
             done = _load_json(row_file)
             if done and done.get("fingerprint") == fp and done["status"] == "ok" and _intact(lib):
@@ -359,7 +359,7 @@ def _baselines(prepared, out: Path, configs, calib: Optional[str], log: LogFn) -
     path = out / "baselines" / "onnxruntime_int8.onnx"
     meta = out / "baselines" / "onnxruntime_int8.json"
     fp = _fingerprint(prepared.sha256, spec, {s.name: s.shape for s in prepared.inputs},
-                      {k: v.tolist() for k, v in prepared.bound.items()})
+                      prepared.bound_values())
     note = f"static QDQ u8s8, per-channel, calibrated on {spec}"
     done = _load_json(meta) or {}
     if path.exists() and done.get("fingerprint") == fp:

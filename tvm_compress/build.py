@@ -173,7 +173,7 @@ def compile(  # noqa: A001  (the product's verb)
                 "pass_configs": {n: _as_dict(make_config(get_preset(n), (pass_configs or {}).get(n))) for n in names},
                 "tune_trials": tune_trials, "fold": fold, "check_kernels": check_kernels,
                 "input_shapes": {i.name: list(i.shape) for i in prepared.inputs},
-                "input_values": {k: v.tolist() for k, v in prepared.bound.items()},
+                "input_values": prepared.bound_values(),
                 "verify_input": input_source,
             },
         )

@@ -58,6 +58,10 @@ class PreparedModel:
     def shape_dict(self) -> Dict[str, tuple]:
         return {i.name: i.shape for i in self.inputs}
 
+    def bound_values(self) -> Dict[str, object]:
+        """The fixed inputs' values as plain lists (manifests, fingerprints)."""
+        return {k: v.tolist() for k, v in self.bound.items()}
+
     def to_relax(self):
         """The Relax IRModule, weights bound as constants, canonicalized (``import_passes``)."""
         import tvm
@@ -301,7 +305,8 @@ def _fold_with_ort(model: onnx.ModelProto) -> Optional[onnx.ModelProto]:
             import subprocess
             import sys
 
-            code = f"import sys\n{inspect.getsource(_ort_fold_file)}\nsys.exit(0 if _ort_fold_file(*sys.argv[1:]) else 1)"
+            code = (f"import sys\n{inspect.getsource(_ort_fold_file)}\n"
+                    "sys.exit(0 if _ort_fold_file(*sys.argv[1:]) else 1)")
             ok = subprocess.run([sys.executable, "-c", code, str(src), str(dst)],
                                 capture_output=True, check=False).returncode == 0
         else:

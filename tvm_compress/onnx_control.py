@@ -4,10 +4,11 @@ Exported models branch on things that are fixed once a deployment is: Silero VAD
 ``silero_vad.onnx`` picks its 8 kHz or 16 kHz network with ``If(sr == 16000)`` and computes its
 LSTM weights inside the branches; TorchScript exports test ``x.shape[0] == 1``. TVM's importer
 computes the nodes of both branches ahead of the Relax ``If`` (which then picks one's outputs),
-so such a model pays for both networks, and the LSTM unroller needs constant weights. ``bind_inputs`` makes the inputs a user fixes
-(``--input-value``) initializers; ``inline_constant_ifs`` then replaces every top-level ``If``
-whose condition follows from constants and static shapes by the nodes of the branch it takes,
-repeating while inlined branches expose more such ``If`` nodes.
+so such a model pays for both networks, and the LSTM unroller needs constant weights.
+``bind_inputs`` makes the inputs a user fixes (``--input-value``) initializers;
+``inline_constant_ifs`` then replaces every top-level ``If`` whose condition follows from
+constants and static shapes by the nodes of the branch it takes, repeating while inlined
+branches expose more such ``If`` nodes.
 
 Runs in ``prepare_onnx`` after the input shapes are fixed and before onnxruntime's folding
 (whose own folding of such an ``If`` crashed onnxruntime 1.32 on Silero VAD). onnxruntime still
