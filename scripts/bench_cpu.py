@@ -84,14 +84,17 @@ MODELS = {
 }
 
 
-def prepared_model(model: str, onnx_path: str | None = None, shape: str | None = None):
-    """(path, prepared model) for a ``MODELS`` key, or another one-input file (``onnx_path``);
-    ``shape``: the input's shape instead of the usual one, e.g. ``"1,3,960,960"``."""
+def prepared_model(model: str, onnx_path: str | None = None, shape: str | None = None,
+                   input_shapes: dict | None = None):
+    """(path, prepared model) for a ``MODELS`` key, or another file (``onnx_path``); ``shape``:
+    the first input's shape instead of the usual one, e.g. ``"1,3,960,960"``;
+    ``input_shapes``: name -> shape for models with several inputs."""
     get_path, shapes = MODELS[model]
     if onnx_path:
         import onnx
 
         get_path, shapes = (lambda: Path(onnx_path)), {onnx.load(onnx_path).graph.input[0].name: None}
+    shapes = {**shapes, **(input_shapes or {})}
     if shape:
         shapes = {next(iter(shapes)): tuple(int(d) for d in shape.split(","))}
     path = get_path()

@@ -25,6 +25,8 @@ from bench_cpu import MODELS, prepared_model  # noqa: E402
 
 import tvm_compress  # noqa: E402
 from tvm_compress.bench import _Engine, _Worker  # noqa: E402
+from tvm_compress.loader import parse_shape_arg  # noqa: E402
+from tvm_compress.verify import random_inputs  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -35,20 +37,23 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--runs", type=int, default=20, help="calls per engine per round")
     ap.add_argument("--shape", help="the input's shape instead of the model's usual one, e.g. 1,3,960,960")
-    ap.add_argument("--onnx", help="another model file (one input; give --shape if it is dynamic)")
+    ap.add_argument("--onnx", help="another model file (give --shape or --input-shape if it is dynamic)")
+    ap.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...",
+                    help="with --onnx: fix one input's shape (repeat per input; models with several inputs)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="then list each library's N slowest kernels (ms per run, instrumented runs)")
     ap.add_argument("--match", default="", help="with --profile: only kernels whose name contains this")
     args = ap.parse_args(argv)
 
-    path, prepared = prepared_model(args.model, args.onnx, args.shape)
-    x = np.random.default_rng(0).random(prepared.inputs[0].shape, dtype=np.float32)
+    path, prepared = prepared_model(args.model, args.onnx, args.shape,
+                                    dict(parse_shape_arg(a) for a in args.input_shape))
+    xs = random_inputs(prepared.inputs, seed=0)
     engines = [_Engine("onnxruntime fp32 (2 threads)", "ort", str(path))]
     engines += [_Engine(n, "tvm", str(Path(p).resolve()), args.target)
                 for n, p in (lib.split("=", 1) for lib in args.libs)]
     with tempfile.TemporaryDirectory() as tmp:
         inputs = Path(tmp, "inputs.npz")
-        np.savez(inputs, **{prepared.inputs[0].name: x})
+        np.savez(inputs, **{spec.name: x for spec, x in zip(prepared.inputs, xs)})
         workers = [_Worker(e, inputs, Path(tmp, "engines.log")) for e in engines]
         times = {e.name: [] for e in engines}
         try:

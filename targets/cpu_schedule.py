@@ -54,6 +54,8 @@ NO_INLINE_ATTR = "meta_schedule.inline_rule"
 # Widest output-row tile (16 floats = one AVX-512 / two AVX2 registers); narrower divisors of
 # the row length are taken when 16 does not divide it (e.g. 14 -> 7).
 _MAX_WIDTH, _MIN_WIDTH = 16, 4
+# Loop copies at most for a concat's inputs along one axis (code size).
+_MAX_PIECES = 256
 
 
 def target_cores() -> int:
@@ -403,29 +405,42 @@ def _uses(expr, var) -> bool:
 _CMP = (tirx.LT, tirx.LE, tirx.GT, tirx.GE)
 
 
-def _cut_points(sch: s_tir.Schedule, block) -> List[int]:
-    """Where the innermost index's comparisons with constants change value (a concat along
-    the innermost axis, channels-last: ``c < 24``, ``c < 48``...): between two cuts every
+def _cut_points(sch: s_tir.Schedule, block, axis: int = -1) -> List[int]:
+    """Where the comparisons of the index of loop ``axis`` (or of its quotient by a constant)
+    with constants change value (a concat along that axis: ``c < 24``, ``c < 48``...; an
+    unrolled sequence's steps stacked and reshaped: ``1 <= c // 256``): between two cuts every
     element reads the same input."""
     blk = sch.get(block)
-    if not blk.iter_vars:
+    if len(blk.iter_vars) != len(sch.get_loops(block)):
         return []
-    var, extent = blk.iter_vars[-1].var, _extent(sch, sch.get_loops(block)[-1])
+    var, extent = blk.iter_vars[axis].var, _extent(sch, sch.get_loops(block)[axis])
     cuts = set()
 
     def visit(node):
         a, b = node.a, node.b
-        flip = isinstance(a, tirx.IntImm) and isinstance(b, tirx.Var)
+        flip = isinstance(a, tirx.IntImm)
         if flip:
             a, b = b, a
+        step = 1
+        if isinstance(a, tirx.FloorDiv) and isinstance(a.b, tirx.IntImm) and a.b.value > 0:
+            a, step = a.a, int(a.b.value)
         if not (isinstance(a, tirx.Var) and a.same_as(var) and isinstance(b, tirx.IntImm)):
             return
-        # var < c, var >= c: cut at c; var <= c, var > c: at c + 1 (sides swap when flipped).
+        # var < c, var >= c: cut at c; var <= c, var > c: at c + 1 (sides swap when flipped);
+        # var // d compared with c: at that times d.
         strict_low = isinstance(node, (tirx.LT, tirx.GE)) != flip
-        cuts.add(int(b.value) + (0 if strict_low else 1))
+        cuts.add((int(b.value) + (0 if strict_low else 1)) * step)
 
     tvm_ffi.structural_walk(blk.body, [(kind, visit) for kind in _CMP], order="pre")
     return sorted(c for c in cuts if extent is not None and 0 < c < extent)
+
+
+def _partition_at(sch: s_tir.Schedule, loop, cuts: List[int]) -> None:
+    """One copy of ``loop`` per range between ``cuts``: the comparisons are constant in each
+    and simplified away."""
+    bounds = [0, *cuts, _extent(sch, loop)]
+    sizes = [b - a for a, b in zip(bounds, bounds[1:])]
+    sch.loop_partition(loop, [*sizes[:-1], None])
 
 
 def _vectorize_pieces(sch: s_tir.Schedule, loop, cuts: List[int], lanes: int) -> bool:
@@ -772,13 +787,26 @@ class CPUFallback(CPUScheduleRule):
                 # no vector width divides (a pad to 82) is left to LLVM's loop vectorizer.
                 rows = s_loops[:-1]
                 cuts = _cut_points(sch, block)
+                # (before the block is copied into pieces) Only where each piece reads an input
+                # of its own, as a concat's do: a pad's borders stay in its loops.
+                inputs = len({r.source.name for r in sch.get(block).reads})
+                outer_cuts = [c if len(c) < inputs else [] for c in
+                              (_cut_points(sch, block, axis) for axis in range(len(rows)))]
                 if cuts and _vectorize_pieces(sch, s_loops[-1], cuts, self.lanes):
                     pass
                 elif width is not None and _extent(sch, s_loops[-1]) > width:
                     outer, inner = sch.split(s_loops[-1], factors=[None, width])
                     sch.vectorize(inner)
                     rows.append(outer)
-                _parallelize(sch, rows, chunks)
+                if chunks is None:
+                    # A serial concat along an outer axis (the steps of an unrolled RNN): one
+                    # loop per input instead of a chain of selects per element. Inner loops
+                    # first: a partition copies the loops under it.
+                    for loop, cuts in reversed(list(zip(s_loops, outer_cuts))):
+                        if 0 < len(cuts) <= _MAX_PIECES:
+                            _partition_at(sch, loop, cuts)
+                else:
+                    _parallelize(sch, rows, chunks)
             else:
                 fused = sch.fuse(*s_loops) if len(s_loops) > 1 else s_loops[0]
                 ext = _extent(sch, fused)

@@ -156,6 +156,29 @@ def test_recurrent_model_compiles_and_matches_onnxruntime(kind, tmp_path):
     assert rep["weight_bytes_after"] <= rep["weight_bytes_before"] * 1.25  # not one copy per step
 
 
+@pytest.mark.parametrize("kind, per_step", [("lstm", 3), ("gru", 2)])
+def test_each_step_is_its_matmul_and_its_gate_kernels(kind, per_step, tmp_path):
+    """Each gate reads its own slice of the step's input projection, fused into the gates'
+    kernel: per step the recurrent matmul and the gates (one kernel; LSTM two, its cell state
+    being read by the next step as well), no gather of the step's row as a kernel call of its
+    own (about 1 us each; with it: 4 and 3 calls per step)."""
+    import tvm
+    from tvm_compress.pipeline import lowering_passes
+    from tvm_compress.targets import get_target
+
+    prepared = prepare_onnx(_export(kind, tmp_path / f"{kind}.onnx"), {"x": (1, 3, 24)})
+    with get_target("x86").tvm_target():
+        low = tvm.transform.Sequential(lowering_passes())(prepared.to_relax())
+    call_tir, callees = tvm.ir.Op.get("relax.call_tir"), []
+    tvm.relax.analysis.post_order_visit(
+        low["main"], lambda e: callees.append(e.args[0].name_hint)
+        if isinstance(e, tvm.relax.Call) and e.op.same_as(call_tir) else None)
+    steps = 24 * 2 * 2  # time steps x directions x layers
+    assert "take" not in callees
+    # besides the steps: the conv, the two layers' projections, the output concats, the linear
+    assert len(callees) <= per_step * steps + 12, len(callees)
+
+
 def test_recurrent_model_quantizes(tmp_path):
     """The unrolled projections are dense layers with constant weights: int8 like any other."""
     path = _export("lstm", tmp_path / "lstm.onnx")

@@ -67,6 +67,12 @@ class _Emitter:
     def reshape(self, x: str, shape) -> str:
         return self.op("Reshape", [x, self.const(np.array(shape, np.int64))])
 
+    def step(self, proj: str, t: int, start: int, end: int, shape) -> str:
+        """``proj[t, :, start:end]`` as ``shape`` (one step's columns of the projection)."""
+        cut = self.op("Slice", [proj, self.const(np.array([t, start], np.int64)),
+                                self.const(np.array([t + 1, end], np.int64)), self.const(np.array([0, 2], np.int64))])
+        return self.reshape(cut, shape)
+
 
 def _attrs(node: onnx.NodeProto) -> dict:
     out = {}
@@ -132,14 +138,20 @@ def _unroll(node: onnx.NodeProto, plan, em: _Emitter) -> None:
         seq = [None] * steps
         for t in (range(steps) if (a.get("direction", "forward") == "forward" or (dirs == 2 and d == 0))
                   else range(steps - 1, -1, -1)):
-            xt = em.pick(proj, t)
+            xt = em.pick(proj, t) if gates == 1 else None
             h = prev[0]
             if gates == 1:  # RNN: h_t = tanh(x W + h_{t-1} R + b)
                 h = em.op("Tanh", [xt if h is None else em.op("Add", [xt, em.op("MatMul", [h, em.const(rt, "R")])])])
                 prev = [h]
             elif lstm:
-                g = xt if h is None else em.op("Add", [xt, em.op("MatMul", [h, em.const(rt, "R")])])
-                gi, go, gf, gc = (em.slice(g, k * hidden, (k + 1) * hidden) for k in range(4))
+                # Each gate adds its own slice of the step's projection (GRU's too): a slice
+                # with one consumer is fused into the gates' kernel, where one gather of the
+                # step feeding the matmul's epilogue stayed a kernel call of its own.
+                hr = None if h is None else em.op("MatMul", [h, em.const(rt, "R")])
+                gi, go, gf, gc = (em.step(proj, t, k * hidden, (k + 1) * hidden, [batch, hidden]) for k in range(4))
+                if hr is not None:
+                    gi, go, gf, gc = (em.op("Add", [g, em.slice(hr, k * hidden, (k + 1) * hidden)])
+                                      for k, g in enumerate((gi, go, gf, gc)))
                 c = prev[1]
                 if peep is not None and c is not None:
                     gi = em.op("Add", [gi, em.op("Mul", [c, em.const(peep[d, :hidden], "P")])])
@@ -152,7 +164,7 @@ def _unroll(node: onnx.NodeProto, plan, em: _Emitter) -> None:
                 h = em.op("Mul", [em.op("Sigmoid", [go]), em.op("Tanh", [c])])
                 prev = [h, c]
             else:
-                zr_x, hx = em.slice(xt, 0, 2 * hidden), em.slice(xt, 2 * hidden, 3 * hidden)
+                zr_x, hx = (em.step(proj, t, a, b, [batch, b - a]) for a, b in ((0, 2 * hidden), (2 * hidden, 3 * hidden)))
                 if h is not None:
                     hr = em.op("MatMul", [h, em.const(rt if before_reset else np.ascontiguousarray(rt[:, :2 * hidden]), "R")])
                 zr = em.op("Sigmoid", [zr_x if h is None else
