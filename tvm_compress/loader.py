@@ -27,6 +27,7 @@ from onnx import helper, numpy_helper
 
 from .errors import ModelError, ShapeError, UnsupportedOpError
 from .onnx_control import bind_inputs, deciding_inputs, inline_constant_ifs
+from .onnx_einsum import einsums_as_matmuls
 from .onnx_rnn import all_nodes, expand_recurrent
 from .specs import InputSpec, OutputSpec
 
@@ -415,6 +416,8 @@ def prepare_onnx(
         many = sum(unrolled.values()) > 1
         notes.append(f"{said} node{'s' if many else ''} unrolled over {'their' if many else 'its'} fixed sequence "
                      "length (TVM's importer has no recurrent ops; onnxruntime checks against the original)")
+        model = onnx.shape_inference.infer_shapes(model)
+    if einsums_as_matmuls(model):
         model = onnx.shape_inference.infer_shapes(model)
     check_supported(model, path, not_unrolled, hint="; ".join(deciding))
     outputs = []
