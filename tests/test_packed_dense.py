@@ -393,6 +393,66 @@ def test_other_convs_read_their_weight_in_panels(data_shape, weight_shape, attrs
     _assert_same_results(_conv_module(data_shape, w, **attrs), after, data_shape, seed=9)
 
 
+def test_tap_bands_of_an_atrous_conv_on_a_small_map():
+    """Rate 12 on 20 rows: rows 0-7 read the map with taps 1-2, rows 8-11 with the centre
+    tap only, rows 12-19 with taps 0-1; a plain 3x3 conv's borders lose one tap each."""
+    from tvm_compress.targets.packed_dense import tap_bands
+
+    assert tap_bands(20, 3, 12, 1, 12, 20) == [(0, 8, 1, 2), (8, 12, 1, 1), (12, 20, 0, 1)]
+    assert tap_bands(6, 3, 1, 1, 1, 6) == [(0, 1, 1, 2), (1, 5, 0, 2), (5, 6, 0, 1)]
+    assert tap_bands(2, 1, 1, 1, 1, 4) is None  # the padded border outputs read no row of the map
+
+
+@pytest.mark.parametrize("data_shape, weight_shape, attrs, regions", [
+    # DeepLabV3's rate-12 ASPP conv on a 20x20 map: 3 x 3 regions
+    ((1, 20, 20, 128), (128, 128, 3, 3), {"padding": 12, "dilation": 12}, 9),
+    # strided, dilations differing per axis on 17x23: bands differ per axis
+    ((1, 17, 23, 96), (192, 96, 3, 3), {"strides": 2, "padding": (9, 8, 9, 8), "dilation": (9, 8)}, 9),
+])
+def test_a_conv_reading_mostly_padding_runs_by_regions_sharing_one_weight(data_shape, weight_shape, attrs, regions):
+    """One kernel per pair of row and column bands over the taps that read the map, every one
+    reading the same packed weight (stored once), the bands concatenated; the same numbers
+    as the conv."""
+    w = np.random.default_rng(10).standard_normal(weight_shape).astype("float32") * 0.1
+    before = _conv_module(data_shape, w, **attrs)
+    after = PackedDense(8)(before)
+    calls = [c for c in _calls(after["main"]) if c.op.same_as(_CALL_TIR)]
+    assert len(calls) == regions
+    weights = {id(c.args[1].fields[1]) for c in calls}
+    assert len(weights) == 1 and is_constant(calls[0].args[1].fields[1])
+    _assert_same_results(before, after, data_shape, seed=11)
+
+
+@pytest.mark.parametrize("data_shape, weight_shape, attrs", [
+    ((1, 20, 20, 16), (32, 16, 3, 3), {"padding": 12, "dilation": 12}),  # 1.8 MMAC: not worth kernels
+    ((1, 28, 28, 128), (128, 128, 3, 3), {"padding": 1}),                # borders: 7 % skipped
+])
+def test_convs_that_stay_one_kernel(data_shape, weight_shape, attrs):
+    w = np.random.default_rng(12).standard_normal(weight_shape).astype("float32")
+    after = PackedDense(8)(_conv_module(data_shape, w, **attrs))
+    assert len([c for c in _calls(after["main"]) if c.op.same_as(_CALL_TIR)]) == 1
+
+
+def test_an_aspp_conv_by_regions_matches_onnxruntime(tmp_path):
+    """End to end: the rate-12 conv (bias, ReLU after it) of DeepLabV3's ASPP on a 20x20 map,
+    compiled with its default schedules (every region's kernel checked alone) and verified
+    against onnxruntime; the library stores the weight once."""
+    rng = np.random.default_rng(13)
+    inits = [numpy_helper.from_array((rng.standard_normal((128, 96, 3, 3)) * 0.05).astype("float32"), "w"),
+             numpy_helper.from_array(rng.standard_normal(128).astype("float32"), "b")]
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[12] * 4, dilations=[12, 12]),
+             helper.make_node("Relu", ["c"], ["y"])]
+    graph = helper.make_graph(nodes, "aspp12", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 96, 20, 20])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 128, 20, 20])], inits)
+    path = tmp_path / "aspp12.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    rep = tvm_compress.compile(path, tmp_path / "a.so", target="x86", bench_runs=0, log=quiet)
+    assert rep["conv_layout"]["layout"] == "NHWC"
+    assert rep["verified"] and rep["max_rel_err"] < 1e-5, rep["max_rel_err"]
+    assert rep["kernel_check"]["checked"] >= 9
+    assert rep["weight_bytes_after"] < 1.01 * rep["weight_bytes_before"]
+
+
 def _pointwise_model(path, size: int):
     """3x3 conv -> HardSwish -> 1x1 conv (+bias) -> HardSwish -> 1x1 conv, a residual Add of
     two 1x1 branches, then a squeeze-excite scale: MobileNet/PP-LCNet blocks on a map of
