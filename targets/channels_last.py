@@ -36,7 +36,7 @@ from tvm_compress.specs import json_attr
 
 from .base import KernelHook
 from .cpu_schedule import vector_width
-from .dense_columns import CONV_ANY_GAIN_FROM, conv_macs, padded_columns, worth_padding
+from .dense_columns import CONV_ANY_GAIN_FROM, padded_columns, worth_padding
 
 _OP_CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _OP_CALL_TIR = tvm.ir.Op.get("relax.call_tir")
@@ -54,7 +54,6 @@ LAYOUT_ATTR = "tvm_compress.conv_layout"
 PIN_ATTR = "tvm_compress.conv_layout_pin"
 # The layout conversions at the model's edges and around ops that need NCHW cost time too.
 MIN_GAIN = 1.2
-KEEP_NCHW = 1.5
 # Below MIN_GAIN the estimate is no guide (docs/benchmarks.md: the classifier at 1.11x is 1.24x
 # faster in NCHW, the detector at 960x960, 1.13x, 1.25x faster in NHWC): both layouts are timed
 # where the target can be timed and the convs are worth two more builds: from 1M MACs (a
@@ -166,52 +165,20 @@ def _channel_use(channels: int, macs: float, lanes: int) -> float:
     return use
 
 
-def _keeps_nchw(out_nchw, stride_w: int, macs: float, lanes: int) -> bool:
-    """A conv whose output rows fill the vectors much better than its channels (24 channels
-    of 160-wide maps) stays NCHW, between two transposes."""
-    return _lane_use(out_nchw[3], lanes, strided=stride_w > 1) >= KEEP_NCHW * _channel_use(out_nchw[1], macs, lanes)
-
-
 def channels_last_gain(func: relax.Function, lanes: int) -> float:
     """Estimated time of the function's convs in NCHW over their time after the rewrite (MACs
     divided by the lanes each layout keeps busy); 0 when the rewrite does not apply."""
     convs, other = _convs(func)
     if not convs or other:
         return 0.0
-    nchw = mixed = 0.0
+    nchw = nhwc = 0.0
     for call in convs:
         out = [int(d) for d in call.ty.shape]
         macs = _macs(call)
         stride_w = int(call.attrs.strides[1])
         nchw += macs / _lane_use(out[3], lanes, strided=stride_w > 1)
-        mixed += macs / max(_lane_use(out[3], lanes, strided=stride_w > 1), _channel_use(out[1], macs, lanes)) \
-            if _keeps_nchw(out, stride_w, macs, lanes) else macs / _channel_use(out[1], macs, lanes)
-    return nchw / mixed
-
-
-@mutator
-class _BackToNCHW(PyExprMutator):
-    """NHWC convs that ``_keeps_nchw`` -> transpose, NCHW conv, transpose."""
-
-    def __init__(self, mod, lanes: int):
-        super().__init__(mod)
-        self.lanes = lanes
-
-    def visit_call_(self, call):
-        call = super().visit_call_(call)
-        if not call.op.same_as(_OP_CONV2D) or call.attrs.data_layout != "NHWC" or call.attrs.kernel_layout != "HWIO":
-            return call
-        n, h, w, c = (int(d) for d in call.ty.shape)
-        macs = conv_macs((n, h, w, c), [int(d) for d in call.args[1].ty.shape])
-        if not _keeps_nchw((n, c, h, w), int(call.attrs.strides[1]), macs, self.lanes):
-            return call
-        x = self.builder_.emit(relax.op.permute_dims(call.args[0], [0, 3, 1, 2]))
-        weight = self.builder_.emit(relax.op.permute_dims(call.args[1], [3, 2, 0, 1]))
-        a = call.attrs
-        conv = self.builder_.emit(with_layer(relax.op.nn.conv2d(
-            x, weight, strides=a.strides, padding=a.padding, dilation=a.dilation, groups=a.groups,
-            out_dtype=a.out_dtype or None), call))
-        return relax.op.permute_dims(conv, [0, 2, 3, 1])
+        nhwc += macs / _channel_use(out[1], macs, lanes)
+    return nchw / nhwc
 
 
 _OP_EXPAND = tvm.ir.Op.get("relax.expand_dims")
@@ -361,7 +328,11 @@ class ChannelsLast:
             converted = relax.transform.ConvertLayout(LAYOUTS)(converted)
             out = copy_module(mod)
             for gv in names:
-                func = _BackToNCHW(converted, self.lanes).visit_expr(converted[gv])
+                # Every conv NHWC: a conv whose rows filled the vectors better than its channels
+                # had stayed NCHW between two transposes, and the transposes cost more than it
+                # saved (MobileNetV3-Large 3.87 -> 3.16 ms, the PP-OCRv4 detector 7.30 -> 6.35 ms
+                # with every conv NHWC; docs/benchmarks.md).
+                func = converted[gv]
                 func = _TransposeBeforeUpsample(tvm.IRModule({gv: func})).visit_expr(func)
                 func = _CancelMoves(tvm.IRModule({gv: func})).visit_expr(func)
                 # The transposes the flatten no longer reads are dropped.
