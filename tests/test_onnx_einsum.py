@@ -38,6 +38,10 @@ def _run(model, feeds):
     ("bij,bkj->bki", [2, 3, 4], [2, 5, 4], ["Transpose", "MatMul", "Transpose"]),
     ("abcd,cdbe->ae", [2, 3, 4, 5], [4, 5, 3, 6], ["Reshape", "Transpose", "Reshape", "MatMul"]),
     ("ij,j->i", [3, 4], [4], ["Reshape", "MatMul", "Reshape"]),
+    # no free index on one side, two contracted: as many dims before and after, other sizes
+    ("ij,ijk->k", [2, 3], [2, 3, 4], ["Reshape", "Reshape", "MatMul", "Reshape"]),
+    ("k,kij->ij", [3], [3, 4, 5], ["Reshape", "Reshape", "MatMul", "Reshape"]),
+    ("bij,bijk->bk", [2, 3, 4], [2, 3, 4, 5], ["Reshape", "Reshape", "MatMul", "Reshape"]),
 ])
 def test_matrix_products_become_matmuls_computing_the_same(equation, a_shape, b_shape, ops):
     model = _einsum_model(equation, a_shape, b_shape)
@@ -48,6 +52,29 @@ def test_matrix_products_become_matmuls_computing_the_same(equation, a_shape, b_
     assert [n.op_type for n in model.graph.node] == ops
     onnx.checker.check_model(model, full_check=True)
     np.testing.assert_allclose(_run(model, feeds), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_random_matrix_product_equations_compute_what_einsum_computes():
+    """60 seeded equations: 0-2 batch, 0-2 free indices per side, 1-2 contracted, each operand's
+    and the output's indices in a random order, sizes 1-4; every one rewritten and equal to
+    onnxruntime's Einsum on the original."""
+    rng = np.random.default_rng(7)
+    for _ in range(60):
+        letters = iter("abcdefghijkl")
+        batch, a_free, b_free = ([next(letters) for _ in range(rng.integers(0, 3))] for _ in range(3))
+        contracted = [next(letters) for _ in range(rng.integers(1, 3))]
+        size = {c: int(rng.integers(1, 5)) for c in batch + a_free + b_free + contracted}
+        a, b, out = (list(rng.permutation(g)) for g in (batch + a_free + contracted, batch + b_free + contracted,
+                                                           batch + a_free + b_free))
+        equation = f"{''.join(a)},{''.join(b)}->{''.join(out)}"
+        model = _einsum_model(equation, [size[c] for c in a], [size[c] for c in b])
+        feeds = {"a": rng.standard_normal([size[c] for c in a]).astype(np.float32),
+                 "b": rng.standard_normal([size[c] for c in b]).astype(np.float32)}
+        ref = _run(model, feeds)
+        assert einsums_as_matmuls(model) == 1, equation
+        got = _run(model, feeds)
+        assert got.shape == ref.shape, equation
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5, err_msg=equation)
 
 
 @pytest.mark.parametrize("equation, a_shape, b_shape, dtype", [

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .onnx_rnn import _shapes
+from .onnx_rnn import graph_shapes
 
 _MATMUL_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
                  onnx.TensorProto.BFLOAT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64}
@@ -70,12 +70,12 @@ class _Emitter:
         self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
         return out
 
-    def arrange(self, x: str, letters: str, order: List[str], shape: List[int]) -> str:
+    def arrange(self, x: str, letters: str, order: List[str], size: Dict[str, int], shape: List[int]) -> str:
         """``x`` (indexed by ``letters``) transposed to ``order`` and reshaped to ``shape``."""
         perm = [letters.index(c) for c in order]
         if perm != list(range(len(perm))):
             x = self.op("Transpose", [x], perm=perm)
-        if len(order) != len(shape):
+        if [size[c] for c in order] != shape:
             x = self.reshape(x, shape)
         return x
 
@@ -90,11 +90,11 @@ def _rewrite(node: onnx.NodeProto, plan: tuple, em: _Emitter) -> None:
     a, b, batch, a_free, contracted, b_free, out, size = plan
     dims = [size[c] for c in batch]
     m, k, n = (int(np.prod([size[c] for c in group], dtype=np.int64)) for group in (a_free, contracted, b_free))
-    lhs = em.arrange(node.input[0], a, batch + a_free + contracted, dims + [m, k])
-    rhs = em.arrange(node.input[1], b, batch + contracted + b_free, dims + [k, n])
+    lhs = em.arrange(node.input[0], a, batch + a_free + contracted, size, dims + [m, k])
+    rhs = em.arrange(node.input[1], b, batch + contracted + b_free, size, dims + [k, n])
     natural = batch + a_free + b_free
     perm = [natural.index(c) for c in out]
-    reshaped = len(natural) != len(dims) + 2
+    reshaped = [size[c] for c in natural] != dims + [m, n]
     transposed = perm != list(range(len(perm)))
     res = em.op("MatMul", [lhs, rhs], None if reshaped or transposed else node.output[0])
     if reshaped:
@@ -109,7 +109,7 @@ def einsums_as_matmuls(model: onnx.ModelProto) -> int:
     graph = model.graph
     if not any(n.op_type == "Einsum" for n in graph.node):
         return 0
-    shapes = _shapes(graph, {})
+    shapes = graph_shapes(graph, {})
     elem = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.value_info, *graph.output]}
     elem.update({i.name: i.data_type for i in graph.initializer})
     nodes, count = [], 0

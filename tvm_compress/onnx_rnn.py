@@ -205,7 +205,9 @@ def _output(em: _Emitter, value: str, name: str, perm) -> None:
         em.op("Identity", [value], name)
 
 
-def _shapes(graph: onnx.GraphProto, into: Dict[str, tuple]) -> Dict[str, tuple]:
+def graph_shapes(graph: onnx.GraphProto, into: Dict[str, tuple]) -> Dict[str, tuple]:
+    """``into`` updated with the shape of every input, value, output and initializer of
+    ``graph`` by name (-1 for a dimension with no value)."""
     for v in [*graph.input, *graph.value_info, *graph.output]:
         t = v.type.tensor_type
         if t.HasField("shape"):
@@ -227,7 +229,7 @@ def _constants(graph: onnx.GraphProto, into: Dict[str, np.ndarray]) -> Dict[str,
 def _expand_graph(graph: onnx.GraphProto, consts: Dict[str, np.ndarray], shapes: Dict[str, tuple],
                   counts: Dict[str, int], refused: Dict[str, str]) -> None:
     consts = _constants(graph, dict(consts))
-    shapes = _shapes(graph, dict(shapes))
+    shapes = graph_shapes(graph, dict(shapes))
     nodes: List[onnx.NodeProto] = []
     replaced = set()  # inputs of unrolled nodes: their weights, unused after
     for node in graph.node:
