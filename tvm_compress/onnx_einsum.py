@@ -22,9 +22,9 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
-from .onnx_rnn import graph_shapes
+from .onnx_rnn import Emitter, graph_shapes
 
 _MATMUL_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
                  onnx.TensorProto.BFLOAT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64}
@@ -60,38 +60,22 @@ def _plan(equation: str, a_shape, b_shape) -> Optional[tuple]:
     return a, b, batch, a_free, contracted, b_free, out, size
 
 
-class _Emitter:
-    def __init__(self, graph: onnx.GraphProto, prefix: str):
-        self.graph, self.prefix, self.nodes, self._n = graph, prefix, [], 0
-
-    def op(self, op_type: str, inputs: List[str], out: Optional[str] = None, **attrs) -> str:
-        self._n += 1
-        out = out or f"{self.prefix}/{op_type}_{self._n}"
-        self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
-        return out
-
-    def arrange(self, x: str, letters: str, order: List[str], size: Dict[str, int], shape: List[int]) -> str:
-        """``x`` (indexed by ``letters``) transposed to ``order`` and reshaped to ``shape``."""
-        perm = [letters.index(c) for c in order]
-        if perm != list(range(len(perm))):
-            x = self.op("Transpose", [x], perm=perm)
-        if [size[c] for c in order] != shape:
-            x = self.reshape(x, shape)
-        return x
-
-    def reshape(self, x: str, shape: List[int], out: Optional[str] = None) -> str:
-        self._n += 1
-        name = f"{self.prefix}/shape_{self._n}"
-        self.graph.initializer.append(numpy_helper.from_array(np.array(shape, np.int64), name))
-        return self.op("Reshape", [x, name], out)
+def _arrange(em: Emitter, x: str, letters: str, order: List[str], size: Dict[str, int], shape: List[int]) -> str:
+    """``x`` (indexed by ``letters``) transposed to ``order`` and reshaped to ``shape``."""
+    perm = [letters.index(c) for c in order]
+    if perm != list(range(len(perm))):
+        x = em.op("Transpose", [x], perm=perm)
+    if [size[c] for c in order] != shape:
+        x = em.reshape(x, shape)
+    return x
 
 
-def _rewrite(node: onnx.NodeProto, plan: tuple, em: _Emitter) -> None:
+def _rewrite(node: onnx.NodeProto, plan: tuple, em: Emitter) -> None:
     a, b, batch, a_free, contracted, b_free, out, size = plan
     dims = [size[c] for c in batch]
     m, k, n = (int(np.prod([size[c] for c in group], dtype=np.int64)) for group in (a_free, contracted, b_free))
-    lhs = em.arrange(node.input[0], a, batch + a_free + contracted, size, dims + [m, k])
-    rhs = em.arrange(node.input[1], b, batch + contracted + b_free, size, dims + [k, n])
+    lhs = _arrange(em, node.input[0], a, batch + a_free + contracted, size, dims + [m, k])
+    rhs = _arrange(em, node.input[1], b, batch + contracted + b_free, size, dims + [k, n])
     natural = batch + a_free + b_free
     perm = [natural.index(c) for c in out]
     reshaped = [size[c] for c in natural] != dims + [m, n]
@@ -124,9 +108,10 @@ def einsums_as_matmuls(model: onnx.ModelProto) -> int:
         if plan is None:
             nodes.append(node)
             continue
-        em = _Emitter(graph, f"{node.name or node.output[0]}/as_matmul")
+        em = Emitter(f"{node.name or node.output[0]}/as_matmul")
         _rewrite(node, plan, em)
         nodes.extend(em.nodes)
+        graph.initializer.extend(em.inits)
         count += 1
     del graph.node[:]
     graph.node.extend(nodes)

@@ -28,7 +28,7 @@ _DEFAULT_ACTIVATIONS = {"LSTM": ["sigmoid", "tanh", "tanh"], "GRU": ["sigmoid", 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
 
-class _Emitter:
+class Emitter:
     """New nodes and initializers of one graph, named under ``prefix`` (unique per node)."""
 
     def __init__(self, prefix: str):
@@ -64,8 +64,8 @@ class _Emitter:
         """``x[index]`` along ``axis``, that axis dropped."""
         return self.op("Gather", [x, self.const(np.array(index, np.int64))], axis=axis)
 
-    def reshape(self, x: str, shape) -> str:
-        return self.op("Reshape", [x, self.const(np.array(shape, np.int64))])
+    def reshape(self, x: str, shape, out: Optional[str] = None) -> str:
+        return self.op("Reshape", [x, self.const(np.array(shape, np.int64))], out)
 
     def step(self, proj: str, t: int, start: int, end: int, shape) -> str:
         """``proj[t, :, start:end]`` as ``shape`` (one step's columns of the projection)."""
@@ -116,7 +116,7 @@ def _plan(node: onnx.NodeProto, consts: Dict[str, np.ndarray], shapes: Dict[str,
     return (a, x, weights, bias, peep, states, int(steps), int(batch), hidden, dirs, layout), None
 
 
-def _unroll(node: onnx.NodeProto, plan, em: _Emitter) -> None:
+def _unroll(node: onnx.NodeProto, plan, em: Emitter) -> None:
     a, x, (w, r), bias, peep, states, steps, batch, hidden, dirs, layout = plan
     lstm = node.op_type == "LSTM"
     gates = _GATES[node.op_type]
@@ -197,7 +197,7 @@ def _unroll(node: onnx.NodeProto, plan, em: _Emitter) -> None:
                     [1, 0, 2] if layout else None)
 
 
-def _output(em: _Emitter, value: str, name: str, perm) -> None:
+def _output(em: Emitter, value: str, name: str, perm) -> None:
     """``value`` under the node's output ``name`` (transposed to ``layout = 1``'s order)."""
     if perm:
         em.op("Transpose", [value], name, perm=perm)
@@ -241,7 +241,7 @@ def _expand_graph(graph: onnx.GraphProto, consts: Dict[str, np.ndarray], shapes:
                 refused[node.name or node.output[0]] = why
             nodes.append(node)
             continue
-        em = _Emitter(f"{node.name or node.output[0]}/unrolled{sum(counts.values())}")
+        em = Emitter(f"{node.name or node.output[0]}/unrolled{sum(counts.values())}")
         _unroll(node, plan, em)
         nodes.extend(em.nodes)
         graph.initializer.extend(em.inits)
