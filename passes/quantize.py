@@ -15,6 +15,7 @@ import tvm
 from tvm import relax
 
 from tvm_compress.calib_data import CalibDataConfig
+from tvm_compress.layers import op_kind
 from tvm_compress.pass_registry import PassEnv, PassPreset, register_pass
 from tvm_compress.relax_utils import relax_functions
 
@@ -112,6 +113,9 @@ class Quantize:
             mod = Calibrate(self._calibrate_config(), log=env.log)(annotated)
             mod = QuantizeRealize(self.config.realize_config(), log=env.log)(mod)
         report = qc.read_report(mod)
+        conv3d = _count_kind(mod, "conv3d")
+        if conv3d:
+            report["float_conv3d"] = conv3d
         env.report["quantize"] = report
         _log_summary(report, env.log)
         return qc.strip_report(mod)
@@ -127,10 +131,20 @@ class Quantize:
         return config
 
 
+def _count_kind(mod: tvm.IRModule, kind: str) -> int:
+    """Calls of layer kind ``kind`` (``tvm_compress.layers.op_kind``) in the module."""
+    found = []
+    for _, func in relax_functions(mod):
+        relax.analysis.post_order_visit(func, lambda e: found.append(e) if op_kind(e) == kind else None)
+    return len(found)
+
+
 def _log_summary(report: dict, log) -> None:
     layers = report.get("layers", [])
     n8 = sum(1 for l in layers if l.get("status") == "int8")
     log(f"quantize: {n8} of {len(layers)} layers in int8")
+    if report.get("float_conv3d"):
+        log(f"quantize: {report['float_conv3d']} 3-d convolutions stay float (no int8 conv3d kernel)")
     for l in layers:
         if l.get("status") != "int8":
             log(f"quantize: {l.get('name')} stays {l.get('status')}: {l.get('reason')}")

@@ -226,12 +226,13 @@ def _panels(w, lanes):
 
 
 def _conv_panels(w, lanes):
-    """The packed float conv weight's shapes for an OIHW weight (``[O / P, KH, KW, I, P]``; one
-    panel of all ``O`` where a conv with its pool takes the weight in one)."""
+    """The packed float conv weight's shapes for an OIHW (or OIDHW) weight (``[O / P, KH, KW,
+    I, P]``; one panel of all ``O`` where a conv with its pool takes the weight in one)."""
     from tvm_compress.targets.packed_dense import panel_width
 
     panel = panel_width(w[0], lanes)
-    return {(1, w[2], w[3], w[1], w[0]), *([(w[0] // panel, w[2], w[3], w[1], panel)] if panel is not None else [])}
+    taps = tuple(w[2:])
+    return {(1, *taps, w[1], w[0]), *([(w[0] // panel, *taps, w[1], panel)] if panel is not None else [])}
 
 
 def _onnx_out_shapes(model) -> dict:

@@ -16,6 +16,7 @@ element-wise kernels).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import multiprocessing
 import os
@@ -94,8 +95,10 @@ def ort_profile(model_bytes: bytes, feed: dict, runs: int) -> dict:
 
 
 def tvm_kernels(lib: Path, x: np.ndarray) -> list:
+    """[(name, argument shapes, ms, a digest of the second argument: the weight)]."""
     calls = _kernel_calls(lib, x)
-    return [(name, [tuple(a.shape) for a in args], _time_call((owner, name, args), repeat=5))
+    return [(name, [tuple(a.shape) for a in args], _time_call((owner, name, args), repeat=5),
+             hashlib.sha1(args[1].numpy().tobytes()).hexdigest() if len(args) > 1 else None)
             for owner, name, args in calls]
 
 
@@ -147,14 +150,14 @@ def main(argv=None) -> int:
     ort_by_key = {_ort_key(n): t for n, t in ort_ms.items()}
     for name, op, wshape, keys in layers:
         shapes = {wshape, wshape[::-1]} if len(wshape) == 2 else {wshape}  # matmul weights are [K, N]
-        if len(wshape) == 4:  # channels-last convs read HWIO weights, or HWIO in panels
-            shapes |= {(wshape[2], wshape[3], wshape[1], wshape[0]), *_conv_panels(wshape, lanes)}
+        if len(wshape) >= 4:  # channels-last convs read HWIO (DHWIO) weights, or those in panels
+            shapes |= {(*wshape[2:], wshape[1], wshape[0]), *_conv_panels(wshape, lanes)}
         if len(wshape) == 2:  # PadDenseColumns widens [K, N] to whole registers
             shapes |= {(wshape[0], n) for n in range(wshape[1], wshape[1] + 16)}
         # packed dense weights: panels [N / P, K, P], or one panel [1, K, N] (1x1 convs run so;
         # that shape only as the kernel's weight argument: a flattened map [1, H * W, C] can
         # have it too)
-        dense = (wshape[1], wshape[0]) if len(wshape) == 4 and wshape[2:] == (1, 1) else \
+        dense = (wshape[1], wshape[0]) if len(wshape) >= 4 and set(wshape[2:]) == {1} else \
             tuple(wshape) if len(wshape) == 2 else None
         one_panel = set()
         if dense is not None:
@@ -168,13 +171,17 @@ def main(argv=None) -> int:
         # ResNet's downsample conv) before the layer the graph lists first
         j = next((i for i in range(len(kernels)) if i not in used and reads_weight(kernels[i][1])), None)
         ort = next((ort_by_key[key] for key in keys if key in ort_by_key), None)
-        if j is not None:
-            used.add(j)
-        tvm_t = kernels[j][2] if j is not None else None
+        # a conv run by regions or bands of frames: the kernels right after it on the same weight
+        taken = [] if j is None else [j]
+        while taken and taken[-1] + 1 < len(kernels) and taken[-1] + 1 not in used \
+                and kernels[taken[-1] + 1][3] == kernels[j][3]:
+            taken.append(taken[-1] + 1)
+        used.update(taken)
+        tvm_t = sum(kernels[i][2] for i in taken) if taken else None
         rows.append({"layer": name, "op": op, "weight": list(wshape), "tvm_ms": tvm_t, "ort_ms": ort,
                      "ratio": tvm_t / ort if tvm_t and ort else None})
-    tvm_total = sum(t for _, _, t in kernels)
-    tvm_other = sum(t for i, (_, _, t) in enumerate(kernels) if i not in used)
+    tvm_total = sum(k[2] for k in kernels)
+    tvm_other = sum(k[2] for i, k in enumerate(kernels) if i not in used)
     ort_total = sum(ort_ms.values())
     ort_other = ort_total - sum(r["ort_ms"] for r in rows if r["ort_ms"])
 

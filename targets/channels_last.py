@@ -36,9 +36,11 @@ from tvm_compress.specs import json_attr
 
 from .base import KernelHook
 from .cpu_schedule import vector_width
-from .dense_columns import CONV_ANY_GAIN_FROM, padded_columns, worth_padding
+from .dense_columns import padded_columns, worth_padding_conv
 
 _OP_CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
+_OP_CONV3D = tvm.ir.Op.get("relax.nn.conv3d")
+_CONVS = (_OP_CONV2D, _OP_CONV3D)
 _OP_CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 _OP_PERMUTE = tvm.ir.Op.get("relax.permute_dims")
 _OP_RESHAPE = tvm.ir.Op.get("relax.reshape")
@@ -48,7 +50,7 @@ _OP_RESIZE2D = tvm.ir.Op.get("relax.image.resize2d")
 _OP_SQUEEZE = tvm.ir.Op.get("relax.squeeze")
 _ELEMENTWISE = tuple(tvm.ir.Op.get(f"relax.{n}") for n in ("add", "subtract", "multiply", "divide",
                                                             "maximum", "minimum", "power"))
-LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
+LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"], "relax.nn.conv3d": ["NDHWC", "DHWIO"]}
 LAYOUT_ATTR = "tvm_compress.conv_layout"
 # A layout the compile flow timed ("NHWC" / "NCHW"): followed instead of the estimate.
 PIN_ATTR = "tvm_compress.conv_layout_pin"
@@ -110,10 +112,11 @@ def _lane_use(extent: int, lanes: int, strided: bool = False) -> float:
 
 
 def _convs(func: relax.Function):
-    """(float NCHW conv2d calls, whether anything else rules the rewrite out: another conv2d,
-    or a TIR kernel (int8, sparse, binary) computed from a conv's output; one that is not, such
-    as the importer's reflection pad of an STFT's input, runs in the imported layout before the
-    first transpose). An If's branches are walked binding by binding, each on its own."""
+    """(float NCHW conv2d and NCDHW conv3d calls, whether anything else rules the rewrite out:
+    another conv, or a TIR kernel (int8, sparse, binary) on a map computed from a conv's output.
+    A kernel that is not computed from one, such as the importer's reflection pad of an STFT's
+    input, runs in the imported layout before the first transpose; one on a pooled vector reads
+    no map. An If's branches are walked binding by binding, each on its own."""
     convs, other = [], []
     after_conv = set()  # variables computed from a conv's output
 
@@ -137,18 +140,27 @@ def _convs(func: relax.Function):
                 calls = []
                 relax.analysis.post_order_visit(value, lambda e: calls.append(e) if isinstance(e, relax.Call)
                                                 else None)
-                here = [c for c in calls if c.op.same_as(_OP_CONV2D)]
+                here = [c for c in calls if any(c.op.same_as(op) for op in _CONVS)]
                 for c in here:
-                    ok = c.args[0].ty.dtype == "float32" and c.attrs.data_layout == "NCHW"
+                    ok = c.args[0].ty.dtype == "float32" and c.attrs.data_layout in ("NCHW", "NCDHW")
                     (convs if ok else other).append(c)
                 downstream = bool(here) or reads(value, after_conv)
                 if downstream:
-                    # a TIR kernel on a conv's output: its own layout, the rewrite is not for it
-                    other.extend(c for c in calls if c.op.same_as(_OP_CALL_TIR))
+                    # a TIR kernel on a conv's output: its own layout, the rewrite is not for it;
+                    # unless it reads no map (an int8 classifier after the pooling of a video
+                    # model whose conv3ds stay float)
+                    other.extend(c for c in calls if c.op.same_as(_OP_CALL_TIR) and _reads_a_map(c))
                     after_conv.add(binding.var)
 
     walk(func.body.blocks)
     return convs, bool(other)
+
+
+def _reads_a_map(kernel: relax.Call) -> bool:
+    """Whether a ``call_tir`` reads an activation of rank 4 or more (its constants, such as an
+    int8 weight in panels, do not count)."""
+    args = kernel.args[1].fields if isinstance(kernel.args[1], relax.Tuple) else [kernel.args[1]]
+    return any(getattr(a.ty, "ndim", 0) >= 4 and not is_constant(a) for a in args)
 
 
 def _macs(conv: relax.Call) -> float:
@@ -160,7 +172,7 @@ def _channel_use(channels: int, macs: float, lanes: int) -> float:
     """``_lane_use`` of the channels in NHWC, padded to whole registers where ``PadDenseColumns``
     pads them (257 STFT bins -> 264)."""
     use = _lane_use(channels, lanes)
-    if worth_padding(channels, macs, lanes, CONV_ANY_GAIN_FROM):
+    if worth_padding_conv(channels, macs, lanes):
         use = max(use, channels / padded_columns(channels, lanes))
     return use
 
@@ -175,8 +187,8 @@ def channels_last_gain(func: relax.Function, lanes: int) -> float:
     for call in convs:
         out = [int(d) for d in call.ty.shape]
         macs = _macs(call)
-        stride_w = int(call.attrs.strides[1])
-        nchw += macs / _lane_use(out[3], lanes, strided=stride_w > 1)
+        stride_w = int(call.attrs.strides[-1])
+        nchw += macs / _lane_use(out[-1], lanes, strided=stride_w > 1)
         nhwc += macs / _channel_use(out[1], macs, lanes)
     return nchw / nhwc
 
@@ -342,9 +354,10 @@ class ChannelsLast:
             why = f"channels-last rewrite failed ({type(err).__name__}); kept NCHW"
             return mod.with_attr(LAYOUT_ATTR, json.dumps({"layout": "NCHW", "estimated_gain": round(gain, 3),
                                                           "reason": why}))
-        layouts = [c.attrs.data_layout for gv in names for c in _calls(out[gv], _OP_CONV2D)]
-        info = {"layout": "NHWC", "estimated_gain": round(gain, 3), "nhwc_convs": layouts.count("NHWC"),
-                "nchw_convs": layouts.count("NCHW")}
+        layouts = [c.attrs.data_layout for gv in names for op in _CONVS for c in _calls(out[gv], op)]
+        info = {"layout": "NHWC", "estimated_gain": round(gain, 3),
+                "nhwc_convs": layouts.count("NHWC") + layouts.count("NDHWC"),
+                "nchw_convs": layouts.count("NCHW") + layouts.count("NCDHW")}
         if pin == "NHWC":
             info["reason"] = f"timed: {timed}" if timed else "pinned"
         return out.with_attr(LAYOUT_ATTR, json.dumps(info))

@@ -11,7 +11,7 @@ registers better than the widths that divide it, and takes the real columns back
 ViT's 197 tokens) gets zero rows up to a multiple of 8 the same way. Matmuls of two
 activations (attention's Q x K^T and P x V) are padded too, by pad kernels on the operands: 197
 score columns had no vector width at all (a 6x197x64x197 product took 4 ms, 95 us padded).
-Channels-last convs with a constant weight are dense layers over their pixels and get zero
+Channels-last convs (2-d and 3-d) with a constant weight are dense layers over their pixels and get zero
 output channels the same way: an STFT front end's 257 frequency bins (openWakeWord's
 melspectrogram, 257 = a prime) ran on one lane per vector, 8.5x slower than padded to 264.
 Where the unpadded width fills under half the lanes, layers from ``MIN_MACS / 64`` are padded
@@ -36,19 +36,25 @@ from .cpu_schedule import vector_width
 
 _OP_MATMUL = tvm.ir.Op.get("relax.matmul")
 _OP_CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
+_OP_CONV3D = tvm.ir.Op.get("relax.nn.conv3d")
+# channels-last data and weight layouts of the convs this pads
+_CHANNELS_LAST = {"NHWC": "HWIO", "NDHWC": "DHWIO"}
 # The slice is a kernel of its own: on smaller layers (the recognizer's 40x120x360 neck
 # matmuls) it cost more than the fuller registers saved.
 MIN_MACS = 1 << 22
 # ... unless the padding at least doubles the lanes in use
 _MIN_GAIN_MACS, _LANE_GAIN = MIN_MACS >> 6, 2.0
-# Convs only for that: 24-72 channels on 16 lanes (MobileNets on AVX-512) fill half of each
-# register; whether padding them pays was not measured.
+# Convs only for that, or where their rows run on vectors of a width no power of two (a masked
+# register at every step: 230 channels on 10 of 16 lanes, or 5 of 8): a 64 -> 230 3x3 conv on
+# 56x56 6.46 -> 4.22 ms padded to 240. Not for 24-72 channels on 16 lanes (MobileNets on
+# AVX-512), on 8-lane vectors: padded to whole 16-lane registers they ran slower (72 -> 80:
+# 1.40 -> 1.52 ms; 24 -> 32: 0.73 -> 0.91 ms; docs/benchmarks.md).
 CONV_ANY_GAIN_FROM = float("inf")
 
 
 def conv_macs(out_nhwc, weight_hwio) -> float:
-    """MACs of an NHWC conv with output shape ``out_nhwc`` and an HWIO weight."""
-    return float(np.prod(out_nhwc)) * float(np.prod(weight_hwio[:3]))
+    """MACs of an NHWC (NDHWC) conv with output shape ``out_nhwc`` and an HWIO (DHWIO) weight."""
+    return float(np.prod(out_nhwc)) * float(np.prod(weight_hwio[:-1]))
 
 
 def lane_use(columns: int, lanes: int) -> float:
@@ -75,6 +81,13 @@ def worth_padding(columns: int, macs: float, lanes: int, any_gain_from: float = 
     return macs >= any_gain_from or (macs >= _MIN_GAIN_MACS and columns / padded >= _LANE_GAIN * lane_use(columns, lanes))
 
 
+def worth_padding_conv(columns: int, macs: float, lanes: int) -> bool:
+    """``worth_padding`` for a channels-last conv's output channels (see CONV_ANY_GAIN_FROM)."""
+    width = vector_width(columns, lanes)
+    masked = macs >= MIN_MACS and width is not None and width & (width - 1) != 0
+    return worth_padding(columns, macs, lanes, 0 if masked else CONV_ANY_GAIN_FROM)
+
+
 # The default schedule's register tile takes up to 8 rows that divide the row count; with no
 # divisor of 4 or more (197 tokens, a prime) the tile held one row and read each weight vector
 # once per row: a ViT-S MLP matmul (197x384 by 384x1536) ran at 2.4 ms, 0.60 ms at 200 rows.
@@ -98,7 +111,7 @@ class _PadColumns(PyExprMutator):
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
-        if call.op.same_as(_OP_CONV2D):
+        if call.op.same_as(_OP_CONV2D) or call.op.same_as(_OP_CONV3D):
             return self._conv(call)
         if not call.op.same_as(_OP_MATMUL) or call.ty.dtype != "float32":
             return call
@@ -139,26 +152,25 @@ class _PadColumns(PyExprMutator):
 
 
     def _conv(self, call):
-        """An ungrouped channels-last float conv with a constant HWIO weight: zero output
-        channels (the weight's last axis), sliced back."""
+        """An ungrouped channels-last float conv (2-d or 3-d) with a constant HWIO (DHWIO)
+        weight: zero output channels (the weight's last axis), sliced back."""
         attrs = call.attrs
         shape = static_shape(call)
-        if shape is None or call.ty.dtype != "float32" or attrs.data_layout != "NHWC" \
-                or attrs.kernel_layout != "HWIO" or str(attrs.out_layout) not in ("", "NHWC") \
-                or int(attrs.groups) != 1:
+        layout = str(attrs.data_layout)
+        if shape is None or call.ty.dtype != "float32" or _CHANNELS_LAST.get(layout) != attrs.kernel_layout \
+                or str(attrs.out_layout) not in ("", layout) or int(attrs.groups) != 1:
             return call
         weight = permuted_constant(self, call.args[1])
         if weight is None:
             return call
-        columns = weight.shape[3]
-        if weight.dtype != np.float32 or not worth_padding(columns, conv_macs(shape, weight.shape), self.lanes,
-                                                               CONV_ANY_GAIN_FROM):
+        columns = weight.shape[-1]
+        if weight.dtype != np.float32 or not worth_padding_conv(columns, conv_macs(shape, weight.shape), self.lanes):
             return call
         self.padded += 1
         padded = padded_columns(columns, self.lanes)
-        weight = const(np.pad(weight, ((0, 0), (0, 0), (0, 0), (0, padded - columns))))
+        weight = const(np.pad(weight, [(0, 0)] * (weight.ndim - 1) + [(0, padded - columns)]))
         out = self.builder_.emit(with_layer(relax.Call(call.op, [call.args[0], weight], attrs), call))
-        return relax.op.strided_slice(out, axes=[3], begin=[0], end=[columns])
+        return relax.op.strided_slice(out, axes=[len(shape) - 1], begin=[0], end=[columns])
 
 
 def _pad_widths(ndim: int, axis: int, after: int) -> list:

@@ -65,10 +65,12 @@ from tvm_compress.relax_utils import (ELEMENTWISE_OPS, bound_call, const, const_
 from .base import KernelHook
 from .conv_geometry import conv_geometry
 from .cpu_schedule import POOL_ATTR, TILE_SCOPE_ATTR, dense_rows, target_cores, vector_width
+from .packed_conv3d import frame_bands, pack_conv3d_weight, packed_conv3d_ndhwc
 from .pooled_conv import epilogue_chain
 
 _OP_MATMUL = tvm.ir.Op.get("relax.matmul")
 _OP_CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
+_OP_CONV3D = tvm.ir.Op.get("relax.nn.conv3d")
 _OP_RESHAPE = tvm.ir.Op.get("relax.reshape")
 _OUT_EWISE_FUSABLE = 4  # relax.transform's OpPatternKind kOutEWiseFusable
 _OP_MAX_POOL = tvm.ir.Op.get("relax.nn.max_pool2d")
@@ -89,6 +91,10 @@ _POOL_BALANCE = 1.15
 _REGION_MIN_MACS = 1 << 24
 _REGION_MIN_SAVED = 0.3
 _REGION_MAX = 9
+# A conv3d runs by bands of output frames (``packed_conv3d``) where that skips at least this many
+# multiply-adds per output element that read padding frames: about what writing the bands and
+# reading them back for their concat costs (ResNet3D-18's stem, 37 saved, ran no faster so).
+_BAND_MIN_SAVED = 64
 
 
 def tap_bands(size: int, kernel: int, pad: int, stride: int, dilation: int, out: int):
@@ -228,6 +234,8 @@ class _Pack(relax.expr_functor.PyExprMutator):
             return self._matmul(call)
         if call.op.same_as(_OP_CONV2D):
             return self._conv(call)
+        if call.op.same_as(_OP_CONV3D):
+            return self._conv3d(call)
         if call.op.same_as(_OP_MAX_POOL):
             return self._pooled(call)
         if any(call.op.same_as(op) for op in ELEMENTWISE_OPS):
@@ -416,23 +424,62 @@ class _Pack(relax.expr_functor.PyExprMutator):
         element-wise epilogue moves to the flat side with it (``_flat_epilogue``) and fuses.
         The weight goes in panels too; one panel where the columns fit one tile row. A strided
         one takes its pixels with a strided slice first (a copy of the pixels it reads: a
-        ResNet-50 downsample conv to 7x7 ran in tiles of a 7-pixel line at 47 GMAC/s)."""
+        ResNet-50 downsample conv to 7x7 ran in tiles of a 7-pixel line at 47 GMAC/s). A
+        1x1x1 conv3d likewise, over its frames' pixels."""
         shape = static_shape(call)
         data = call.args[0]
-        n, h, w, _ = shape
-        if h * w == 1:
+        n, *pixels, _ = shape
+        if int(np.prod(pixels)) == 1:
             return call  # one pixel (squeeze-excite): nothing to tile; its broadcast epilogue fuses
         strides = [int(v) for v in call.attrs.strides]
-        if strides != [1, 1]:
-            in_h, in_w = static_shape(data)[1:3]
-            data = self.builder_.emit(relax.op.strided_slice(data, axes=[1, 2], begin=[0, 0], end=[in_h, in_w],
-                                                             strides=strides))
+        if any(s != 1 for s in strides):
+            dims = static_shape(data)[1:-1]
+            data = self.builder_.emit(relax.op.strided_slice(data, axes=list(range(1, len(dims) + 1)),
+                                                             begin=[0] * len(dims), end=dims, strides=strides))
         in_shape = static_shape(data)
         flat = self._flat_source(data, in_shape)
         if flat is None:
-            flat = self.builder_.emit(relax.op.reshape(data, [n, h * w, in_shape[-1]]))
-        out = self._packed(flat, np.ascontiguousarray(weight[0, 0]), call, whole=True)
+            flat = self.builder_.emit(relax.op.reshape(data, [n, int(np.prod(pixels)), in_shape[-1]]))
+        out = self._packed(flat, np.ascontiguousarray(weight.reshape(weight.shape[-2:])), call, whole=True)
         return relax.op.reshape(self.builder_.emit(out), shape)
+
+    def _conv3d(self, call):
+        """An ungrouped channels-last float conv3d with a constant weight: an unpadded 1x1x1 one
+        as a dense layer (``_conv1x1``), any other on its weight in panels, by bands of output
+        frames over the kernel frames that read no padding (``packed_conv3d``), where that
+        skips ``_BAND_MIN_SAVED`` products per output or leaves one band."""
+        attrs = call.attrs
+        shape, in_shape = static_shape(call), static_shape(call.args[0])
+        if shape is None or in_shape is None or call.ty.dtype != "float32" \
+                or call.args[0].ty.dtype != "float32" or attrs.data_layout != "NDHWC" \
+                or attrs.kernel_layout != "DHWIO" or str(attrs.out_layout) not in ("", "NDHWC") \
+                or int(attrs.groups) != 1:
+            return call
+        weight = permuted_constant(self, call.args[1])
+        if weight is None or weight.dtype != np.float32:
+            return call
+        padding = [int(v) for v in attrs.padding]
+        if weight.shape[:3] == (1, 1, 1) and not any(padding):
+            return self._conv1x1(call, weight)
+        kt, kh, kw, ci, co = weight.shape
+        panel = panel_width(co, self.lanes) or (co if vector_width(co, self.lanes) == co else None)
+        if panel is None:
+            return call  # no vector width divides the channels (921): TOPI's conv3d, as a conv2d keeps its own
+        strides, dilation = [int(v) for v in attrs.strides], [int(v) for v in attrs.dilation]
+        bands = frame_bands(in_shape[1], kt, padding[0], padding[3], strides[0], dilation[0])
+        if bands is not None and len(bands) > 1:
+            saved = (kt * shape[1] - sum(count * taps for _, count, _, taps in bands)) * kh * kw * ci
+            if saved < _BAND_MIN_SAVED * shape[1]:
+                bands = None
+        self.packed += 1
+        panels = const(pack_conv3d_weight(weight, panel))
+        pieces = [self.builder_.call_te(packed_conv3d_ndhwc, call.args[0], panels, strides, padding, dilation, band,
+                                        primfunc_name_hint="packed_conv3d",
+                                        primfunc_attrs={"op_pattern": _OUT_EWISE_FUSABLE})
+                  for band in (bands or [None])]
+        if len(pieces) == 1:
+            return with_layer(pieces[0], call)
+        return relax.op.concat([self.builder_.emit(with_layer(p, call)) for p in pieces], axis=1)
 
     def _flat_operand(self, arg, shape, flat_shape):
         """Operand ``arg`` of an element-wise op of ``shape`` for the same op on ``flat_shape``;

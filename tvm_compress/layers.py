@@ -1,6 +1,6 @@
 """Stable layer identity: every compressible layer is named once, at import, after its ONNX node.
 
-A layer is a convolution (1-d, 2-d, transposed) or a matmul whose weight is a constant. Its name
+A layer is a convolution (1-d, 2-d, 3-d, transposed) or a matmul whose weight is a constant. Its name
 travels on the Relax call itself, as the call's span (source name ``layer:<name>``): spans take
 no part in structural equality, the C++ mutators keep them when they rebuild a call, and a pass
 that replaces a layer's call gives the new calls the old one's name (``with_layer``). Reports,
@@ -30,11 +30,12 @@ _PREFIX = "layer:"
 OP_CONV1D = tvm.ir.Op.get("relax.nn.conv1d")
 OP_CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 OP_CONV2D_T = tvm.ir.Op.get("relax.nn.conv2d_transpose")
+OP_CONV3D = tvm.ir.Op.get("relax.nn.conv3d")
 OP_MATMUL = tvm.ir.Op.get("relax.matmul")
 _OP_PERMUTE = tvm.ir.Op.get("relax.permute_dims")
 _OP_DEQUANTIZE = tvm.ir.Op.get("relax.dequantize")
 LAYER_OPS = {OP_CONV1D: "conv1d", OP_CONV2D: "conv2d", OP_CONV2D_T: "conv2d_transpose",
-             OP_MATMUL: "matmul"}
+             OP_CONV3D: "conv3d", OP_MATMUL: "matmul"}
 _ONNX_LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
