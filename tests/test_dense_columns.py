@@ -224,9 +224,24 @@ def test_a_conv_with_channels_no_register_divides_gets_zero_channels_and_a_slice
     tvm.ir.assert_structural_equal(relax.transform.DeadCodeElimination()(after), bb.get())
 
 
+@pytest.mark.parametrize("channels,lanes,padded", [
+    (230, 16, 240),  # 10-lane vectors, a masked register at every step
+    (230, 8, 232),   # 5-lane vectors
+    (45, 8, 48),
+    (72, 16, None),  # 8-lane vectors: padded to 80 it ran slower
+])
+def test_a_large_conv_on_vectors_of_no_power_of_two_width_is_padded(channels, lanes, padded):
+    w = np.random.default_rng(9).standard_normal((channels, 64, 1, 1)).astype("float32")
+    after = PadDenseColumns(lanes)(_nhwc_conv_module((1, 56, 56, 64), w))  # 46M MACs for 230 channels
+    convs = [b.value for b in after["main"].body.blocks[0].bindings
+             if isinstance(b.value, relax.Call) and b.value.op.same_as(tvm.ir.Op.get("relax.nn.conv2d"))]
+    assert int(convs[0].ty.shape[3]) == (padded or channels)
+
+
 @pytest.mark.parametrize("data_shape,out_channels,lanes", [
-    ((1, 28, 28, 32), 24, 16),  # half of each register: not measured to pay for convs
+    ((1, 28, 28, 32), 24, 16),  # half of each register: padded to 32 it ran slower
     ((1, 4, 4, 8), 257, 8),     # 33K MACs: too small for a slice kernel
+    ((1, 8, 8, 16), 230, 16),   # 236K MACs: too small
     ((1, 8, 8, 16), 64, 8),     # whole registers already
 ])
 def test_convs_it_leaves_alone(data_shape, out_channels, lanes):
