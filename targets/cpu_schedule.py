@@ -56,6 +56,8 @@ NO_INLINE_ATTR = "meta_schedule.inline_rule"
 _MAX_WIDTH, _MIN_WIDTH = 16, 4
 # Loop copies at most for a concat's inputs along one axis (code size).
 _MAX_PIECES = 256
+# Side of a transpose's square tile (``_tile_transpose``).
+_TRANSPOSE_TILE = 16
 
 
 def target_cores() -> int:
@@ -236,6 +238,36 @@ def _vector_reads(sch: s_tir.Schedule, block):
     spatial = [iv.var for iv in stmt.iter_vars if iv.iter_type == tirx.IterVar.DataPar]
     reads = sorted(stmt.reads, key=lambda r: -_elements(r.source))
     return spatial, [r for r in reads if r.region and _uses(r.region[-1].min, spatial[-1])]
+
+
+def _transposed_axis(sch: s_tir.Schedule, block) -> Optional[int]:
+    """For a block without reduction whose largest read is indexed last by another of its
+    spatial vars than its write (a transpose): that var's position among the spatial vars;
+    else None."""
+    stmt = sch.get(block)
+    spatial = [iv.var for iv in stmt.iter_vars if iv.iter_type == tirx.IterVar.DataPar]
+    reads = sorted((r for r in stmt.reads if r.region), key=lambda r: -_elements(r.source))
+    if not reads or _uses(reads[0].region[-1].min, spatial[-1]):
+        return None
+    used = [i for i, v in enumerate(spatial[:-1]) if _uses(reads[0].region[-1].min, v)]
+    return used[0] if len(used) == 1 else None
+
+
+def _tile_transpose(sch: s_tir.Schedule, s_loops: list, axis: int, chunks: Optional[int]) -> None:
+    """Square tiles of _TRANSPOSE_TILE: each reads that many contiguous runs of the input's
+    last axis and writes as many of the output's. Row by row, the innermost loop wrote along
+    a row that no whole vector divides while reading one element per cache line (wav2vec2's
+    feature map, 512 x 3199, back to channels-first: 4.29 -> 0.41 ms)."""
+    inner = s_loops[axis]
+    ext = _extent(sch, inner)
+    if ext is not None and ext % _TRANSPOSE_TILE == 0:
+        src_o, src_i = sch.split(inner, factors=[None, _TRANSPOSE_TILE])
+    else:
+        src_o, src_i = inner, None
+    dst_o, dst_i = sch.split(s_loops[-1], factors=[None, _TRANSPOSE_TILE])
+    others = [l for i, l in enumerate(s_loops[:-1]) if i != axis]
+    sch.reorder(*others, src_o, dst_o, *([src_i] if src_i is not None else []), dst_i)
+    _parallelize(sch, [*others, src_o, dst_o], chunks)
 
 
 def _lane_group(sch: s_tir.Schedule, block) -> Optional[int]:
@@ -781,6 +813,9 @@ class CPUFallback(CPUScheduleRule):
                 # A fuse that took the tile loop leaves the fused loop as the tile's.
                 tile = par if taken == len(rows) else rows[-1]
                 reductions.append((block, r_loops[0], tile))
+            elif len(s_loops) > 1 and (width is None or width & (width - 1)) \
+                    and _transposed_axis(sch, block) is not None:
+                _tile_transpose(sch, s_loops, _transposed_axis(sch, block), chunks)
             elif len(s_loops) > 1 and _extent(sch, s_loops[-1]) is not None:
                 # Rows stay rows: fusing every loop would put a div/mod per element into the
                 # index (a pad of a 160x160 map: most of the conv's time). A row whose length

@@ -602,3 +602,21 @@ def test_grouped_conv_vectors_stay_inside_one_group(lanes, channels, groups, wid
     want = torch.nn.functional.conv2d(torch.from_numpy(xv).permute(0, 3, 1, 2),
                                       torch.from_numpy(wv).permute(3, 2, 0, 1), padding=1, groups=groups)
     np.testing.assert_allclose(out.numpy(), want.permute(0, 2, 3, 1).numpy(), rtol=1e-4, atol=1e-3)
+
+
+def test_a_transpose_onto_rows_of_no_whole_vector_runs_in_square_tiles():
+    """A channels-last map of 100 pixels back to channels-first (rows of 100: 10-lane vectors
+    with a strided read per element): tiles of 16 x 16, the input's channels then the
+    output's pixels innermost; the same elements."""
+    from tvm import te
+
+    a = te.placeholder((100, 64), "float32", name="a")
+    b = te.compute((64, 100), lambda c, t: a[t, c], name="b")
+    target = get_target("x86").tvm_target()
+    sch = CPUFallback().apply(te.create_prim_func([a, b]), target, False)
+    extents = [int(sch.get(loop).extent) for loop in sch.get_loops(sch.get_sblock("b"))]
+    assert extents[-2:] == [16, 16], extents
+    x = np.random.default_rng(3).random((100, 64), dtype=np.float32)
+    out = tvm.runtime.tensor(np.zeros((64, 100), "float32"))
+    tvm.compile(sch.mod, target)["main"](tvm.runtime.tensor(x), out)
+    np.testing.assert_array_equal(out.numpy(), x.T)
