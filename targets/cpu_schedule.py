@@ -730,6 +730,32 @@ class CPUFallback(CPUScheduleRule):
                 sch.vectorize(under[-1])
         return sch
 
+    def _split_reduction(self, sch: s_tir.Schedule, block, s_loops, r_loops, cores: int) -> bool:
+        """A long reduction to one element (the statistics of a norm over a whole map: a
+        ConvTasNet's global layer norm sums 1M elements) in ``cores`` parallel chunks of
+        lane-wise partial sums (``rfactor``), added up after. Row by row it was one serial
+        scalar loop. False (nothing changed) where it does not apply."""
+        inner = sch.get_loops(block)[-1]
+        ext = _extent(sch, r_loops[0]) if len(r_loops) == 1 else None
+        if ext is None or not sch.get(inner).same_as(sch.get(r_loops[0])) or ext < PARALLEL_MIN_ELEMS \
+                or ext % (cores * self.lanes) or any(_extent(sch, l) != 1 for l in s_loops):
+            return False
+        stmt = sch.get(block)
+        var = stmt.iter_vars[-1].var
+        reads = [r for r in stmt.reads if r.region and _uses(r.region[-1].min, var)]
+        if not reads or any(_uses(rng.min, var) for r in reads for rng in r.region[:-1]):
+            return False  # not along the inputs' innermost axis: no vector loads
+        part, step, lane = sch.split(r_loops[0], factors=[cores, None, self.lanes])
+        sch.reorder(part, lane, step)
+        factored = sch.rfactor(sch.fuse(part, lane), 0)
+        chunk_lane, step = sch.get_loops(factored)[-2:]
+        chunk, lane = sch.split(chunk_lane, factors=[cores, self.lanes])
+        sch.reorder(chunk, step, lane)
+        sch.parallel(chunk)
+        sch.vectorize(lane)  # while the block still has its init
+        sch.decompose_reduction(factored, step)
+        return True
+
     def _lane_wise(self, sch: s_tir.Schedule, info):
         """Split a reduction over the innermost axis of its input into lane-wise partial
         results (``rfactor``; the new block, or None when the row has no whole vectors)."""
@@ -785,6 +811,8 @@ class CPUFallback(CPUScheduleRule):
                 group = _lane_group(sch, block)
                 if group is not None and width is not None:
                     width = vector_width(math.gcd(_extent(sch, s_loops[-1]), group), self.lanes) or width
+                if width is None and self._split_reduction(sch, block, s_loops, r_loops, cores):
+                    continue
                 if width is None:
                     sch.reorder(*s_loops, *r_loops)
                     _parallelize(sch, s_loops, chunks)

@@ -620,3 +620,26 @@ def test_a_transpose_onto_rows_of_no_whole_vector_runs_in_square_tiles():
     out = tvm.runtime.tensor(np.zeros((64, 100), "float32"))
     tvm.compile(sch.mod, target)["main"](tvm.runtime.tensor(x), out)
     np.testing.assert_array_equal(out.numpy(), x.T)
+
+
+def test_a_long_reduction_to_one_element_runs_in_parallel_lane_wise_chunks():
+    """A norm's statistics over a whole map (a global layer norm: a mean and a variance of
+    65536 elements): each sum split into one chunk per core of 16-lane partial sums (parallel,
+    vectorized), added up after; the same result as numpy's."""
+    from tvm import te
+
+    n = 1 << 16
+    x = te.placeholder((1, 1, n), "float32", name="x")
+    k = te.reduce_axis((0, n), "k")
+    total = te.compute((1, 1, 1), lambda a, b, c: te.sum(x[a, b, k], axis=k), name="total")
+    k2 = te.reduce_axis((0, n), "k2")
+    d = lambda a, b: x[a, b, k2] - total[a, b, 0] / n  # noqa: E731
+    sq = te.compute((1, 1, 1), lambda a, b, c: te.sum(d(a, b) * d(a, b), axis=k2), name="sq")
+    target = get_target("x86").tvm_target()
+    sch = CPUFallback().apply(te.create_prim_func([x, sq]), target, False)
+    kinds = _loop_kinds(sch.mod["main"])
+    assert tvm.tirx.ForKind.PARALLEL in kinds and tvm.tirx.ForKind.VECTORIZED in kinds, kinds
+    data = np.random.default_rng(4).standard_normal((1, 1, n)).astype("float32")
+    out = tvm.runtime.tensor(np.zeros((1, 1, 1), "float32"))
+    tvm.compile(sch.mod, target)["main"](tvm.runtime.tensor(data), out)
+    np.testing.assert_allclose(out.numpy().ravel()[0], ((data - data.mean()) ** 2).sum(), rtol=1e-4)
