@@ -74,7 +74,8 @@ for _name in ("relax.nn.leakyrelu", "relax.nn.softplus"):
 @mutator
 class _BeforeConvertLayout(PyExprMutator):
     """What ``ConvertLayout`` needs spelled otherwise: one-element constants of element-wise
-    ops -> 0-d constants (same values, any layout); ``clip``, which it does not move, ->
+    ops -> 0-d constants (same values, any layout), others of fewer dimensions than the map ->
+    its rank; ``clip``, which it does not move, ->
     ``minimum(maximum(x, lo), hi)``; ``squeeze``'s negative axes -> their positive numbers (its
     layout rule fails with ``std::bad_alloc`` on them: Silero VAD's decoder, so every conv of the
     model stayed NCHW)."""
@@ -91,10 +92,20 @@ class _BeforeConvertLayout(PyExprMutator):
             return relax.op.minimum(self.builder_.emit(relax.op.maximum(call.args[0], lo)), hi)
         if not any(call.op.same_as(op) for op in _ELEMENTWISE):
             return call
-        args = [relax.const(const_value(a).reshape(()))
-                if is_constant(a) and len(a.value.shape) > 0 and const_value(a).size == 1 else a
+        rank = max(getattr(a.ty, "ndim", -1) for a in call.args)
+        args = [self._constant_operand(a, rank) if is_constant(a) and len(a.value.shape) > 0 else a
                 for a in call.args]
         return relax.Call(call.op, args, call.attrs, call.ty_args, call.span)
+
+    @staticmethod
+    def _constant_operand(const, rank: int):
+        """One element -> 0-d; fewer dimensions than the other operand -> leading 1s up to its
+        rank (a GroupNorm's ``(C, 1)`` affine on an ``[N, C, L]`` map: ConvertLayout converts
+        such an operand's layout only at the same rank; the map went back to channels-first)."""
+        value = const_value(const)
+        if value.size == 1:
+            return relax.const(value.reshape(()))
+        return relax.const(value.reshape((1,) * (rank - value.ndim) + value.shape)) if value.ndim < rank else const
 
 
 def _lane_use(extent: int, lanes: int, strided: bool = False) -> float:

@@ -732,20 +732,23 @@ class CPUFallback(CPUScheduleRule):
 
     def _split_reduction(self, sch: s_tir.Schedule, block, s_loops, r_loops, cores: int) -> bool:
         """A long reduction to one element (the statistics of a norm over a whole map: a
-        ConvTasNet's global layer norm sums 1M elements) in ``cores`` parallel chunks of
+        ConvTasNet's global layer norm sums 1M elements, over one axis or several) in ``cores`` parallel chunks of
         lane-wise partial sums (``rfactor``), added up after. Row by row it was one serial
         scalar loop. False (nothing changed) where it does not apply."""
-        inner = sch.get_loops(block)[-1]
-        ext = _extent(sch, r_loops[0]) if len(r_loops) == 1 else None
-        if ext is None or not sch.get(inner).same_as(sch.get(r_loops[0])) or ext < PARALLEL_MIN_ELEMS \
-                or ext % (cores * self.lanes) or any(_extent(sch, l) != 1 for l in s_loops):
+        loops = sch.get_loops(block)
+        extents = [_extent(sch, l) for l in r_loops]
+        if None in extents or not all(sch.get(a).same_as(sch.get(b)) for a, b in zip(loops[-len(r_loops):], r_loops)):
+            return False  # the reduction loops innermost: fused, one run along contiguous rows
+        ext = math.prod(extents)
+        if ext < PARALLEL_MIN_ELEMS or ext % (cores * self.lanes) or any(_extent(sch, l) != 1 for l in s_loops):
             return False
         stmt = sch.get(block)
         var = stmt.iter_vars[-1].var
         reads = [r for r in stmt.reads if r.region and _uses(r.region[-1].min, var)]
         if not reads or any(_uses(rng.min, var) for r in reads for rng in r.region[:-1]):
             return False  # not along the inputs' innermost axis: no vector loads
-        part, step, lane = sch.split(r_loops[0], factors=[cores, None, self.lanes])
+        fused = sch.fuse(*r_loops) if len(r_loops) > 1 else r_loops[0]
+        part, step, lane = sch.split(fused, factors=[cores, None, self.lanes])
         sch.reorder(part, lane, step)
         factored = sch.rfactor(sch.fuse(part, lane), 0)
         chunk_lane, step = sch.get_loops(factored)[-2:]

@@ -28,6 +28,7 @@ from onnx import helper, numpy_helper
 from .errors import ModelError, ShapeError, UnsupportedOpError
 from .onnx_control import bind_inputs, deciding_inputs, inline_constant_ifs
 from .onnx_einsum import einsums_as_matmuls
+from .onnx_norms import group_norms_unfolded
 from .onnx_rnn import all_nodes, expand_recurrent
 from .specs import InputSpec, OutputSpec
 
@@ -418,6 +419,8 @@ def prepare_onnx(
                      "length (TVM's importer has no recurrent ops; onnxruntime checks against the original)")
         model = onnx.shape_inference.infer_shapes(model)
     if einsums_as_matmuls(model):
+        model = onnx.shape_inference.infer_shapes(model)
+    if group_norms_unfolded(model):
         model = onnx.shape_inference.infer_shapes(model)
     check_supported(model, path, not_unrolled, hint="; ".join(deciding))
     outputs = []

@@ -217,7 +217,8 @@ def graph_shapes(graph: onnx.GraphProto, into: Dict[str, tuple]) -> Dict[str, tu
     return into
 
 
-def _constants(graph: onnx.GraphProto, into: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+def graph_constants(graph: onnx.GraphProto, into: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """``into`` updated with the value of every initializer and Constant node of ``graph``."""
     for init in graph.initializer:
         into[init.name] = numpy_helper.to_array(init)
     for node in graph.node:
@@ -228,7 +229,7 @@ def _constants(graph: onnx.GraphProto, into: Dict[str, np.ndarray]) -> Dict[str,
 
 def _expand_graph(graph: onnx.GraphProto, consts: Dict[str, np.ndarray], shapes: Dict[str, tuple],
                   counts: Dict[str, int], refused: Dict[str, str]) -> None:
-    consts = _constants(graph, dict(consts))
+    consts = graph_constants(graph, dict(consts))
     shapes = graph_shapes(graph, dict(shapes))
     nodes: List[onnx.NodeProto] = []
     replaced = set()  # inputs of unrolled nodes: their weights, unused after
