@@ -80,6 +80,10 @@ def _node_model(op, attrs, seq_lens=False, peepholes=False, states=False, layout
     ("GRU", {"direction": "reverse"}, {"states": True, "layout": 1}),
     ("RNN", {}, {}),
     ("RNN", {"direction": "bidirectional"}, {"states": True, "seq_lens": True}),
+    # activations other than the defaults (DeepSpeech's ReLU RNN), per direction
+    ("RNN", {"direction": "bidirectional", "activations": ["Relu", "Tanh"]}, {"states": True}),
+    ("LSTM", {"activations": ["Sigmoid", "Relu", "Tanh"]}, {}),
+    ("GRU", {"direction": "bidirectional", "activations": ["Sigmoid", "Relu", "Relu", "Tanh"]}, {}),
 ])
 def test_unrolled_node_computes_what_onnxruntime_computes(op, attrs, extra):
     model, feeds = _node_model(op, attrs, **extra)
@@ -107,7 +111,7 @@ def test_unrolled_node_computes_what_onnxruntime_computes(op, attrs, extra):
 
 @pytest.mark.parametrize("attrs, words", [
     ({"clip": 3.0}, "clip and input_forget are not supported"),
-    ({"activations": ["Sigmoid", "Relu", "Tanh"]}, "activations sigmoid, relu, tanh"),
+    ({"activations": ["Sigmoid", "Elu", "Tanh"]}, "activations sigmoid, elu, tanh (only sigmoid, tanh, relu"),
 ])
 def test_nodes_not_unrolled_are_refused_saying_why(attrs, words, tmp_path):
     model, _ = _node_model("LSTM", attrs)

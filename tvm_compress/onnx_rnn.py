@@ -12,8 +12,8 @@ projections int8 dense layers).
 Runs in ``prepare_onnx`` after shape subgraphs are folded and shapes inferred; onnxruntime
 still runs the original model, so verification compares against its own recurrent kernels.
 A node left as it is (weights computed at run time, a ``sequence_lens`` shorter than the
-sequence, ``clip``, ``input_forget``, activations other than the defaults, an unknown input
-shape) is then refused as an unsupported op, naming it.
+sequence, ``clip``, ``input_forget``, activations other than sigmoid, tanh and relu (those with
+alpha or beta), an unknown input shape) is then refused as an unsupported op, naming it.
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 _DEFAULT_ACTIVATIONS = {"LSTM": ["sigmoid", "tanh", "tanh"], "GRU": ["sigmoid", "tanh"], "RNN": ["tanh"]}
+# The activations the unrolled cells take (ONNX names them in lower or mixed case): those with no
+# alpha or beta.
+_ACTIVATIONS = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu"}
 _GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
 
@@ -97,8 +100,9 @@ def _plan(node: onnx.NodeProto, consts: Dict[str, np.ndarray], shapes: Dict[str,
     acts = [s.lower() for s in a.get("activations", [])]
     if a.get("clip") is not None or a.get("input_forget", 0):
         return None, "clip and input_forget are not supported"
-    if acts and acts != _DEFAULT_ACTIVATIONS[node.op_type] * dirs:
-        return None, f"activations {', '.join(acts)} (only the defaults are supported)"
+    acts = acts or _DEFAULT_ACTIVATIONS[node.op_type] * dirs
+    if len(acts) != len(_DEFAULT_ACTIVATIONS[node.op_type]) * dirs or any(f not in _ACTIVATIONS for f in acts):
+        return None, f"activations {', '.join(acts)} (only {', '.join(_ACTIVATIONS)} are supported)"
     if any(name and name not in consts for name in (w, r, b, ins[7] if node.op_type == "LSTM" else "")):
         return None, "its weights are computed at run time (constant weights only)"
     shape = shapes.get(x)
@@ -113,11 +117,12 @@ def _plan(node: onnx.NodeProto, consts: Dict[str, np.ndarray], shapes: Dict[str,
     bias = consts[b].astype(np.float32) if b else np.zeros((dirs, 2 * gates * hidden), np.float32)
     peep = consts[ins[7]].astype(np.float32) if node.op_type == "LSTM" and ins[7] else None
     states = ins[5:7] if node.op_type == "LSTM" else ins[5:6]
-    return (a, x, weights, bias, peep, states, int(steps), int(batch), hidden, dirs, layout), None
+    acts = [_ACTIVATIONS[f] for f in acts]
+    return (a, x, weights, bias, peep, states, int(steps), int(batch), hidden, dirs, layout, acts), None
 
 
 def _unroll(node: onnx.NodeProto, plan, em: Emitter) -> None:
-    a, x, (w, r), bias, peep, states, steps, batch, hidden, dirs, layout = plan
+    a, x, (w, r), bias, peep, states, steps, batch, hidden, dirs, layout, acts = plan
     lstm = node.op_type == "LSTM"
     gates = _GATES[node.op_type]
     before_reset = int(a.get("linear_before_reset", 0))
@@ -125,7 +130,11 @@ def _unroll(node: onnx.NodeProto, plan, em: Emitter) -> None:
         x = em.op("Transpose", [x], perm=[1, 0, 2])
     outs = list(node.output) + [""] * (3 - len(node.output))
     ys, finals = [], [[] for _ in states]
+    per_dir = len(acts) // dirs
     for d in range(dirs):
+        # f (gates), g (candidate), h (LSTM's output): tanh/sigmoid by default
+        mine = acts[d * per_dir:(d + 1) * per_dir]
+        f_act, g_act, h_act = (mine + mine[-1:] * 2)[:3]
         wb, rb = bias[d, :gates * hidden], bias[d, gates * hidden:]
         # every step's input projection at once: [T, B, I] x [I, G*H]
         proj = em.op("MatMul", [x, em.const(np.ascontiguousarray(w[d].T), "W")])
@@ -140,8 +149,8 @@ def _unroll(node: onnx.NodeProto, plan, em: Emitter) -> None:
                   else range(steps - 1, -1, -1)):
             xt = em.pick(proj, t) if gates == 1 else None
             h = prev[0]
-            if gates == 1:  # RNN: h_t = tanh(x W + h_{t-1} R + b)
-                h = em.op("Tanh", [xt if h is None else em.op("Add", [xt, em.op("MatMul", [h, em.const(rt, "R")])])])
+            if gates == 1:  # RNN: h_t = f(x W + h_{t-1} R + b)
+                h = em.op(f_act, [xt if h is None else em.op("Add", [xt, em.op("MatMul", [h, em.const(rt, "R")])])])
                 prev = [h]
             elif lstm:
                 # Each gate adds its own slice of the step's projection (GRU's too): a slice
@@ -156,18 +165,18 @@ def _unroll(node: onnx.NodeProto, plan, em: Emitter) -> None:
                 if peep is not None and c is not None:
                     gi = em.op("Add", [gi, em.op("Mul", [c, em.const(peep[d, :hidden], "P")])])
                     gf = em.op("Add", [gf, em.op("Mul", [c, em.const(peep[d, 2 * hidden:], "P")])])
-                i, f = em.op("Sigmoid", [gi]), em.op("Sigmoid", [gf])
-                cand = em.op("Mul", [i, em.op("Tanh", [gc])])
+                i, f = em.op(f_act, [gi]), em.op(f_act, [gf])
+                cand = em.op("Mul", [i, em.op(g_act, [gc])])
                 c = cand if c is None else em.op("Add", [em.op("Mul", [f, c]), cand])
                 if peep is not None:
                     go = em.op("Add", [go, em.op("Mul", [c, em.const(peep[d, hidden:2 * hidden], "P")])])
-                h = em.op("Mul", [em.op("Sigmoid", [go]), em.op("Tanh", [c])])
+                h = em.op("Mul", [em.op(f_act, [go]), em.op(h_act, [c])])
                 prev = [h, c]
             else:
                 zr_x, hx = (em.step(proj, t, a, b, [batch, b - a]) for a, b in ((0, 2 * hidden), (2 * hidden, 3 * hidden)))
                 if h is not None:
                     hr = em.op("MatMul", [h, em.const(rt if before_reset else np.ascontiguousarray(rt[:, :2 * hidden]), "R")])
-                zr = em.op("Sigmoid", [zr_x if h is None else
+                zr = em.op(f_act, [zr_x if h is None else
                                        em.op("Add", [zr_x, em.slice(hr, 0, 2 * hidden) if before_reset else hr])])
                 z, rg = em.slice(zr, 0, hidden), em.slice(zr, hidden, 2 * hidden)
                 if before_reset:  # r * (h W_h + Rb_h)
@@ -177,7 +186,7 @@ def _unroll(node: onnx.NodeProto, plan, em: Emitter) -> None:
                 else:  # (r * h) W_h; Rb_h is in the projection's bias
                     pre = hx if h is None else em.op("Add", [hx, em.op("MatMul", [
                         em.op("Mul", [rg, h]), em.const(np.ascontiguousarray(rt[:, 2 * hidden:]), "R")])])
-                cand = em.op("Tanh", [pre])
+                cand = em.op(g_act, [pre])
                 # h_t = (1 - z) * cand + z * h_{t-1} = cand + z * (h_{t-1} - cand)
                 h = em.op("Sub", [cand, em.op("Mul", [z, cand])]) if h is None else \
                     em.op("Add", [cand, em.op("Mul", [z, em.op("Sub", [h, cand])])])
