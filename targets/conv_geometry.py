@@ -49,3 +49,19 @@ def first_row(y, kh: int, window: int, geometry):
     for row in range(oh - 2, -1, -1):
         value = tirx.Select(y == row, tirx.const(firsts[row], dtype), value)
     return value
+
+
+def tap_bands(size: int, kernel: int, pad: int, stride: int, dilation: int, out: int):
+    """Along one axis: [(first output, end output, first tap, last tap)] per band of outputs
+    that read the map with the same run of kernel taps (output ``y`` with tap ``r`` reads
+    ``y * stride + r * dilation - pad``); None where some output reads only padding."""
+    found = []
+    for y in range(out):
+        taps = [r for r in range(kernel) if 0 <= y * stride + r * dilation - pad < size]
+        if not taps:
+            return None
+        if found and found[-1][2:] == [taps[0], taps[-1]]:
+            found[-1][1] = y + 1
+        else:
+            found.append([y, y + 1, taps[0], taps[-1]])
+    return [tuple(b) for b in found]

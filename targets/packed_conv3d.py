@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from tvm import te, tirx
 
-from .conv_geometry import conv_geometry
+from .conv_geometry import conv_geometry, tap_bands
 
 
 def pack_conv3d_weight(weight: np.ndarray, panel: int) -> np.ndarray:
@@ -31,17 +31,9 @@ def frame_bands(frames: int, kernel: int, front: int, back: int, stride: int, di
     output frames reading the same run of kernel frames, none of them padding; None where an
     output frame reads only padding (then the conv keeps its temporal padding)."""
     out = (frames + front + back - dilation * (kernel - 1) - 1) // stride + 1
-    found = []
-    for t in range(out):
-        taps = [r for r in range(kernel) if 0 <= t * stride + r * dilation - front < frames]
-        if not taps:
-            return None
-        if found and found[-1][2:] == [taps[0], taps[-1]]:
-            found[-1][1] += 1
-        else:
-            found.append([t, 1, taps[0], taps[-1]])
-    return [(t * stride + first * dilation - front, count, first, last - first + 1)
-            for t, count, first, last in found]
+    bands = tap_bands(frames, kernel, front, stride, dilation, out)
+    return None if bands is None else [(t0 * stride + first * dilation - front, t1 - t0, first, last - first + 1)
+                                       for t0, t1, first, last in bands]
 
 
 def packed_conv3d_ndhwc(data: te.Tensor, panels: te.Tensor, strides, padding, dilation, band=None) -> te.Tensor:

@@ -63,7 +63,7 @@ from tvm_compress.relax_utils import (ELEMENTWISE_OPS, bound_call, const, const_
                                       static_shape, use_counts)
 
 from .base import KernelHook
-from .conv_geometry import conv_geometry
+from .conv_geometry import conv_geometry, tap_bands
 from .cpu_schedule import POOL_ATTR, TILE_SCOPE_ATTR, dense_rows, target_cores, vector_width
 from .packed_conv3d import frame_bands, pack_conv3d_weight, packed_conv3d_ndhwc
 from .pooled_conv import epilogue_chain
@@ -95,22 +95,6 @@ _REGION_MAX = 9
 # multiply-adds per output element that read padding frames: about what writing the bands and
 # reading them back for their concat costs (ResNet3D-18's stem, 37 saved, ran no faster so).
 _BAND_MIN_SAVED = 64
-
-
-def tap_bands(size: int, kernel: int, pad: int, stride: int, dilation: int, out: int):
-    """Along one axis: [(first output, end output, first tap, last tap)] per band of outputs
-    that read the map with the same run of kernel taps (output ``y`` with tap ``r`` reads
-    ``y * stride + r * dilation - pad``); None where some output reads only padding."""
-    found = []
-    for y in range(out):
-        taps = [r for r in range(kernel) if 0 <= y * stride + r * dilation - pad < size]
-        if not taps:
-            return None
-        if found and found[-1][2:] == [taps[0], taps[-1]]:
-            found[-1][1] = y + 1
-        else:
-            found.append([y, y + 1, taps[0], taps[-1]])
-    return [tuple(b) for b in found]
 
 
 def pack_weight(weight: np.ndarray, panel: int) -> np.ndarray:

@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tvm import relax
 
 import tvm_compress
+from conftest import assert_same_legalized
 from tvm_compress.relax_utils import is_constant
 from tvm_compress.targets.channels_last import ChannelsLast
 from tvm_compress.targets.packed_conv3d import frame_bands
@@ -52,16 +53,6 @@ def _kernels(mod):
     return calls
 
 
-def _assert_same_results(before, after, x_shape, seed):
-    """Both modules legalized (TVM's own kernels) give the same outputs on one random input."""
-    x = np.random.default_rng(seed).standard_normal(x_shape).astype("float32")
-    outs = []
-    for mod in (before, after):
-        ex = tvm.compile(relax.transform.LegalizeOps()(mod), target="llvm")
-        outs.append(relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy())
-    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-4)
-
-
 @pytest.mark.parametrize("data_shape, weight_shape, attrs, kernels", [
     # 2 frames, 3 taps, padding 1: two bands of one frame and two taps each
     ((1, 2, 6, 5, 16), (32, 16, 3, 3, 3), {"padding": 1}, 2),
@@ -86,7 +77,7 @@ def test_a_conv3d_runs_by_bands_of_frames_on_one_packed_weight(data_shape, weigh
     assert len(weights) == 1 and is_constant(calls[0].args[1].fields[1])
     # [O / P, KT, KH, KW, I, P], P = 16: the tile's two 8-lane registers
     assert tuple(calls[0].args[1].fields[1].ty.shape) == (weight_shape[0] // 16, *weight_shape[2:], weight_shape[1], 16)
-    _assert_same_results(before, after, data_shape, seed=2)
+    assert_same_legalized(before, after, data_shape, seed=2)
 
 
 def test_a_1x1x1_conv3d_is_a_dense_layer_over_its_pixels():
@@ -97,7 +88,7 @@ def test_a_1x1x1_conv3d_is_a_dense_layer_over_its_pixels():
     after = PackedDense(8)(before)
     calls = _kernels(after)
     assert len(calls) == 1 and "packed_dense" in calls[0].args[0].name_hint
-    _assert_same_results(before, after, (1, 4, 6, 6, 16), seed=4)
+    assert_same_legalized(before, after, (1, 4, 6, 6, 16), seed=4)
 
 
 @pytest.mark.parametrize("weight_shape, attrs", [
@@ -127,10 +118,10 @@ def test_channels_last_moves_conv3d_to_ndhwc():
 
 
 def _video_model(path):
-    """An R(2+1)D-style block on 4 frames of 14x14 (7x7 after the stem: channels-last on 8 and 16 lanes): a (1, 3, 3) stride (1, 2, 2) stem to 23
-    channels (no power-of-two vector width: padded to whole registers), a (3, 3, 3) conv with
-    temporal stride 2 (bands), a (3, 1, 1) temporal conv, a strided 1x1x1 shortcut, the
-    residual add, global pooling and a Gemm."""
+    """An R(2+1)D-style block on 4 frames of 14x14 (7x7 after the stem: channels-last on 8 and
+    16 lanes): a (1, 3, 3) stride (1, 2, 2) stem to 23 channels (no power-of-two vector width:
+    padded to whole registers), a (3, 3, 3) conv with temporal stride 2 (bands), a (3, 1, 1)
+    temporal conv, a strided 1x1x1 shortcut, the residual add, global pooling and a Gemm."""
     rng = np.random.default_rng(7)
 
     def init(name, *shape):

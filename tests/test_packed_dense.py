@@ -14,7 +14,7 @@ from tvm.script import ir as I
 from tvm.script import relax as R
 
 import tvm_compress
-from conftest import bound
+from conftest import assert_same_legalized, bound
 from tvm_compress.relax_utils import const_value, is_constant
 from tvm_compress.targets.cpu_schedule import CPUFallback
 from tvm_compress.targets.packed_dense import PackedDense, pack_weight
@@ -289,16 +289,6 @@ def _flat_conv(x_shape, out_shape, w, panel, rows, strides=None):
     return bb.get()
 
 
-def _assert_same_results(before, after, x_shape, seed):
-    """Both modules legalized (TVM's own kernels) give the same outputs on one random input."""
-    x = np.random.default_rng(seed).standard_normal(x_shape).astype("float32")
-    outs = []
-    for mod in (before, after):
-        ex = tvm.compile(relax.transform.LegalizeOps()(mod), target="llvm")
-        outs.append(relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy())
-    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-4)
-
-
 @pytest.mark.parametrize("rows,columns,lanes,expected", [
     (49, 2048, 8, 50),     # 7x7 map, 2-register vectors: at most 6 rows, 49 = 7 x 7 -> 5 x 10
     (169, 384, 16, 170),   # 13x13: 169 = 13 x 13 -> 5 x 34
@@ -325,7 +315,7 @@ def test_a_map_no_row_tile_divides_runs_on_padded_rows():
 
 def test_the_flattened_convs_equal_the_convs():
     before, _ = _two_convs()
-    _assert_same_results(before, PackedDense(8)(before), (1, 7, 9, 24), seed=7)
+    assert_same_legalized(before, PackedDense(8)(before), (1, 7, 9, 24), seed=7)
 
 
 def _conv_module(data_shape, weight, **attrs):
@@ -359,7 +349,7 @@ def test_a_strided_1x1_conv_takes_its_pixels_then_runs_flattened():
     before = _conv_module((1, 14, 14, 32), w, strides=2)
     after = PackedDense(8)(before)
     tvm.ir.assert_structural_equal(after, _flat_conv((1, 14, 14, 32), (1, 7, 7, 128), w, 16, 50, strides=2))
-    _assert_same_results(before, after, (1, 14, 14, 32), seed=12)
+    assert_same_legalized(before, after, (1, 14, 14, 32), seed=12)
 
 
 @pytest.mark.parametrize("data_shape,weight_shape,attrs", [
@@ -390,7 +380,7 @@ def test_other_convs_read_their_weight_in_panels(data_shape, weight_shape, attrs
                 primfunc_attrs={"op_pattern": 4}))
         bb.emit_func_output(out)
     tvm.ir.assert_structural_equal(after, bb.get())
-    _assert_same_results(_conv_module(data_shape, w, **attrs), after, data_shape, seed=9)
+    assert_same_legalized(_conv_module(data_shape, w, **attrs), after, data_shape, seed=9)
 
 
 def test_tap_bands_of_an_atrous_conv_on_a_small_map():
@@ -420,7 +410,7 @@ def test_a_conv_reading_mostly_padding_runs_by_regions_sharing_one_weight(data_s
     assert len(calls) == regions
     weights = {id(c.args[1].fields[1]) for c in calls}
     assert len(weights) == 1 and is_constant(calls[0].args[1].fields[1])
-    _assert_same_results(before, after, data_shape, seed=11)
+    assert_same_legalized(before, after, data_shape, seed=11)
 
 
 @pytest.mark.parametrize("data_shape, weight_shape, attrs", [
@@ -612,7 +602,7 @@ def test_a_conv_takes_its_max_pool_and_the_epilogue_follows_on_the_pooled_map(da
     assert all([int(d) for d in c.ty.shape] == pooled for c in calls if not c.op.same_as(_CALL_TIR))
     # no kernel of the conv it replaced is left in the module
     assert sum(isinstance(f, tvm.tirx.PrimFunc) for _, f in after.functions_items()) == 1
-    _assert_same_results(before, after, data_shape, seed=5)
+    assert_same_legalized(before, after, data_shape, seed=5)
 
 
 @pytest.mark.parametrize("data_shape,epilogue,pool_kw", [
