@@ -103,7 +103,7 @@ class _BeforeConvertLayout(PyExprMutator):
         rank (a GroupNorm's ``(C, 1)`` affine on an ``[N, C, L]`` map: ConvertLayout converts
         such an operand's layout only at the same rank; the map went back to channels-first)."""
         value = const_value(const)
-        if value.size == 1:
+        if value.size == 1 and value.ndim <= rank:  # (a (1, 1) constant on a 1-d map keeps its rank)
             return relax.const(value.reshape(()))
         return relax.const(value.reshape((1,) * (rank - value.ndim) + value.shape)) if value.ndim < rank else const
 

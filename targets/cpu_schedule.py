@@ -743,6 +743,8 @@ class CPUFallback(CPUScheduleRule):
         if ext < PARALLEL_MIN_ELEMS or ext % (cores * self.lanes) or any(_extent(sch, l) != 1 for l in s_loops):
             return False
         stmt = sch.get(block)
+        if stmt.init is None or not (isinstance(stmt.body, tirx.BufferStore) and isinstance(stmt.body.value, tirx.Add)):
+            return False  # a sum (rfactor takes others, and raises on some: the kernel left unscheduled)
         var = stmt.iter_vars[-1].var
         reads = [r for r in stmt.reads if r.region and _uses(r.region[-1].min, var)]
         if not reads or any(_uses(rng.min, var) for r in reads for rng in r.region[:-1]):

@@ -643,3 +643,23 @@ def test_a_long_reduction_to_one_element_runs_in_parallel_lane_wise_chunks():
     out = tvm.runtime.tensor(np.zeros((1, 1, 1), "float32"))
     tvm.compile(sch.mod, target)["main"](tvm.runtime.tensor(data), out)
     np.testing.assert_allclose(out.numpy().ravel()[0], ((data - data.mean()) ** 2).sum(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("reducer, split", [("sum", True), ("max", False)])
+def test_a_long_reduction_over_two_axes(reducer, split):
+    """A sum over a whole [128, 512] map splits the same way (its two loops fused); a maximum
+    stays one loop (only sums are split). Both exact."""
+    from tvm import te
+
+    x = te.placeholder((1, 128, 512), "float32", name="x")
+    r1, r2 = te.reduce_axis((0, 128), "r1"), te.reduce_axis((0, 512), "r2")
+    op = te.sum if reducer == "sum" else te.max
+    y = te.compute((1, 1, 1), lambda a, b, c: op(x[a, r1, r2], axis=[r1, r2]), name="y")
+    target = get_target("x86").tvm_target()
+    sch = CPUFallback().apply(te.create_prim_func([x, y]), target, False)
+    assert (tvm.tirx.ForKind.PARALLEL in _loop_kinds(sch.mod["main"])) == split
+    data = np.random.default_rng(6).standard_normal((1, 128, 512)).astype("float32")
+    out = tvm.runtime.tensor(np.zeros((1, 1, 1), "float32"))
+    tvm.compile(sch.mod, target)["main"](tvm.runtime.tensor(data), out)
+    want = data.astype(np.float64).sum() if reducer == "sum" else data.max()
+    np.testing.assert_allclose(out.numpy().ravel()[0], want, rtol=1e-4, atol=1e-3)

@@ -25,7 +25,8 @@ def _norm_model(path, groups: int, opset: int = 17, affine: bool = True):
 
     inits = [init("w0", (rng.standard_normal((16, 8, 3)) * 0.3).astype("float32")),
              init("grouped", np.array([0, groups, -1], np.int64)),
-             init("scale", np.ones(groups, np.float32) * 1.5), init("bias", np.full(groups, 0.25, np.float32)),
+             init("scale", np.ones(groups, np.float32) * (1.5 if affine else 1)),
+             init("bias", np.full(groups, 0.25 if affine else 0, np.float32)),
              init("back", np.array([1, 16, 37], np.int64)),
              init("gw", (rng.random((16, 1)) + 0.5).astype("float32") if affine else np.ones((16, 1), np.float32)),
              init("gb", rng.standard_normal((16, 1)).astype("float32") if affine else np.zeros((16, 1), np.float32)),
@@ -68,6 +69,29 @@ def test_a_group_norm_without_affine_ends_in_the_division(tmp_path):
     prepared = tvm_compress.prepare_onnx(_norm_model(tmp_path / "gn.onnx", 1, affine=False), None)
     ops = [n.op_type for n in prepared.model.graph.node]
     assert "InstanceNormalization" not in ops and ops.count("ReduceMean") == 2
+    assert next(n for n in prepared.model.graph.node if "rb" in n.output).op_type == "Div"
+
+
+@pytest.mark.parametrize("groups", [1, 6])
+def test_a_group_norm_of_a_2d_map_with_per_group_scales(tmp_path, groups):
+    """A 4-d map (1, 6, 5, 7): per-group scale and bias that differ, onnxruntime's numbers."""
+    rng = np.random.default_rng(9)
+    inits = [numpy_helper.from_array(np.array([0, groups, -1], np.int64), "grouped"),
+             numpy_helper.from_array(rng.random(groups).astype(np.float32) + 0.5, "scale"),
+             numpy_helper.from_array(rng.standard_normal(groups).astype(np.float32), "bias"),
+             numpy_helper.from_array(np.array([1, 6, 5, 7], np.int64), "back")]
+    nodes = [helper.make_node("Reshape", ["x", "grouped"], ["r"]),
+             helper.make_node("InstanceNormalization", ["r", "scale", "bias"], ["n"], epsilon=1e-3),
+             helper.make_node("Reshape", ["n", "back"], ["y"])]
+    graph = helper.make_graph(nodes, "gn2d", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 5, 7])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 5, 7])], inits)
+    path = tmp_path / "gn2d.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    prepared = tvm_compress.prepare_onnx(path, None)
+    assert "InstanceNormalization" not in [n.op_type for n in prepared.model.graph.node]
+    x = (rng.standard_normal((1, 6, 5, 7)) * 3 + 1).astype("float32")
+    got = ort.InferenceSession(prepared.model.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, ort.InferenceSession(str(path)).run(None, {"x": x})[0], rtol=1e-5, atol=1e-5)
 
 
 def test_a_global_layer_norm_between_convs_stays_channels_last(tmp_path):

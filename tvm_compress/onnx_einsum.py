@@ -108,7 +108,7 @@ def einsums_as_matmuls(model: onnx.ModelProto) -> int:
         if plan is None:
             nodes.append(node)
             continue
-        em = Emitter(f"{node.name or node.output[0]}/as_matmul")
+        em = Emitter(f"{node.output[0]}/as_matmul")  # output names are unique, node names not always
         _rewrite(node, plan, em)
         nodes.extend(em.nodes)
         graph.initializer.extend(em.inits)

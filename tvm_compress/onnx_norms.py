@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .onnx_rnn import Emitter, graph_constants, graph_shapes
+from .onnx_rnn import Emitter, all_nodes, graph_constants, graph_shapes
 
 
 def _match(reshape, nodes_by_input, consts, shapes) -> Optional[tuple]:
@@ -67,7 +67,7 @@ def group_norms_unfolded(model: onnx.ModelProto) -> int:
     for node in graph.node:
         for name in node.input:
             nodes_by_input.setdefault(name, []).append(node)
-    uses = Counter(name for node in graph.node for name in node.input)
+    uses = Counter(name for node in all_nodes(graph) for name in node.input)  # If/Loop bodies too
     uses.update(o.name for o in graph.output)
     plans, dropped = {}, set()
     for node in graph.node:
@@ -88,7 +88,7 @@ def group_norms_unfolded(model: onnx.ModelProto) -> int:
             out.append(node)
             continue
         reshape, norm, back, axes, scale, bias = plans[id(node)]
-        em = Emitter(f"{norm.name or norm.output[0]}/unfolded")
+        em = Emitter(f"{norm.output[0]}/unfolded")  # output names are unique, node names not always
         eps = next((helper.get_attribute_value(a) for a in norm.attribute if a.name == "epsilon"), 1e-5)
 
         def mean(x: str) -> str:
