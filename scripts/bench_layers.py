@@ -149,6 +149,9 @@ def main(argv=None) -> int:
     rows, used = [], set()
     ort_by_key = {_ort_key(n): t for n, t in ort_ms.items()}
     for name, op, wshape, keys in layers:
+        shown = wshape
+        if op == "Conv" and len(wshape) == 3:  # 1-D convs run as 2-D ones of height 1
+            wshape = (*wshape[:2], 1, wshape[2])
         shapes = {wshape, wshape[::-1]} if len(wshape) == 2 else {wshape}  # matmul weights are [K, N]
         if len(wshape) >= 4:  # channels-last convs read HWIO (DHWIO) weights, or those in panels
             shapes |= {(*wshape[2:], wshape[1], wshape[0]), *_conv_panels(wshape, lanes)}
@@ -178,7 +181,7 @@ def main(argv=None) -> int:
             taken.append(taken[-1] + 1)
         used.update(taken)
         tvm_t = sum(kernels[i][2] for i in taken) if taken else None
-        rows.append({"layer": name, "op": op, "weight": list(wshape), "tvm_ms": tvm_t, "ort_ms": ort,
+        rows.append({"layer": name, "op": op, "weight": list(shown), "tvm_ms": tvm_t, "ort_ms": ort,
                      "ratio": tvm_t / ort if tvm_t and ort else None})
     tvm_total = sum(k[2] for k in kernels)
     tvm_other = sum(k[2] for i, k in enumerate(kernels) if i not in used)

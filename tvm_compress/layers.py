@@ -28,14 +28,15 @@ from .relax_utils import constants, copy_module, is_constant, relax_functions, t
 
 _PREFIX = "layer:"
 OP_CONV1D = tvm.ir.Op.get("relax.nn.conv1d")
+OP_CONV1D_T = tvm.ir.Op.get("relax.nn.conv1d_transpose")
 OP_CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 OP_CONV2D_T = tvm.ir.Op.get("relax.nn.conv2d_transpose")
 OP_CONV3D = tvm.ir.Op.get("relax.nn.conv3d")
 OP_MATMUL = tvm.ir.Op.get("relax.matmul")
 _OP_PERMUTE = tvm.ir.Op.get("relax.permute_dims")
 _OP_DEQUANTIZE = tvm.ir.Op.get("relax.dequantize")
-LAYER_OPS = {OP_CONV1D: "conv1d", OP_CONV2D: "conv2d", OP_CONV2D_T: "conv2d_transpose",
-             OP_CONV3D: "conv3d", OP_MATMUL: "matmul"}
+LAYER_OPS = {OP_CONV1D: "conv1d", OP_CONV1D_T: "conv1d_transpose", OP_CONV2D: "conv2d",
+             OP_CONV2D_T: "conv2d_transpose", OP_CONV3D: "conv3d", OP_MATMUL: "matmul"}
 _ONNX_LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
@@ -184,7 +185,7 @@ def _macs(kind: str, call: relax.Call, weight: np.ndarray) -> int:
     out = int(np.prod(tensor_shape(call)))
     if kind == "matmul":
         return out * int(tensor_shape(call.args[0])[-1])
-    if kind == "conv2d_transpose":
+    if kind.endswith("_transpose"):
         # every input element meets (out channels per group) x kh x kw weights
         return int(np.prod(tensor_shape(call.args[0]))) * int(np.prod(weight.shape[1:]))
     return out * int(np.prod(weight.shape[1:]))
