@@ -2,14 +2,15 @@
 
 Needs: an imported module (the importer's ``Clip`` becomes ``call_tir(maximum, (x, lo))`` and
 ``call_tir(minimum, (x, hi))``, each bound a scalar, most often computed from constants; its
-constant ``Pad`` becomes ``call_tir(pad, (x,))``). Runs at import, before the compression
+``Pad`` becomes ``call_tir(pad, (x,))``, or ``mirror_pad`` / ``replicate_pad`` for the reflect
+and edge modes). Runs at import, before the compression
 passes: as ``R.maximum`` / ``R.minimum`` / ``R.nn.pad`` these are ops every pass understands (a
 channel pruned before a clip stays prunable, fusion and int8 epilogues see an op, a model with a
 ``Pad`` that onnxruntime's load-time fusion does not fold into a conv, such as one before a
-reshape, can still change layout), and the compiled kernels are the same. A call is replaced
+reshape, can still change layout), and the compiled kernels compute the same. A call is replaced
 only when its PrimFunc is structurally the one TOPI builds for those shapes, so nothing else is
-touched. Pads are recognized with value zero (the ONNX default) and at most ``_MAX_PAD_TRIES``
-ways to split the padding.
+touched. Pads are recognized with value zero (the ONNX default), reflected or replicating
+the edge, and at most ``_MAX_PAD_TRIES`` ways to split the padding.
 """
 
 from __future__ import annotations
@@ -41,22 +42,34 @@ def _te_func(compute, *args):
     return next(f for _, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc))
 
 
-def _pad_widths(prim, x, call, cache) -> "list | None":
-    """``R.nn.pad``'s widths when ``prim`` is TOPI's zero pad of ``x`` to ``call``'s shape:
-    each way of splitting the shapes' difference before/after is built and compared."""
+# TOPI pads the importer emits for ONNX ``Pad`` modes, and ``R.nn.pad``'s mode computing the same
+_PADS = (
+    (lambda t, b, a: topi.nn.pad(t, b, a, 0.0), "constant"),
+    (lambda t, b, a: topi.nn.mirror_pad(t, b, a, "REFLECT"), "reflect"),
+    (lambda t, b, a: topi.nn.replicate_pad(t, b, a), "replicate"),
+)
+
+
+def _pad_widths(prim, x, call, cache) -> "tuple | None":
+    """``R.nn.pad``'s widths and mode when ``prim`` is one of TOPI's pads (``_PADS``) of ``x``
+    to ``call``'s shape: each way of splitting the shapes' difference before/after is built
+    and compared, the even splits first."""
     src, dst = static_shape(x), static_shape(call)
     if src is None or dst is None or len(src) != len(dst) or any(d < s for s, d in zip(src, dst)):
         return None
     extra = [d - s for s, d in zip(src, dst)]
     if not any(extra) or np.prod([e + 1 for e in extra]) > _MAX_PAD_TRIES:
         return None
-    for before in itertools.product(*(range(e + 1) for e in extra)):
+    splits = sorted(itertools.product(*(range(e + 1) for e in extra)),
+                    key=lambda before: sum(abs(2 * b - e) for b, e in zip(before, extra)))
+    for before in splits:
         after = [e - b for e, b in zip(extra, before)]
-        key = ("pad", str(x.ty), tuple(before), tuple(after))
-        if key not in cache:
-            cache[key] = _te_func(lambda t, b=list(before), a=after: topi.nn.pad(t, b, a, 0.0), x)
-        if tvm_ffi.structural_equal(prim, cache[key], map_free_vars=True):
-            return [w for pair in zip(before, after) for w in pair]
+        for index, (compute, mode) in enumerate(_PADS):
+            key = ("pad", index, str(x.ty), tuple(before), tuple(after))
+            if key not in cache:
+                cache[key] = _te_func(lambda t, b=list(before), a=after, c=compute: c(t, b, a), x)
+            if tvm_ffi.structural_equal(prim, cache[key], map_free_vars=True):
+                return [w for pair in zip(before, after) for w in pair], mode
     return None
 
 
@@ -98,8 +111,8 @@ class TeCallsToOps:
                 return call
             args = call.args[1]
             if isinstance(args, relax.Tuple) and len(args.fields) == 1:
-                widths = _pad_widths(mod[call.args[0]], args.fields[0], call, cache)
-                return call if widths is None else relax.op.nn.pad(args.fields[0], widths)
+                found = _pad_widths(mod[call.args[0]], args.fields[0], call, cache)
+                return call if found is None else relax.op.nn.pad(args.fields[0], found[0], found[1])
             if not isinstance(args, relax.Tuple) or len(args.fields) != 2:
                 return call
             x, c = args.fields

@@ -84,6 +84,24 @@ def test_the_importers_zero_pads_become_relax_pads():
     assert kept["main"].script().count("R.call_tir") == 1
 
 
+@pytest.mark.parametrize("compute, mode", [
+    (lambda t, b, a: topi.nn.mirror_pad(t, b, a, "REFLECT"), "reflect"),  # ONNX Pad mode=reflect
+    (topi.nn.replicate_pad, "replicate"),  # mode=edge
+])
+def test_the_importers_reflect_and_edge_pads_become_relax_pads(compute, mode):
+    """call_tir(mirror_pad / replicate_pad) -> R.nn.pad with that mode and the same widths (a
+    CycleGAN's reflection pads then no longer keep its convs NCHW); same values."""
+    before, after = [0, 0, 2, 1], [0, 0, 1, 3]
+    te_form = _function(lambda bb, xs: bb.emit_te(compute, xs[0], before, after), shapes=[(1, 3, 5, 6)])
+    expected = _function(lambda bb, xs: bb.emit(relax.op.nn.pad(xs[0], [0, 0, 0, 0, 2, 1, 1, 3], mode)),
+                         shapes=[(1, 3, 5, 6)])
+    rewritten = relax.transform.CanonicalizeBindings()(TeCallsToOps()(te_form))
+    tvm.ir.assert_structural_equal(rewritten, expected)
+    x = tvm.runtime.tensor(np.random.default_rng(5).standard_normal((1, 3, 5, 6)).astype("float32"))
+    run = lambda m: relax.VirtualMachine(tvm.compile(m, "llvm"), tvm.cpu())["main"](x).numpy()  # noqa: E731
+    np.testing.assert_array_equal(run(rewritten), run(te_form))
+
+
 def test_a_clip_to_a_bound_computed_from_the_data_becomes_maximum():
     """melspectrogram's ``Clip(x, max(x) - 80)``: the importer's call_tir(maximum) of a 0-d
     variable -> R.maximum(x, bound) (then no kernel of its own keeps the convs NCHW)."""
