@@ -240,6 +240,14 @@ def _vector_reads(sch: s_tir.Schedule, block):
     return spatial, [r for r in reads if r.region and _uses(r.region[-1].min, spatial[-1])]
 
 
+def _gathers(sch: s_tir.Schedule, block) -> bool:
+    """Whether a read indexes an outer axis by the last spatial var: vectors along it would be
+    gathered element by element (a softmax's rows)."""
+    stmt = sch.get(block)
+    spatial = [iv.var for iv in stmt.iter_vars if iv.iter_type == tirx.IterVar.DataPar]
+    return bool(spatial) and any(_uses(rng.min, spatial[-1]) for r in stmt.reads for rng in r.region[:-1])
+
+
 def _transposed_axis(sch: s_tir.Schedule, block) -> Optional[int]:
     """For a block without reduction whose largest read is indexed last by another of its
     spatial vars than its write (a transpose): that var's position among the spatial vars;
@@ -798,6 +806,7 @@ class CPUFallback(CPUScheduleRule):
             return None
         infos = _inline(sch, infos)
         cores = int(target.attrs.get("num-cores", self.num_cores) or self.num_cores)
+        chained = sum("R" in info.dom_kind() for info in infos) > 1
         reductions: List[tuple] = []
         for info in infos:
             block = info.block_rv
@@ -813,6 +822,9 @@ class CPUFallback(CPUScheduleRule):
                 continue
             width = vector_width(_extent(sch, s_loops[-1]), self.lanes)
             if r_loops:
+                if chained and _gathers(sch, block):
+                    # a norm's statistics on rows (a softmax): for _schedule_rows, else naive
+                    return None
                 group = _lane_group(sch, block)
                 if group is not None and width is not None:
                     width = vector_width(math.gcd(_extent(sch, s_loops[-1]), group), self.lanes) or width
@@ -897,7 +909,9 @@ class CPUFallback(CPUScheduleRule):
             # Bias / activation epilogues run on the tile while it is hot; a consumer larger
             # than the tile's producer (pad, concat) stays a loop nest of its own.
             for consumer in sch.get_consumers(local):
-                if not reads_within(sch, consumer, local):
+                # another reduction (a variance after its mean) keeps its own tile loops
+                if not reads_within(sch, consumer, local) or any(
+                        iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(consumer).iter_vars):
                     continue
                 try:
                     sch.reverse_compute_at(consumer, tile_loop, preserve_unit_loops=True)

@@ -663,3 +663,27 @@ def test_a_long_reduction_over_two_axes(reducer, split):
     tvm.compile(sch.mod, target)["main"](tvm.runtime.tensor(data), out)
     want = data.astype(np.float64).sum() if reducer == "sum" else data.max()
     np.testing.assert_allclose(out.numpy().ravel()[0], want, rtol=1e-4, atol=1e-3)
+
+
+def test_channels_last_norm_statistics_tile_channels_in_each_reduction():
+    """An instance norm's mean and then variance over H and W of an NHWC map (a CycleGAN's, after
+    the channels-last rewrite): each reduction accumulates vectors of channels in registers,
+    in parallel over channel blocks (it was left naive: 5.9 ms for a 64x64x256 map); same
+    values as numpy."""
+    from tvm import te, topi
+
+    x = te.placeholder((1, 32, 32, 256), "float32", name="x")
+    mean = topi.divide(topi.sum(x, axis=(1, 2), keepdims=True), 1024.0)
+    diff = topi.subtract(x, mean)
+    var = topi.divide(topi.sum(topi.multiply(diff, diff), axis=(1, 2), keepdims=True), 1024.0)
+    func = te.create_prim_func([x, topi.sqrt(topi.add(var, 1e-5))])
+    target = get_target("x86").tvm_target()
+    sch = CPUFallback().apply(func, target, False)
+    assert sch is not None
+    kinds = [k for _, k in _loops(sch.mod["main"])]
+    assert kinds.count(tvm.tirx.ForKind.PARALLEL) == 2 and tvm.tirx.ForKind.VECTORIZED in kinds
+    lib = tvm.compile(sch.mod, target)
+    a = np.random.default_rng(8).standard_normal((1, 32, 32, 256)).astype("float32")
+    out = tvm.runtime.empty((1, 1, 1, 256), "float32", tvm.cpu())
+    lib(tvm.runtime.tensor(a), out)
+    np.testing.assert_allclose(out.numpy(), np.sqrt(a.var(axis=(1, 2), keepdims=True) + 1e-5), rtol=1e-5)
