@@ -1,10 +1,10 @@
 """ConvTransposeToConv: a transposed convolution -> a stride-1 convolution that computes every
 output phase, then depth-to-space.
 
-Needs: Relax ``R.nn.conv2d_transpose`` / ``R.nn.conv1d_transpose`` calls with a constant
-IOHW / IOW weight, NCHW / NCW data of static shape; any stride, kernel size, padding, output
-padding, dilation and groups (the upsampling layers of segmentation and detection heads, GAN
-generators, speech decoders and vocoders). With stride ``s``, output pixel ``t = q * s + r``
+Needs: Relax ``R.nn.conv1d_transpose`` / ``conv2d_transpose`` / ``conv3d_transpose`` calls with a
+constant IOW / IOHW / IODHW weight and NCW / NCHW / NCDHW data of static shape; any stride,
+kernel size, padding, output padding, dilation and groups (the upsampling layers of
+segmentation and detection heads, 3-D U-Nets, GAN generators, speech decoders and vocoders). With stride ``s``, output pixel ``t = q * s + r``
 (shifted by the padding) sums input pixels ``q - m`` against taps ``m * s + r``: phase ``r`` is a
 plain stride-1 convolution with ``ceil(K / s)`` taps. One convolution to ``OC * s^d`` channels
 computes all phases; a reshape/transpose places each phase's channel group on its pixels and a
@@ -37,6 +37,7 @@ from ._affine import ChainRewrite, follow_chain
 _TRANSPOSED = {
     tvm.ir.Op.get("relax.nn.conv1d_transpose"): (("NCW", "IOW", "NCW"), relax.op.nn.conv1d),
     tvm.ir.Op.get("relax.nn.conv2d_transpose"): (("NCHW", "IOHW", "NCHW"), relax.op.nn.conv2d),
+    tvm.ir.Op.get("relax.nn.conv3d_transpose"): (("NCDHW", "IODHW", "NCDHW"), relax.op.nn.conv3d),
 }
 
 

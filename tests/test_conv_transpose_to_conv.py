@@ -15,6 +15,7 @@ from tvm_compress.passes import ConvTransposeToConv
 
 CONV1D_TRANSPOSE = tvm.ir.Op.get("relax.nn.conv1d_transpose")
 CONV2D_TRANSPOSE = tvm.ir.Op.get("relax.nn.conv2d_transpose")
+CONV3D_TRANSPOSE = tvm.ir.Op.get("relax.nn.conv3d_transpose")
 
 
 def _module(w, x_shape=(1, 4, 5, 6), **attrs):
@@ -144,6 +145,7 @@ def _conv_transpose_model(path, ic, oc, x_shape, rng, bias=True, groups=1, **att
     (16, 1, (23,), dict(kernel_shape=[16], strides=[8], bias=False)),  # Conv-TasNet's decoder
     (6, 6, (23,), dict(kernel_shape=[4], strides=[2], pads=[1, 2], groups=6)),  # depthwise
     (4, 3, (40,), dict(kernel_shape=[4], strides=[2], pads=[1, 1])),  # 41 phase rows computed as 48
+    (4, 3, (3, 5, 4), dict(kernel_shape=[2, 4, 3], strides=[1, 2, 2], pads=[0, 1, 1, 0, 1, 0])),  # 3-D
 ])
 def test_imported_conv_transpose_matches_onnxruntime(tmp_path, ic, oc, x_shape, options):
     rng = np.random.default_rng(2)
@@ -152,7 +154,7 @@ def test_imported_conv_transpose_matches_onnxruntime(tmp_path, ic, oc, x_shape, 
     mod = prepare_onnx(path, {"x": (1, ic, *x_shape)}).to_relax()
     ops = []
     relax.analysis.post_order_visit(mod["main"], lambda e: ops.append(e.op) if isinstance(e, relax.Call) else None)
-    assert not any(op.same_as(CONV2D_TRANSPOSE) or op.same_as(CONV1D_TRANSPOSE) for op in ops), \
+    assert not any(op.same_as(t) for op in ops for t in (CONV1D_TRANSPOSE, CONV2D_TRANSPOSE, CONV3D_TRANSPOSE)), \
         "import did not rewrite it"
     x = rng.standard_normal((1, ic, *x_shape)).astype("float32")
     (ref,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})

@@ -32,11 +32,13 @@ OP_CONV1D_T = tvm.ir.Op.get("relax.nn.conv1d_transpose")
 OP_CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 OP_CONV2D_T = tvm.ir.Op.get("relax.nn.conv2d_transpose")
 OP_CONV3D = tvm.ir.Op.get("relax.nn.conv3d")
+OP_CONV3D_T = tvm.ir.Op.get("relax.nn.conv3d_transpose")
 OP_MATMUL = tvm.ir.Op.get("relax.matmul")
 _OP_PERMUTE = tvm.ir.Op.get("relax.permute_dims")
 _OP_DEQUANTIZE = tvm.ir.Op.get("relax.dequantize")
 LAYER_OPS = {OP_CONV1D: "conv1d", OP_CONV1D_T: "conv1d_transpose", OP_CONV2D: "conv2d",
-             OP_CONV2D_T: "conv2d_transpose", OP_CONV3D: "conv3d", OP_MATMUL: "matmul"}
+             OP_CONV2D_T: "conv2d_transpose", OP_CONV3D: "conv3d", OP_CONV3D_T: "conv3d_transpose",
+             OP_MATMUL: "matmul"}
 _ONNX_LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
