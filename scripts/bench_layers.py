@@ -37,14 +37,27 @@ from bench_int8 import _conv_panels, _kernel_calls, _panels, _time_call  # noqa:
 import tvm_compress  # noqa: E402
 from tvm_compress.bench import wait_idle  # noqa: E402
 
-LAYER_TYPES = ("Conv", "Gemm", "MatMul")
+LAYER_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # What onnxruntime fuses into a conv (its NCHWc conv names the fused node after the last output).
 EPILOGUE_TYPES = ("Relu", "Clip", "Add", "Sigmoid", "HardSigmoid", "LeakyRelu", "BatchNormalization")
 
 
+def _phase_weight(node, weight: tuple) -> tuple:
+    """The weight shape of the convolution a ConvTranspose becomes (``ConvTransposeToConv``):
+    every output phase's taps, ``[OC * prod(strides), IC / group, ceil(K' / stride)...]``."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    group = attrs.get("group", 1)
+    taps = weight[2:]
+    strides = attrs.get("strides", [1] * len(taps))
+    dilations = attrs.get("dilations", [1] * len(taps))
+    reach = [(k - 1) * d + 1 for k, d in zip(taps, dilations)]
+    return (weight[1] * group * int(np.prod(strides)), weight[0] // group,
+            *(-(-r // s) for r, s in zip(reach, strides)))
+
+
 def onnx_layers(prepared_model: onnx.ModelProto) -> list:
-    """(name, op type, weight shape, names onnxruntime may give its node) of every layer with a
-    constant weight, graph order."""
+    """(name, op type, weight shape our kernel reads, names onnxruntime may give its node, the
+    ONNX weight shape) of every layer with a constant weight, graph order."""
     graph = prepared_model.graph
     inits = {i.name: numpy_helper.to_array(i).shape for i in graph.initializer}
     readers = defaultdict(list)
@@ -59,7 +72,9 @@ def onnx_layers(prepared_model: onnx.ModelProto) -> list:
         while len(readers[out]) == 1 and readers[out][0].op_type in EPILOGUE_TYPES:
             out = readers[out][0].output[0]
             names.add(out)
-        layers.append((n.name, n.op_type, tuple(inits[n.input[1]]), names))
+        weight = tuple(inits[n.input[1]])
+        ours = _phase_weight(n, weight) if n.op_type == "ConvTranspose" else weight
+        layers.append((n.name, n.op_type, ours, names, weight))
     return layers
 
 
@@ -148,9 +163,8 @@ def main(argv=None) -> int:
 
     rows, used = [], set()
     ort_by_key = {_ort_key(n): t for n, t in ort_ms.items()}
-    for name, op, wshape, keys in layers:
-        shown = wshape
-        if op == "Conv" and len(wshape) == 3:  # 1-D convs run as 2-D ones of height 1
+    for name, op, wshape, keys, shown in layers:
+        if op in ("Conv", "ConvTranspose") and len(wshape) == 3:  # 1-D convs run as 2-D ones of height 1
             wshape = (*wshape[:2], 1, wshape[2])
         shapes = {wshape, wshape[::-1]} if len(wshape) == 2 else {wshape}  # matmul weights are [K, N]
         if len(wshape) >= 4:  # channels-last convs read HWIO (DHWIO) weights, or those in panels
