@@ -30,7 +30,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from tvm_compress.layers import with_layer
-from tvm_compress.relax_utils import const_value, is_constant
+from tvm_compress.relax_utils import const_value, is_constant, static_shape
 
 from ._affine import ChainRewrite, follow_chain
 
@@ -56,8 +56,8 @@ class _Plan:
         self.dilation = _ints(attrs.dilation)
         self.kernel = [(k - 1) * dl + 1 for k, dl in zip(weight.value.shape[2:], self.dilation)]
         self.taps = [-(-k // s) for k, s in zip(self.kernel, self.strides)]
-        self.n = [int(v) for v in list(data.ty.shape)[2:]]
-        self.out = [int(v) for v in list(call.ty.shape)[2:]]
+        self.n = static_shape(data)[2:]
+        self.out = static_shape(call)[2:]
         pad_begin = _ints(attrs.padding)[: self.d]
         # Conv output position j is phase row q = j + skip; rows before skip are all cropped.
         skip = [p // s for p, s in zip(pad_begin, self.strides)]
@@ -101,7 +101,7 @@ def _rewritable(call) -> Optional[_Plan]:
     data, weight = call.args
     if not (is_constant(weight) and len(weight.value.shape) == len(layouts[0])
             and (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) == layouts
-            and all(isinstance(d, tvm.tirx.IntImm) for d in (*data.ty.shape, *call.ty.shape))):
+            and static_shape(data) is not None and static_shape(call) is not None):
         return None
     plan = _Plan(call)
     return plan if plan.ok else None

@@ -79,10 +79,12 @@ def test_overlapping_kernel_becomes_phase_conv_depth_to_space_and_crop():
 @pytest.mark.parametrize("attrs", [
     dict(strides=2, data_layout="NHWC"),  # another layout
     dict(strides=2, padding=(2, 2)),  # crops more than the 2x2 kernel reaches
+    dict(strides=2, batch="n"),  # a symbolic batch
 ])
 def test_other_transposed_convolutions_are_left_alone(attrs):
     w = np.random.default_rng(1).standard_normal((4, 3, 2, 2)).astype("float32")
-    shape = (1, 5, 6, 4) if attrs.get("data_layout") == "NHWC" else (1, 4, 5, 6)
+    batch = tvm.tirx.Var(attrs.pop("batch"), "int64") if "batch" in attrs else 1
+    shape = (batch, 5, 6, 4) if attrs.get("data_layout") == "NHWC" else (batch, 4, 5, 6)
     before = _module(w, x_shape=shape, **attrs)
     tvm.ir.assert_structural_equal(ConvTransposeToConv()(before), before)
 
