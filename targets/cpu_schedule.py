@@ -243,9 +243,8 @@ def _vector_reads(sch: s_tir.Schedule, block):
 def _gathers(sch: s_tir.Schedule, block) -> bool:
     """Whether a read indexes an outer axis by the last spatial var: vectors along it would be
     gathered element by element (a softmax's rows)."""
-    stmt = sch.get(block)
-    spatial = [iv.var for iv in stmt.iter_vars if iv.iter_type == tirx.IterVar.DataPar]
-    return bool(spatial) and any(_uses(rng.min, spatial[-1]) for r in stmt.reads for rng in r.region[:-1])
+    spatial, _ = _vector_reads(sch, block)
+    return any(_uses(rng.min, spatial[-1]) for r in sch.get(block).reads for rng in r.region[:-1])
 
 
 def _transposed_axis(sch: s_tir.Schedule, block) -> Optional[int]:
