@@ -432,16 +432,18 @@ def _tune_locked(mod, target, trials, work_dir, log, runner, scheduler, seed_rul
     # Its console handler takes this logger's level when the loggers are (re)created: WARNING
     # keeps "Logging directory: ..." and every round out of the terminal (they stay in the files).
     ms_logger.setLevel(logging.WARNING)
-    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        tasks, str(work_dir), strategy=_search(per_iter), seed=0
-    )
-    _quiet_console_logs()
-    progress = _Progress(todo, weights, log)
-    builder = _PersistentBuilder(max_workers=os.cpu_count() or 1)
-    if runner is None:
-        runner = ms.runner.LocalRunner(initializer=_fast_inspect.install)
+    # Before the contexts: the first TuneContext imports TVM's tensor intrinsics (~500 parsed
+    # TVMScript functions), half a minute with the stdlib ``inspect.stack``.
     _fast_inspect.install()
+    builder = _PersistentBuilder(max_workers=os.cpu_count() or 1)
     try:
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            tasks, str(work_dir), strategy=_search(per_iter), seed=0
+        )
+        _quiet_console_logs()
+        progress = _Progress(todo, weights, log)
+        if runner is None:
+            runner = ms.runner.LocalRunner(initializer=_fast_inspect.install)
         if seed_rules:
             database = ms.database.JSONDatabase(work_dir=str(work_dir))
             stale = _unrecorded_defaults([c.mod for c in contexts], target, database, seed_rules)
