@@ -115,6 +115,13 @@ def reads_within(sch: s_tir.Schedule, consumer, producer) -> bool:
     return True
 
 
+def _into_init(sch: s_tir.Schedule, block) -> bool:
+    """Whether ``block``'s producer has an ``init``: a reduction over unit axes only (a 1x1
+    depthwise conv) has no reduce iterators left, and TVM then inlines a consumer into both its
+    init and its update, applying the epilogue twice (MobileOne's scale branches)."""
+    return any(sch.get(p).init is not None for p in sch.get_producers(block))
+
+
 def _inline(sch: s_tir.Schedule, infos):
     """Inline elementwise producers and consumers, but keep padding as its own loop nest (a
     pad inlined into a convolution puts a bounds check in the innermost reduction loop) and
@@ -127,6 +134,8 @@ def _inline(sch: s_tir.Schedule, infos):
                     or str(sch.get(info.block_rv).annotations.get(NO_INLINE_ATTR, "")) == "disable":
                 continue
             for primitive in (sch.compute_inline, sch.reverse_compute_inline):
+                if primitive == sch.reverse_compute_inline and _into_init(sch, info.block_rv):
+                    continue
                 try:
                     primitive(info.block_rv)
                 except Exception:  # noqa: BLE001  (not inlinable here: keep the block)

@@ -687,3 +687,25 @@ def test_channels_last_norm_statistics_tile_channels_in_each_reduction():
     out = tvm.runtime.empty((1, 1, 1, 256), "float32", tvm.cpu())
     lib(tvm.runtime.tensor(a), out)
     np.testing.assert_allclose(out.numpy(), np.sqrt(a.var(axis=(1, 2), keepdims=True) + 1e-5), rtol=1e-5)
+
+
+def test_an_epilogue_after_a_reduction_over_unit_axes_runs_once():
+    """A 1x1 depthwise conv reduces over axes of extent 1 only (no reduce iterator left, an
+    ``init`` still there; MobileOne's and FastViT's scale branches): its epilogue, which reads
+    the conv's input too, was inlined into both the init and the update and applied twice
+    (wrong values, caught by the kernel check: no library). Same values as numpy now."""
+    from tvm import te
+
+    a = te.placeholder((48, 28, 28), "float32", name="a")
+    w = te.placeholder((48, 1), "float32", name="w")
+    r = te.reduce_axis((0, 1), name="r")
+    conv = te.compute((48, 28, 28), lambda c, h, x: te.sum(a[c, h, x] * w[c, r], axis=r), name="conv")
+    out = te.compute((48, 28, 28), lambda c, h, x: te.max(conv[c, h, x] + a[c, h, x], 0.0), name="relu")
+    target = get_target("x86").tvm_target()
+    sch = CPUFallback().apply(te.create_prim_func([a, w, out]), target, False)
+    assert sch is not None
+    rng = np.random.default_rng(9)
+    data, weight = rng.standard_normal((48, 28, 28)).astype("float32"), rng.standard_normal((48, 1)).astype("float32")
+    got = tvm.runtime.tensor(np.zeros((48, 28, 28), "float32"))
+    tvm.compile(sch.mod, target)(tvm.runtime.tensor(data), tvm.runtime.tensor(weight), got)
+    np.testing.assert_allclose(got.numpy(), np.maximum(data * weight[:, :, None] + data, 0), rtol=1e-6, atol=1e-6)
