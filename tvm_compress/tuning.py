@@ -2,7 +2,9 @@
 
 Two local fixes over a plain ``tune_relax`` call:
 - worker processes start with ``_fast_inspect.install`` as initializer (a minute per worker
-  otherwise, paid again for every builder batch);
+  otherwise, paid again for every builder batch), and the compiling process installs it too
+  before its first tune context (which imports TVM's tensor intrinsics: ~30 s of every tuned
+  compile, half of a 10-trial compile of the demo model);
 - the trial budget goes where the model's time is: after one short round per task (so no
   task stays on its untuned schedule), MetaSchedule's gradient scheduler (Ansor's) gives the
   next round to the task with the largest expected gain, weight x best time per round, with
