@@ -11,7 +11,9 @@ pattern onnxruntime's and XNNPACK's float kernels use. Numbers: docs/benchmarks.
 and binary kernels keep their own layouts: a module with any of them, or with an integer
 convolution, is left alone). It hands the layout to Relax's ``ConvertLayout``, which moves
 element-wise ops, pools, resizes and concats to NHWC with their convs and converts back only
-where an op needs NCHW (reshape, the model's outputs). Two rewrites first, or ``ConvertLayout``
+where an op needs NCHW (reshape, the model's outputs). A conv with a wide kernel onto a few
+output channels (an image generator's last 7x7 conv to RGB) fills few lanes in NHWC: it
+stays NCHW between two transposes where the estimate says they cost less than they save. Two rewrites first, or ``ConvertLayout``
 would convert the activation back to NCHW and forth around each such op: constants of one
 element in element-wise ops become scalars (it cannot give a shape-(1,) constant a 4-d layout;
 104 of them in the PP-OCRv4 detector's learnable affine blocks), and ``clip`` becomes
@@ -62,6 +64,10 @@ MIN_GAIN = 1.2
 # VGG-style CNN at 32x32, 2.2M MACs, estimated 1.00x, ran 1.6x faster in NHWC with its pools
 # fused into the convs).
 MIN_TIMED_MACS = 1_000_000
+# A transposed element costs as much as this many MACs at full vectors: CycleGAN's NHWC ->
+# NCHW transpose with its reflect pad (4.4M elements) took 11.0 ms, its NCHW conv ran 60 MACs
+# per ns (docs/benchmarks.md).
+_MOVE_MACS = 128
 
 # Relax has no layout rule for these element-wise ops of one tensor (ConvertLayout would convert
 # back to NCHW and forth around each: 19 pairs of transposes in openWakeWord's embedding CNN,
@@ -196,12 +202,19 @@ def channels_last_gain(func: relax.Function, lanes: int) -> float:
         return 0.0
     nchw = nhwc = 0.0
     for call in convs:
-        out = [int(d) for d in call.ty.shape]
-        macs = _macs(call)
-        stride_w = int(call.attrs.strides[-1])
-        nchw += macs / _lane_use(out[-1], lanes, strided=stride_w > 1)
-        nhwc += macs / _channel_use(out[1], macs, lanes)
+        times = _times(call, lanes)
+        nchw += times[0]
+        # a conv that stays NCHW (``_stays_nchw``) costs its NCHW time in the rewritten model
+        nhwc += times[0] if _stays_nchw(call, lanes) else times[1]
     return nchw / nhwc
+
+
+def _times(call: relax.Call, lanes: int):
+    """A conv's (NCHW, NHWC) time estimates: MACs over the fraction of lanes in use."""
+    out = [int(d) for d in call.ty.shape]
+    macs = _macs(call)
+    return (macs / _lane_use(out[-1], lanes, strided=int(call.attrs.strides[-1]) > 1),
+            macs / _channel_use(out[1], macs, lanes))
 
 
 _OP_EXPAND = tvm.ir.Op.get("relax.expand_dims")
@@ -329,6 +342,12 @@ class ChannelsLast:
         self.lanes = lanes
         self.min_gain = min_gain
 
+    def _layouts(self, call: relax.Call) -> dict:
+        """``ConvertLayout``'s layouts for ``call``: NHWC unless ``_stays_nchw``."""
+        if _stays_nchw(call, self.lanes):
+            return {**LAYOUTS, "relax.nn.conv2d": ["NCHW", "OIHW"]}
+        return LAYOUTS
+
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         gains = {gv: channels_last_gain(f, self.lanes) for gv, f in mod.functions_items()
                  if isinstance(f, relax.Function)}
@@ -348,13 +367,14 @@ class ChannelsLast:
             for gv in names:
                 converted[gv] = _BeforeConvertLayout().visit_expr(converted[gv])
             # ConvertLayout runs on every function: take back only the chosen ones.
-            converted = relax.transform.ConvertLayout(LAYOUTS)(converted)
+            converted = relax.transform.ConvertLayout({}, self._layouts)(converted)
             out = copy_module(mod)
             for gv in names:
-                # Every conv NHWC: a conv whose rows filled the vectors better than its channels
-                # had stayed NCHW between two transposes, and the transposes cost more than it
-                # saved (MobileNetV3-Large 3.87 -> 3.16 ms, the PP-OCRv4 detector 7.30 -> 6.35 ms
-                # with every conv NHWC; docs/benchmarks.md).
+                # Every conv NHWC but the few ``_stays_nchw`` keeps: a conv whose rows filled
+                # the vectors better than its channels had stayed NCHW between two transposes,
+                # and the transposes cost more than it saved (MobileNetV3-Large 3.87 -> 3.16
+                # ms, the PP-OCRv4 detector 7.30 -> 6.35 ms with every conv NHWC;
+                # docs/benchmarks.md); only a wide kernel onto a few channels gains enough.
                 func = converted[gv]
                 func = _TransposeBeforeUpsample(tvm.IRModule({gv: func})).visit_expr(func)
                 func = _CancelMoves(tvm.IRModule({gv: func})).visit_expr(func)
@@ -372,6 +392,19 @@ class ChannelsLast:
         if pin == "NHWC":
             info["reason"] = f"timed: {timed}" if timed else "pinned"
         return out.with_attr(LAYOUT_ATTR, json.dumps(info))
+
+
+def _stays_nchw(call: relax.Call, lanes: int) -> bool:
+    """Whether a float conv2d is estimated faster in NCHW, with a transpose of its input and
+    of its output, than in NHWC: a wide kernel onto a few output channels (CycleGAN's last
+    7x7 conv, 64 -> 3 channels: 3 of 16 lanes in NHWC, 30.8 ms; 10.3 ms in NCHW plus 11.0 ms
+    for the transposes)."""
+    if not (call.op.same_as(_OP_CONV2D) and _static(call) and int(call.attrs.groups) == 1
+            and call.args[0].ty.dtype == "float32" and call.attrs.data_layout == "NCHW"):
+        return False
+    nchw, nhwc = _times(call, lanes)
+    moved = float(np.prod(_shape(call.args[0])) + np.prod(_shape(call)))
+    return nchw + moved * _MOVE_MACS < nhwc / MIN_GAIN
 
 
 def _timed(mod: tvm.IRModule) -> str:
