@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -176,8 +177,10 @@ def tvm_rpc_process(module: str, args, ready, what: str, timeout: float = 60):
     returns True (it may raise OSError or RemoteError while not yet ready)."""
     from tvm_compress.errors import RemoteError
 
+    # Its own process group: the tracker / server runs in a child worker that would outlive
+    # the parent (one pair left behind per test session).
     proc = subprocess.Popen([sys.executable, "-m", f"tvm.exec.{module}", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -191,7 +194,8 @@ def tvm_rpc_process(module: str, args, ready, what: str, timeout: float = 60):
             time.sleep(0.5)
         yield proc
     finally:
-        proc.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
 
 
