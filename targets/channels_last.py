@@ -13,11 +13,11 @@ convolution, is left alone). It hands the layout to Relax's ``ConvertLayout``, w
 element-wise ops, pools, resizes and concats to NHWC with their convs and converts back only
 where an op needs NCHW (reshape, the model's outputs). A conv with a wide kernel onto a few
 output channels (an image generator's last 7x7 conv to RGB) fills few lanes in NHWC: it
-stays NCHW between two transposes where the estimate says they cost less than they save. Two rewrites first, or ``ConvertLayout``
-would convert the activation back to NCHW and forth around each such op: constants of one
-element in element-wise ops become scalars (it cannot give a shape-(1,) constant a 4-d layout;
-104 of them in the PP-OCRv4 detector's learnable affine blocks), and ``clip`` becomes
-``maximum``/``minimum`` (hard-sigmoid / hard-swish). The weights' transposes fold into
+stays NCHW between two transposes where the estimate says they cost less than they save.
+Two rewrites first, or ``ConvertLayout`` would convert the activation back to NCHW and forth
+around each such op: constants of one element in element-wise ops become scalars (it cannot
+give a shape-(1,) constant a 4-d layout; 104 of them in the PP-OCRv4 detector's learnable
+affine blocks), and ``clip`` becomes ``maximum``/``minimum`` (hard-sigmoid / hard-swish). The weights' transposes fold into
 constants at legalization. After it, transpose/reshape chains that leave the elements in
 order (a transpose back to NCHW and straight forward again) become one reshape
 (``_CancelMoves``).
